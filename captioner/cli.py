@@ -1,0 +1,77 @@
+"""The ``captioner`` command line.
+
+Each pipeline stage registers its subcommands from ``captioner.commands.<stage>``; those modules
+import Keras lazily, inside their handlers, so ``captioner --help`` is fast and works without
+TensorFlow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+from captioner import __version__
+from captioner.errors import CaptionerError
+
+# Stage modules, in pipeline order; each defines ``register(subparsers)``.
+COMMAND_MODULES = (
+    "encoders",
+    "extract",
+    "captions",
+    "train",
+    "caption",
+    "evaluate",
+)
+
+DESCRIPTION = """\
+Image captioning with Keras 3, stage by stage:
+
+  encoders / encoder   list, inspect and export the CNN encoders (VGG16, VGG19, ResNet50, MobileNetV2)
+  extract              run an encoder over images into a resumable HDF5 feature cache
+  captions             inspect caption files (vocabulary, lengths)
+  train                train an LSTM decoder (merge, inject, attention) on cached features
+  caption              caption images with a trained run folder (default: the bundled model)
+  evaluate             BLEU-1..4, CIDEr-D, ROUGE-L reports on a test split
+
+Run `captioner COMMAND --help` for the options of each command.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every stage's subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="captioner",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"captioner {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        module = importlib.import_module(f"captioner.commands.{name}")
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``captioner`` console script; returns the exit status."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    try:
+        return int(args.handler(args) or 0)
+    except CaptionerError as exc:
+        print(f"captioner {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""Shared test set-up: locate ../shared, seed a Keras cache from its weights, tiny helpers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CAPTIONER_SHARED", ROOT.parent / "shared"))
+FLICKR = SHARED / "flickr8k"
+FLICKR_IMAGES = FLICKR / "Flicker8k_Dataset"
+FLICKR_TEXT = FLICKR / "Flickr8k_text"
+MOBILENET_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5"
+
+
+def _seed_keras_home() -> None:
+    """Point KERAS_HOME at a cache holding ../shared/weights (before Keras is imported)."""
+    src = SHARED / "weights" / MOBILENET_FILE
+    if os.environ.get("KERAS_HOME") or not src.is_file():
+        return
+    home = Path(tempfile.mkdtemp(prefix="captioner-keras-home-"))
+    (home / "models").mkdir()
+    shutil.copy(src, home / "models" / MOBILENET_FILE)
+    os.environ["KERAS_HOME"] = str(home)
+
+
+_seed_keras_home()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+needs_flickr = pytest.mark.skipif(
+    not (FLICKR_IMAGES.is_dir() and FLICKR_TEXT.is_dir()),
+    reason="../shared/flickr8k is not present",
+)
+needs_mobilenet = pytest.mark.skipif(
+    not (Path(os.environ.get("KERAS_HOME", "~/.keras")).expanduser() / "models" / MOBILENET_FILE).is_file(),
+    reason="MobileNetV2 alpha=0.5 ImageNet weights are not in the Keras cache (../shared/weights)",
+)

@@ -1,0 +1,69 @@
+"""Package-level checks: CLI wiring, the root shim, no TensorFlow at import time."""
+
+from __future__ import annotations
+
+import os
+import pkgutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from conftest import ROOT
+
+import captioner
+from captioner.cli import COMMAND_MODULES, main
+
+
+def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_help_lists_every_stage(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("encoders", "extract", "captions", "train", "caption", "evaluate"):
+        assert command in out
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 0
+    assert "usage: captioner" in capsys.readouterr().out
+
+
+def test_root_shim_behaves_like_console_script():
+    shim = _run("cli.py", "encoders", "--json")
+    module = _run("-m", "captioner.cli", "encoders", "--json")
+    assert shim.returncode == module.returncode == 0
+    assert shim.stdout == module.stdout and '"vgg16"' in shim.stdout
+
+
+def test_user_errors_exit_2_without_traceback():
+    result = _run("cli.py", "encoder", "summary", "vgg16", "--weights", "/nonexistent/w.h5")
+    assert result.returncode == 2
+    assert "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_every_module_imports_without_tensorflow():
+    """With TensorFlow made unimportable and a non-TF backend, every module still imports."""
+    names = [m.name for m in pkgutil.walk_packages(captioner.__path__, "captioner.")]
+    assert {f"captioner.commands.{c}" for c in COMMAND_MODULES} <= set(names)
+    script = textwrap.dedent(f"""
+        import importlib, sys
+        sys.modules["tensorflow"] = None  # any 'import tensorflow' now raises ImportError
+        for name in {names!r}:
+            importlib.import_module(name)
+        import keras
+        assert keras.backend.backend() == "jax", keras.backend.backend()
+        from captioner.cli import build_parser
+        build_parser()
+        print("ok", len({names!r}))
+    """)
+    result = _run("-c", script, env={"KERAS_BACKEND": "jax"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("ok")
