@@ -1,0 +1,405 @@
+"""Caption files: loading (Flickr8k, Kaggle CSV, COCO JSON), split lists and text cleaning.
+
+Pure Python. Loaders never crash on a bad line: they skip it and record a :class:`Problem`
+``(file, line, reason)``. Only an unreadable file raises :class:`CaptionerError`.
+
+The stray Flickr8k id ``2258277193_586949ec62.jpg.1`` (an image name with a copy suffix) is
+*normalised*: ``X.jpg.N`` becomes ``X.jpg`` and a problem is recorded for each such line. If
+``X.jpg`` also has captions of its own, the suffixed lines are dropped instead (also recorded),
+so normalising can never give an image extra captions.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import re
+import string
+import unicodedata
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from captioner.errors import CaptionerError
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("auto", "flickr8k", "csv", "coco")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+_COPY_SUFFIX = re.compile(r"^(?P<name>.+\.(?:jpe?g|png|bmp|gif|webp))\.\d+$", re.IGNORECASE)
+_PUNCTUATION = frozenset(string.punctuation)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One skipped or altered record: ``line`` is 1-based, or None for JSON records."""
+
+    file: str
+    line: int | None
+    reason: str
+
+    def __str__(self) -> str:
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
+        return f"{where}: {self.reason}"
+
+
+@dataclass
+class CaptionFile:
+    """What :func:`read_captions` found: ``captions`` (name -> raw captions) and ``problems``."""
+
+    path: str
+    format: str
+    captions: dict[str, list[str]] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def n_captions(self) -> int:
+        """Total number of captions kept."""
+        return sum(len(c) for c in self.captions.values())
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def read_captions(path: str | Path, fmt: str = "auto") -> CaptionFile:
+    """Read a caption file into a :class:`CaptionFile` (captions plus problems found).
+
+    ``fmt`` is ``"flickr8k"`` (``name#N<TAB>caption``), ``"csv"`` (Kaggle ``image,caption``),
+    ``"coco"`` (COCO caption JSON) or ``"auto"`` (by extension, then by content).
+    """
+    path = Path(path)
+    if fmt not in FORMATS:
+        raise CaptionerError(f"unknown caption format {fmt!r}; use one of {', '.join(FORMATS)}")
+    data = _read_bytes(path)
+    if fmt == "auto":
+        fmt = detect_format(path, data)
+    reader = {"flickr8k": _parse_flickr, "csv": _parse_csv, "coco": _parse_coco}[fmt]
+    result = CaptionFile(path=str(path), format=fmt)
+    reader(data, result)
+    if not result.captions:
+        raise CaptionerError(
+            f"{path}: no captions found (read as {fmt}); check the file, or pass the format "
+            f"explicitly ({', '.join(FORMATS[1:])})"
+        )
+    return result
+
+
+def load_captions(path: str | Path, fmt: str = "auto") -> dict[str, list[str]]:
+    """Image file name -> raw captions (file order). Problems are logged as one warning;
+    use :func:`read_captions` to get them as data."""
+    result = read_captions(path, fmt)
+    if result.problems:
+        log.warning("%s: %d problem(s), first: %s", path, len(result.problems), result.problems[0])
+    return result.captions
+
+
+def detect_format(path: Path, data: bytes) -> str:
+    """Guess the caption format from the extension, then from the first non-blank line."""
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        return "coco"
+    if suffix == ".csv":
+        return "csv"
+    head = data[:4096].decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
+    first = head.splitlines()[0] if head else ""
+    if first.startswith(("{", "[")):
+        return "coco"
+    if "\t" in first:
+        return "flickr8k"
+    if "," in first:
+        return "csv"
+    raise CaptionerError(
+        f"{path}: cannot tell the caption format from the first line {first[:60]!r}; "
+        "pass it explicitly (flickr8k, csv or coco)"
+    )
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise CaptionerError(f"{path}: caption file not found; check the path") from None
+    except IsADirectoryError:
+        raise CaptionerError(f"{path}: is a folder, expected a caption file") from None
+    except OSError as exc:
+        raise CaptionerError(f"{path}: cannot read caption file ({exc.strerror})") from None
+
+
+def _lines(data: bytes, result: CaptionFile) -> Iterable[tuple[int, str]]:
+    """Decoded non-blank lines with 1-based numbers; undecodable lines become problems."""
+    for number, raw in enumerate(data.splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            result.problems.append(Problem(result.path, number, "not valid UTF-8"))
+            continue
+        if number == 1:
+            line = line.lstrip("\ufeff")
+        if line.strip():
+            yield number, line
+
+
+def split_copy_suffix(name: str) -> tuple[str, bool]:
+    """``"X.jpg.1"`` -> ``("X.jpg", True)``; any other name -> ``(name, False)``."""
+    match = _COPY_SUFFIX.match(name)
+    return (match["name"], True) if match else (name, False)
+
+
+def _parse_flickr(data: bytes, result: CaptionFile) -> None:
+    records: list[tuple[int, str, str]] = []
+    for number, line in _lines(data, result):
+        record = _parse_flickr_line(line)
+        if isinstance(record, str):
+            result.problems.append(Problem(result.path, number, record))
+        else:
+            records.append((number, *record))
+    _add_records(records, result)
+
+
+def _parse_flickr_line(line: str) -> tuple[str, str] | str:
+    """``(image, caption)`` or the reason the line is malformed."""
+    if "\t" not in line:
+        return "no tab between id and caption"
+    key, caption = line.split("\t", 1)
+    name, sep, number = key.strip().rpartition("#")
+    caption = caption.strip()
+    if not sep or not name:
+        return f"id {key.strip()!r} is not IMAGE#N"
+    if not number.isdigit():
+        return f"caption number {number!r} in {key.strip()!r} is not a number"
+    if not caption:
+        return f"empty caption for {key.strip()!r}"
+    return name, caption
+
+
+def _add_records(records: Sequence[tuple[int, str, str]], result: CaptionFile) -> None:
+    """Store ``(line, image, caption)`` records, normalising ``X.jpg.N`` ids (see module doc)."""
+    plain = {name for _, name, _ in records if not split_copy_suffix(name)[1]}
+    for number, name, caption in records:
+        base, suffixed = split_copy_suffix(name)
+        if suffixed and base in plain:
+            reason = f"dropped: {name!r} duplicates {base!r}, which has its own captions"
+            result.problems.append(Problem(result.path, number, reason))
+            continue
+        if suffixed:
+            reason = f"renamed {name!r} to {base!r}"
+            result.problems.append(Problem(result.path, number, reason))
+        result.captions.setdefault(base, []).append(caption)
+
+
+def _parse_csv(data: bytes, result: CaptionFile) -> None:
+    text = data.decode("utf-8-sig", errors="replace")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header, image_col, caption_col = _csv_header(reader, result.path)
+    records: list[tuple[int, str, str]] = []
+    start = reader.line_num + 1
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            result.problems.append(Problem(result.path, start, f"bad CSV: {exc}"))
+            start = reader.line_num + 1
+            continue
+        number, start = start, reader.line_num + 1
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) != len(header):
+            reason = f"expected {len(header)} fields, found {len(row)} (quote captions with commas)"
+            result.problems.append(Problem(result.path, number, reason))
+            continue
+        name, caption = row[image_col].strip(), row[caption_col].strip()
+        if not name or not caption:
+            what = "image name" if not name else f"caption for {name!r}"
+            result.problems.append(Problem(result.path, number, f"empty {what}"))
+            continue
+        records.append((number, name, caption))
+    if "\ufffd" in text:
+        result.problems.append(Problem(result.path, None, "invalid UTF-8 bytes were replaced"))
+    _add_records(records, result)
+
+
+def _csv_header(reader: Iterable[list[str]], path: str) -> tuple[list[str], int, int]:
+    for row in reader:
+        if any(cell.strip() for cell in row):
+            header = [cell.strip().lower() for cell in row]
+            if "image" in header and "caption" in header:
+                return header, header.index("image"), header.index("caption")
+            break
+    raise CaptionerError(
+        f"{path}: the first line must be the CSV header 'image,caption' (Kaggle Flickr8k format)"
+    )
+
+
+def _parse_coco(data: bytes, result: CaptionFile) -> None:
+    path = result.path
+    try:
+        doc = json.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError:
+        raise CaptionerError(f"{path}: not UTF-8 text; save the JSON as UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise CaptionerError(
+            f"{path}:{exc.lineno}: invalid JSON ({exc.msg}, column {exc.colno})"
+        ) from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("annotations"), list):
+        raise CaptionerError(f"{path}: not a COCO caption file (needs 'images' and 'annotations')")
+    names = _coco_images(doc.get("images"), result)
+    for index, ann in enumerate(doc["annotations"]):
+        where = f"annotations[{index}]"
+        if not isinstance(ann, dict) or "image_id" not in ann or "caption" not in ann:
+            result.problems.append(Problem(path, None, f"{where}: needs image_id and caption"))
+            continue
+        name = names.get(_coco_id(ann["image_id"]))
+        caption = ann["caption"].strip() if isinstance(ann["caption"], str) else ""
+        if name is None:
+            reason = f"{where}: image_id {ann['image_id']!r} is not in 'images'"
+            result.problems.append(Problem(path, None, reason))
+        elif not caption:
+            result.problems.append(Problem(path, None, f"{where}: empty caption for {name!r}"))
+        else:
+            result.captions.setdefault(name, []).append(caption)
+    order = {name: i for i, name in enumerate(names.values())}
+    result.captions = dict(sorted(result.captions.items(), key=lambda kv: order[kv[0]]))
+
+
+def _coco_id(value: object) -> object:
+    return str(value) if isinstance(value, (int, str)) else None
+
+
+def _coco_images(images: object, result: CaptionFile) -> dict[object, str]:
+    if not isinstance(images, list):
+        raise CaptionerError(f"{result.path}: not a COCO caption file (no 'images' list)")
+    names: dict[object, str] = {}
+    for index, image in enumerate(images):
+        ok = isinstance(image, dict) and isinstance(image.get("file_name"), str)
+        if not ok or _coco_id(image.get("id")) is None:
+            reason = f"images[{index}]: needs id and file_name"
+            result.problems.append(Problem(result.path, None, reason))
+            continue
+        names[_coco_id(image["id"])] = Path(image["file_name"]).name
+    return names
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+@dataclass
+class SplitResult:
+    """Captions of one split, plus what :func:`filter_split` could not match."""
+
+    captions: dict[str, list[str]]
+    without_captions: list[str]
+    missing_images: list[str]
+
+
+def load_split(path: str | Path) -> list[str]:
+    """Image names, one a line (stripped; blank lines skipped; duplicates dropped, order kept)."""
+    path = Path(path)
+    data = _read_bytes(path)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise CaptionerError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    names = [line.strip() for line in text.splitlines()]
+    return list(dict.fromkeys(name for name in names if name))
+
+
+def filter_split(
+    captions: Mapping[str, list[str]],
+    names: Iterable[str],
+    images_dir: str | Path | None = None,
+) -> SplitResult:
+    """Keep the captions of ``names`` (split order). Names without captions are reported; with
+    ``images_dir``, names whose image file is missing there are reported and dropped too."""
+    kept: dict[str, list[str]] = {}
+    without: list[str] = []
+    missing: list[str] = []
+    folder = Path(images_dir) if images_dir is not None else None
+    for name in dict.fromkeys(names):
+        if name not in captions:
+            without.append(name)
+        elif folder is not None and not (folder / name).is_file():
+            missing.append(name)
+        else:
+            kept[name] = list(captions[name])
+    return SplitResult(kept, without, missing)
+
+
+# ----------------------------------------------------------------------------- cleaning
+
+
+@dataclass(frozen=True)
+class CleaningRules:
+    """How :func:`clean_caption` normalises text. Steps, in this order:
+
+    1. ``lowercase``: ``str.lower()``.
+    2. ``strip_punctuation``: delete ASCII punctuation and every Unicode punctuation (category
+       P*) character, inside words too (``"dog's"`` -> ``"dogs"``, ``"tri-colored"`` ->
+       ``"tricolored"``).
+    3. split on whitespace.
+    4. ``drop_numeric``: drop tokens that contain any digit (``"2"``, ``"3rd"``).
+    5. drop tokens shorter than ``min_token_length`` characters unless listed in ``keep_short``
+       (compared in lower case).
+    """
+
+    lowercase: bool = True
+    strip_punctuation: bool = True
+    drop_numeric: bool = True
+    min_token_length: int = 2
+    keep_short: tuple[str, ...] = ("a",)
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready dict (``keep_short`` as a list)."""
+        data = asdict(self)
+        data["keep_short"] = list(self.keep_short)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> CleaningRules:
+        """Inverse of :meth:`to_dict`; unknown keys raise CaptionerError."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise CaptionerError(
+                f"unknown cleaning rule(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        values = dict(data)
+        if "keep_short" in values:
+            values["keep_short"] = tuple(str(t) for t in values["keep_short"])  # type: ignore[union-attr]
+        return cls(**values)  # type: ignore[arg-type]
+
+
+DEFAULT_RULES = CleaningRules()
+
+
+def _is_punctuation(ch: str) -> bool:
+    return ch in _PUNCTUATION or unicodedata.category(ch).startswith("P")
+
+
+def clean_caption(text: str, rules: CleaningRules = DEFAULT_RULES) -> str:
+    """Normalise one caption with ``rules`` (see :class:`CleaningRules`); tokens joined by one
+    space. Deterministic; also used for BLEU references. May return ``""``."""
+    if rules.lowercase:
+        text = text.lower()
+    if rules.strip_punctuation:
+        text = "".join(ch for ch in text if not _is_punctuation(ch))
+    keep = {t.lower() for t in rules.keep_short}
+    tokens = []
+    for token in text.split():
+        if rules.drop_numeric and any(ch.isdigit() for ch in token):
+            continue
+        if len(token) < rules.min_token_length and token.lower() not in keep:
+            continue
+        tokens.append(token)
+    return " ".join(tokens)
+
+
+def clean_captions(
+    captions: Mapping[str, Sequence[str]], rules: CleaningRules = DEFAULT_RULES
+) -> dict[str, list[str]]:
+    """:func:`clean_caption` over every caption; keeps names, order and counts (a caption that
+    cleans to ``""`` is kept as ``""`` so references stay aligned)."""
+    return {name: [clean_caption(c, rules) for c in caps] for name, caps in captions.items()}

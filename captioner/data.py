@@ -1,0 +1,261 @@
+"""Training batches from cached image features and tokenised captions.
+
+:class:`CaptionDataset` is the loader used for training: teacher forcing, one
+``(image, caption)`` pair per sample, padding masked out through ``sample_weight``.
+:class:`ProgressiveLoader` reproduces the classic tutorial's generator and exists ONLY as a
+benchmark baseline (it materialises one sample per caption prefix with one-hot targets).
+
+Feature sources are duck-typed (:class:`FeatureSource`): ``read(names)`` and
+``feature_shape``; the HDF5 ``FeatureReader`` fits, and so does a small in-memory fake.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Protocol, runtime_checkable
+
+import keras
+import numpy as np
+
+from captioner.errors import CaptionerError
+from captioner.tokenizer import Tokenizer
+
+READ_CHUNK = 1024  # images per read() when loading everything into RAM
+
+
+@runtime_checkable
+class FeatureSource(Protocol):
+    """Where image features come from.
+
+    ``read(names)`` returns one row per name, in the given order, shaped
+    ``(len(names), *feature_shape)``. ``feature_shape`` is ``(D,)`` (pooled vector), ``(L, D)``
+    or ``(H, W, D)`` (spatial; batches flatten it to ``(H*W, D)``).
+
+    Optional extras the loaders use when present: ``name in source`` (checked for every image
+    up front) and ``prefers_sorted = True`` (batches then ask for their names in sorted order).
+    """
+
+    feature_shape: tuple[int, ...]
+
+    def read(self, names: Sequence[str]) -> np.ndarray:
+        """Feature rows for ``names``, in that order."""
+        ...
+
+
+def flat_feature_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    """Per-image shape as batches carry it: ``(H, W, D)`` -> ``(H*W, D)``, others unchanged."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) == 3:
+        return (shape[0] * shape[1], shape[2])
+    if len(shape) in (1, 2):
+        return shape
+    raise CaptionerError(
+        f"feature shape {shape} is not supported; expected (D,), (L, D) or (H, W, D)"
+    )
+
+
+def check_features(features: FeatureSource, names: Sequence[str]) -> None:
+    """CaptionerError naming the first image the source has no features for (if it can tell)."""
+    if not hasattr(features, "__contains__"):
+        return
+    missing = [name for name in names if name not in features]
+    if missing:
+        raise CaptionerError(
+            f"no cached features for {len(missing)} of {len(names)} image(s), e.g. "
+            f"{missing[0]!r}; run `captioner extract` on those images or drop them from the split"
+        )
+
+
+def read_features(features: FeatureSource, names: Sequence[str]) -> np.ndarray:
+    """``features.read(names)`` as float32 ``(len(names), *flat_feature_shape)``, asking in
+    sorted order when the source prefers it and returning rows in the order of ``names``."""
+    shape = flat_feature_shape(features.feature_shape)
+    names = list(names)
+    order = None
+    if getattr(features, "prefers_sorted", False):
+        order = sorted(range(len(names)), key=names.__getitem__)
+        names = [names[i] for i in order]
+    try:
+        rows = np.asarray(features.read(names), dtype=np.float32)
+    except KeyError as exc:
+        missing = exc.args[0] if exc.args else names[0]
+        raise CaptionerError(
+            f"no cached features for image {missing!r}; run `captioner extract` on it"
+        ) from None
+    if rows.shape[:1] != (len(names),) or rows.shape[1:] not in (
+        tuple(features.feature_shape),
+        shape,
+    ):
+        raise CaptionerError(
+            f"feature source returned shape {rows.shape} for {len(names)} image(s); "
+            f"expected {(len(names), *features.feature_shape)}"
+        )
+    rows = rows.reshape(len(names), *shape)
+    if order is not None:
+        unsorted = np.empty_like(rows)
+        unsorted[order] = rows
+        rows = unsorted
+    return rows
+
+
+class CaptionDataset(keras.utils.PyDataset):
+    """Teacher-forcing batches: one sample per (image, caption) pair.
+
+    ``dataset[i]`` is ``((features (B, *F) float32, tokens_in (B, T-1) int32), tokens_out
+    (B, T-1) int32, sample_weight (B, T-1) float32)`` with ``T = tokenizer.max_length``,
+    ``tokens_in = tokens[:, :-1]``, ``tokens_out = tokens[:, 1:]`` and
+    ``sample_weight = tokens_out != 0``, so padding never counts in the loss.
+
+    Memory held: the token ids ``(N, T)`` int32 plus two int32 index arrays of length N (image
+    of each sample, sample order), whatever the feature size; features are read per batch
+    (each image once) unless ``in_memory=True`` loads them all up front.
+
+    Order: with ``shuffle``, epoch ``e`` uses a permutation drawn from ``(seed, e)``. The epoch
+    advances in :meth:`on_epoch_end`, but only after an :meth:`on_epoch_begin` (``model.fit``
+    calls ``on_epoch_end`` once before its first epoch; that call is ignored). Call
+    :meth:`set_epoch` to resume mid-training with the same orders. Do not pass
+    ``steps_per_epoch`` to ``fit``: Keras then prefetches the next epoch before reshuffling.
+    """
+
+    def __init__(
+        self,
+        features: FeatureSource,
+        captions: Mapping[str, Sequence[str]],
+        tokenizer: Tokenizer,
+        batch_size: int = 64,
+        shuffle: bool = True,
+        seed: int = 0,
+        in_memory: bool = False,
+        **kwargs,
+    ) -> None:
+        """``captions``: image name -> cleaned captions. ``kwargs`` go to ``PyDataset``
+        (``workers``, ``use_multiprocessing``, ``max_queue_size``)."""
+        super().__init__(**kwargs)
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.features = features
+        self.tokenizer = tokenizer
+        self.batch_size = int(batch_size)
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.feature_shape = flat_feature_shape(features.feature_shape)
+        self.names = [name for name, caps in captions.items() if len(caps)]
+        texts = [caption for name in self.names for caption in captions[name]]
+        if not texts:
+            raise CaptionerError("no captions to train on; check the caption file and the split")
+        counts = [len(captions[name]) for name in self.names]
+        self.image_index = np.repeat(np.arange(len(self.names), dtype=np.int32), counts)
+        self.tokens = tokenizer.encode_batch(texts)
+        check_features(features, self.names)
+        self._table = self._load_all() if in_memory else None
+        self.epoch = 0
+        self._order: np.ndarray | None = None
+        self._in_epoch = False
+        self.set_epoch(0)
+
+    @property
+    def num_samples(self) -> int:
+        """Number of (image, caption) pairs."""
+        return int(self.tokens.shape[0])
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < len(self):
+            raise IndexError(f"batch {index} out of range (0..{len(self) - 1})")
+        order = self._order  # read once: on_epoch_end may swap it from another thread
+        start, stop = index * self.batch_size, min((index + 1) * self.batch_size, self.num_samples)
+        rows = np.arange(start, stop) if order is None else order[start:stop]
+        tokens = self.tokens[rows]
+        tokens_in = np.ascontiguousarray(tokens[:, :-1])
+        tokens_out = np.ascontiguousarray(tokens[:, 1:])
+        weights = (tokens_out != 0).astype(np.float32)
+        return (self._batch_features(self.image_index[rows]), tokens_in), tokens_out, weights
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the sample order of ``epoch`` from now on (deterministic from seed and epoch)."""
+        self.epoch = int(epoch)
+        if self.shuffle:
+            rng = np.random.default_rng((self.seed, self.epoch))
+            self._order = rng.permutation(self.num_samples).astype(np.int32)
+
+    def on_epoch_begin(self) -> None:
+        self._in_epoch = True
+
+    def on_epoch_end(self) -> None:
+        """Advance to the next epoch's order (ignored unless an epoch has begun)."""
+        if self._in_epoch:
+            self._in_epoch = False
+            self.set_epoch(self.epoch + 1)
+
+    def _batch_features(self, image_rows: np.ndarray) -> np.ndarray:
+        if self._table is not None:
+            return self._table[image_rows]
+        unique, inverse = np.unique(image_rows, return_inverse=True)
+        rows = read_features(self.features, [self.names[i] for i in unique])
+        return rows[inverse.reshape(-1)]
+
+    def _load_all(self) -> np.ndarray:
+        table = np.empty((len(self.names), *self.feature_shape), dtype=np.float32)
+        for start in range(0, len(self.names), READ_CHUNK):
+            chunk = self.names[start : start + READ_CHUNK]
+            table[start : start + len(chunk)] = read_features(self.features, chunk)
+        return table
+
+
+class ProgressiveLoader:
+    """BENCHMARK BASELINE ONLY: the classic tutorial's "progressive loading" generator.
+
+    One step per photo: every caption prefix is its own sample, ``X1`` the photo's features
+    repeated, ``X2`` the prefix left-padded with 0 to ``max_length - 1`` (like
+    ``pad_sequences``' default), ``y`` the ONE-HOT next word (``vocab_size`` floats). It exists
+    to measure what :class:`CaptionDataset` saves; do not train with it. Use as
+    ``model.fit(loader.generate(), steps_per_epoch=loader.steps_per_epoch)``.
+    """
+
+    def __init__(
+        self,
+        features: FeatureSource,
+        captions: Mapping[str, Sequence[str]],
+        tokenizer: Tokenizer,
+    ) -> None:
+        self.features = features
+        self.tokenizer = tokenizer
+        self.captions = {name: list(caps) for name, caps in captions.items() if len(caps)}
+        self.names = list(self.captions)
+        self.feature_shape = flat_feature_shape(features.feature_shape)
+        check_features(features, self.names)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """One step per photo."""
+        return len(self.names)
+
+    def photo_arrays(self, name: str) -> tuple[list[np.ndarray], np.ndarray]:
+        """``([X1 (S, *F) float32, X2 (S, max_length-1) int32], y (S, vocab_size) float32)``."""
+        width = self.tokenizer.max_length - 1
+        prefixes, targets = [], []
+        for caption in self.captions[name]:
+            seq = self.tokenizer.encode(caption)
+            for i in range(1, len(seq)):
+                prefixes.append(seq[:i])
+                targets.append(seq[i])
+        x2 = np.zeros((len(prefixes), width), dtype=np.int32)
+        for row, prefix in enumerate(prefixes):
+            x2[row, width - len(prefix) :] = prefix
+        y = np.zeros((len(targets), self.tokenizer.vocab_size), dtype=np.float32)
+        y[np.arange(len(targets)), targets] = 1.0
+        photo = read_features(self.features, [name])
+        x1 = np.repeat(photo, len(prefixes), axis=0)
+        return [x1, x2], y
+
+    def generate(self) -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
+        """Yield :meth:`photo_arrays` for each photo in turn, forever."""
+        while True:
+            for name in self.names:
+                yield self.photo_arrays(name)
+
+    def __iter__(self) -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
+        return self.generate()
