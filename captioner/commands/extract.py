@@ -1,0 +1,176 @@
+"""``captioner extract``: run an encoder over images into a resumable HDF5 feature cache."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from captioner.encoders import DEFAULT_ENCODER, SPECS
+
+# Kept here (not imported from features/images) so `captioner --help` stays fast; extract()
+# validates the same values.
+DTYPES = ("float32", "float16")
+MIXED_PRECISION = ("float16", "bfloat16")
+RESAMPLE = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+
+DESCRIPTION = """\
+Run a pretrained CNN encoder over images and store one feature vector (or map) per image in
+an HDF5 cache. The cache is crash-safe and resumable: rerun the same command after an
+interruption and it continues where it stopped. Unreadable images (empty, truncated, not an
+image, too large, missing) are recorded with the reason and never stop the run.
+"""
+
+EPILOG = """\
+SOURCE is one of:
+  a folder of images            photos/
+  a glob (quote it)             'photos/**/*.jpg'
+  a single image                photos/dog.jpg
+  a list file, one name a line  Flickr_8k.trainImages.txt  (names resolved against --images-dir)
+
+examples:
+  captioner extract Flickr8k_text/Flickr_8k.trainImages.txt --images-dir Flicker8k_Dataset \\
+      --encoder vgg16 --layer fc2 --out features/vgg16_fc2.h5
+  captioner extract photos/ --encoder mobilenet_v2_0.5 --layer pool --out mobilenet_pool.h5
+  captioner extract 'photos/*.jpg' --encoder resnet50 --layer conv --dtype float16 \\
+      --mixed-precision --batch-size 128 --out resnet_conv.h5     # on a GPU
+  captioner extract photos/ --encoder mobilenet_v2_0.5 --out m.h5 --retry-failed --strict
+
+Extracting another list into the same --out file adds its images to the cache (the file then
+holds both lists). A file made with another encoder, layer, weights, input size, resampling or
+dtype is refused: choose another --out file.
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``extract`` subcommand."""
+    p = sub.add_parser(
+        "extract",
+        help="run an encoder over images into a resumable HDF5 feature cache",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "source",
+        metavar="SOURCE",
+        help="folder, quoted glob, image file, or text file of image names (see below)",
+    )
+    p.add_argument(
+        "--encoder",
+        default=DEFAULT_ENCODER,
+        choices=list(SPECS),
+        help=f"CNN encoder (default {DEFAULT_ENCODER}); e.g. --encoder mobilenet_v2_0.5",
+    )
+    p.add_argument(
+        "--layer",
+        default=None,
+        help="feature layer: fc2 (VGG only, 4096 values), conv (spatial map, for attention) or "
+        "pool (global average of conv); default: the encoder's (fc2 for VGG, pool otherwise). "
+        "e.g. --layer conv",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="FILE.h5",
+        help="the feature cache to create or resume, e.g. --out features/vgg16_fc2.h5",
+    )
+    p.add_argument(
+        "--weights",
+        default="imagenet",
+        metavar="imagenet|PATH",
+        help="'imagenet' (the official Keras file, from the Keras cache or downloaded) or a "
+        "weights file, e.g. --weights weights/vgg16_notop.h5 (default imagenet)",
+    )
+    p.add_argument(
+        "--images-dir",
+        metavar="DIR",
+        help="folder the names of a list-file SOURCE are relative to (default: the list "
+        "file's folder), e.g. --images-dir Flicker8k_Dataset",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        metavar="N",
+        help="images per model call (default 32; larger is faster on a GPU), e.g. --batch-size 128",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=4,
+        metavar="N",
+        help="threads decoding and resizing images while the model runs (default 4; 0 decodes "
+        "in the main thread), e.g. --workers 8",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help="how features are stored (default float32; float16 halves the file), e.g. --dtype float16",
+    )
+    p.add_argument(
+        "--mixed-precision",
+        nargs="?",
+        const="float16",
+        choices=MIXED_PRECISION,
+        default=None,
+        help="compute in mixed precision (GPU speed-up; features are still stored as --dtype): "
+        "--mixed-precision (float16) or --mixed-precision bfloat16 (place it after SOURCE)",
+    )
+    p.add_argument(
+        "--resample",
+        choices=list(RESAMPLE),
+        default="bilinear",
+        help="resizing filter to the encoder's input size (default bilinear), e.g. --resample bicubic",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit with status 1 if any image has no features (failed now or earlier)",
+    )
+    p.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="try again the images that failed in an earlier run (they are skipped otherwise)",
+    )
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        metavar="N",
+        help="use only the first N images of SOURCE (quick trials), e.g. --limit 100",
+    )
+    p.set_defaults(handler=run_extract)
+
+
+def run_extract(args: argparse.Namespace) -> int:
+    """Handler of ``captioner extract``; returns the exit status."""
+    from captioner.errors import CaptionerError
+    from captioner.features import extract_with_spec
+    from captioner.images import list_images
+
+    if args.limit is not None and args.limit < 1:
+        raise CaptionerError(f"--limit must be at least 1, not {args.limit}.")
+    paths, names = list_images(args.source, args.images_dir)
+    if args.limit is not None:
+        paths, names = paths[: args.limit], names[: args.limit]
+    summary = extract_with_spec(
+        paths,
+        args.out,
+        encoder=args.encoder,
+        layer=args.layer,
+        weights=args.weights,
+        mixed_precision=args.mixed_precision,
+        names=names,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        dtype=args.dtype,
+        resample=args.resample,
+        retry_failed=args.retry_failed,
+    )
+    for name, reason in list(summary.failed.items())[:10]:
+        print(f"failed: {name}: {reason}", file=sys.stderr)
+    if len(summary.failed) > 10:
+        print(f"... and {len(summary.failed) - 10} more failures", file=sys.stderr)
+    print(summary.line())
+    return 1 if args.strict and summary.failed else 0
