@@ -152,6 +152,7 @@ class CaptionDataset(keras.utils.PyDataset):
         self.epoch = 0
         self._order: np.ndarray | None = None
         self._in_epoch = False
+        self._orders: dict[int, np.ndarray] = {}
         self.set_epoch(0)
 
     @property
@@ -165,7 +166,23 @@ class CaptionDataset(keras.utils.PyDataset):
     def __getitem__(self, index: int):
         if not 0 <= index < len(self):
             raise IndexError(f"batch {index} out of range (0..{len(self) - 1})")
-        order = self._order  # read once: on_epoch_end may swap it from another thread
+        return self._make_batch(self._order, index)
+
+    def epoch_batch(self, epoch: int, index: int):
+        """Batch ``index`` of epoch ``epoch``: a pure function of (seed, epoch, index)."""
+        return self._make_batch(self._order_for(epoch), index)
+
+    def _order_for(self, epoch: int) -> np.ndarray | None:
+        if not self.shuffle:
+            return None
+        cached = self._orders.get(epoch)
+        if cached is None:
+            cached = np.random.default_rng((self.seed, epoch)).permutation(self.num_samples)
+            cached = cached.astype(np.int32)
+            self._orders = {epoch: cached, **{k: v for k, v in self._orders.items() if k > epoch - 2}}
+        return cached
+
+    def _make_batch(self, order: np.ndarray | None, index: int):
         start, stop = index * self.batch_size, min((index + 1) * self.batch_size, self.num_samples)
         rows = np.arange(start, stop) if order is None else order[start:stop]
         tokens = self.tokens[rows]
@@ -177,9 +194,7 @@ class CaptionDataset(keras.utils.PyDataset):
     def set_epoch(self, epoch: int) -> None:
         """Use the sample order of ``epoch`` from now on (deterministic from seed and epoch)."""
         self.epoch = int(epoch)
-        if self.shuffle:
-            rng = np.random.default_rng((self.seed, self.epoch))
-            self._order = rng.permutation(self.num_samples).astype(np.int32)
+        self._order = self._order_for(self.epoch)
 
     def on_epoch_begin(self) -> None:
         self._in_epoch = True
@@ -203,6 +218,33 @@ class CaptionDataset(keras.utils.PyDataset):
             chunk = self.names[start : start + READ_CHUNK]
             table[start : start + len(chunk)] = read_features(self.features, chunk)
         return table
+
+
+class EpochStream(keras.utils.PyDataset):
+    """An endless, prefetch-safe view of a :class:`CaptionDataset` for ``model.fit``.
+
+    Keras starts prefetching the next epoch before it calls ``on_epoch_end``, so a dataset that
+    reshuffles in ``on_epoch_end`` races with the prefetch thread. Here batch ``i`` is batch
+    ``i % n`` of epoch ``start_epoch + i // n`` — a pure function of its index — so the batches
+    are the same whatever the timing, and resuming at ``start_epoch`` reproduces them. Use with
+    ``fit(..., steps_per_epoch=len(dataset), shuffle=False)``.
+    """
+
+    def __init__(self, dataset: CaptionDataset, start_epoch: int = 0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.dataset = dataset
+        self.start_epoch = int(start_epoch)
+
+    @property
+    def num_batches(self) -> None:
+        return None  # endless: Keras keeps one iterator across epochs
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        epoch, batch = divmod(int(index), len(self.dataset))
+        return self.dataset.epoch_batch(self.start_epoch + epoch, batch)
 
 
 class ProgressiveLoader:

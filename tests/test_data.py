@@ -355,3 +355,26 @@ def test_source_returning_the_wrong_shape_is_reported():
         CaptionerError, match=r"returned shape \(2, 3\) for 2 image\(s\); expected \(2, 4\)"
     ):
         ds[0]
+
+
+def test_epoch_stream_is_a_pure_function_of_the_index():
+    from captioner.data import EpochStream
+
+    ds, _, _, _ = make(n_images=7, per_image=3, batch_size=4, seed=5)
+    n = len(ds)
+    stream = EpochStream(ds)
+    assert stream.num_batches is None  # endless: one Keras iterator across epochs
+
+    def same(a, b):
+        return all(np.array_equal(x, y) for x, y in zip(
+            [a[0][0], a[0][1], a[1], a[2]], [b[0][0], b[0][1], b[1], b[2]], strict=True))
+
+    # batch i of the stream is batch i % n of epoch i // n, whatever was asked before
+    later = stream[2 * n + 1]
+    assert same(stream[1], ds.epoch_batch(0, 1))
+    assert same(later, ds.epoch_batch(2, 1))
+    assert not same(ds.epoch_batch(0, 1), ds.epoch_batch(2, 1))
+    resumed = EpochStream(ds, start_epoch=2)
+    assert same(resumed[1], later)
+    ds.set_epoch(2)
+    assert same(ds[1], later)  # agrees with the epoch-based API
