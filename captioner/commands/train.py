@@ -1,9 +1,99 @@
-"""CLI for the train stage (placeholder until the stage lands)."""
+"""CLI for stage 4: ``captioner train``."""
 
 from __future__ import annotations
 
 import argparse
 
+EXAMPLE = """\
+example:
+  captioner extract Flickr_8k.trainImages.txt --images-dir Flicker8k_Dataset \\
+      --encoder mobilenet_v2_0.5 --layer pool --out train.h5
+  captioner extract Flickr_8k.devImages.txt --images-dir Flicker8k_Dataset \\
+      --encoder mobilenet_v2_0.5 --layer pool --out dev.h5
+  captioner train --captions Flickr8k.token.txt --train-features train.h5 \\
+      --val-features dev.h5 --decoder merge --epochs 20 --out runs/merge
+  captioner train --out runs/merge --resume --epochs 30     # continue / extend a run
+
+Which images belong to a split is read from the feature files' image names.
+"""
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add this stage's subcommands (none yet)."""
+    """Add ``captioner train``."""
+    from captioner.training import DECODERS, SCHEDULES, TrainConfig
+
+    d = TrainConfig("", "", "")
+    p = sub.add_parser(
+        "train",
+        help="train an LSTM decoder on cached features",
+        description="Train a caption decoder with teacher forcing on cached image features "
+        "into a run folder (config.json, tokenizer.json, best/last weights, history.csv, "
+        "curves.png, checkpoint for --resume).",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder to create (or resume)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last finished epoch (optimizer "
+                   "state included); --epochs may extend it; other options come from the run")
+    p.add_argument("--captions", metavar="FILE", help="caption file (Flickr8k token file, "
+                   "Kaggle captions.txt or COCO JSON); required unless --resume")
+    p.add_argument("--train-features", metavar="H5", help="feature cache of the training images")
+    p.add_argument("--val-features", metavar="H5",
+                   help="feature cache of the validation images (val loss, BLEU-4, early stopping)")
+    p.add_argument("--decoder", choices=DECODERS, default=d.decoder,
+                   help="merge (classic tutorial), inject (Show and Tell) or attention (Show, "
+                   "Attend and Tell; needs --layer conv features). Default: %(default)s")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="total epochs (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="captions per batch (default %(default)s)")
+    p.add_argument("--embed-dim", type=int, default=d.embed_dim, help="word embedding size (default %(default)s)")
+    p.add_argument("--units", type=int, default=d.units, help="LSTM units (default %(default)s)")
+    p.add_argument("--dropout", type=float, default=d.dropout, help="dropout rate (default %(default)s)")
+    p.add_argument("--attention-units", type=int, default=d.attention_units,
+                   help="attention MLP size (attention decoder; default %(default)s)")
+    p.add_argument("--attention-reg", type=float, default=d.attention_reg,
+                   help="doubly stochastic attention regulariser weight (default %(default)s)")
+    p.add_argument("--min-count", type=int, default=d.min_count,
+                   help="words seen fewer times in training captions become <unk> (default %(default)s)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="cap on caption length in tokens incl. <start>/<end> (default: longest training caption)")
+    p.add_argument("--learning-rate", type=float, default=d.learning_rate, help="Adam learning rate (default %(default)s)")
+    p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
+                   help="learning-rate schedule: constant, cosine (with --warmup-epochs), or "
+                   "plateau (halve after --plateau-patience epochs without val-loss progress)")
+    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="cosine warm-up (default %(default)s)")
+    p.add_argument("--plateau-patience", type=int, default=d.plateau_patience, help="(default %(default)s)")
+    p.add_argument("--clipnorm", type=float, default=d.clipnorm, help="gradient clipping norm (default %(default)s)")
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="(default %(default)s)")
+    p.add_argument("--patience", type=int, default=d.patience,
+                   help="early stopping: epochs without val-loss progress (0 disables; default %(default)s)")
+    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints,
+                   help="per-epoch weight files to keep (default %(default)s)")
+    p.add_argument("--val-bleu-images", type=int, default=d.val_bleu_images,
+                   help="validation images captioned (greedy) each epoch for BLEU-4; the best "
+                   "epoch on it is saved as best.weights.h5 (default %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, help="random seed (default %(default)s)")
+    p.add_argument("--mixed-precision", action="store_true", help="float16 compute (GPU)")
+    p.add_argument("--no-in-memory", dest="in_memory", action="store_false",
+                   help="read features from the HDF5 file per batch instead of loading them once")
+    p.add_argument("--max-train-images", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch progress output")
+    p.set_defaults(handler=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Handler of ``captioner train``."""
+    from captioner.errors import CaptionerError
+    from captioner.training import TrainConfig, train
+
+    if not args.resume and not (args.captions and args.train_features):
+        raise CaptionerError("--captions and --train-features are required (unless --resume)")
+    fields = TrainConfig.__dataclass_fields__
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    values.setdefault("captions", "")
+    values["captions"] = values["captions"] or ""
+    values["train_features"] = values.get("train_features") or ""
+    config = TrainConfig(**values)
+    run = train(config, resume=args.resume, verbose=0 if args.quiet else 2)
+    print(f"run folder: {run}")
+    return 0

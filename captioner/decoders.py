@@ -1,0 +1,299 @@
+"""Stage 4: LSTM caption decoders trained with teacher forcing.
+
+Every decoder maps ``(features, tokens_in)`` to next-token logits ``(B, T, V)`` for whole
+sequences at once (teacher forcing), and offers the same computation one token at a time:
+``init_state(features) -> state`` and ``step(tokens, state) -> (logits, state)``, which the
+search in :mod:`captioner.decoding` drives at inference. Both paths share the same layers, so
+they agree to float precision (tested).
+
+- :class:`MergeDecoder`: the classic Flickr8k tutorial model (image and language branches
+  added after the LSTM), trained on full sequences instead of one sample per prefix.
+- :class:`InjectDecoder`: Show and Tell; the image initialises the LSTM state.
+- :class:`AttentionDecoder`: Show, Attend and Tell soft attention over spatial features.
+
+Padding is right-padding, so outputs at real positions never depend on pad tokens; the loss
+ignores pad positions through sample weights (see :class:`MaskedSparseCrossEntropy`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import keras
+from keras import layers, ops
+
+from captioner.tokenizer import END
+from captioner.training import DECODERS
+
+
+def _spatial(features, feature_shape: tuple[int, ...]):
+    """Features as (B, L, D) whatever the cached layout."""
+    if len(feature_shape) == 3:  # (H, W, D)
+        return ops.reshape(features, (-1, feature_shape[0] * feature_shape[1], feature_shape[2]))
+    return features
+
+
+def _vector(features, feature_shape: tuple[int, ...]):
+    """Features as (B, D): spatial features are averaged over locations."""
+    if len(feature_shape) == 1:
+        return features
+    return ops.mean(_spatial(features, feature_shape), axis=1)
+
+
+class CaptionDecoder(keras.Model):
+    """Shared constructor arguments (the config) and helpers of all decoders."""
+
+    kind = "base"
+
+    def __init__(
+        self,
+        vocab_size: int,
+        max_length: int,
+        feature_shape: tuple[int, ...] | list[int],
+        embed_dim: int = 256,
+        units: int = 256,
+        dropout: float = 0.5,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.vocab_size = int(vocab_size)
+        self.max_length = int(max_length)
+        self.feature_shape = tuple(int(d) for d in feature_shape)
+        self.embed_dim = int(embed_dim)
+        self.units = int(units)
+        self.dropout_rate = float(dropout)
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "vocab_size": self.vocab_size,
+            "max_length": self.max_length,
+            "feature_shape": list(self.feature_shape),
+            "embed_dim": self.embed_dim,
+            "units": self.units,
+            "dropout": self.dropout_rate,
+        }
+
+    def build_for_inputs(self) -> CaptionDecoder:
+        """Create the weights by calling the model once on zeros."""
+        feats = ops.zeros((1, *self.feature_shape))
+        tokens = ops.zeros((1, self.max_length - 1), dtype="int32")
+        self((feats, tokens), training=False)
+        return self
+
+    def _lstm_cell_step(self, cell, x, h, c):
+        out, (h, c) = cell(x, [h, c], training=False)
+        return out, h, c
+
+
+@keras.saving.register_keras_serializable(package="captioner")
+class MergeDecoder(CaptionDecoder):
+    """Image → Dropout → Dense(relu); words → Embedding → Dropout → LSTM; add → Dense → logits."""
+
+    kind = "merge"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.image_dropout = layers.Dropout(self.dropout_rate)
+        self.image_dense = layers.Dense(self.units, activation="relu", name="image_dense")
+        self.embedding = layers.Embedding(self.vocab_size, self.embed_dim, name="embedding")
+        self.word_dropout = layers.Dropout(self.dropout_rate)
+        self.lstm = layers.LSTM(self.units, return_sequences=True, name="lstm")
+        self.merge_dense = layers.Dense(self.units, activation="relu", name="merge_dense")
+        self.logits = layers.Dense(self.vocab_size, dtype="float32", name="logits")
+
+    def call(self, inputs, training=False):
+        features, tokens = inputs
+        img = self.image_dense(self.image_dropout(_vector(features, self.feature_shape), training=training))
+        words = self.word_dropout(self.embedding(tokens), training=training)  # (B, T, E)
+        seq = self.lstm(words, training=training)  # (B, T, U)
+        return self.logits(self.merge_dense(seq + ops.expand_dims(img, 1)))  # (B, T, V)
+
+    def init_state(self, features) -> dict:
+        img = self.image_dense(_vector(features, self.feature_shape))
+        zeros = ops.zeros((ops.shape(img)[0], self.units), dtype=img.dtype)
+        return {"h": zeros, "c": zeros, "image": img}
+
+    def step(self, tokens, state: dict):
+        x = self.embedding(tokens)  # (B, E)
+        out, h, c = self._lstm_cell_step(self.lstm.cell, x, state["h"], state["c"])
+        logits = self.logits(self.merge_dense(out + state["image"]))  # (B, V)
+        return logits, {"h": h, "c": c, "image": state["image"]}
+
+
+@keras.saving.register_keras_serializable(package="captioner")
+class InjectDecoder(CaptionDecoder):
+    """Show and Tell: the image embedding initialises the LSTM state (h0, c0)."""
+
+    kind = "inject"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.image_dropout = layers.Dropout(self.dropout_rate)
+        self.init_h = layers.Dense(self.units, activation="tanh", name="init_h")
+        self.init_c = layers.Dense(self.units, activation="tanh", name="init_c")
+        self.embedding = layers.Embedding(self.vocab_size, self.embed_dim, name="embedding")
+        self.word_dropout = layers.Dropout(self.dropout_rate)
+        self.lstm = layers.LSTM(self.units, return_sequences=True, name="lstm")
+        self.out_dropout = layers.Dropout(self.dropout_rate)
+        self.logits = layers.Dense(self.vocab_size, dtype="float32", name="logits")
+
+    def _initial(self, features, training=False):
+        img = self.image_dropout(_vector(features, self.feature_shape), training=training)
+        return self.init_h(img), self.init_c(img)
+
+    def call(self, inputs, training=False):
+        features, tokens = inputs
+        h0, c0 = self._initial(features, training)
+        words = self.word_dropout(self.embedding(tokens), training=training)  # (B, T, E)
+        seq = self.lstm(words, initial_state=[h0, c0], training=training)  # (B, T, U)
+        return self.logits(self.out_dropout(seq, training=training))  # (B, T, V)
+
+    def init_state(self, features) -> dict:
+        h, c = self._initial(features)
+        return {"h": h, "c": c}
+
+    def step(self, tokens, state: dict):
+        x = self.embedding(tokens)
+        out, h, c = self._lstm_cell_step(self.lstm.cell, x, state["h"], state["c"])
+        return self.logits(out), {"h": h, "c": c}
+
+
+@keras.saving.register_keras_serializable(package="captioner")
+class AttentionDecoder(CaptionDecoder):
+    """Show, Attend and Tell soft attention over (L, D) features.
+
+    Each step: additive attention ``e = w·tanh(K f + W h)``, weights ``alpha = softmax(e)``
+    over the L locations, context ``z = beta * sum(alpha f)`` with a scalar gate
+    ``beta = sigmoid(w_b·h)``; the LSTM reads ``[embedding, z]``; the deep output layer
+    computes ``logits = L_o(dropout(E y + L_h h + L_z z))``. The initial state comes from the
+    mean feature. Training adds the doubly stochastic regulariser
+    ``attention_reg * mean_B sum_L (1 - sum_t alpha_tl)^2`` over real (non-pad) steps.
+    """
+
+    kind = "attention"
+
+    def __init__(self, *args, attention_units: int = 256, attention_reg: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        if len(self.feature_shape) not in (2, 3):
+            raise ValueError(
+                f"the attention decoder needs spatial features (L, D) or (H, W, D), got "
+                f"{self.feature_shape}; extract with --layer conv"
+            )
+        self.attention_units = int(attention_units)
+        self.attention_reg = float(attention_reg)
+        self.locations = math.prod(self.feature_shape[:-1])
+        self.init_h = layers.Dense(self.units, activation="tanh", name="init_h")
+        self.init_c = layers.Dense(self.units, activation="tanh", name="init_c")
+        self.key_proj = layers.Dense(self.attention_units, name="key_proj")
+        self.query_proj = layers.Dense(self.attention_units, name="query_proj")
+        self.score = layers.Dense(1, name="attention_score")
+        self.gate = layers.Dense(1, activation="sigmoid", name="gate")
+        self.embedding = layers.Embedding(self.vocab_size, self.embed_dim, name="embedding")
+        self.word_dropout = layers.Dropout(self.dropout_rate)
+        self.cell = layers.LSTMCell(self.units, name="lstm_cell")
+        self.h_out = layers.Dense(self.embed_dim, name="h_out")
+        self.z_out = layers.Dense(self.embed_dim, name="z_out")
+        self.out_dropout = layers.Dropout(self.dropout_rate)
+        self.logits = layers.Dense(self.vocab_size, dtype="float32", name="logits")
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            **super().get_config(),
+            "attention_units": self.attention_units,
+            "attention_reg": self.attention_reg,
+        }
+
+    def _attend(self, feats, keys, h):
+        """Context vector (B, D) and attention weights (B, L) for hidden state h (B, U)."""
+        query = ops.expand_dims(self.query_proj(h), 1)  # (B, 1, A)
+        energy = ops.squeeze(self.score(ops.tanh(keys + query)), -1)  # (B, L)
+        alpha = ops.softmax(energy, axis=-1)  # (B, L)
+        context = ops.sum(ops.expand_dims(alpha, -1) * feats, axis=1)  # (B, D)
+        return self.gate(h) * context, alpha
+
+    def _one_step(self, emb, h, c, feats, keys, training=False):
+        context, alpha = self._attend(feats, keys, h)
+        x = ops.concatenate([emb, context], axis=-1)  # (B, E + D)
+        out, (h, c) = self.cell(x, [h, c], training=training)
+        deep = emb + self.h_out(out) + self.z_out(context)  # (B, E)
+        logits = self.logits(self.out_dropout(deep, training=training))  # (B, V)
+        return logits, h, c, alpha
+
+    def _prepare(self, features):
+        feats = _spatial(features, self.feature_shape)  # (B, L, D)
+        mean = ops.mean(feats, axis=1)
+        return feats, self.key_proj(feats), self.init_h(mean), self.init_c(mean)
+
+    def run(self, features, tokens, training=False):
+        """Teacher-forced logits (B, T, V) and attention weights (B, T, L)."""
+        feats, keys, h, c = self._prepare(features)
+        embs = self.word_dropout(self.embedding(tokens), training=training)  # (B, T, E)
+        all_logits, all_alpha = [], []
+        for t in range(tokens.shape[1]):
+            logits, h, c, alpha = self._one_step(embs[:, t], h, c, feats, keys, training)
+            all_logits.append(logits)
+            all_alpha.append(alpha)
+        return ops.stack(all_logits, axis=1), ops.stack(all_alpha, axis=1)
+
+    def call(self, inputs, training=False):
+        features, tokens = inputs
+        logits, alpha = self.run(features, tokens, training)
+        if training and self.attention_reg > 0:
+            real = ops.cast(ops.logical_and(tokens != 0, tokens != END), alpha.dtype)  # (B, T)
+            coverage = ops.sum(alpha * ops.expand_dims(real, -1), axis=1)  # (B, L)
+            penalty = ops.mean(ops.sum(ops.square(1.0 - coverage), axis=-1))
+            self.add_loss(self.attention_reg * ops.cast(penalty, "float32"))
+        return logits
+
+    def attention_weights(self, features, tokens):
+        """Attention weights (B, T, L) for teacher-forced tokens (for visualisation)."""
+        return self.run(features, tokens, training=False)[1]
+
+    def init_state(self, features) -> dict:
+        feats, keys, h, c = self._prepare(features)
+        alpha = ops.zeros((ops.shape(feats)[0], self.locations), dtype=feats.dtype)
+        return {"h": h, "c": c, "features": feats, "keys": keys, "alpha": alpha}
+
+    def step(self, tokens, state: dict):
+        emb = self.embedding(tokens)
+        logits, h, c, alpha = self._one_step(emb, state["h"], state["c"], state["features"], state["keys"])
+        return logits, {**state, "h": h, "c": c, "alpha": alpha}
+
+
+DECODER_CLASSES = {"merge": MergeDecoder, "inject": InjectDecoder, "attention": AttentionDecoder}
+
+
+def build_decoder(kind: str, **config) -> CaptionDecoder:
+    """Build (and create the weights of) the decoder ``kind`` from its config."""
+    if kind not in DECODER_CLASSES:
+        raise ValueError(f"unknown decoder '{kind}'; choose one of: {', '.join(DECODERS)}")
+    return DECODER_CLASSES[kind](**config).build_for_inputs()
+
+
+@keras.saving.register_keras_serializable(package="captioner")
+class MaskedSparseCrossEntropy(keras.losses.Loss):
+    """Sparse cross-entropy on logits with optional label smoothing.
+
+    Targets are integer ids (never one-hot). With smoothing ``eps`` the loss is
+    ``(1 - eps) * NLL(target) + eps * mean_v(-log p_v)``. Pad positions are excluded by the
+    sample weights the data generator yields; the reduction averages over real tokens only.
+    """
+
+    def __init__(self, label_smoothing: float = 0.0, name: str = "caption_xent", **kwargs):
+        kwargs.setdefault("reduction", "mean_with_sample_weight")
+        super().__init__(name=name, **kwargs)
+        self.label_smoothing = float(label_smoothing)
+
+    def call(self, y_true, y_pred):
+        logp = ops.log_softmax(ops.cast(y_pred, "float32"), axis=-1)  # (B, T, V)
+        target = ops.expand_dims(ops.cast(y_true, "int32"), -1)
+        nll = -ops.squeeze(ops.take_along_axis(logp, target, axis=-1), -1)  # (B, T)
+        if self.label_smoothing == 0:
+            return nll
+        uniform = -ops.mean(logp, axis=-1)
+        return (1.0 - self.label_smoothing) * nll + self.label_smoothing * uniform
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "label_smoothing": self.label_smoothing}

@@ -1,0 +1,226 @@
+"""Captioning with a trained run folder: compiled per-token steps driven by :mod:`decoding`.
+
+The decoder's ``step`` runs as one compiled function per backend (``tf.function``, ``jax.jit``,
+or eager PyTorch under ``no_grad``) with the LSTM state and the precomputed image terms passed
+explicitly, so each token costs one small call instead of a ``model.predict`` on the growing
+prefix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from captioner.decoding import Hypothesis, beam_search, greedy_search
+from captioner.errors import CaptionerError
+from captioner.tokenizer import END, PAD, START, Tokenizer
+
+RUN_FORMAT = "captioner.run"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+BEST_WEIGHTS = "best.weights.h5"
+LAST_WEIGHTS = "last.weights.h5"
+DEFAULT_RUN = Path(__file__).resolve().parent.parent / "weights" / "default"
+
+
+def compile_function(fn: Callable) -> Callable:
+    """Compile ``fn`` for the active Keras backend (inference only)."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf  # only reached with the TensorFlow backend
+
+        return tf.function(fn, reduce_retracing=True)
+    if backend == "jax":
+        import jax
+
+        return jax.jit(fn)
+    if backend == "torch":
+        import torch
+
+        def no_grad(*args):
+            with torch.no_grad():
+                return fn(*args)
+
+        return no_grad
+    return fn
+
+
+def _to_numpy(tree):
+    import keras
+
+    if isinstance(tree, dict):
+        return {k: _to_numpy(v) for k, v in tree.items()}
+    return keras.ops.convert_to_numpy(tree)
+
+
+@dataclass
+class Caption:
+    """One generated caption."""
+
+    text: str
+    tokens: tuple[int, ...]
+    score: float
+    log_prob: float
+    finished: bool
+
+
+def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The run folder's ``config.json``, with clear errors for a missing or foreign folder."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise CaptionerError(
+            f"{run_dir} is not a captioner run folder (no {CONFIG_FILE}); pass the folder that "
+            "`captioner train --out` wrote"
+        )
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CaptionerError(f"{path} is not valid JSON: {exc}") from exc
+    if config.get("format") != RUN_FORMAT:
+        raise CaptionerError(f"{path} is not a captioner run config (format {config.get('format')!r})")
+    return config
+
+
+class Captioner:
+    """A decoder, its tokenizer and its run config: features or images in, captions out."""
+
+    def __init__(self, decoder, tokenizer: Tokenizer, config: dict[str, Any] | None = None):
+        self.decoder = decoder
+        self.tokenizer = tokenizer
+        self.config = config or {}
+        self._init = compile_function(lambda feats: decoder.init_state(feats))
+        self._step = compile_function(lambda tokens, state: _log_softmax_step(decoder, tokens, state))
+        self._encoder = None
+
+    @classmethod
+    def from_run(cls, run_dir: str | os.PathLike = DEFAULT_RUN, weights: str = "best") -> Captioner:
+        """Rebuild the model from its run folder alone (config, tokenizer, weights)."""
+        from captioner.decoders import build_decoder
+
+        run_dir = Path(run_dir)
+        config = read_run_config(run_dir)
+        tokenizer = Tokenizer.load(run_dir / TOKENIZER_FILE)
+        dec = config["decoder"]
+        decoder = build_decoder(dec["kind"], **dec["config"])
+        path = run_dir / (BEST_WEIGHTS if weights == "best" else LAST_WEIGHTS)
+        if not path.is_file() and weights == "best":
+            path = run_dir / LAST_WEIGHTS
+        if not path.is_file():
+            raise CaptionerError(f"{run_dir} has no weights ({BEST_WEIGHTS} or {LAST_WEIGHTS})")
+        try:
+            decoder.load_weights(path)
+        except Exception as exc:
+            raise CaptionerError(f"{path} does not fit the decoder in {run_dir / CONFIG_FILE}: {exc}") from exc
+        return cls(decoder, tokenizer, config)
+
+    # ------------------------------------------------------------------ search
+
+    def step_function(self) -> Callable[[np.ndarray, Any], tuple[np.ndarray, Any]]:
+        """The numpy-in, numpy-out step the pure search drives."""
+
+        def step(tokens: np.ndarray, state):
+            log_probs, new_state = self._step(tokens.astype("int32"), state)
+            return _to_numpy(log_probs), _to_numpy(new_state)
+
+        return step
+
+    def initial_state(self, features: np.ndarray) -> dict[str, np.ndarray]:
+        """Decoder state for a batch of image features (B, *feature_shape)."""
+        return _to_numpy(self._init(np.asarray(features, dtype="float32")))
+
+    def search(
+        self,
+        features: np.ndarray,
+        beam_size: int = 1,
+        alpha: float = 0.0,
+        n_best: int = 1,
+        max_length: int | None = None,
+        block_ngram: int = 0,
+    ) -> list[list[Hypothesis]]:
+        """Hypotheses for one batch of features: greedy when ``beam_size == 1``."""
+        max_length = max_length or self.tokenizer.max_length - 1
+        state = self.initial_state(features)
+        common = dict(start_id=START, end_id=END, max_length=max_length,
+                      block_ngram=block_ngram, banned_ids=(PAD, START))
+        if beam_size == 1 and n_best == 1:
+            hyps = greedy_search(self.step_function(), state, len(features), **common)
+            return [[h] for h in hyps]
+        return beam_search(self.step_function(), state, len(features), beam_size=beam_size,
+                           alpha=alpha, n_best=n_best, **common)
+
+    def caption_features(
+        self, features: np.ndarray, batch_size: int = 128, progress: bool = False, **search
+    ) -> list[list[Caption]]:
+        """Captions (n-best lists) for features (N, *feature_shape), in batches."""
+        from captioner.progress import progress as bar
+
+        results: list[list[Caption]] = []
+        with bar(total=len(features), desc="captioning", unit="img", enabled=progress or None) as pbar:
+            for start in range(0, len(features), batch_size):
+                chunk = features[start:start + batch_size]
+                for hyps in self.search(chunk, **search):
+                    results.append([self._caption(h) for h in hyps])
+                pbar.update(len(chunk))
+        return results
+
+    def _caption(self, hyp: Hypothesis) -> Caption:
+        return Caption(self.tokenizer.decode(hyp.tokens), hyp.tokens, hyp.score, hyp.log_prob,
+                       hyp.finished)
+
+    # ------------------------------------------------------------------ images
+
+    @property
+    def encoder_spec(self):
+        from captioner.encoders import get_spec
+
+        return get_spec(self.config["encoder"]["name"])
+
+    def encoder(self):
+        """The run's own feature model (built once, on first use)."""
+        if self._encoder is None:
+            enc = self.config["encoder"]
+            self._encoder = self.encoder_spec.feature_model(enc["layer"], enc.get("weights", "imagenet"))
+        return self._encoder
+
+    def encode_images(self, images: np.ndarray) -> np.ndarray:
+        """Features for decoded RGB images (B, H, W, 3) in [0, 255]."""
+        return np.asarray(self.encoder().predict_on_batch(images), dtype="float32")
+
+    def caption_images(
+        self, paths: Sequence[str | os.PathLike], batch_size: int = 16, **search
+    ) -> list[tuple[Path, list[Caption] | None, str | None]]:
+        """(path, captions, error) per image; a bad image gets an error and the rest go on."""
+        from captioner.errors import ImageError
+        from captioner.images import load_image
+
+        size = self.encoder_spec.input_size
+        out: list[tuple[Path, list[Caption] | None, str | None]] = []
+        for start in range(0, len(paths), batch_size):
+            good, pixels = [], []
+            for p in paths[start:start + batch_size]:
+                try:
+                    pixels.append(load_image(p, size))
+                    good.append(Path(p))
+                except ImageError as exc:
+                    out.append((Path(p), None, str(exc)))
+            if good:
+                feats = self.encode_images(np.stack(pixels))
+                for p, caps in zip(good, self.caption_features(feats, **search), strict=True):
+                    out.append((p, caps, None))
+        order = {str(Path(p)): i for i, p in enumerate(paths)}
+        return sorted(out, key=lambda r: order[str(r[0])])
+
+
+def _log_softmax_step(decoder, tokens, state):
+    from keras import ops
+
+    logits, new_state = decoder.step(tokens, state)
+    return ops.log_softmax(ops.cast(logits, "float32"), axis=-1), new_state

@@ -1,0 +1,60 @@
+"""Test helpers: tiny feature caches and caption files written on the fly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from captioner.features import FeatureReader, FeatureWriter
+
+WORDS = ["dog", "cat", "runs", "sits", "on", "grass", "the", "red", "ball", "blue", "sofa", "jumps"]
+
+
+def write_cache(
+    path: Path, features: dict[str, np.ndarray], encoder: str = "tiny", layer: str = "pool"
+) -> Path:
+    """A complete (all rows done) feature cache holding ``features``."""
+    names = list(features)
+    shape = tuple(np.asarray(features[names[0]]).shape)
+    attrs = {
+        "encoder": encoder,
+        "layer": layer,
+        "weights": "random",
+        "input_size": [32, 32],
+        "preprocessing": "tf",
+        "feature_shape": list(shape),
+        "dtype": "float32",
+        "format_version": 1,
+    }
+    FeatureWriter.create(path, names, shape, "float32", attrs)
+    with FeatureWriter(path) as w:
+        w.commit(list(range(len(names))), np.stack([features[n] for n in names]), {})
+    FeatureReader(path).close()
+    return path
+
+
+def toy_dataset(tmp: Path, n_images: int = 12, spatial: bool = False, seed: int = 0):
+    """Images whose captions are a deterministic function of their features.
+
+    Returns (captions file, train cache, val cache, {name: [captions]})."""
+    rng = np.random.default_rng(seed)
+    captions, feats = {}, {}
+    for i in range(n_images):
+        name = f"img{i:03d}.jpg"
+        a, b, c = WORDS[i % 4], WORDS[2 + i % 3], WORDS[5 + i % 6]
+        captions[name] = [f"a {a} {b} on the {c}", f"the {a} {b} on {c}"]
+        vec = np.zeros(16, "float32")
+        vec[i % 16] = 3.0
+        vec += rng.normal(0, 0.05, 16).astype("float32")
+        feats[name] = np.tile(vec, (4, 1)).reshape(2, 2, 16) if spatial else vec
+    lines = [f"{n}#{k}\t{c}" for n, caps in captions.items() for k, c in enumerate(caps)]
+    (tmp / "captions.txt").write_text("\n".join(lines) + "\n")
+    names = list(feats)
+    write_cache(tmp / "train.h5", feats, layer="conv" if spatial else "pool")
+    write_cache(
+        tmp / "val.h5",
+        {n: feats[n] for n in names[: max(2, n_images // 3)]},
+        layer="conv" if spatial else "pool",
+    )
+    return tmp / "captions.txt", tmp / "train.h5", tmp / "val.h5", captions

@@ -1,0 +1,140 @@
+"""Stage 4 training: overfitting, run folders, reload, resume (also after SIGKILL)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+from conftest import ROOT
+from helpers import toy_dataset
+
+from captioner.cli import main
+from captioner.errors import CaptionerError
+from captioner.features import open_features
+from captioner.inference import Captioner
+from captioner.training import TrainConfig, train
+
+TINY = dict(batch_size=8, embed_dim=16, units=32, dropout=0.0, min_count=1, learning_rate=0.02,
+            val_bleu_images=4, patience=0)
+
+
+def _config(tmp_path, data, out="run", **kw):
+    caps, train_h5, val_h5, _ = data
+    return TrainConfig(captions=str(caps), train_features=str(train_h5), val_features=str(val_h5),
+                       out=str(tmp_path / out), **{**TINY, **kw})
+
+
+@pytest.fixture()
+def data(tmp_path):
+    return toy_dataset(tmp_path, n_images=8)
+
+
+def _one_caption_per_image(tmp_path, spatial=False):
+    caps, train_h5, val_h5, refs = toy_dataset(tmp_path, n_images=6, spatial=spatial)
+    lines = [f"{n}#0\t{c[0]}" for n, c in refs.items()]
+    caps.write_text("\n".join(lines) + "\n")
+    return caps, train_h5, val_h5, {n: c[0] for n, c in refs.items()}
+
+
+@pytest.mark.parametrize("kind", ["merge", "inject", "attention"])
+def test_tiny_model_overfits_until_greedy_reproduces_captions(tmp_path, kind):
+    data = _one_caption_per_image(tmp_path, spatial=kind == "attention")
+    run = train(_config(tmp_path, data, decoder=kind, epochs=60, batch_size=6), verbose=0)
+    captioner = Captioner.from_run(run, weights="last")
+    reader = open_features(data[1])
+    results = captioner.caption_features(reader.read(reader.names))
+    assert [r[0].text for r in results] == [data[3][n] for n in reader.names]
+    assert all(r[0].finished for r in results)
+
+
+def test_run_folder_contents_and_config(tmp_path, data):
+    run = train(_config(tmp_path, data, epochs=3, keep_checkpoints=2), verbose=0)
+    files = {p.name for p in run.iterdir()}
+    assert {"config.json", "tokenizer.json", "best.weights.h5", "last.weights.h5",
+            "checkpoint.h5", "history.csv", "curves.png", "checkpoints"} <= files
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "epoch-002.weights.h5", "epoch-003.weights.h5"]
+    config = json.loads((run / "config.json").read_text())
+    assert config["decoder"]["kind"] == "merge"
+    assert config["decoder"]["config"]["vocab_size"] == 4 + 12  # reserved + toy words
+    assert config["encoder"]["name"] == "tiny" and config["encoder"]["layer"] == "pool"
+    assert config["training"]["epochs"] == 3 and config["seed"] == 0
+    assert config["versions"]["keras"] and config["cleaning"]["lowercase"] is True
+    rows = list(csv.DictReader(open(run / "history.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
+    assert all(0.0 <= float(r["val_bleu4"]) <= 1.0 for r in rows)
+
+
+def test_reload_from_folder_gives_identical_predictions(tmp_path, data):
+    from captioner.decoders import build_decoder  # noqa: F401  (registers classes)
+
+    run = train(_config(tmp_path, data, epochs=2), verbose=0)
+    a, b = Captioner.from_run(run, "last"), Captioner.from_run(run, "last")
+    reader = open_features(data[1])
+    feats = reader.read(reader.names)
+    tokens = np.full((len(feats), 5), 2, "int32")
+    np.testing.assert_array_equal(np.asarray(a.decoder((feats, tokens))),
+                                  np.asarray(b.decoder((feats, tokens))))
+    ca = a.caption_features(feats, beam_size=3, n_best=2)
+    cb = b.caption_features(feats, beam_size=3, n_best=2)
+    assert [[c.text for c in r] for r in ca] == [[c.text for c in r] for r in cb]
+    assert [[c.score for c in r] for r in ca] == [[c.score for c in r] for r in cb]
+
+
+def _last_weights(run):
+    with h5py.File(run / "checkpoint.h5") as h5:
+        return [h5["model"][k][()] for k in sorted(h5["model"])]
+
+
+def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, data):
+    full = train(_config(tmp_path, data, out="full", epochs=4, dropout=0.3), verbose=0)
+    part = train(_config(tmp_path, data, out="part", epochs=2, dropout=0.3), verbose=0)
+    train(_config(tmp_path, data, out="part", epochs=4), resume=True, verbose=0)
+    for a, b in zip(_last_weights(full), _last_weights(part), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    rows = list(csv.DictReader(open(part / "history.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+
+
+def test_existing_run_needs_resume(tmp_path, data):
+    train(_config(tmp_path, data, epochs=1), verbose=0)
+    with pytest.raises(CaptionerError, match="--resume"):
+        train(_config(tmp_path, data, epochs=1), verbose=0)
+
+
+def _cli_args(data, out, epochs):
+    caps, train_h5, val_h5, _ = data
+    return ["train", "--captions", str(caps), "--train-features", str(train_h5),
+            "--val-features", str(val_h5), "--out", str(out), "--epochs", str(epochs),
+            "--batch-size", "4", "--embed-dim", "16", "--units", "32", "--min-count", "1",
+            "--learning-rate", "0.01", "--val-bleu-images", "4", "--patience", "0",
+            "--dropout", "0.2", "--quiet"]
+
+
+def test_sigkill_loses_at_most_the_epoch_in_flight(tmp_path, data):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "cli.py", *_cli_args(data, out, 40)], cwd=ROOT,
+                            env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "history.csv").exists() and len((out / "history.csv").read_text().splitlines()) > 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(list(csv.DictReader(open(out / "history.csv"))))
+    assert done >= 3
+    assert main(_cli_args(data, out, 6) + ["--resume"]) == 0
+    assert main(_cli_args(data, tmp_path / "clean", 6)) == 0
+    for a, b in zip(_last_weights(out), _last_weights(tmp_path / "clean"), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
