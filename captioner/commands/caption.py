@@ -1,9 +1,153 @@
-"""CLI for the caption stage (placeholder until the stage lands)."""
+"""CLI: ``captioner caption`` — caption images with a trained run folder."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
+
+EXAMPLE = """\
+examples:
+  captioner caption photo.jpg                       # the bundled default model
+  captioner caption photos/ "more/*.jpg" --beam-size 5 --n-best 3
+  captioner caption photo.jpg --model runs/attention --attention-map attention.png
+  captioner caption 1000268201_693b08cb0b.jpg --features test.h5 --json
+
+Exit status: 0 when every image was captioned, 1 when some failed (each failure prints one
+line and the others go on), 2 on a usage or model error.
+"""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add this stage's subcommands (none yet)."""
+    """Add ``captioner caption``."""
+    p = sub.add_parser(
+        "caption",
+        help="caption images (default: the bundled model)",
+        description="Caption images with a trained run folder: the run's own encoder runs on "
+        "the images, then greedy or beam search over the decoder.",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image files, folders (their images) or quoted globs; with --features, "
+                   "image names in the cache")
+    p.add_argument("--model", metavar="RUN_DIR", default=None,
+                   help="run folder from `captioner train` (default: weights/default, the "
+                   "bundled Flickr8k model)")
+    p.add_argument("--beam-size", type=int, default=3,
+                   help="beam width; 1 = greedy (default %(default)s)")
+    p.add_argument("--n-best", type=int, default=1,
+                   help="captions per image, best first (at most --beam-size; default %(default)s)")
+    p.add_argument("--alpha", type=float, default=0.0,
+                   help="length normalisation: score = log-prob / length**alpha (default %(default)s)")
+    p.add_argument("--block-ngram", type=int, default=0, metavar="N",
+                   help="forbid repeating any N-gram within a caption (0 = off; default %(default)s)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="most tokens to generate (default: the model's maximum)")
+    p.add_argument("--features", metavar="H5",
+                   help="read image features from this cache instead of running the encoder")
+    p.add_argument("--batch-size", type=int, default=16, help="images per batch (default %(default)s)")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per line: image, caption, score, captions (n-best), error")
+    p.add_argument("--attention-map", metavar="OUT.png",
+                   help="attention models: save per-word attention heatmaps (several images: "
+                   "OUT-<image>.png)")
+    p.set_defaults(handler=run_caption)
+
+
+def expand_images(args: list[str]) -> list[Path]:
+    """Files, folders (their images) and globs, in the order given; unknown paths kept as-is
+    so they fail with a per-image error."""
+    from captioner.errors import CaptionerError
+    from captioner.images import list_images
+
+    paths: list[Path] = []
+    for arg in args:
+        try:
+            found, _ = list_images(arg)
+        except CaptionerError:
+            found = [Path(arg)]
+        paths.extend(found)
+    return paths
+
+
+def _emit(image: str, captions, error: str | None, as_json: bool) -> None:
+    if as_json:
+        record = {"image": image}
+        if error:
+            record |= {"caption": None, "score": None, "error": error}
+        else:
+            record |= {"caption": captions[0].text, "score": round(captions[0].score, 6),
+                       "finished": captions[0].finished,
+                       "captions": [{"caption": c.text, "score": round(c.score, 6)} for c in captions]}
+        print(json.dumps(record), flush=True)
+    elif error:
+        print(f"{image}: error: {error}", file=sys.stderr, flush=True)
+    elif len(captions) == 1:
+        print(f"{image}: {captions[0].text}", flush=True)
+    else:
+        print(f"{image}:")
+        for rank, c in enumerate(captions, 1):
+            print(f"  {rank}. {c.text}  ({c.score:.3f})")
+
+
+def run_caption(args: argparse.Namespace) -> int:
+    """Handler of ``captioner caption``."""
+    from captioner.errors import CaptionerError
+    from captioner.inference import DEFAULT_RUN, Captioner
+
+    if args.n_best > args.beam_size:
+        raise CaptionerError(f"--n-best {args.n_best} needs --beam-size of at least {args.n_best}")
+    model_dir = Path(args.model) if args.model else DEFAULT_RUN
+    captioner = Captioner.from_run(model_dir)
+    search = {"beam_size": args.beam_size, "n_best": args.n_best, "alpha": args.alpha,
+              "block_ngram": args.block_ngram, "max_length": args.max_length}
+    if args.features:
+        results = _from_features(captioner, args.features, args.images, search)
+    else:
+        results = captioner.caption_images(expand_images(args.images), batch_size=args.batch_size,
+                                           **search)
+    failed = 0
+    for image, captions, error in results:
+        failed += error is not None
+        _emit(str(image), captions, error, args.json)
+    if args.attention_map:
+        _attention_maps(captioner, results, args.attention_map)
+    return 1 if failed else 0
+
+
+def _from_features(captioner, path: str, names: list[str], search: dict):
+    from captioner.features import open_features
+
+    enc = captioner.config.get("encoder", {})
+    reader = open_features(path, expect={"encoder": enc.get("name"), "layer": enc.get("layer")})
+    results = []
+    good = [n for n in names if n in reader]
+    by_name = {}
+    if good:
+        for name, caps in zip(good, captioner.caption_features(reader.read(good), **search), strict=True):
+            by_name[name] = caps
+    for name in names:
+        if name in by_name:
+            results.append((name, by_name[name], None))
+        else:
+            reason = reader.failed.get(name, "not in the feature cache")
+            results.append((name, None, reason))
+    return results
+
+
+def _attention_maps(captioner, results, out: str) -> None:
+    from captioner.errors import CaptionerError
+    from captioner.heatmaps import save_attention_map
+
+    if captioner.decoder.kind != "attention":
+        raise CaptionerError("--attention-map needs an attention model (this run's decoder is "
+                             f"'{captioner.decoder.kind}')")
+    good = [(Path(image), caps) for image, caps, error in results if error is None]
+    for image, caps in good:
+        target = Path(out)
+        if len(good) > 1:
+            target = target.with_name(f"{target.stem}-{image.stem}{target.suffix or '.png'}")
+        save_attention_map(captioner, image, caps[0], target)
+        print(f"attention map: {target}", file=sys.stderr)

@@ -1,0 +1,70 @@
+"""Attention heatmaps: per-word attention weights drawn over the image (Pillow only)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+TILE = 160
+
+
+def overlay(image: np.ndarray, alpha: np.ndarray, grid: tuple[int, int], size: int = TILE) -> Image.Image:
+    """``image`` (H, W, 3) uint8 with the attention ``alpha`` (grid[0]*grid[1],) over it."""
+    base = Image.fromarray(image).convert("RGB").resize((size, size), Image.BILINEAR)
+    heat = np.asarray(alpha, dtype=np.float32).reshape(grid)
+    heat = heat / max(float(heat.max()), 1e-8)  # (h, w) in [0, 1]
+    mask = Image.fromarray(np.uint8(heat * 255)).resize((size, size), Image.BICUBIC)
+    dark = Image.blend(base, Image.new("RGB", base.size, "black"), 0.6)
+    return Image.composite(base, dark, mask)
+
+
+def attention_strip(image: np.ndarray, words: Sequence[str], alphas: np.ndarray,
+                    grid: tuple[int, int], size: int = TILE, columns: int = 6) -> Image.Image:
+    """The image, then one tile per word: the image lit where the model looked for that word.
+
+    ``alphas`` is (len(words), grid[0]*grid[1]).
+    """
+    tiles = [(Image.fromarray(image).convert("RGB").resize((size, size)), "(image)")]
+    tiles += [(overlay(image, a, grid, size), w) for w, a in zip(words, alphas, strict=False)]
+    rows = -(-len(tiles) // columns)
+    sheet = Image.new("RGB", (columns * size, rows * (size + 18)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (tile, word) in enumerate(tiles):
+        x, y = (i % columns) * size, (i // columns) * (size + 18)
+        sheet.paste(tile, (x, y))
+        draw.text((x + 4, y + size + 3), word, fill="black")
+    return sheet
+
+
+def caption_attention(captioner, features: np.ndarray, tokens: Sequence[int]) -> tuple[list[str], np.ndarray]:
+    """Words of a generated caption (with ``<end>``) and their attention weights (T, L)."""
+    from keras import ops
+
+    from captioner.tokenizer import START
+
+    inputs = np.array([[START, *tokens]], dtype="int32")  # predicts each word, then <end>
+    alphas = ops.convert_to_numpy(captioner.decoder.attention_weights(features[None], inputs))[0]
+    words = [captioner.tokenizer.decode([t]) or "<unk>" for t in tokens] + ["<end>"]
+    return words, alphas
+
+
+def grid_of(feature_shape: Sequence[int]) -> tuple[int, int]:
+    """The (h, w) attention grid of spatial features (H, W, D) or (L, D) with square L."""
+    if len(feature_shape) == 3:
+        return int(feature_shape[0]), int(feature_shape[1])
+    side = int(round(np.sqrt(feature_shape[0])))
+    return side, int(feature_shape[0]) // side
+
+
+def save_attention_map(captioner, image_path: str | os.PathLike, caption, out: str | os.PathLike) -> None:
+    """Encode ``image_path``, get the attention of ``caption`` and save the strip as PNG."""
+    from captioner.images import load_image
+
+    pixels = load_image(image_path, captioner.encoder_spec.input_size)
+    features = captioner.encode_images(pixels[None])[0]
+    words, alphas = caption_attention(captioner, features, caption.tokens)
+    grid = grid_of(captioner.decoder.feature_shape)
+    attention_strip(pixels, words, alphas, grid).save(out)

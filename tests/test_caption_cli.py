@@ -1,0 +1,136 @@
+"""``captioner caption``: single image, folder, bad image among good ones, --json, n-best."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from helpers import toy_dataset
+from PIL import Image
+
+from captioner.cli import main
+from captioner.features import open_features
+from captioner.inference import Captioner
+from captioner.training import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    """A tiny run trained on one caption per toy image, and the toy feature table."""
+    tmp = tmp_path_factory.mktemp("caption_cli")
+    caps, train_h5, val_h5, refs = toy_dataset(tmp, n_images=6)
+    caps.write_text("".join(f"{n}#0\t{c[0]}\n" for n, c in refs.items()))
+    run = train(TrainConfig(captions=str(caps), train_features=str(train_h5), out=str(tmp / "run"),
+                            val_features=str(val_h5), epochs=60, batch_size=6, embed_dim=16,
+                            units=32, dropout=0.0, min_count=1, learning_rate=0.02,
+                            val_bleu_images=2, patience=0), verbose=0)
+    reader = open_features(train_h5)
+    table = reader.read(reader.names)
+    expected = {n: refs[n][0] for n in reader.names}
+    return tmp, run, train_h5, table, expected
+
+
+@pytest.fixture()
+def fake_encoder(monkeypatch, toy_run):
+    """Image k (red level 40*k) encodes to toy feature row k: no CNN needed."""
+    table = toy_run[3]
+    monkeypatch.setattr(Captioner, "encoder_spec", SimpleNamespace(input_size=(8, 8)))
+
+    def encode(self, images):
+        rows = np.rint(images[:, 0, 0, 0] / 40.0).astype(int)
+        return table[rows]
+
+    monkeypatch.setattr(Captioner, "encode_images", encode)
+
+
+def _photo(path, k):
+    Image.new("RGB", (12, 10), (40 * k, 7, 7)).save(path)
+    return path
+
+
+def test_single_image(toy_run, fake_encoder, tmp_path, capsys):
+    _, run, _, _, expected = toy_run
+    img = _photo(tmp_path / "img002.png", 2)
+    assert main(["caption", str(img), "--model", str(run), "--beam-size", "1"]) == 0
+    assert capsys.readouterr().out.strip() == f"{img}: {expected['img002.jpg']}"
+
+
+def test_folder_and_bad_image_among_good_ones(toy_run, fake_encoder, tmp_path, capsys):
+    _, run, _, _, expected = toy_run
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for k in (0, 3, 5):
+        _photo(folder / f"p{k}.jpg", k)
+    (folder / "p4.jpg").write_bytes(b"")  # zero-byte image in the middle
+    status = main(["caption", str(folder), str(tmp_path / "missing.jpg"), "--model", str(run),
+                   "--json"])
+    captured = capsys.readouterr()
+    records = [json.loads(line) for line in captured.out.splitlines()]
+    assert status == 1
+    assert [r["image"].rsplit("/", 1)[-1] for r in records] == [
+        "p0.jpg", "p3.jpg", "p4.jpg", "p5.jpg", "missing.jpg"]
+    good = {r["image"].rsplit("/", 1)[-1]: r["caption"] for r in records if not r.get("error")}
+    assert good == {"p0.jpg": expected["img000.jpg"], "p3.jpg": expected["img003.jpg"],
+                    "p5.jpg": expected["img005.jpg"]}
+    bad = {r["image"].rsplit("/", 1)[-1]: r["error"] for r in records if r.get("error")}
+    assert "empty file" in bad["p4.jpg"] and "missing file" in bad["missing.jpg"]
+    assert all(r["score"] is None for r in records if r.get("error"))
+    assert all(r["score"] <= 0 for r in records if not r.get("error"))
+
+
+def test_n_best_is_ordered_by_score(toy_run, fake_encoder, tmp_path, capsys):
+    _, run, _, _, _ = toy_run
+    img = _photo(tmp_path / "x.png", 1)
+    assert main(["caption", str(img), "--model", str(run), "--beam-size", "4", "--n-best", "3",
+                 "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    scores = [c["score"] for c in record["captions"]]
+    assert len(scores) == 3 and scores == sorted(scores, reverse=True)
+    assert record["caption"] == record["captions"][0]["caption"]
+    assert len({c["caption"] for c in record["captions"]}) == 3
+
+
+def test_features_cache_input(toy_run, capsys):
+    _, run, train_h5, _, expected = toy_run
+    assert main(["caption", "img001.jpg", "nope.jpg", "--features", str(train_h5), "--model",
+                 str(run), "--beam-size", "2"]) == 1
+    out, err = capsys.readouterr()
+    assert out.strip() == f"img001.jpg: {expected['img001.jpg']}"
+    assert "nope.jpg: error: not in the feature cache" in err
+
+
+def test_usage_errors(toy_run, tmp_path, capsys):
+    _, run, _, _, _ = toy_run
+    assert main(["caption", "a.jpg", "--model", str(run), "--n-best", "3", "--beam-size", "2"]) == 2
+    assert main(["caption", "a.jpg", "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--n-best 3 needs --beam-size" in err and "not a captioner run folder" in err
+
+
+def test_attention_map_needs_attention_model(toy_run, fake_encoder, tmp_path, capsys):
+    _, run, _, _, _ = toy_run
+    img = _photo(tmp_path / "a.png", 1)
+    assert main(["caption", str(img), "--model", str(run), "--attention-map",
+                 str(tmp_path / "att.png")]) == 2
+    assert "needs an attention model" in capsys.readouterr().err
+
+
+def test_attention_map_is_written_for_attention_models(tmp_path, monkeypatch, capsys):
+    caps, train_h5, val_h5, refs = toy_dataset(tmp_path, n_images=4, spatial=True)
+    run = train(TrainConfig(captions=str(caps), train_features=str(train_h5), out=str(tmp_path / "r"),
+                            decoder="attention", epochs=2, batch_size=8, embed_dim=8, units=16,
+                            attention_units=8, min_count=1, val_bleu_images=0), verbose=0)
+    reader = open_features(train_h5)
+    table = reader.read(reader.names)
+    monkeypatch.setattr(Captioner, "encoder_spec", SimpleNamespace(input_size=(8, 8)))
+    monkeypatch.setattr(Captioner, "encode_images", lambda self, images: table[: len(images)])
+    img = _photo(tmp_path / "one.png", 0)
+    out = tmp_path / "att.png"
+    assert main(["caption", str(img), "--model", str(run), "--attention-map", str(out),
+                 "--beam-size", "1", "--json"]) == 0
+    words = json.loads(capsys.readouterr().out)["caption"].split()
+    sheet = Image.open(out)
+    tiles = 1 + len(words) + 1  # the image, each word, <end>
+    assert sheet.size[1] == -(-tiles // 6) * (160 + 18)
