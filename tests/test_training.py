@@ -13,7 +13,7 @@ import time
 import h5py
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import FLICKR_IMAGES, FLICKR_TEXT, ROOT, needs_flickr, needs_mobilenet
 from helpers import toy_dataset
 
 from captioner.cli import main
@@ -138,3 +138,42 @@ def test_sigkill_loses_at_most_the_epoch_in_flight(tmp_path, data):
     assert main(_cli_args(data, tmp_path / "clean", 6)) == 0
     for a, b in zip(_last_weights(out), _last_weights(tmp_path / "clean"), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.shared
+@needs_flickr
+@needs_mobilenet
+def test_one_short_epoch_on_real_flickr8k_captions_lowers_the_loss(tmp_path):
+    """~100 real photos (500 captions), genuine MobileNetV2 alpha=0.5 features, one epoch."""
+    from captioner.captions import clean_captions, load_captions, load_split
+    from captioner.data import CaptionDataset
+    from captioner.decoders import MaskedSparseCrossEntropy
+    from captioner.features import extract_with_spec
+    from captioner.tokenizer import Tokenizer
+
+    names = load_split(FLICKR_TEXT / "Flickr_8k.trainImages.txt")[:100]
+    paths = [FLICKR_IMAGES / n for n in names]
+    extract_with_spec(paths, tmp_path / "train.h5", encoder="mobilenet_v2_0.5", layer="pool",
+                      batch_size=50, progress=False)
+    run = train(TrainConfig(captions=str(FLICKR_TEXT / "Flickr8k.token.txt"),
+                            train_features=str(tmp_path / "train.h5"), out=str(tmp_path / "run"),
+                            epochs=1, batch_size=32, min_count=1, val_bleu_images=0),
+                verbose=0)
+    captioner = Captioner.from_run(run, "last")
+    reader = open_features(tmp_path / "train.h5")
+    captions = clean_captions(load_captions(FLICKR_TEXT / "Flickr8k.token.txt"))
+    captions = {n: captions[n] for n in reader.names}
+    tokenizer = Tokenizer.load(run / "tokenizer.json")
+    data = CaptionDataset(reader, captions, tokenizer, batch_size=500, shuffle=False)
+    (feats, tokens_in), tokens_out, weights = data[0]
+    loss = MaskedSparseCrossEntropy()
+    after = float(loss(tokens_out, captioner.decoder((feats, tokens_in)), sample_weight=weights))
+    from captioner.decoders import build_decoder
+
+    fresh = build_decoder("merge", **captioner.config["decoder"]["config"])
+    before = float(loss(tokens_out, fresh((feats, tokens_in)), sample_weight=weights))
+    assert len(data.tokens) == 500
+    assert before == pytest.approx(np.log(tokenizer.vocab_size), rel=0.05)  # uniform guess
+    assert after < before - 1.0
+    history = list(csv.DictReader(open(run / "history.csv")))
+    assert len(history) == 1 and float(history[0]["loss"]) < before
