@@ -1,9 +1,170 @@
-"""CLI for the evaluate stage (placeholder until the stage lands)."""
+"""CLI for stage 5: ``captioner evaluate``."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+
+EXAMPLE = """\
+examples:
+  captioner evaluate --model runs/merge --captions Flickr8k.token.txt \\
+      --features test.h5 --report reports/merge
+  captioner evaluate --model runs/attention --captions Flickr8k.token.txt --features test.h5 \\
+      --images-dir Flicker8k_Dataset --beam-size 1 3 5 --report reports/attention
+  captioner evaluate --captions Flickr8k.token.txt --images-dir Flicker8k_Dataset \\
+      --split Flickr_8k.testImages.txt --report reports/default     # bundled model
+
+The report folder gets report.json (every number), report.md (summary table, notes, best and
+worst examples) and report.html (one self-contained page: tables, training curves, attention
+heatmaps for attention runs, and a gallery sortable by CIDEr-D or BLEU-4). Pass --images-dir
+with --features to get thumbnails in the gallery.
+"""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add this stage's subcommands (none yet)."""
+    """Add ``captioner evaluate``."""
+    from captioner.evaluation import ATTENTION_IMAGES, DEFAULT_BATCH_SIZE, DEFAULT_BEAM_SIZES
+    from captioner.report import GALLERY_IMAGES, THUMBNAIL_SIZE
+
+    p = sub.add_parser(
+        "evaluate",
+        help="score a run on a test split (BLEU-1..4, CIDEr-D, ROUGE-L) into a report",
+        description="Caption every image of a split with a run folder and score the captions "
+        "against all reference captions (cleaned with the run's own rules).",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        metavar="RUN_DIR",
+        default=None,
+        help="run folder from `captioner train` (default: weights/default, the bundled model)",
+    )
+    p.add_argument(
+        "--weights",
+        choices=("best", "last"),
+        default="best",
+        help="best.weights.h5 (best validation BLEU-4) or last.weights.h5 (default %(default)s)",
+    )
+    p.add_argument(
+        "--captions",
+        required=True,
+        metavar="FILE",
+        help="caption file holding the references (Flickr8k token file, Kaggle CSV or COCO JSON)",
+    )
+    p.add_argument(
+        "--features",
+        metavar="H5",
+        help="feature cache of the test images (made with the run's encoder and layer)",
+    )
+    p.add_argument(
+        "--images-dir",
+        metavar="DIR",
+        help="folder of the image files: with --split and no --features the run's "
+        "encoder reads them; with --features they give the report's thumbnails",
+    )
+    p.add_argument(
+        "--split",
+        metavar="FILE",
+        help="image names to evaluate, one a line (default with --features: every "
+        "image in the cache)",
+    )
+    p.add_argument(
+        "--beam-size",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_BEAM_SIZES),
+        metavar="K",
+        help="one report section per value; 1 = greedy (default: %(default)s)",
+    )
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=0.0,
+        help="beam length normalisation: score = log-prob / length**alpha (default %(default)s)",
+    )
+    p.add_argument(
+        "--block-ngram",
+        type=int,
+        default=0,
+        metavar="N",
+        help="forbid repeating any N-gram within a caption (0 = off; default %(default)s)",
+    )
+    p.add_argument(
+        "--limit", type=int, default=None, metavar="N", help="evaluate only the first N images"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        help="images captioned together (default %(default)s)",
+    )
+    p.add_argument(
+        "--gallery",
+        type=int,
+        default=GALLERY_IMAGES,
+        metavar="N",
+        help="images shown in the HTML gallery (default %(default)s)",
+    )
+    p.add_argument(
+        "--thumbnail-size",
+        type=int,
+        default=THUMBNAIL_SIZE,
+        metavar="PX",
+        help="gallery thumbnail size (default %(default)s)",
+    )
+    p.add_argument(
+        "--attention-images",
+        type=int,
+        default=ATTENTION_IMAGES,
+        metavar="N",
+        help="attention runs: images with per-word heatmaps (default %(default)s)",
+    )
+    p.add_argument(
+        "--report",
+        required=True,
+        metavar="OUT_DIR",
+        help="folder for report.json, report.md, report.html and curves.png",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no table")
+    p.set_defaults(handler=run_evaluate)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate, write the report, print the summary table."""
+    from captioner.errors import CaptionerError
+    from captioner.evaluation import Decoding, evaluate
+    from captioner.inference import CONFIG_FILE, DEFAULT_RUN
+    from captioner.report import format_table, write_report
+
+    model = args.model
+    if model is None:
+        if not (DEFAULT_RUN / CONFIG_FILE).is_file():
+            raise CaptionerError(f"no bundled model in {DEFAULT_RUN}; pass --model RUN_DIR")
+        model = DEFAULT_RUN
+    for name in ("gallery", "thumbnail_size", "attention_images"):
+        if getattr(args, name) < 0 or (name == "thumbnail_size" and args.thumbnail_size < 16):
+            raise CaptionerError(f"--{name.replace('_', '-')} is too small: {getattr(args, name)}")
+    decodings = [Decoding(k, args.alpha, args.block_ngram) for k in dict.fromkeys(args.beam_size)]
+    result = evaluate(
+        model,
+        args.captions,
+        features=args.features,
+        images_dir=args.images_dir,
+        split=args.split,
+        decodings=decodings,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        weights=args.weights,
+        attention_images=args.attention_images,
+        progress=False if args.quiet else None,
+    )
+    paths = write_report(
+        args.report, result, gallery=args.gallery, thumbnail_size=args.thumbnail_size
+    )
+    if not args.quiet:
+        print(format_table(result.to_json()))
+        if result.skipped:
+            print(f"{len(result.skipped)} image(s) skipped (see report.json 'skipped')")
+    print(f"report: {paths['html']}", file=sys.stdout)
+    return 0

@@ -1,0 +1,501 @@
+"""Stage 5: caption every image of a split with a run folder and score the captions.
+
+Features come from a cache (whose encoder and layer must match the run's) or from the run's own
+encoder applied to image files. References are the split's captions cleaned with the run's own
+rules, so the scored strings are exactly those the model was trained on. Each decoding setting
+(greedy, beam 3, ...) gives one :class:`Section`; features are read once and every setting
+captions each batch in turn.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from captioner import __version__
+from captioner.errors import CacheMismatchError, CaptionerError, ImageError
+
+DEFAULT_BEAM_SIZES = (3,)
+DEFAULT_BATCH_SIZE = 128
+ENCODER_BATCH = 16  # images per encoder call in images mode (VGG activations are large)
+ATTENTION_IMAGES = 24
+METRIC_KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr-D", "ROUGE-L", "METEOR")
+REPORT_FORMAT = "captioner.evaluation"
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """One decoding setting: ``beam_size`` 1 is greedy search."""
+
+    beam_size: int = 3
+    alpha: float = 0.0
+    block_ngram: int = 0
+
+    @property
+    def label(self) -> str:
+        """Short human name, e.g. ``"greedy"`` or ``"beam 3, alpha 0.7"``."""
+        text = "greedy" if self.beam_size == 1 else f"beam {self.beam_size}"
+        if self.alpha and self.beam_size > 1:
+            text += f", alpha {self.alpha:g}"
+        if self.block_ngram:
+            text += f", no repeated {self.block_ngram}-grams"
+        return text
+
+    def search_kwargs(self) -> dict[str, Any]:
+        return {"beam_size": self.beam_size, "alpha": self.alpha, "block_ngram": self.block_ngram}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self.search_kwargs(),
+            "search": "greedy" if self.beam_size == 1 else "beam",
+            "label": self.label,
+        }
+
+
+@dataclass
+class Generated:
+    """The caption one setting produced for one image."""
+
+    text: str
+    tokens: tuple[int, ...]
+    log_prob: float
+    finished: bool
+
+
+@dataclass
+class AttentionMap:
+    """Per-word attention of one generated caption: ``weights`` is (len(words), h, w)."""
+
+    words: list[str]
+    weights: np.ndarray
+
+
+@dataclass
+class Section:
+    """One decoding setting's captions, scores and timings."""
+
+    decoding: Decoding
+    captions: dict[str, Generated] = field(default_factory=dict)
+    scores: dict[str, Any] = field(default_factory=dict)  # metrics.evaluate_all output
+    pycoco_bleu: dict[str, float] | None = None
+    caption_seconds: float = 0.0
+    score_seconds: float = 0.0
+
+    @property
+    def metrics(self) -> dict[str, float | None]:
+        return {k: self.scores.get(k) for k in METRIC_KEYS}
+
+    def images_json(self, references: dict[str, list[str]]) -> list[dict[str, Any]]:
+        """Per image: name, generated caption, cleaned references and per-image scores."""
+        per_image = self.scores.get("per_image", {})
+        return [
+            {
+                "image": name,
+                "caption": self.captions[name].text,
+                "references": refs,
+                "finished": self.captions[name].finished,
+                **per_image.get(name, {}),
+            }
+            for name, refs in references.items()
+        ]
+
+    def to_json(self, references: dict[str, list[str]]) -> dict[str, Any]:
+        n = len(self.captions)
+        return {
+            "settings": self.decoding.to_json(),
+            "metrics": self.metrics,
+            "pycocoevalcap_bleu": self.pycoco_bleu,
+            "diversity": self.scores.get("diversity", {}),
+            "timings": {
+                "caption_s": self.caption_seconds,
+                "score_s": self.score_seconds,
+                "images_per_s": n / self.caption_seconds if self.caption_seconds > 0 else None,
+            },
+            "images": self.images_json(references),
+        }
+
+
+@dataclass
+class EvaluationResult:
+    """Everything a report needs: sources, cleaned references, sections, extras for the HTML."""
+
+    run_dir: Path
+    run_config: dict[str, Any]
+    sources: dict[str, str | None]
+    references: dict[str, list[str]]  # image -> cleaned references, evaluation order
+    sections: list[Section]
+    skipped: dict[str, str] = field(default_factory=dict)  # image -> why it was not evaluated
+    image_paths: dict[str, Path] = field(default_factory=dict)
+    attention: dict[str, AttentionMap] = field(default_factory=dict)
+    features_seconds: float = 0.0
+    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``report.json`` payload (see :mod:`captioner.report`)."""
+        from captioner.report import notes
+
+        sections = [s.to_json(self.references) for s in self.sections]
+        first = sections[0]
+        return {
+            "format": REPORT_FORMAT,
+            "version": 1,
+            "created": self.created,
+            "run": str(self.run_dir),
+            "sources": self.sources,
+            "n_images": len(self.references),
+            "skipped": self.skipped,
+            "settings": first["settings"],
+            "metrics": first["metrics"],
+            "pycocoevalcap_bleu": first["pycocoevalcap_bleu"],
+            "diversity": first["diversity"],
+            "timings": {**first["timings"], "features_s": self.features_seconds},
+            "images": first["images"],
+            "sections": sections,
+            "notes": notes(
+                self.sections[0].scores.get("METEOR") is None,
+                first["pycocoevalcap_bleu"] is not None,
+            ),
+            "run_config": self.run_config,
+            "versions": versions(),
+        }
+
+
+# --------------------------------------------------------------------------- images to score
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of the libraries that produce the numbers."""
+    import h5py
+    import keras
+    import nltk
+    import PIL
+
+    try:
+        pycoco = importlib.metadata.version("pycocoevalcap")
+    except importlib.metadata.PackageNotFoundError:
+        pycoco = None
+    return {
+        "captioner": __version__,
+        "python": platform.python_version(),
+        "keras": keras.__version__,
+        "backend": keras.backend.backend(),
+        "numpy": np.__version__,
+        "nltk": nltk.__version__,
+        "h5py": h5py.__version__,
+        "pillow": PIL.__version__,
+        "pycocoevalcap": pycoco,
+    }
+
+
+def cache_expectation(config: dict[str, Any]) -> dict[str, Any]:
+    """Feature-cache attributes a run needs: its encoder name and layer (and weights, if known)."""
+    enc = config.get("encoder") or {}
+    expect = {"encoder": enc.get("name"), "layer": enc.get("layer")}
+    if enc.get("weights_identity"):
+        expect["weights"] = enc["weights_identity"]
+    return expect
+
+
+def open_matching_cache(path: str | os.PathLike, run_dir: Path, config: dict[str, Any]):
+    """Open ``path`` for reading, refusing a cache made by another encoder than the run's."""
+    from captioner.features import open_features
+
+    expect = cache_expectation(config)
+    try:
+        return open_features(path, expect)
+    except CacheMismatchError:
+        with open_features(path) as reader:
+            found = {k: reader.attrs.get(k) for k in expect}
+    enc = config.get("encoder") or {}
+
+    def describe(values: dict[str, Any]) -> str:
+        return ", ".join(f"{k} {v!r}" for k, v in values.items())
+
+    raise CaptionerError(
+        f"{path} holds features of {describe(found)}, but run "
+        f"{run_dir} was trained on features of {describe(expect)}. Extract the split with "
+        f"`captioner extract --encoder {enc.get('name')} --layer {enc.get('layer')}` (and the "
+        "run's encoder weights), or evaluate the run that was trained on this cache."
+    )
+
+
+def select_images(
+    names: Sequence[str], captions: dict[str, list[str]], available, limit: int | None
+) -> tuple[list[str], dict[str, str]]:
+    """The names to evaluate (order kept, at most ``limit``) and why the others are skipped.
+
+    ``available(name)`` returns None when the image can be evaluated, else the reason.
+    """
+    chosen: list[str] = []
+    skipped: dict[str, str] = {}
+    for name in dict.fromkeys(names):
+        if limit is not None and len(chosen) >= limit:
+            break
+        reason = "no reference captions" if name not in captions else available(name)
+        if reason:
+            skipped[name] = reason
+        else:
+            chosen.append(name)
+    return chosen, skipped
+
+
+def _cache_chunks(
+    reader, names: list[str], batch_size: int
+) -> Iterator[tuple[list[str], np.ndarray]]:
+    for start in range(0, len(names), batch_size):
+        chunk = names[start : start + batch_size]
+        yield chunk, np.asarray(reader.read(chunk), dtype="float32")
+
+
+def _image_chunks(
+    captioner,
+    paths: dict[str, Path],
+    size: tuple[int, int],
+    batch_size: int,
+    skipped: dict[str, str],
+) -> Iterator[tuple[list[str], np.ndarray]]:
+    """Encoded images in chunks of up to ``batch_size``; unreadable ones go to ``skipped``."""
+    from captioner.images import load_image
+
+    names = list(paths)
+    for start in range(0, len(names), batch_size):
+        good, feats = [], []
+        chunk = names[start : start + batch_size]
+        for lo in range(0, len(chunk), ENCODER_BATCH):
+            pixels = []
+            for name in chunk[lo : lo + ENCODER_BATCH]:
+                try:
+                    pixels.append(load_image(paths[name], size))
+                    good.append(name)
+                except ImageError as exc:
+                    skipped[name] = f"unreadable image ({getattr(exc, 'reason', exc)})"
+            if pixels:
+                feats.append(captioner.encode_images(np.stack(pixels)))
+        if good:
+            yield good, np.concatenate(feats).astype("float32")
+
+
+# --------------------------------------------------------------------------- captioning
+
+
+def _caption_chunk(captioner, feats: np.ndarray, decoding: Decoding) -> list[Generated]:
+    hyps = captioner.search(feats, **decoding.search_kwargs())
+    return [
+        Generated(
+            captioner.tokenizer.decode(h[0].tokens),
+            tuple(int(t) for t in h[0].tokens),
+            float(h[0].log_prob),
+            bool(h[0].finished),
+        )
+        for h in hyps
+    ]
+
+
+def attention_maps(
+    captioner, feats: np.ndarray, captions: Sequence[Generated]
+) -> list[AttentionMap]:
+    """Attention weights of each generated caption, teacher-forced through the decoder."""
+    from keras import ops
+
+    from captioner.heatmaps import grid_of
+    from captioner.tokenizer import START
+
+    longest = max((len(c.tokens) for c in captions), default=0)
+    tokens = np.zeros((len(captions), longest + 1), dtype="int32")
+    tokens[:, 0] = START
+    for row, cap in enumerate(captions):
+        tokens[row, 1 : len(cap.tokens) + 1] = cap.tokens
+    alphas = ops.convert_to_numpy(captioner.decoder.attention_weights(feats, tokens))
+    grid = grid_of(captioner.decoder.feature_shape)
+    words = captioner.tokenizer.words
+    return [
+        AttentionMap(
+            [words[t] for t in cap.tokens],
+            np.asarray(alphas[row, : len(cap.tokens)], "float32").reshape(-1, *grid),
+        )
+        for row, cap in enumerate(captions)
+    ]
+
+
+def score_section(section: Section, references: dict[str, list[str]]) -> None:
+    """Fill ``section``'s scores (every metric, pycocoevalcap's BLEU) and scoring time."""
+    from captioner.metrics import evaluate_all, pycocoevalcap_bleu
+
+    start = time.perf_counter()
+    hyps = {name: section.captions[name].text for name in references}
+    section.scores = evaluate_all(references, hyps)
+    section.pycoco_bleu = pycocoevalcap_bleu(references, hyps)
+    section.score_seconds = time.perf_counter() - start
+
+
+def _check_options(decodings: Sequence[Decoding], batch_size: int, limit: int | None) -> None:
+    if not decodings:
+        raise CaptionerError("give at least one --beam-size")
+    for d in decodings:
+        if d.beam_size < 1:
+            raise CaptionerError(f"--beam-size must be at least 1, not {d.beam_size}")
+        if not 0 <= d.alpha < float("inf"):
+            raise CaptionerError(f"--alpha must be a finite number >= 0, not {d.alpha}")
+        if d.block_ngram < 0:
+            raise CaptionerError(f"--block-ngram must be 0 (off) or more, not {d.block_ngram}")
+    if batch_size < 1:
+        raise CaptionerError(f"--batch-size must be at least 1, not {batch_size}")
+    if limit is not None and limit < 1:
+        raise CaptionerError(f"--limit must be at least 1, not {limit}")
+
+
+def evaluate(
+    run_dir: str | os.PathLike,
+    captions_path: str | os.PathLike,
+    *,
+    features: str | os.PathLike | None = None,
+    images_dir: str | os.PathLike | None = None,
+    split: str | os.PathLike | None = None,
+    decodings: Sequence[Decoding] = (Decoding(),),
+    limit: int | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    weights: str = "best",
+    attention_images: int = ATTENTION_IMAGES,
+    progress: bool | None = None,
+) -> EvaluationResult:
+    """Caption the split with every setting in ``decodings`` and score each against all references.
+
+    With ``features`` the images are the cache's (or ``split``'s, when given); ``images_dir``
+    then only supplies pictures for the report. Without ``features``, ``images_dir`` and
+    ``split`` are required and the run's encoder computes the features.
+    """
+    from captioner.captions import CleaningRules, clean_captions, load_captions
+    from captioner.inference import Captioner, read_run_config
+
+    _check_options(decodings, batch_size, limit)
+    if features is None and (images_dir is None or split is None):
+        raise CaptionerError(
+            "give --features TEST.h5, or --images-dir DIR together with --split FILE"
+        )
+    if images_dir is not None and not Path(images_dir).is_dir():
+        raise CaptionerError(f"--images-dir {images_dir} is not a folder")
+    run_dir = Path(run_dir)
+    config = read_run_config(run_dir)
+    rules = CleaningRules.from_dict(config.get("cleaning") or {})
+    captions = load_captions(captions_path)
+    folder = Path(images_dir) if images_dir is not None else None
+    reader = open_matching_cache(features, run_dir, config) if features is not None else None
+    try:
+        chosen, skipped = _choose(reader, folder, split, captions, limit)
+        captioner = Captioner.from_run(run_dir, weights)
+        paths = {n: folder / n for n in chosen} if folder is not None else {}
+        if reader is not None:
+            chunks = _cache_chunks(reader, chosen, batch_size)
+        else:
+            size = tuple(config["encoder"].get("input_size") or captioner.encoder_spec.input_size)
+            chunks = _image_chunks(captioner, paths, size, batch_size, skipped)
+        sections = [Section(d) for d in decodings]
+        keep = attention_images if config["decoder"]["kind"] == "attention" else 0
+        seconds, kept = _run_chunks(captioner, chunks, sections, len(chosen), progress, keep)
+    finally:
+        if reader is not None:
+            reader.close()
+    done = [n for n in chosen if n in sections[0].captions]
+    if not done:
+        raise CaptionerError(
+            f"no image could be read from {folder}: {next(iter(skipped.values()))}"
+        )
+    references = clean_captions({n: captions[n] for n in done}, rules)
+    for section in sections:
+        score_section(section, references)
+    sources = {
+        "captions": str(captions_path),
+        "features": _str(features),
+        "images_dir": _str(images_dir),
+        "split": _str(split),
+        "weights": weights,
+    }
+    return EvaluationResult(
+        run_dir,
+        config,
+        sources,
+        references,
+        sections,
+        skipped,
+        image_paths={n: p for n, p in paths.items() if n in references},
+        attention=_attention(captioner, kept, sections[0]),
+        features_seconds=seconds,
+    )
+
+
+def _attention(captioner, kept: dict[str, np.ndarray], section: Section) -> dict[str, AttentionMap]:
+    """Attention maps of ``section``'s captions for the images whose features were kept."""
+    if not kept:
+        return {}
+    feats = np.stack(list(kept.values()))
+    maps = attention_maps(captioner, feats, [section.captions[n] for n in kept])
+    return dict(zip(kept, maps, strict=True))
+
+
+def _choose(
+    reader, folder: Path | None, split, captions: dict[str, list[str]], limit: int | None
+) -> tuple[list[str], dict[str, str]]:
+    """Images to evaluate (split order, or cache order without a split) and the skipped ones."""
+    from captioner.captions import load_split
+
+    names = load_split(split) if split is not None else reader.names
+    failed = reader.failed if reader is not None else {}
+
+    def available(name: str) -> str | None:
+        if reader is None:
+            return None if (folder / name).is_file() else f"image file missing in {folder}"
+        status = reader.status_of(name)
+        if status == "failed":
+            return f"features failed in {reader.path}: {failed.get(name, '')}"
+        return None if status == "done" else f"features {status} in {reader.path}"
+
+    chosen, skipped = select_images(names, captions, available, limit)
+    if not chosen:
+        shown = "; ".join(f"{n}: {r}" for n, r in list(skipped.items())[:3])
+        raise CaptionerError(
+            f"no image of the split can be evaluated ({shown or 'the split is empty'})"
+        )
+    return chosen, skipped
+
+
+def _run_chunks(
+    captioner,
+    chunks: Iterator[tuple[list[str], np.ndarray]],
+    sections: list[Section],
+    total: int,
+    progress: bool | None,
+    keep: int,
+) -> tuple[float, dict[str, np.ndarray]]:
+    """Caption every chunk with every setting. Returns the seconds spent getting features and
+    the features of the first ``keep`` images (for attention maps)."""
+    from captioner.progress import progress as bar
+
+    features_seconds, kept = 0.0, {}
+    with bar(total=total, desc="evaluating", unit="img", enabled=progress) as pbar:
+        while True:
+            start = time.perf_counter()
+            item = next(chunks, None)
+            features_seconds += time.perf_counter() - start
+            if item is None:
+                return features_seconds, kept
+            names, feats = item
+            for section in sections:
+                start = time.perf_counter()
+                generated = _caption_chunk(captioner, feats, section.decoding)
+                section.captions.update(zip(names, generated, strict=True))
+                section.caption_seconds += time.perf_counter() - start
+            for name, row in zip(names[: max(0, keep - len(kept))], feats, strict=False):
+                kept[name] = row
+            pbar.update(len(names))
+
+
+def _str(value: str | os.PathLike | None) -> str | None:
+    return None if value is None else str(value)
