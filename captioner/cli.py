@@ -55,6 +55,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_keras_import() -> None:
+    """Import Keras with the C++ start-up chatter of TensorFlow (CUDA probes, oneDNN notes)
+    kept off the terminal; ``CAPTIONER_VERBOSE=1`` shows it. Python errors still surface."""
+    if os.environ.get("CAPTIONER_VERBOSE") == "1" or "keras" in sys.modules:
+        return
+    if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            try:
+                import keras
+
+                keras.ops.convert_to_numpy(keras.ops.zeros(1))  # device probing happens here
+            except ImportError:
+                pass  # reported by the command that needs it
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``captioner`` console script; returns the exit status."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -63,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 0 if args.command is None else 2
+    if args.command not in ("encoders", "captions"):
+        _quiet_keras_import()
     try:
         return int(args.handler(args) or 0)
     except CaptionerError as exc:

@@ -19,7 +19,7 @@ import numpy as np
 
 from captioner.decoding import Hypothesis, beam_search, greedy_search
 from captioner.errors import CaptionerError
-from captioner.tokenizer import END, PAD, START, Tokenizer
+from captioner.tokenizer import END, PAD, START, UNK, Tokenizer
 
 RUN_FORMAT = "captioner.run"
 CONFIG_FILE = "config.json"
@@ -149,7 +149,7 @@ class Captioner:
         max_length = max_length or self.tokenizer.max_length - 1
         state = self.initial_state(features)
         common = dict(start_id=START, end_id=END, max_length=max_length,
-                      block_ngram=block_ngram, banned_ids=(PAD, START))
+                      block_ngram=block_ngram, banned_ids=(PAD, START, UNK))
         if beam_size == 1 and n_best == 1:
             hyps = greedy_search(self.step_function(), state, len(features), **common)
             return [[h] for h in hyps]
@@ -210,7 +210,7 @@ class Captioner:
                     pixels.append(load_image(p, size))
                     good.append(Path(p))
                 except ImageError as exc:
-                    out.append((Path(p), None, str(exc)))
+                    out.append((Path(p), None, getattr(exc, "reason", None) or str(exc)))
             if good:
                 feats = self.encode_images(np.stack(pixels))
                 for p, caps in zip(good, self.caption_features(feats, **search), strict=True):

@@ -173,6 +173,20 @@ def load_checkpoint(path: Path, model) -> tuple[int, dict]:
         return int(h5.attrs["epoch"]), json.loads(h5.attrs["monitor"])
 
 
+def save_decoder_weights(model, path: Path) -> None:
+    """``model.save_weights`` without the optimizer's slots (a third of the size with Adam).
+
+    Keras 3 writes a compiled model's optimizer into ``.weights.h5`` too; inference needs only
+    the model, and ``checkpoint.h5`` keeps the optimizer for resuming.
+    """
+    try:
+        from keras.src.saving import saving_lib
+
+        saving_lib.save_weights_only(model, str(path), objects_to_skip=[model.optimizer])
+    except (ImportError, TypeError, AttributeError):  # another Keras 3 layout: keep everything
+        model.save_weights(path)
+
+
 # --------------------------------------------------------------------------- monitor
 
 
@@ -252,7 +266,7 @@ def _make_monitor(config: TrainConfig, run: Path, val_sample, tokenizer, state: 
             if score > self.state["best_bleu"]:
                 self.state["best_bleu"] = score
                 self.state["best_epoch"] = epoch + 1
-                self.model.save_weights(run / BEST_WEIGHTS)
+                save_decoder_weights(self.model, run / BEST_WEIGHTS)
 
         def _plateau(self, logs):
             if config.schedule != "plateau" or "val_loss" not in logs:
@@ -279,10 +293,10 @@ def _make_monitor(config: TrainConfig, run: Path, val_sample, tokenizer, state: 
                     self.model.stop_training = True
 
         def _save(self, epoch):
-            self.model.save_weights(run / LAST_WEIGHTS)
+            save_decoder_weights(self.model, run / LAST_WEIGHTS)
             keep = run / "checkpoints"
             keep.mkdir(exist_ok=True)
-            self.model.save_weights(keep / f"epoch-{epoch + 1:03d}.weights.h5")
+            save_decoder_weights(self.model, keep / f"epoch-{epoch + 1:03d}.weights.h5")
             for old in sorted(keep.glob("epoch-*.weights.h5"))[:-max(config.keep_checkpoints, 1)]:
                 old.unlink()
             _write_history(run / HISTORY, self.rows)

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import needs_flickr, needs_mobilenet
 from helpers import toy_dataset
 from PIL import Image
 
@@ -134,3 +135,30 @@ def test_attention_map_is_written_for_attention_models(tmp_path, monkeypatch, ca
     sheet = Image.open(out)
     tiles = 1 + len(words) + 1  # the image, each word, <end>
     assert sheet.size[1] == -(-tiles // 6) * (160 + 18)
+
+
+@pytest.mark.shared
+@needs_mobilenet
+def test_bundled_default_model_captions_the_example_photo(capsys):
+    """The README's first command: the bundled model on data/example.jpg."""
+    from conftest import ROOT
+
+    assert main(["caption", str(ROOT / "data" / "example.jpg"), "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    words = record["caption"].split()
+    assert 3 <= len(words) <= 24 and record["finished"]
+    assert {"man", "woman", "person", "boy", "girl"} & set(words)  # a portrait of a person
+
+
+@pytest.mark.shared
+@needs_mobilenet
+@needs_flickr
+def test_default_model_captions_are_specific_to_each_photo(capsys):
+    from conftest import FLICKR_IMAGES, FLICKR_TEXT
+
+    from captioner.captions import load_split
+
+    names = load_split(FLICKR_TEXT / "Flickr_8k.testImages.txt")[:12]
+    assert main(["caption", *[str(FLICKR_IMAGES / n) for n in names], "--beam-size", "1"]) == 0
+    captions = [line.split(": ", 1)[1] for line in capsys.readouterr().out.splitlines()]
+    assert len(captions) == 12 and len(set(captions)) >= 9  # not one generic caption

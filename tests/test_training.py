@@ -177,3 +177,11 @@ def test_one_short_epoch_on_real_flickr8k_captions_lowers_the_loss(tmp_path):
     assert after < before - 1.0
     history = list(csv.DictReader(open(run / "history.csv")))
     assert len(history) == 1 and float(history[0]["loss"]) < before
+
+
+def test_weight_files_hold_the_model_without_optimizer_slots(tmp_path, data):
+    run = train(_config(tmp_path, data, epochs=1), verbose=0)
+    with h5py.File(run / "last.weights.h5") as h5:
+        assert "optimizer" not in h5 and len(h5) > 0
+    with h5py.File(run / "checkpoint.h5") as h5:
+        assert len(h5["optimizer"]) > 0  # resuming still has the optimizer state
