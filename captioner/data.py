@@ -275,8 +275,11 @@ class ProgressiveLoader:
         """One step per photo."""
         return len(self.names)
 
-    def photo_arrays(self, name: str) -> tuple[list[np.ndarray], np.ndarray]:
-        """``([X1 (S, *F) float32, X2 (S, max_length-1) int32], y (S, vocab_size) float32)``."""
+    def photo_arrays(self, name: str) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
+        """``((X1 (S, *F) float32, X2 (S, max_length-1) int32), y (S, vocab_size) float32)``.
+
+        The inputs are a tuple (the tutorial yields a list, which Keras 3's generator adapter
+        rejects); the arrays are the tutorial's."""
         width = self.tokenizer.max_length - 1
         prefixes, targets = [], []
         for caption in self.captions[name]:
@@ -291,13 +294,13 @@ class ProgressiveLoader:
         y[np.arange(len(targets)), targets] = 1.0
         photo = read_features(self.features, [name])
         x1 = np.repeat(photo, len(prefixes), axis=0)
-        return [x1, x2], y
+        return (x1, x2), y
 
-    def generate(self) -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
+    def generate(self) -> Iterator[tuple[tuple[np.ndarray, np.ndarray], np.ndarray]]:
         """Yield :meth:`photo_arrays` for each photo in turn, forever."""
         while True:
             for name in self.names:
                 yield self.photo_arrays(name)
 
-    def __iter__(self) -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
+    def __iter__(self) -> Iterator[tuple[tuple[np.ndarray, np.ndarray], np.ndarray]]:
         return self.generate()
