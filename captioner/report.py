@@ -10,7 +10,6 @@ the training curves of the run.
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
 import json
@@ -24,6 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
 from captioner.metrics import BLEU_KEYS, METEOR_UNAVAILABLE_NOTE
+from captioner.training import json_default, read_history
 
 if TYPE_CHECKING:
     from captioner.evaluation import EvaluationResult
@@ -95,7 +95,7 @@ def write_report(
         raise CaptionerError(f"cannot create the report folder {out} ({exc.strerror})") from None
     data = result.to_json()
     paths = {"json": out / JSON_FILE, "markdown": out / MARKDOWN_FILE, "html": out / HTML_FILE}
-    _write(paths["json"], json.dumps(data, indent=2, default=_json_default).encode())
+    _write(paths["json"], json.dumps(data, indent=2, default=json_default).encode())
     curves = write_curves(Path(result.run_dir), out / CURVES_FILE)
     if curves is not None:
         paths["curves"] = out / CURVES_FILE
@@ -116,25 +116,6 @@ def _write(path: Path, payload: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(payload)
     os.replace(tmp, path)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
-
-
-def read_history(path: Path) -> list[dict[str, float | None]]:
-    """Rows of a run's history.csv as floats (empty cells as None); [] when absent."""
-    if not path.is_file():
-        return []
-    with open(path, newline="") as fh:
-        return [
-            {k: float(v) if v not in ("", None) else None for k, v in row.items()}
-            for row in csv.DictReader(fh)
-        ]
 
 
 def write_curves(run_dir: Path, path: Path) -> bytes | None:

@@ -190,7 +190,8 @@ def save_decoder_weights(model, path: Path) -> None:
 # --------------------------------------------------------------------------- monitor
 
 
-def _read_history(path: Path) -> list[dict[str, float | None]]:
+def read_history(path: Path) -> list[dict[str, float | None]]:
+    """Rows of a run's history.csv (epoch as int, empty cells as None); [] when absent."""
     if not path.is_file():
         return []
     with open(path, newline="") as fh:
@@ -225,7 +226,7 @@ def _make_monitor(config: TrainConfig, run: Path, val_sample, tokenizer, state: 
             super().__init__()
             self.state = {"best_bleu": -1.0, "best_val_loss": math.inf, "wait": 0,
                           "plateau_wait": 0, "plateau_best": math.inf, **state}
-            self.rows = _read_history(run / HISTORY)
+            self.rows = read_history(run / HISTORY)
             self.started = time.time()
             self._captioner = None
 
@@ -441,11 +442,12 @@ def _write_config(run: Path, config: TrainConfig, dec_config: dict, attrs: dict,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     tmp = run / (CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=_json_default))
+    tmp.write_text(json.dumps(payload, indent=2, default=json_default))
     os.replace(tmp, run / CONFIG_FILE)
 
 
-def _json_default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
+    """JSON for numpy scalars and arrays (anything else as its string)."""
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):
