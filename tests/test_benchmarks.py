@@ -1,0 +1,57 @@
+"""Smoke runs of the training and decoding benchmarks: end to end, RESULT line, no timings."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from conftest import FLICKR_TEXT, ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_decode  # noqa: E402
+import bench_train  # noqa: E402
+
+TRAIN_KEYS = {"ratio", "ours_captions_s", "classic_captions_s", "ours_peak_rss_mb",
+              "classic_peak_rss_mb", "ours_epoch_s_full_split", "classic_epoch_s_full_split"}  # fmt: skip
+DECODE_KEYS = {"ratio", "classic_ms_per_caption", "ours_greedy_ms_per_caption",
+               "ours_greedy_batched_ms_per_caption", "ours_beam3_ms_per_caption", "agree"}  # fmt: skip
+
+have_captions = pytest.mark.skipif(
+    not (FLICKR_TEXT / "Flickr8k.token.txt").is_file(), reason="../shared/flickr8k is not present"
+)
+DATA = [
+    pytest.param([], marks=[pytest.mark.shared, have_captions], id="flickr8k-captions"),
+    pytest.param(["--captions", "no-such-captions.txt"], id="toy-captions"),
+]
+
+
+def _result(out: str) -> dict:
+    lines = out.strip().splitlines()
+    assert lines and lines[-1].startswith("RESULT "), out[-2000:]
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+@pytest.mark.parametrize("data", DATA)
+def test_bench_train_smoke(capsys, tmp_path, monkeypatch, data):
+    monkeypatch.chdir(tmp_path)
+    assert bench_train.main(["--smoke", *data]) == 0
+    result = _result(capsys.readouterr().out)
+    assert TRAIN_KEYS <= set(result)
+    smoke = bench_train.SMOKE
+    assert result["classic_captions"] == 5 * smoke["images"]  # one pass over the photos
+    assert result["ours_captions"] == 5 * smoke["images"] * smoke["rounds"] * smoke["ours_epochs"]
+    assert len(result["ratio_per_round"]) == smoke["rounds"]
+    assert result["ours_peak_rss_mb"] > 0 and result["classic_peak_rss_mb"] > 0
+
+
+@pytest.mark.parametrize("data", DATA)
+def test_bench_decode_smoke(capsys, tmp_path, monkeypatch, data):
+    monkeypatch.chdir(tmp_path)
+    assert bench_decode.main(["--smoke", *data]) == 0
+    result = _result(capsys.readouterr().out)
+    assert DECODE_KEYS <= set(result)
+    # same model, same greedy rule: the classic loop and ours produce the same captions
+    assert result["agree"] == result["n_classic"] == bench_decode.SMOKE["n"]
+    assert result["agree_batched"] == result["n_ours"]
