@@ -12,10 +12,13 @@ TILE = 160
 
 
 def overlay(image: np.ndarray, alpha: np.ndarray, grid: tuple[int, int], size: int = TILE) -> Image.Image:
-    """``image`` (H, W, 3) uint8 with the attention ``alpha`` (grid[0]*grid[1],) over it."""
+    """``image`` (H, W, 3) uint8 with the attention ``alpha`` (grid[0]*grid[1],) over it.
+
+    The weights are min-max scaled per word, so the most attended cell is fully lit and the
+    least attended one darkest, even when the attention is spread out."""
     base = Image.fromarray(image).convert("RGB").resize((size, size), Image.BILINEAR)
     heat = np.asarray(alpha, dtype=np.float32).reshape(grid)
-    heat = heat / max(float(heat.max()), 1e-8)  # (h, w) in [0, 1]
+    heat = (heat - heat.min()) / max(float(heat.max() - heat.min()), 1e-8)  # (h, w) in [0, 1]
     mask = Image.fromarray(np.uint8(heat * 255)).resize((size, size), Image.BICUBIC)
     dark = Image.blend(base, Image.new("RGB", base.size, "black"), 0.6)
     return Image.composite(base, dark, mask)
