@@ -356,10 +356,13 @@ def _prepare_run(config: TrainConfig, resume: bool) -> tuple[Path, TrainConfig, 
     return run, config, None
 
 
-def _val_sample(config: TrainConfig, tokenizer_max: int):
-    if not config.val_features or config.val_bleu_images <= 0:
+def _val_sample(config: TrainConfig):
+    """(reader, captions, (features, references) of the fixed BLEU sample) of the dev split."""
+    if not config.val_features:
         return None, None, None
     reader, caps = _load_split(config.captions, config.val_features)
+    if config.val_bleu_images <= 0:  # validation loss only
+        return reader, caps, None
     sample = sorted(caps)[: config.val_bleu_images]
     from captioner.data import read_features
 
@@ -389,7 +392,7 @@ def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto"
         tokenizer = Tokenizer.load(run / TOKENIZER_FILE)
     train_ds = CaptionDataset(train_reader, train_caps, tokenizer, batch_size=config.batch_size,
                               shuffle=True, seed=config.seed, in_memory=config.in_memory)
-    val_reader, val_caps, val_sample = _val_sample(config, tokenizer.max_length)
+    val_reader, val_caps, val_sample = _val_sample(config)
     val_ds = None
     if val_reader is not None:
         val_ds = CaptionDataset(val_reader, val_caps, tokenizer, batch_size=config.batch_size,

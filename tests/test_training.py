@@ -185,3 +185,9 @@ def test_weight_files_hold_the_model_without_optimizer_slots(tmp_path, data):
         assert "optimizer" not in h5 and len(h5) > 0
     with h5py.File(run / "checkpoint.h5") as h5:
         assert len(h5["optimizer"]) > 0  # resuming still has the optimizer state
+
+
+def test_validation_loss_without_bleu_sample(tmp_path, data):
+    run = train(_config(tmp_path, data, epochs=1, val_bleu_images=0), verbose=0)
+    row = next(csv.DictReader(open(run / "history.csv")))
+    assert float(row["val_loss"]) > 0 and row["val_bleu4"] == ""

@@ -90,9 +90,8 @@ def run_train(args: argparse.Namespace) -> int:
         raise CaptionerError("--captions and --train-features are required (unless --resume)")
     fields = TrainConfig.__dataclass_fields__
     values = {k: v for k, v in vars(args).items() if k in fields}
-    values.setdefault("captions", "")
-    values["captions"] = values["captions"] or ""
-    values["train_features"] = values.get("train_features") or ""
+    for required in ("captions", "train_features"):  # taken from the run when resuming
+        values[required] = values[required] or ""
     config = TrainConfig(**values)
     run = train(config, resume=args.resume, verbose=0 if args.quiet else 2)
     print(f"run folder: {run}")
