@@ -9,9 +9,7 @@ captions each batch in turn.
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
-import platform
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from captioner import __version__
 from captioner.errors import CacheMismatchError, CaptionerError, ImageError
+from captioner.training import versions
 
 DEFAULT_BEAM_SIZES = (3,)
 DEFAULT_BATCH_SIZE = 128
@@ -171,30 +169,6 @@ class EvaluationResult:
 # --------------------------------------------------------------------------- images to score
 
 
-def versions() -> dict[str, str | None]:
-    """Versions of the libraries that produce the numbers."""
-    import h5py
-    import keras
-    import nltk
-    import PIL
-
-    try:
-        pycoco = importlib.metadata.version("pycocoevalcap")
-    except importlib.metadata.PackageNotFoundError:
-        pycoco = None
-    return {
-        "captioner": __version__,
-        "python": platform.python_version(),
-        "keras": keras.__version__,
-        "backend": keras.backend.backend(),
-        "numpy": np.__version__,
-        "nltk": nltk.__version__,
-        "h5py": h5py.__version__,
-        "pillow": PIL.__version__,
-        "pycocoevalcap": pycoco,
-    }
-
-
 def cache_expectation(config: dict[str, Any]) -> dict[str, Any]:
     """Feature-cache attributes a run needs: its encoder name and layer (and weights, if known)."""
     enc = config.get("encoder") or {}
@@ -303,25 +277,14 @@ def attention_maps(
     captioner, feats: np.ndarray, captions: Sequence[Generated]
 ) -> list[AttentionMap]:
     """Attention weights of each generated caption, teacher-forced through the decoder."""
-    from keras import ops
+    from captioner.heatmaps import grid_of, teacher_forced_attention
 
-    from captioner.heatmaps import grid_of
-    from captioner.tokenizer import START
-
-    longest = max((len(c.tokens) for c in captions), default=0)
-    tokens = np.zeros((len(captions), longest + 1), dtype="int32")
-    tokens[:, 0] = START
-    for row, cap in enumerate(captions):
-        tokens[row, 1 : len(cap.tokens) + 1] = cap.tokens
-    alphas = ops.convert_to_numpy(captioner.decoder.attention_weights(feats, tokens))
+    alphas = teacher_forced_attention(captioner, feats, [c.tokens for c in captions])
     grid = grid_of(captioner.decoder.feature_shape)
     words = captioner.tokenizer.words
     return [
-        AttentionMap(
-            [words[t] for t in cap.tokens],
-            np.asarray(alphas[row, : len(cap.tokens)], "float32").reshape(-1, *grid),
-        )
-        for row, cap in enumerate(captions)
+        AttentionMap([words[t] for t in cap.tokens], a[: len(cap.tokens)].reshape(-1, *grid))
+        for cap, a in zip(captions, alphas, strict=True)
     ]
 
 

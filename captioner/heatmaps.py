@@ -42,14 +42,26 @@ def attention_strip(image: np.ndarray, words: Sequence[str], alphas: np.ndarray,
     return sheet
 
 
-def caption_attention(captioner, features: np.ndarray, tokens: Sequence[int]) -> tuple[list[str], np.ndarray]:
-    """Words of a generated caption (with ``<end>``) and their attention weights (T, L)."""
+def teacher_forced_attention(captioner, features: np.ndarray,
+                             captions: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    """Attention weights (len(tokens) + 1, L) of each generated caption: one row per word,
+    then the row of the ``<end>`` step. ``features`` is (B, *feature_shape), one per caption."""
     from keras import ops
 
     from captioner.tokenizer import START
 
-    inputs = np.array([[START, *tokens]], dtype="int32")  # predicts each word, then <end>
-    alphas = ops.convert_to_numpy(captioner.decoder.attention_weights(features[None], inputs))[0]
+    longest = max((len(c) for c in captions), default=0)
+    inputs = np.zeros((len(captions), longest + 1), dtype="int32")  # <start> w1 .. wn, padded
+    inputs[:, 0] = START
+    for row, tokens in enumerate(captions):
+        inputs[row, 1 : len(tokens) + 1] = tokens
+    alphas = ops.convert_to_numpy(captioner.decoder.attention_weights(features, inputs))
+    return [np.asarray(alphas[row, : len(t) + 1], "float32") for row, t in enumerate(captions)]
+
+
+def caption_attention(captioner, features: np.ndarray, tokens: Sequence[int]) -> tuple[list[str], np.ndarray]:
+    """Words of a generated caption (with ``<end>``) and their attention weights (T, L)."""
+    alphas = teacher_forced_attention(captioner, features[None], [tokens])[0]
     words = [captioner.tokenizer.decode([t]) or "<unk>" for t in tokens] + ["<end>"]
     return words, alphas
 

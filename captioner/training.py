@@ -123,13 +123,24 @@ def encoder_from_cache(attrs: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str | None]:
+    """Versions of the libraries that produce a run's or a report's numbers."""
+    import importlib.metadata
+    import platform
+
     import h5py
     import keras
     import nltk
+    import PIL
 
-    return {"captioner": __version__, "keras": keras.__version__, "backend": keras.backend.backend(),
-            "numpy": np.__version__, "h5py": h5py.__version__, "nltk": nltk.__version__}
+    try:
+        pycoco = importlib.metadata.version("pycocoevalcap")
+    except importlib.metadata.PackageNotFoundError:
+        pycoco = None
+    return {"captioner": __version__, "python": platform.python_version(),
+            "keras": keras.__version__, "backend": keras.backend.backend(),
+            "numpy": np.__version__, "h5py": h5py.__version__, "nltk": nltk.__version__,
+            "pillow": PIL.__version__, "pycocoevalcap": pycoco}
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -441,7 +452,7 @@ def _write_config(run: Path, config: TrainConfig, dec_config: dict, attrs: dict,
         "training": dataclasses.asdict(config),
         "train_images": n_images,
         "seed": config.seed,
-        "versions": _versions(),
+        "versions": versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     tmp = run / (CONFIG_FILE + ".tmp")

@@ -162,3 +162,13 @@ def test_default_model_captions_are_specific_to_each_photo(capsys):
     assert main(["caption", *[str(FLICKR_IMAGES / n) for n in names], "--beam-size", "1"]) == 0
     captions = [line.split(": ", 1)[1] for line in capsys.readouterr().out.splitlines()]
     assert len(captions) == 12 and len(set(captions)) >= 9  # not one generic caption
+
+
+def test_features_cache_of_another_encoder_is_refused(toy_run, tmp_path, capsys):
+    from helpers import write_cache
+
+    _, run, _, table, _ = toy_run
+    other = write_cache(tmp_path / "other.h5", {"img001.jpg": table[1]}, encoder="vgg16")
+    assert main(["caption", "img001.jpg", "--features", str(other), "--model", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "encoder 'vgg16'" in err and "captioner extract --encoder tiny" in err

@@ -104,7 +104,7 @@ def run_caption(args: argparse.Namespace) -> int:
     search = {"beam_size": args.beam_size, "n_best": args.n_best, "alpha": args.alpha,
               "block_ngram": args.block_ngram, "max_length": args.max_length}
     if args.features:
-        results = _from_features(captioner, args.features, args.images, search)
+        results = _from_features(captioner, model_dir, args.features, args.images, search)
     else:
         results = captioner.caption_images(expand_images(args.images), batch_size=args.batch_size,
                                            **search)
@@ -117,11 +117,10 @@ def run_caption(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _from_features(captioner, path: str, names: list[str], search: dict):
-    from captioner.features import open_features
+def _from_features(captioner, model_dir: Path, path: str, names: list[str], search: dict):
+    from captioner.evaluation import open_matching_cache
 
-    enc = captioner.config.get("encoder", {})
-    reader = open_features(path, expect={"encoder": enc.get("name"), "layer": enc.get("layer")})
+    reader = open_matching_cache(path, model_dir, captioner.config)
     results = []
     good = [n for n in names if n in reader]
     by_name = {}
