@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from captioner.errors import CacheMismatchError, CaptionerError, ImageError
+from captioner.errors import CacheMismatchError, CaptionerError
 from captioner.training import versions
 
 DEFAULT_BEAM_SIZES = (3,)
@@ -230,29 +230,18 @@ def _cache_chunks(
 
 
 def _image_chunks(
-    captioner,
-    paths: dict[str, Path],
-    size: tuple[int, int],
-    batch_size: int,
-    skipped: dict[str, str],
+    captioner, paths: dict[str, Path], batch_size: int, skipped: dict[str, str]
 ) -> Iterator[tuple[list[str], np.ndarray]]:
     """Encoded images in chunks of up to ``batch_size``; unreadable ones go to ``skipped``."""
-    from captioner.images import load_image
-
     names = list(paths)
     for start in range(0, len(names), batch_size):
+        items = [(name, paths[name]) for name in names[start : start + batch_size]]
         good, feats = [], []
-        chunk = names[start : start + batch_size]
-        for lo in range(0, len(chunk), ENCODER_BATCH):
-            pixels = []
-            for name in chunk[lo : lo + ENCODER_BATCH]:
-                try:
-                    pixels.append(load_image(paths[name], size))
-                    good.append(name)
-                except ImageError as exc:
-                    skipped[name] = f"unreadable image ({getattr(exc, 'reason', exc)})"
-            if pixels:
-                feats.append(captioner.encode_images(np.stack(pixels)))
+        for keys, encoded, failed in captioner.encode_paths(items, ENCODER_BATCH):
+            skipped.update({k: f"unreadable image ({reason})" for k, reason in failed.items()})
+            if keys:
+                good += keys
+                feats.append(encoded)
         if good:
             yield good, np.concatenate(feats).astype("float32")
 
@@ -358,8 +347,7 @@ def evaluate(
         if reader is not None:
             chunks = _cache_chunks(reader, chosen, batch_size)
         else:
-            size = tuple(config["encoder"].get("input_size") or captioner.encoder_spec.input_size)
-            chunks = _image_chunks(captioner, paths, size, batch_size, skipped)
+            chunks = _image_chunks(captioner, paths, batch_size, skipped)
         sections = [Section(d) for d in decodings]
         keep = attention_images if config["decoder"]["kind"] == "attention" else 0
         seconds, kept = _run_chunks(captioner, chunks, sections, len(chosen), progress, keep)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -194,29 +194,44 @@ class Captioner:
         """Features for decoded RGB images (B, H, W, 3) in [0, 255]."""
         return np.asarray(self.encoder().predict_on_batch(images), dtype="float32")
 
-    def caption_images(
-        self, paths: Sequence[str | os.PathLike], batch_size: int = 16, **search
-    ) -> list[tuple[Path, list[Caption] | None, str | None]]:
-        """(path, captions, error) per image; a bad image gets an error and the rest go on."""
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """Image size the run's encoder takes (from the run config, else the spec)."""
+        size = self.config.get("encoder", {}).get("input_size")
+        return tuple(size) if size else tuple(self.encoder_spec.input_size)
+
+    def encode_paths(
+        self, items: Sequence[tuple[Any, str | os.PathLike]], batch_size: int
+    ) -> Iterator[tuple[list[Any], np.ndarray | None, dict[Any, str]]]:
+        """For ``(key, path)`` items, in batches: the keys read, their features (None when no
+        image of the batch could be read) and ``{key: reason}`` for the unreadable ones."""
         from captioner.errors import ImageError
         from captioner.images import load_image
 
-        size = self.encoder_spec.input_size
-        out: list[tuple[Path, list[Caption] | None, str | None]] = []
-        for start in range(0, len(paths), batch_size):
-            good, pixels = [], []
-            for p in paths[start:start + batch_size]:
+        for start in range(0, len(items), batch_size):
+            good, pixels, failed = [], [], {}
+            for key, path in items[start:start + batch_size]:
                 try:
-                    pixels.append(load_image(p, size))
-                    good.append(Path(p))
+                    pixels.append(load_image(path, self.input_size))
+                    good.append(key)
                 except ImageError as exc:
-                    out.append((Path(p), None, getattr(exc, "reason", None) or str(exc)))
+                    failed[key] = getattr(exc, "reason", None) or str(exc)
+            feats = self.encode_images(np.stack(pixels)) if pixels else None
+            yield good, feats, failed
+
+    def caption_images(
+        self, paths: Sequence[str | os.PathLike], batch_size: int = 16, **search
+    ) -> list[tuple[Path, list[Caption] | None, str | None]]:
+        """(path, captions, error) per image, in the given order; a bad image gets an error
+        and the rest go on."""
+        items = list(enumerate(paths))
+        results: dict[int, tuple[Path, list[Caption] | None, str | None]] = {}
+        for good, feats, failed in self.encode_paths(items, batch_size):
+            results |= {i: (Path(paths[i]), None, reason) for i, reason in failed.items()}
             if good:
-                feats = self.encode_images(np.stack(pixels))
-                for p, caps in zip(good, self.caption_features(feats, **search), strict=True):
-                    out.append((p, caps, None))
-        order = {str(Path(p)): i for i, p in enumerate(paths)}
-        return sorted(out, key=lambda r: order[str(r[0])])
+                for i, caps in zip(good, self.caption_features(feats, **search), strict=True):
+                    results[i] = (Path(paths[i]), caps, None)
+        return [results[i] for i in range(len(paths))]
 
 
 def _log_softmax_step(decoder, tokens, state):
