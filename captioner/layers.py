@@ -14,11 +14,12 @@ class Preprocess(keras.layers.Layer):
 
     ``mode="caffe"`` (VGG, ResNet): RGB→BGR, minus the ImageNet BGR means.
     ``mode="tf"`` (MobileNetV2): scale to [-1, 1].
+    ``mode="lite"`` (EfficientNet-Lite): ``(x - 127) / 128``.
     """
 
     def __init__(self, mode: str, **kwargs):
         super().__init__(**kwargs)
-        if mode not in ("caffe", "tf"):
+        if mode not in ("caffe", "tf", "lite"):
             raise ValueError(f"unknown preprocessing mode {mode!r}")
         self.mode = mode
 
@@ -26,6 +27,8 @@ class Preprocess(keras.layers.Layer):
         x = ops.cast(images, self.compute_dtype)
         if self.mode == "tf":
             return x / 127.5 - 1.0
+        if self.mode == "lite":  # EfficientNet-Lite
+            return (x - 127.0) / 128.0
         bgr = ops.flip(x, axis=-1)  # (B, H, W, 3) RGB -> BGR
         return bgr - ops.convert_to_tensor(CAFFE_BGR_MEAN, dtype=self.compute_dtype)
 
