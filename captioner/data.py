@@ -22,6 +22,8 @@ from captioner.errors import CaptionerError
 from captioner.tokenizer import Tokenizer
 
 READ_CHUNK = 1024  # images per read() when loading everything into RAM
+BUCKET_WINDOW = 50  # batches per window whose samples are sorted by length when bucketing
+LENGTH_STEP = 4  # bucketed batches are trimmed to a multiple of this many steps
 
 
 @runtime_checkable
@@ -127,9 +129,12 @@ class CaptionDataset(keras.utils.PyDataset):
         shuffle: bool = True,
         seed: int = 0,
         in_memory: bool = False,
+        bucket: bool = False,
         **kwargs,
     ) -> None:
-        """``captions``: image name -> cleaned captions. ``kwargs`` go to ``PyDataset``
+        """``captions``: image name -> cleaned captions. ``bucket``: batch captions of similar
+        length together and trim each batch to its longest caption (rounded up to
+        ``LENGTH_STEP``), so no work is spent on padding. ``kwargs`` go to ``PyDataset``
         (``workers``, ``use_multiprocessing``, ``max_queue_size``)."""
         super().__init__(**kwargs)
         if batch_size < 1:
@@ -139,6 +144,7 @@ class CaptionDataset(keras.utils.PyDataset):
         self.batch_size = int(batch_size)
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
+        self.bucket = bool(bucket)
         self.feature_shape = flat_feature_shape(features.feature_shape)
         self.names = [name for name, caps in captions.items() if len(caps)]
         texts = [caption for name in self.names for caption in captions[name]]
@@ -174,18 +180,36 @@ class CaptionDataset(keras.utils.PyDataset):
 
     def _order_for(self, epoch: int) -> np.ndarray | None:
         if not self.shuffle:
-            return None
+            return self._bucketed(np.arange(self.num_samples), None) if self.bucket else None
         cached = self._orders.get(epoch)
         if cached is None:
-            cached = np.random.default_rng((self.seed, epoch)).permutation(self.num_samples)
-            cached = cached.astype(np.int32)
+            rng = np.random.default_rng((self.seed, epoch))
+            cached = rng.permutation(self.num_samples).astype(np.int32)
+            if self.bucket:
+                cached = self._bucketed(cached, rng)
             self._orders = {epoch: cached, **{k: v for k, v in self._orders.items() if k > epoch - 2}}
         return cached
+
+    def _bucketed(self, order: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
+        """``order`` with samples sorted by length inside windows of ``BUCKET_WINDOW`` batches,
+        then whole batches shuffled (the last, possibly short, batch stays last)."""
+        window = self.batch_size * BUCKET_WINDOW
+        parts = [order[i : i + window] for i in range(0, len(order), window)]
+        lengths = (self.tokens != 0).sum(axis=1)  # (N,) incl. start/end; not kept in memory
+        order = np.concatenate([p[np.argsort(lengths[p], kind="stable")] for p in parts])
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        full = len(order) // self.batch_size
+        picks = rng.permutation(full) if rng is not None else np.arange(full)
+        return np.concatenate([batches[i] for i in picks] + batches[full:]).astype(np.int32)
 
     def _make_batch(self, order: np.ndarray | None, index: int):
         start, stop = index * self.batch_size, min((index + 1) * self.batch_size, self.num_samples)
         rows = np.arange(start, stop) if order is None else order[start:stop]
         tokens = self.tokens[rows]
+        if self.bucket:  # trim to the longest caption, rounded up to LENGTH_STEP steps + 1
+            longest = int((tokens != 0).sum(axis=1).max())
+            steps = -(-(longest - 1) // LENGTH_STEP) * LENGTH_STEP
+            tokens = tokens[:, : min(steps + 1, tokens.shape[1])]
         tokens_in = np.ascontiguousarray(tokens[:, :-1])
         tokens_out = np.ascontiguousarray(tokens[:, 1:])
         weights = (tokens_out != 0).astype(np.float32)

@@ -213,11 +213,16 @@ class AttentionDecoder(CaptionDecoder):
         context = ops.sum(ops.expand_dims(alpha, -1) * feats, axis=1)  # (B, D)
         return self.gate(h) * context, alpha
 
-    def _one_step(self, emb, h, c, feats, keys, training=False):
+    def _recur(self, emb, h, c, feats, keys):
+        """One recurrent step: deep-output features (B, E), new state, attention (B, L)."""
         context, alpha = self._attend(feats, keys, h)
         x = ops.concatenate([emb, context], axis=-1)  # (B, E + D)
-        out, (h, c) = self.cell(x, [h, c], training=training)
+        out, (h, c) = self.cell(x, [h, c], training=False)
         deep = emb + self.h_out(out) + self.z_out(context)  # (B, E)
+        return deep, h, c, alpha
+
+    def _one_step(self, emb, h, c, feats, keys, training=False):
+        deep, h, c, alpha = self._recur(emb, h, c, feats, keys)
         logits = self.logits(self.out_dropout(deep, training=training))  # (B, V)
         return logits, h, c, alpha
 
@@ -227,15 +232,31 @@ class AttentionDecoder(CaptionDecoder):
         return feats, self.key_proj(feats), self.init_h(mean), self.init_c(mean)
 
     def run(self, features, tokens, training=False):
-        """Teacher-forced logits (B, T, V) and attention weights (B, T, L)."""
+        """Teacher-forced logits (B, T, V) and attention weights (B, T, L).
+
+        With a static caption length the steps are unrolled; when the length is only known at
+        run time (TensorFlow relaxes shapes once length-bucketed batches vary) they run in a
+        symbolic ``ops.scan``. The output projection runs once over all steps either way.
+        """
         feats, keys, h, c = self._prepare(features)
         embs = self.word_dropout(self.embedding(tokens), training=training)  # (B, T, E)
-        all_logits, all_alpha = [], []
-        for t in range(tokens.shape[1]):
-            logits, h, c, alpha = self._one_step(embs[:, t], h, c, feats, keys, training)
-            all_logits.append(logits)
-            all_alpha.append(alpha)
-        return ops.stack(all_logits, axis=1), ops.stack(all_alpha, axis=1)
+        if tokens.shape[1] is not None:
+            deeps, alphas = [], []
+            for t in range(tokens.shape[1]):
+                deep, h, c, alpha = self._recur(embs[:, t], h, c, feats, keys)
+                deeps.append(deep)
+                alphas.append(alpha)
+            deep, alpha = ops.stack(deeps, axis=1), ops.stack(alphas, axis=1)
+        else:
+            def body(carry, emb):
+                deep, h, c, alpha = self._recur(emb, *carry, feats, keys)
+                return (h, c), (deep, alpha)
+
+            _, (deep, alpha) = ops.scan(body, (h, c), ops.transpose(embs, (1, 0, 2)))
+            deep = ops.transpose(deep, (1, 0, 2))  # (T, B, E) -> (B, T, E)
+            alpha = ops.transpose(alpha, (1, 0, 2))  # (T, B, L) -> (B, T, L)
+        logits = self.logits(self.out_dropout(deep, training=training))  # (B, T, V)
+        return logits, alpha
 
     def call(self, inputs, training=False):
         features, tokens = inputs

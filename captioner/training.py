@@ -39,7 +39,8 @@ from captioner.inference import (
 
 CHECKPOINT = "checkpoint.h5"
 HISTORY = "history.csv"
-HISTORY_FIELDS = ("epoch", "loss", "val_loss", "val_bleu4", "learning_rate", "seconds")
+HISTORY_FIELDS = ("epoch", "loss", "val_loss", "val_bleu4", "val_cider", "learning_rate", "seconds")
+SELECT_ON = ("bleu4", "cider", "bleu4+cider")
 SCHEDULES = ("constant", "cosine", "plateau")
 DECODERS = ("merge", "inject", "attention")
 
@@ -73,6 +74,9 @@ class TrainConfig:
     patience: int = 5
     keep_checkpoints: int = 2
     val_bleu_images: int = 200
+    val_beam_size: int = 1  # beam size of the per-epoch dev captions (1: greedy)
+    select_on: str = "bleu4"  # dev score that picks best.weights.h5: bleu4, cider, bleu4+cider
+    bucket: bool = True  # batch captions of similar length; no steps spent on padding
     seed: int = 0
     mixed_precision: bool = False
     in_memory: bool = True
@@ -227,7 +231,7 @@ def _make_monitor(config: TrainConfig, run: Path, val_sample, tokenizer, state: 
     import keras
 
     from captioner.inference import Captioner
-    from captioner.metrics import corpus_bleu_scores
+    from captioner.metrics import corpus_bleu_scores, cider_d
 
     class RunMonitor(keras.callbacks.Callback):
         """Per-epoch validation BLEU-4, best/last weights, history, LR plateau, early stop,
@@ -251,24 +255,26 @@ def _make_monitor(config: TrainConfig, run: Path, val_sample, tokenizer, state: 
         def on_epoch_begin(self, epoch, logs=None):
             self.started = time.time()
 
-        def _val_bleu(self) -> float | None:
+        def _val_scores(self) -> tuple[float | None, float | None]:
+            """(BLEU-4, CIDEr-D) of the dev sample's captions, or (None, None) without one."""
             if val_sample is None:
-                return None
+                return None, None
             feats, refs = val_sample
-            caps = self._get_captioner().caption_features(feats)
+            caps = self._get_captioner().caption_features(feats, beam_size=config.val_beam_size)
             hyps = {name: c[0].text for name, c in zip(refs, caps, strict=True)}
-            return corpus_bleu_scores(refs, hyps)["BLEU-4"]
+            return corpus_bleu_scores(refs, hyps)["BLEU-4"], cider_d(refs, hyps)[0]
 
         def on_epoch_end(self, epoch, logs=None):
             logs = logs if logs is not None else {}
-            bleu = self._val_bleu()
+            bleu, cider = self._val_scores()
             if bleu is not None:
-                logs["val_bleu4"] = bleu
+                logs["val_bleu4"], logs["val_cider"] = bleu, cider
             lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
             row = {"epoch": epoch + 1, "loss": logs.get("loss"), "val_loss": logs.get("val_loss"),
-                   "val_bleu4": bleu, "learning_rate": lr, "seconds": round(time.time() - self.started, 2)}
+                   "val_bleu4": bleu, "val_cider": cider, "learning_rate": lr,
+                   "seconds": round(time.time() - self.started, 2)}
             self.rows = [r for r in self.rows if r["epoch"] < epoch + 1] + [row]
-            self._select_best(epoch, logs, bleu)
+            self._select_best(epoch, logs, selection_score(config.select_on, bleu, cider))
             self._plateau(logs)
             self._early_stop(logs)
             self._save(epoch)
@@ -321,6 +327,13 @@ def _make_monitor(config: TrainConfig, run: Path, val_sample, tokenizer, state: 
                 pass
 
     return RunMonitor()
+
+
+def selection_score(select_on: str, bleu: float | None, cider: float | None) -> float | None:
+    """The dev score that picks the best epoch (None without dev captions)."""
+    if bleu is None or cider is None:
+        return None
+    return {"bleu4": bleu, "cider": cider, "bleu4+cider": bleu + cider}[select_on]
 
 
 # --------------------------------------------------------------------------- schedule
@@ -401,13 +414,16 @@ def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto"
         tokenizer.save(run / TOKENIZER_FILE)
     else:
         tokenizer = Tokenizer.load(run / TOKENIZER_FILE)
+    if config.select_on not in SELECT_ON:
+        raise CaptionerError(f"unknown --select-on '{config.select_on}'; choose one of {SELECT_ON}")
     train_ds = CaptionDataset(train_reader, train_caps, tokenizer, batch_size=config.batch_size,
-                              shuffle=True, seed=config.seed, in_memory=config.in_memory)
+                              shuffle=True, seed=config.seed, in_memory=config.in_memory,
+                              bucket=config.bucket)
     val_reader, val_caps, val_sample = _val_sample(config)
     val_ds = None
     if val_reader is not None:
         val_ds = CaptionDataset(val_reader, val_caps, tokenizer, batch_size=config.batch_size,
-                                shuffle=False, in_memory=config.in_memory)
+                                shuffle=False, in_memory=config.in_memory, bucket=config.bucket)
     dec_config = config.decoder_config(tokenizer.vocab_size, tokenizer.max_length,
                                        tuple(train_reader.feature_shape))
     model = build_decoder(config.decoder, **dec_config)

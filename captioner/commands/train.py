@@ -20,7 +20,7 @@ Which images belong to a split is read from the feature files' image names.
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``captioner train``."""
-    from captioner.training import DECODERS, SCHEDULES, TrainConfig
+    from captioner.training import DECODERS, SCHEDULES, SELECT_ON, TrainConfig
 
     d = TrainConfig("", "", "")
     p = sub.add_parser(
@@ -72,6 +72,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-bleu-images", type=int, default=d.val_bleu_images,
                    help="validation images captioned (greedy) each epoch for BLEU-4; the best "
                    "epoch on it is saved as best.weights.h5 (default %(default)s)")
+    p.add_argument("--val-beam-size", type=int, default=d.val_beam_size,
+                   help="beam size of those dev captions (1 = greedy; default %(default)s)")
+    p.add_argument("--select-on", choices=SELECT_ON, default=d.select_on,
+                   help="dev score that selects best.weights.h5 (default %(default)s)")
+    p.add_argument("--no-bucket", dest="bucket", action="store_false",
+                   help="do not batch captions by length (bucketing skips the padding steps)")
     p.add_argument("--seed", type=int, default=d.seed, help="random seed (default %(default)s)")
     p.add_argument("--mixed-precision", action="store_true", help="float16 compute (GPU)")
     p.add_argument("--no-in-memory", dest="in_memory", action="store_false",
