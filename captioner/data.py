@@ -192,14 +192,21 @@ class CaptionDataset(keras.utils.PyDataset):
 
     def _bucketed(self, order: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
         """``order`` with samples sorted by length inside windows of ``BUCKET_WINDOW`` batches,
-        then whole batches shuffled (the last, possibly short, batch stays last)."""
+        then whole batches shuffled (the last, possibly short, batch stays last), except that
+        the batch of longest captions comes first and the one of shortest captions second."""
         window = self.batch_size * BUCKET_WINDOW
         parts = [order[i : i + window] for i in range(0, len(order), window)]
         lengths = (self.tokens != 0).sum(axis=1)  # (N,) incl. start/end; not kept in memory
         order = np.concatenate([p[np.argsort(lengths[p], kind="stable")] for p in parts])
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         full = len(order) // self.batch_size
-        picks = rng.permutation(full) if rng is not None else np.arange(full)
+        picks = list(rng.permutation(full) if rng is not None else range(full))
+        if full >= 2:  # longest batch first (memory peaks at once), shortest second, so
+            # frameworks that read a signature off the first two batches see lengths vary
+            longest = [int(lengths[b].max()) for b in batches[:full]]
+            first, second = int(np.argmax(longest)), int(np.argmin(longest))
+            if first != second:
+                picks = [first, second] + [i for i in picks if i not in (first, second)]
         return np.concatenate([batches[i] for i in picks] + batches[full:]).astype(np.int32)
 
     def _make_batch(self, order: np.ndarray | None, index: int):

@@ -249,12 +249,18 @@ class AttentionDecoder(CaptionDecoder):
             deep, alpha = ops.stack(deeps, axis=1), ops.stack(alphas, axis=1)
         else:
             def body(carry, emb):
-                deep, h, c, alpha = self._recur(emb, *carry, feats, keys)
-                return (h, c), (deep, alpha)
+                # Keras' TensorFlow scan stacks outputs shaped like the carry, so the step's
+                # outputs (deep, alpha) ride along in it.
+                step = self._recur(emb, carry[0], carry[1], feats, keys)
+                carry = (step[1], step[2], step[0], step[3])  # (h, c, deep, alpha)
+                return carry, carry
 
-            _, (deep, alpha) = ops.scan(body, (h, c), ops.transpose(embs, (1, 0, 2)))
-            deep = ops.transpose(deep, (1, 0, 2))  # (T, B, E) -> (B, T, E)
-            alpha = ops.transpose(alpha, (1, 0, 2))  # (T, B, L) -> (B, T, L)
+            batch = ops.shape(feats)[0]
+            init = (h, c, ops.zeros((batch, self.embed_dim), h.dtype),
+                    ops.zeros((batch, self.locations), h.dtype))
+            _, ys = ops.scan(body, init, ops.transpose(embs, (1, 0, 2)))  # each (T, B, ...)
+            deep = ops.transpose(ys[2], (1, 0, 2))  # (B, T, E)
+            alpha = ops.transpose(ys[3], (1, 0, 2))  # (B, T, L)
         logits = self.logits(self.out_dropout(deep, training=training))  # (B, T, V)
         return logits, alpha
 

@@ -317,12 +317,14 @@ def evaluate(
     weights: str = "best",
     attention_images: int = ATTENTION_IMAGES,
     progress: bool | None = None,
+    ensemble: Sequence[str | os.PathLike] = (),
 ) -> EvaluationResult:
     """Caption the split with every setting in ``decodings`` and score each against all references.
 
     With ``features`` the images are the cache's (or ``split``'s, when given); ``images_dir``
     then only supplies pictures for the report. Without ``features``, ``images_dir`` and
-    ``split`` are required and the run's encoder computes the features.
+    ``split`` are required and the run's encoder computes the features. ``ensemble``: more run
+    folders decoded together with ``run_dir`` (their log-probabilities averaged per step).
     """
     from captioner.captions import CleaningRules, clean_captions, load_captions
     from captioner.inference import Captioner, read_run_config
@@ -342,7 +344,7 @@ def evaluate(
     reader = open_matching_cache(features, run_dir, config) if features is not None else None
     try:
         chosen, skipped = _choose(reader, folder, split, captions, limit)
-        captioner = Captioner.from_run(run_dir, weights)
+        captioner = Captioner.from_runs([run_dir, *ensemble], weights)
         paths = {n: folder / n for n in chosen} if folder is not None else {}
         if reader is not None:
             chunks = _cache_chunks(reader, chosen, batch_size)
@@ -368,6 +370,7 @@ def evaluate(
         "images_dir": _str(images_dir),
         "split": _str(split),
         "weights": weights,
+        "ensemble": [str(r) for r in ensemble],
     }
     return EvaluationResult(
         run_dir,

@@ -121,6 +121,13 @@ class Captioner:
             raise CaptionerError(f"{path} does not fit the decoder in {run_dir / CONFIG_FILE}: {exc}") from exc
         return cls(decoder, tokenizer, config)
 
+    @classmethod
+    def from_runs(cls, run_dirs: Sequence[str | os.PathLike], weights: str = "best") -> Captioner:
+        """One run folder as :meth:`from_run`; several as an :class:`EnsembleCaptioner`."""
+        if len(run_dirs) == 1:
+            return cls.from_run(run_dirs[0], weights)
+        return EnsembleCaptioner([cls.from_run(r, weights) for r in run_dirs], list(run_dirs))
+
     # ------------------------------------------------------------------ search
 
     def step_function(self) -> Callable[[np.ndarray, Any], tuple[np.ndarray, Any]]:
@@ -232,6 +239,48 @@ class Captioner:
                 for i, caps in zip(good, self.caption_features(feats, **search), strict=True):
                     results[i] = (Path(paths[i]), caps, None)
         return [results[i] for i in range(len(paths))]
+
+
+class EnsembleCaptioner(Captioner):
+    """Several runs over the same encoder and vocabulary decoded as one model: every step of the
+    search feeds each member its own state and averages the members' log-probabilities.
+
+    Encoding, images and attention maps come from the first member (the encoder is shared).
+    """
+
+    def __init__(self, members: list[Captioner], names: Sequence[Any] = ()):
+        first = members[0]
+        for name, member in zip(list(names)[1:] or range(1, len(members)), members[1:]):
+            _check_compatible(first, member, name)
+        self.members = members
+        self.decoder, self.tokenizer, self.config = first.decoder, first.tokenizer, first.config
+        self._encoder = None
+
+    def initial_state(self, features: np.ndarray) -> list[dict[str, np.ndarray]]:
+        return [m.initial_state(features) for m in self.members]
+
+    def step_function(self) -> Callable[[np.ndarray, Any], tuple[np.ndarray, Any]]:
+        steps = [m.step_function() for m in self.members]
+
+        def step(tokens: np.ndarray, state: list):
+            outs = [fn(tokens, s) for fn, s in zip(steps, state, strict=True)]
+            log_probs = np.mean([o[0] for o in outs], axis=0)  # (B, V), mean over members
+            return log_probs, [o[1] for o in outs]
+
+        return step
+
+
+def _check_compatible(first: Captioner, other: Captioner, name: Any) -> None:
+    """CaptionerError unless ``other`` shares ``first``'s vocabulary and encoder features."""
+    if first.tokenizer.words != other.tokenizer.words:
+        raise CaptionerError(f"ensemble member {name} has another vocabulary than the first model")
+    a, b = first.config.get("encoder", {}), other.config.get("encoder", {})
+    for key in ("name", "layer", "feature_shape"):
+        if a.get(key) != b.get(key):
+            raise CaptionerError(
+                f"ensemble member {name} uses encoder {key} {b.get(key)!r}, the first model "
+                f"{a.get(key)!r}; ensembles need the same image features"
+            )
 
 
 def _log_softmax_step(decoder, tokens, state):

@@ -171,6 +171,32 @@ def cider_d(references: References, hypotheses: Hypotheses) -> tuple[float, dict
     return float(np.mean(list(per_image.values()))), per_image
 
 
+class CiderScorer:
+    """CIDEr-D of new captions against fixed references, with document frequencies taken once
+    from all of ``references`` (e.g. the training split) — the reward of self-critical training.
+    """
+
+    def __init__(self, references: References) -> None:
+        self.references = references
+        self.df: Counter[NGram] = Counter()
+        for refs in references.values():
+            self.df.update({gram for r in refs for gram in _ngrams(r.split())})
+        self.log_images = math.log(max(len(references), 2))
+        self._refs: dict[str, list[_TfIdf]] = {}
+
+    def score(self, image: str, captions: list[str]) -> np.ndarray:
+        """CIDEr-D of each caption in ``captions`` against the references of ``image``."""
+        refs = self._refs.get(image)
+        if refs is None:
+            refs = [_TfIdf(r.split(), self.df, self.log_images) for r in self.references[image]]
+            self._refs[image] = refs
+        scores = []
+        for caption in captions:
+            hyp = _TfIdf(caption.split(), self.df, self.log_images)
+            scores.append(10.0 * sum(_cider_pair(hyp, ref) for ref in refs) / len(refs))
+        return np.asarray(scores, dtype=np.float64)
+
+
 def _lcs_length(a: list[str], b: list[str]) -> int:
     """Length of the longest common subsequence of two token lists."""
     previous = [0] * (len(b) + 1)

@@ -217,13 +217,13 @@ def read_history(path: Path) -> list[dict[str, float | None]]:
     return rows
 
 
-def _write_history(path: Path, rows: list[dict]) -> None:
+def _write_history(path: Path, rows: list[dict], fields: tuple[str, ...] = HISTORY_FIELDS) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in HISTORY_FIELDS})
+            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in fields})
     os.replace(tmp, path)
 
 
@@ -231,7 +231,6 @@ def _make_monitor(config: TrainConfig, run: Path, val_sample, tokenizer, state: 
     import keras
 
     from captioner.inference import Captioner
-    from captioner.metrics import corpus_bleu_scores, cider_d
 
     class RunMonitor(keras.callbacks.Callback):
         """Per-epoch validation BLEU-4, best/last weights, history, LR plateau, early stop,
@@ -256,13 +255,7 @@ def _make_monitor(config: TrainConfig, run: Path, val_sample, tokenizer, state: 
             self.started = time.time()
 
         def _val_scores(self) -> tuple[float | None, float | None]:
-            """(BLEU-4, CIDEr-D) of the dev sample's captions, or (None, None) without one."""
-            if val_sample is None:
-                return None, None
-            feats, refs = val_sample
-            caps = self._get_captioner().caption_features(feats, beam_size=config.val_beam_size)
-            hyps = {name: c[0].text for name, c in zip(refs, caps, strict=True)}
-            return corpus_bleu_scores(refs, hyps)["BLEU-4"], cider_d(refs, hyps)[0]
+            return dev_scores(self._get_captioner(), tokenizer, val_sample, config.val_beam_size)
 
         def on_epoch_end(self, epoch, logs=None):
             logs = logs if logs is not None else {}
@@ -327,6 +320,21 @@ def _make_monitor(config: TrainConfig, run: Path, val_sample, tokenizer, state: 
                 pass
 
     return RunMonitor()
+
+
+def dev_scores(model, tokenizer, sample, beam_size: int = 1) -> tuple[float | None, float | None]:
+    """(BLEU-4, CIDEr-D) of ``model``'s captions of the dev ``sample`` (features, references);
+    (None, None) without a sample. ``model`` is a decoder or a ready ``Captioner``."""
+    from captioner.inference import Captioner
+    from captioner.metrics import cider_d, corpus_bleu_scores
+
+    if sample is None:
+        return None, None
+    feats, refs = sample
+    captioner = model if isinstance(model, Captioner) else Captioner(model, tokenizer)
+    caps = captioner.caption_features(feats, beam_size=beam_size)
+    hyps = {name: c[0].text for name, c in zip(refs, caps, strict=True)}
+    return corpus_bleu_scores(refs, hyps)["BLEU-4"], cider_d(refs, hyps)[0]
 
 
 def selection_score(select_on: str, bleu: float | None, cider: float | None) -> float | None:

@@ -397,3 +397,43 @@ def test_progressive_loader_feeds_keras3_fit():
     model.compile(loss="categorical_crossentropy", optimizer="adam")
     history = model.fit(loader.generate(), steps_per_epoch=loader.steps_per_epoch, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][0])
+
+
+# ----------------------------------------------------------------------------- bucketing
+
+
+def test_bucketed_epoch_holds_every_caption_once_in_short_trimmed_batches():
+    ds, _, captions, tok = make(n_images=60, batch_size=8, bucket=True, seed=3)
+    plain, *_ = make(n_images=60, batch_size=8, seed=3)
+    assert sorted(batch_order(ds)) == sorted(batch_order(plain))
+    widths = []
+    for (feats, t_in), t_out, weights in all_batches(ds):
+        real = (t_in != 0).sum(axis=1)  # start + words
+        # trimmed to the longest caption, rounded up to a multiple of 4 steps
+        assert t_in.shape[1] == min(-(-real.max() // 4) * 4, tok.max_length - 1)
+        assert t_out.shape == weights.shape == t_in.shape
+        assert weights.sum() == (t_out != 0).sum()
+        assert (t_out != 0).sum(axis=1).min() >= 1  # no caption lost its end token
+        widths.append(t_in.shape[1])
+    assert min(widths) < tok.max_length - 1  # some batches really are shorter
+    padding = sum(w.size - w.sum() for _, _, w in all_batches(ds))
+    padding_plain = sum(w.size - w.sum() for _, _, w in all_batches(plain))
+    assert padding < padding_plain / 2
+
+
+def test_bucketed_order_is_a_pure_function_of_seed_and_epoch():
+    a, *_ = make(n_images=40, batch_size=4, bucket=True, seed=1)
+    b, *_ = make(n_images=40, batch_size=4, bucket=True, seed=1)
+    assert batch_order(a) == batch_order(b)
+    first = batch_order(a)
+    a.set_epoch(1)
+    assert batch_order(a) != first
+    a.set_epoch(0)
+    assert batch_order(a) == first
+
+
+def test_bucketed_epoch_starts_with_its_longest_then_its_shortest_batch():
+    ds, *_ = make(n_images=60, batch_size=8, bucket=True, seed=5)
+    widths = [t_in.shape[1] for (_, t_in), _, _ in all_batches(ds)]
+    full = widths[: len(widths) - (ds.num_samples % 8 > 0)]
+    assert widths[0] == max(full) and widths[1] == min(full) and widths[0] > widths[1]

@@ -129,3 +129,22 @@ def test_attention_needs_spatial_features():
         _model("attention", (12,))
     with pytest.raises(ValueError, match="unknown decoder"):
         _model("transformer", (12,))
+
+
+def test_attention_decoder_runs_with_a_length_known_only_at_run_time():
+    """Length-bucketed batches make TensorFlow relax the caption length to None; the scan path
+    must give the same logits as the unrolled one."""
+    tf = pytest.importorskip("tensorflow")
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("tf.function relaxation is TensorFlow-specific")
+    from captioner.decoders import build_decoder
+
+    model = build_decoder("attention", vocab_size=30, max_length=9, feature_shape=(2, 2, 8),
+                          embed_dim=6, units=5, attention_units=4)
+    feats = np.random.default_rng(0).random((3, 2, 2, 8)).astype("float32")
+    tokens = np.random.default_rng(1).integers(1, 30, (3, 7)).astype("int32")
+    unrolled = keras.ops.convert_to_numpy(model((feats, tokens)))
+    spec = [tf.TensorSpec((None, 2, 2, 8)), tf.TensorSpec((None, None), tf.int32)]
+    relaxed = tf.function(lambda f, t: model((f, t)), input_signature=spec)
+    np.testing.assert_allclose(relaxed(feats, tokens).numpy(), unrolled, atol=1e-5)
+    np.testing.assert_allclose(relaxed(feats, tokens[:, :4]).numpy(), unrolled[:, :4], atol=1e-5)

@@ -191,3 +191,20 @@ def test_validation_loss_without_bleu_sample(tmp_path, data):
     run = train(_config(tmp_path, data, epochs=1, val_bleu_images=0), verbose=0)
     row = next(csv.DictReader(open(run / "history.csv")))
     assert float(row["val_loss"]) > 0 and row["val_bleu4"] == ""
+
+
+@pytest.mark.parametrize("kind", ["merge", "attention"])
+def test_length_bucketed_training_runs_with_captions_of_many_lengths(tmp_path, kind):
+    """Bucketed batches vary in length from batch to batch (TensorFlow then relaxes the trace
+    to an unknown length); training and validation must still run and lower the loss."""
+    caps, train_h5, val_h5, refs = toy_dataset(tmp_path, n_images=12, spatial=kind == "attention")
+    words = "a dog runs on the green grass near the big old tree today".split()
+    lines = [f"{n}#{k}\t{' '.join(words[: 2 + (i + k) % 11])}"
+             for i, n in enumerate(refs) for k in range(3)]
+    caps.write_text("\n".join(lines) + "\n")
+    config = _config(tmp_path, (caps, train_h5, val_h5, refs), decoder=kind, epochs=3,
+                     batch_size=4, bucket=True)
+    run = train(config, verbose=0)
+    with open(run / "history.csv") as fh:
+        losses = [float(r["loss"]) for r in csv.DictReader(fh)]
+    assert len(losses) == 3 and losses[-1] < losses[0]

@@ -32,9 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE",
                    help="image files, folders (their images) or quoted globs; with --features, "
                    "image names in the cache")
-    p.add_argument("--model", metavar="RUN_DIR", default=None,
+    p.add_argument("--model", metavar="RUN_DIR", default=None, nargs="+", action="extend",
                    help="run folder from `captioner train` (default: weights/default, the "
-                   "bundled Flickr8k model)")
+                   "bundled Flickr8k model); several folders over the same encoder decode as "
+                   "an ensemble that averages their per-step log-probabilities")
     p.add_argument("--beam-size", type=int, default=3,
                    help="beam width; 1 = greedy (default %(default)s)")
     p.add_argument("--n-best", type=int, default=1,
@@ -99,8 +100,8 @@ def run_caption(args: argparse.Namespace) -> int:
 
     if args.n_best > args.beam_size:
         raise CaptionerError(f"--n-best {args.n_best} needs --beam-size of at least {args.n_best}")
-    model_dir = Path(args.model) if args.model else DEFAULT_RUN
-    captioner = Captioner.from_run(model_dir)
+    model_dir = Path(args.model[0]) if args.model else DEFAULT_RUN
+    captioner = Captioner.from_runs(args.model or [DEFAULT_RUN])
     search = {"beam_size": args.beam_size, "n_best": args.n_best, "alpha": args.alpha,
               "block_ngram": args.block_ngram, "max_length": args.max_length}
     if args.features:

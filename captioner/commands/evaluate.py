@@ -38,7 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--model",
         metavar="RUN_DIR",
         default=None,
-        help="run folder from `captioner train` (default: weights/default, the bundled model)",
+        nargs="+",
+        action="extend",
+        help="run folder from `captioner train` (default: weights/default, the bundled model); "
+        "several folders over the same encoder are evaluated as one ensemble",
     )
     p.add_argument(
         "--weights",
@@ -137,7 +140,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from captioner.inference import CONFIG_FILE, DEFAULT_RUN
     from captioner.report import format_table, write_report
 
-    model = args.model
+    models = args.model or []
+    model = models[0] if models else None
     if model is None:
         if not (DEFAULT_RUN / CONFIG_FILE).is_file():
             raise CaptionerError(f"no bundled model in {DEFAULT_RUN}; pass --model RUN_DIR")
@@ -158,6 +162,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         weights=args.weights,
         attention_images=args.attention_images,
         progress=False if args.quiet else None,
+        ensemble=models[1:],
     )
     paths = write_report(
         args.report, result, gallery=args.gallery, thumbnail_size=args.thumbnail_size

@@ -57,7 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="words seen fewer times in training captions become <unk> (default %(default)s)")
     p.add_argument("--max-length", type=int, default=None,
                    help="cap on caption length in tokens incl. <start>/<end> (default: longest training caption)")
-    p.add_argument("--learning-rate", type=float, default=d.learning_rate, help="Adam learning rate (default %(default)s)")
+    p.add_argument("--learning-rate", type=float, default=None,
+                   help=f"Adam learning rate (default {d.learning_rate}; 2e-05 with --scst)")
     p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
                    help="learning-rate schedule: constant, cosine (with --warmup-epochs), or "
                    "plateau (halve after --plateau-patience epochs without val-loss progress)")
@@ -84,6 +85,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="read features from the HDF5 file per batch instead of loading them once")
     p.add_argument("--max-train-images", type=int, default=None, help="use only the first N training images")
     p.add_argument("--quiet", action="store_true", help="no per-epoch progress output")
+    g = p.add_argument_group("self-critical fine-tuning (SCST, CIDEr-D reward)")
+    g.add_argument("--scst", action="store_true",
+                   help="fine-tune the run given by --init with self-critical sequence training")
+    g.add_argument("--init", metavar="RUN_DIR", help="cross-entropy run to start from (with --scst)")
+    g.add_argument("--samples", type=int, default=5,
+                   help="captions sampled per image; each one's baseline is the mean reward of "
+                   "the others (default %(default)s)")
+    g.add_argument("--batch-images", type=int, default=16,
+                   help="images per SCST step (default %(default)s)")
     p.set_defaults(handler=run_train)
 
 
@@ -92,6 +102,10 @@ def run_train(args: argparse.Namespace) -> int:
     from captioner.errors import CaptionerError
     from captioner.training import TrainConfig, train
 
+    if args.scst:
+        return _run_scst(args)
+    if args.learning_rate is None:
+        args.learning_rate = TrainConfig.learning_rate
     if not args.resume and not (args.captions and args.train_features):
         raise CaptionerError("--captions and --train-features are required (unless --resume)")
     fields = TrainConfig.__dataclass_fields__
@@ -100,5 +114,24 @@ def run_train(args: argparse.Namespace) -> int:
         values[required] = values[required] or ""
     config = TrainConfig(**values)
     run = train(config, resume=args.resume, verbose=0 if args.quiet else 2)
+    print(f"run folder: {run}")
+    return 0
+
+
+def _run_scst(args: argparse.Namespace) -> int:
+    from captioner.errors import CaptionerError
+    from captioner.scst import ScstConfig, train_scst
+
+    if not args.resume and not args.init:
+        raise CaptionerError("--scst needs --init RUN_DIR (a cross-entropy run to fine-tune)")
+    config = ScstConfig(
+        init=args.init or "", out=args.out, captions=args.captions,
+        train_features=args.train_features, val_features=args.val_features,
+        epochs=args.epochs, samples=args.samples, batch_images=args.batch_images,
+        learning_rate=args.learning_rate or ScstConfig.learning_rate,
+        val_images=args.val_bleu_images, val_beam_size=args.val_beam_size,
+        select_on=args.select_on, seed=args.seed, max_train_images=args.max_train_images,
+    )
+    run = train_scst(config, resume=args.resume, verbose=not args.quiet)
     print(f"run folder: {run}")
     return 0
