@@ -250,8 +250,9 @@ class EnsembleCaptioner(Captioner):
 
     def __init__(self, members: list[Captioner], names: Sequence[Any] = ()):
         first = members[0]
-        for name, member in zip(list(names)[1:] or range(1, len(members)), members[1:]):
-            _check_compatible(first, member, name)
+        labels = list(names) if len(names) == len(members) else list(range(len(members)))
+        for label, member in zip(labels[1:], members[1:], strict=True):
+            _check_compatible(first, member, label)
         self.members = members
         self.decoder, self.tokenizer, self.config = first.decoder, first.tokenizer, first.config
         self._encoder = None

@@ -407,7 +407,7 @@ def test_bucketed_epoch_holds_every_caption_once_in_short_trimmed_batches():
     plain, *_ = make(n_images=60, batch_size=8, seed=3)
     assert sorted(batch_order(ds)) == sorted(batch_order(plain))
     widths = []
-    for (feats, t_in), t_out, weights in all_batches(ds):
+    for (_feats, t_in), t_out, weights in all_batches(ds):
         real = (t_in != 0).sum(axis=1)  # start + words
         # trimmed to the longest caption, rounded up to a multiple of 4 steps
         assert t_in.shape[1] == min(-(-real.max() // 4) * 4, tok.max_length - 1)
