@@ -271,12 +271,31 @@ def meteor(references: References, hypotheses: Hypotheses, *, wordnet: Any = Non
     return float(np.mean(scores))
 
 
+# Function words: a repeated word pair made only of these ("in a ... in a") is not counted.
+FUNCTION_WORDS = frozenset(
+    "a an the and or of in on at to into onto with by for from near next over under up down "
+    "out off through while as is are was be being his her its their it he she they them one "
+    "two three some another other each".split()
+)
+
+
+def repeats_content_pair(caption: str) -> bool:
+    """True when a word pair holding a content word occurs twice in ``caption``
+    (e.g. "a man in a red shirt ... in a red shirt": "red shirt")."""
+    words = caption.split()
+    pairs = Counter(zip(words, words[1:], strict=False))
+    return any(n > 1 and not (a in FUNCTION_WORDS and b in FUNCTION_WORDS)
+               for (a, b), n in pairs.items())
+
+
 def diversity(hypotheses: Hypotheses, references: References) -> dict[str, float | int]:
     """How varied the generated captions are, next to the reference lengths.
 
     Keys: ``distinct_captions`` (count of different hypotheses), ``distinct_share`` (that count
     over the number of images), ``vocabulary`` (distinct words used by the hypotheses),
-    ``mean_length`` (words per hypothesis), ``mean_reference_length`` (words per reference).
+    ``mean_length`` (words per hypothesis), ``mean_reference_length`` (words per reference),
+    ``repeated_pair_share`` / ``reference_repeated_pair_share`` (share of hypotheses /
+    references repeating a word pair that holds a content word, see :func:`repeats_content_pair`).
     """
     ids = check_ids(references, hypotheses)
     hyp_words = [hypotheses[i].split() for i in ids]
@@ -288,6 +307,10 @@ def diversity(hypotheses: Hypotheses, references: References) -> dict[str, float
         "vocabulary": len({w for words in hyp_words for w in words}),
         "mean_length": float(np.mean([len(words) for words in hyp_words])),
         "mean_reference_length": float(np.mean(ref_lengths)),
+        "repeated_pair_share": float(np.mean([repeats_content_pair(hypotheses[i]) for i in ids])),
+        "reference_repeated_pair_share": float(
+            np.mean([repeats_content_pair(r) for i in ids for r in references[i]])
+        ),
     }
 
 

@@ -284,6 +284,8 @@ def test_diversity_by_hand() -> None:
         "vocabulary": 7,  # a dog runs cat sits on mat
         "mean_length": pytest.approx(4.0),  # (3 + 3 + 6) / 3
         "mean_reference_length": pytest.approx(2.5),  # (2 + 4 + 1 + 3) / 4
+        "repeated_pair_share": 0.0,
+        "reference_repeated_pair_share": 0.0,
     }
 
 
@@ -326,3 +328,16 @@ def test_evaluate_all_layout() -> None:
         "CIDEr-D": cider_per_image[first],
         "ROUGE-L": rouge_l({first: references[first]}, {first: hypotheses[first]})[0],
     }
+
+
+def test_repeated_content_pairs_are_flagged_and_function_word_pairs_are_not():
+    from captioner.metrics import repeats_content_pair
+
+    assert repeats_content_pair("a football player wearing a red helmet is wearing a red helmet")
+    assert repeats_content_pair("a man in a black shirt and a black jacket")  # "a black"
+    assert not repeats_content_pair("a dog in a field jumps in a lake")  # only "in a" repeats
+    assert not repeats_content_pair("a dog runs")
+    assert not repeats_content_pair("")
+    refs = {"x": ["a dog runs", "a dog runs on a dog"]}
+    d = diversity({"x": "a red car and a red car"}, refs)
+    assert d["repeated_pair_share"] == 1.0 and d["reference_repeated_pair_share"] == 0.5
