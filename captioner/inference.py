@@ -143,6 +143,28 @@ class Captioner:
         """Decoder state for a batch of image features (B, *feature_shape)."""
         return _to_numpy(self._init(np.asarray(features, dtype="float32")))
 
+    def prepare(self, features: np.ndarray, repeat: int = 1) -> tuple[Any, Callable]:
+        """(numpy state, step function) for a search over ``features`` (B, *F).
+
+        The per-image parts of the decoder state that no step changes (``STATIC_STATE``: the
+        features and their attention keys) stay on the backend, repeated ``repeat`` times per
+        image (the beam size), and are bound into the step; only the small changing state goes
+        through the search's numpy reordering each step.
+        """
+        from keras import ops
+
+        state = self._init(np.asarray(features, dtype="float32"))
+        static = {k: state[k] for k in STATIC_STATE if k in state}
+        if repeat > 1:
+            static = {k: ops.repeat(v, repeat, axis=0) for k, v in static.items()}
+        dynamic = _to_numpy({k: v for k, v in state.items() if k not in static})
+
+        def step(tokens: np.ndarray, dyn):
+            log_probs, new = self._step(tokens.astype("int32"), {**dyn, **static})
+            return _to_numpy(log_probs), _to_numpy({k: v for k, v in new.items() if k not in static})
+
+        return dynamic, step
+
     def search(
         self,
         features: np.ndarray,
@@ -154,13 +176,14 @@ class Captioner:
     ) -> list[list[Hypothesis]]:
         """Hypotheses for one batch of features: greedy when ``beam_size == 1``."""
         max_length = max_length or self.tokenizer.max_length - 1
-        state = self.initial_state(features)
         common = dict(start_id=START, end_id=END, max_length=max_length,
                       block_ngram=block_ngram, banned_ids=(PAD, START, UNK))
         if beam_size == 1 and n_best == 1:
-            hyps = greedy_search(self.step_function(), state, len(features), **common)
+            state, step = self.prepare(features)
+            hyps = greedy_search(step, state, len(features), **common)
             return [[h] for h in hyps]
-        return beam_search(self.step_function(), state, len(features), beam_size=beam_size,
+        state, step = self.prepare(features, repeat=beam_size)
+        return beam_search(step, state, len(features), beam_size=beam_size,
                            alpha=alpha, n_best=n_best, **common)
 
     def caption_features(
@@ -241,6 +264,9 @@ class Captioner:
         return [results[i] for i in range(len(paths))]
 
 
+STATIC_STATE = ("features", "keys")  # decoder state that is per image and never changes
+
+
 class EnsembleCaptioner(Captioner):
     """Several runs over the same encoder and vocabulary decoded as one model: every step of the
     search feeds each member its own state and averages the members' log-probabilities.
@@ -260,15 +286,23 @@ class EnsembleCaptioner(Captioner):
     def initial_state(self, features: np.ndarray) -> list[dict[str, np.ndarray]]:
         return [m.initial_state(features) for m in self.members]
 
+    def prepare(self, features: np.ndarray, repeat: int = 1) -> tuple[Any, Callable]:
+        parts = [m.prepare(features, repeat) for m in self.members]
+        return [p[0] for p in parts], _mean_step([p[1] for p in parts])
+
     def step_function(self) -> Callable[[np.ndarray, Any], tuple[np.ndarray, Any]]:
-        steps = [m.step_function() for m in self.members]
+        return _mean_step([m.step_function() for m in self.members])
 
-        def step(tokens: np.ndarray, state: list):
-            outs = [fn(tokens, s) for fn, s in zip(steps, state, strict=True)]
-            log_probs = np.mean([o[0] for o in outs], axis=0)  # (B, V), mean over members
-            return log_probs, [o[1] for o in outs]
 
-        return step
+def _mean_step(steps: list[Callable]) -> Callable[[np.ndarray, Any], tuple[np.ndarray, Any]]:
+    """A step running every member's step on its own state and averaging their log-probs."""
+
+    def step(tokens: np.ndarray, state: list):
+        outs = [fn(tokens, s) for fn, s in zip(steps, state, strict=True)]
+        log_probs = np.mean([o[0] for o in outs], axis=0)  # (B, V), mean over members
+        return log_probs, [o[1] for o in outs]
+
+    return step
 
 
 def _check_compatible(first: Captioner, other: Captioner, name: Any) -> None:

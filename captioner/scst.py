@@ -135,9 +135,9 @@ class _Step:
 
         k = self.config.samples
         rep = np.repeat(feats, k, axis=0)  # (B*K, *F), image i's samples are rows i*K..i*K+K-1
-        captioner = Captioner(self.model, self.tokenizer)
-        hyps = sample_search(captioner.step_function(), captioner.initial_state(rep), len(rep),
-                             START, END, self.max_length, rng, banned_ids=(PAD, START, UNK))
+        state, step = Captioner(self.model, self.tokenizer).prepare(rep)
+        hyps = sample_search(step, state, len(rep), START, END, self.max_length, rng,
+                             banned_ids=(PAD, START, UNK))
         texts = [self.tokenizer.decode(h.tokens) for h in hyps]
         rewards = np.stack([self.scorer.score(n, texts[i * k:(i + 1) * k])
                             for i, n in enumerate(names)])  # (B, K)
