@@ -9,7 +9,7 @@ and the caption length are those of a real run) and the same merge model size:
     Adam with clipnorm 5), exactly as ``captioner.training.train`` sets it up;
 (b) classic: the tutorial's functional merge model (photo (D,) and a pre-padded prefix of
     length max_length-1; Embedding(mask_zero=True) + LSTM; categorical cross-entropy on
-    ONE-HOT targets; Adam) fed by ``captioner.data.ProgressiveLoader``: one photo per step,
+    ONE-HOT targets; Adam) fed by ``progressive.ProgressiveLoader`` (benchmarks/progressive.py): one photo per step,
     every caption prefix its own sample, ``steps_per_epoch`` = number of photos.
 
 Each side runs in its OWN child process (this script re-runs itself with ``--side``), so the
@@ -171,7 +171,8 @@ def toy_captions(n_images: int, seed: int = 0) -> dict[str, list[str]]:
 def split_captions(args: argparse.Namespace, toy_images: int = 40) -> dict[str, list[str]]:
     """Cleaned captions of every image of the training split, in sorted name order (toy
     captions in --smoke mode when the caption file is missing)."""
-    from captioner.captions import clean_captions, load_captions, load_split
+    from captioner.captions import load_captions, load_split
+    from captioner.cleaning import clean_captions
 
     if not args.captions.is_file():
         if getattr(args, "smoke", False):
@@ -193,7 +194,7 @@ def build_tokenizer(captions: dict[str, list[str]], min_count: int, max_length: 
 
 
 def feature_names(path: Path) -> set[str]:
-    from captioner.features import open_features
+    from captioner.cache import open_features
 
     with open_features(path) as reader:
         return set(reader.done_names)
@@ -201,7 +202,7 @@ def feature_names(path: Path) -> set[str]:
 
 def write_synthetic(path: Path, names: list[str], dim: int, seed: int = 0) -> Path:
     """A complete feature cache of random non-negative (ReLU-like) pooled features."""
-    from captioner.features import FeatureWriter
+    from captioner.cache import FeatureWriter
 
     rng = np.random.default_rng(seed)
     feats = np.maximum(rng.normal(0.0, 1.0, (len(names), dim)), 0).astype(np.float32)
@@ -221,7 +222,7 @@ def feature_file(args: argparse.Namespace, names: list[str], tmp: Path) -> Path:
     out = tmp / "features.h5"
     if args.synthetic_features:
         return write_synthetic(out, names, args.feature_dim)
-    from captioner.features import extract_with_spec
+    from captioner.extraction import extract_with_spec
 
     paths = [args.images_dir / n for n in names]
     missing = [p for p in paths if not p.is_file()]
@@ -264,7 +265,7 @@ class MemorySource:
 
 
 def load_memory_source(path: Path, names: list[str]) -> MemorySource:
-    from captioner.features import open_features
+    from captioner.cache import open_features
 
     with open_features(path) as reader:
         rows = np.asarray(reader.read(names), dtype=np.float32)
@@ -318,8 +319,9 @@ def setup_side(args: argparse.Namespace):
     Returns ``(info, run_round)``; ``run_round(r)`` trains round ``r`` and returns
     ``(captions, steps, seconds)``."""
     import keras
+    from progressive import ProgressiveLoader
 
-    from captioner.data import CaptionDataset, EpochStream, ProgressiveLoader
+    from captioner.data import CaptionDataset, EpochStream
     from captioner.decoders import MaskedSparseCrossEntropy, build_decoder
 
     rss_start = peak_rss_mb()

@@ -34,18 +34,24 @@ _FORCED = float(np.finfo(np.float64).min)
 
 
 @dataclass(frozen=True)
-class Hypothesis:
-    """One decoded sequence.
+class Caption:
+    """One decoded caption: the one result type from search to report.
 
     ``tokens`` excludes the start and end tokens; ``log_prob`` sums the log-probs of every
     generated token, the end token's included when ``finished``; ``score`` is
     ``log_prob / length_penalty(length, alpha)`` (``log_prob`` itself for greedy search).
+    ``text`` is empty out of the search, which knows token ids only;
+    :class:`captioner.inference.Captioner` fills it in with the tokenizer.
     """
 
     tokens: tuple[int, ...]
     log_prob: float
     score: float
     finished: bool
+    text: str = ""
+
+
+Hypothesis = Caption  # the search's name for a caption whose text is not filled in yet
 
 
 # ---------------------------------------------------------------- state pytrees
@@ -370,51 +376,3 @@ def _ranked(
         ranked.append(Hypothesis(tokens, lp, lp / length_penalty(steps, alpha), False))
     return ranked
 
-
-# ---------------------------------------------------------------- sampling
-
-
-def sample_search(
-    step: StepFn,
-    state: State,
-    batch_size: int,
-    start_id: int,
-    end_id: int,
-    max_length: int,
-    rng: np.random.Generator,
-    banned_ids: Sequence[int] = (),
-    temperature: float = 1.0,
-) -> list[Hypothesis]:
-    """One caption per row drawn from the model's distribution (for self-critical training).
-
-    Each step samples the next token from ``softmax(log_probs / temperature)`` with banned ids
-    removed; rows stop at the end token or after ``max_length`` tokens, like greedy search.
-    """
-    banned = tuple(int(i) for i in banned_ids)
-    _check_args(batch_size, end_id, max_length, 0, banned)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    rows = np.arange(batch_size)
-    tokens = np.full(batch_size, start_id, dtype=np.int64)
-    history = np.zeros((batch_size, max_length), dtype=np.int64)
-    lengths = np.zeros(batch_size, dtype=np.int64)
-    total = np.zeros(batch_size)
-    done = np.zeros(batch_size, dtype=bool)
-    for t in range(max_length):
-        raw, state = step(tokens, state)
-        log_probs = _log_probs(raw, batch_size, end_id, banned)
-        _mask(log_probs, banned, history[:, :t], 0)
-        scaled = log_probs / temperature
-        probs = np.exp(scaled - scaled.max(axis=1, keepdims=True))  # (R, V)
-        cumulative = np.cumsum(probs, axis=1)
-        draws = rng.random(batch_size) * cumulative[:, -1]
-        choice = np.minimum((cumulative < draws[:, None]).sum(axis=1), log_probs.shape[1] - 1)
-        live = ~done
-        total[live] += log_probs[rows, choice][live]
-        history[live, t] = choice[live]
-        lengths[live] += 1
-        done |= choice == end_id
-        tokens = np.where(done, end_id, choice)
-        if done.all():
-            break
-    return [_greedy_hypothesis(history[r], lengths[r], total[r], end_id) for r in rows]

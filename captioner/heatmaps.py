@@ -1,14 +1,20 @@
-"""Attention heatmaps: per-word attention weights drawn over the image (Pillow only)."""
+"""Pictures drawn with Pillow: attention heatmaps over the image (for ``caption
+--attention-map`` and report.html) and report thumbnails."""
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 TILE = 160
+THUMBNAIL_SIZE = 160
+THUMBNAIL_QUALITY = 80
+ATTENTION_TILE = 96
 
 
 def overlay(image: np.ndarray, alpha: np.ndarray, grid: tuple[int, int], size: int = TILE) -> Image.Image:
@@ -25,20 +31,22 @@ def overlay(image: np.ndarray, alpha: np.ndarray, grid: tuple[int, int], size: i
 
 
 def attention_strip(image: np.ndarray, words: Sequence[str], alphas: np.ndarray,
-                    grid: tuple[int, int], size: int = TILE, columns: int = 6) -> Image.Image:
-    """The image, then one tile per word: the image lit where the model looked for that word.
+                    grid: tuple[int, int], size: int = TILE, columns: int = 6,
+                    gap: int = 0) -> Image.Image:
+    """The image, then one tile per word: the image lit where the model looked for that word,
+    ``columns`` tiles a row, ``gap`` pixels apart, each labelled below.
 
     ``alphas`` is (len(words), grid[0]*grid[1]).
     """
     tiles = [(Image.fromarray(image).convert("RGB").resize((size, size)), "(image)")]
     tiles += [(overlay(image, a, grid, size), w) for w, a in zip(words, alphas, strict=False)]
     rows = -(-len(tiles) // columns)
-    sheet = Image.new("RGB", (columns * size, rows * (size + 18)), "white")
+    sheet = Image.new("RGB", (columns * (size + gap), rows * (size + 18)), "white")
     draw = ImageDraw.Draw(sheet)
     for i, (tile, word) in enumerate(tiles):
-        x, y = (i % columns) * size, (i // columns) * (size + 18)
+        x, y = (i % columns) * (size + gap), (i // columns) * (size + 18)
         sheet.paste(tile, (x, y))
-        draw.text((x + 4, y + size + 3), word, fill="black")
+        draw.text((x + 4, y + size + 3), word[:16], fill="black")
     return sheet
 
 
@@ -78,8 +86,54 @@ def save_attention_map(captioner, image_path: str | os.PathLike, caption, out: s
     """Encode ``image_path``, get the attention of ``caption`` and save the strip as PNG."""
     from captioner.images import load_image
 
-    pixels = load_image(image_path, captioner.encoder_spec.input_size)
+    pixels = load_image(image_path, captioner.input_size, resample=captioner.resample)
     features = captioner.encode_images(pixels[None])[0]
     words, alphas = caption_attention(captioner, features, caption.tokens)
     grid = grid_of(captioner.decoder.feature_shape)
     attention_strip(pixels, words, alphas, grid).save(out)
+
+
+# --------------------------------------------------------------------------- report pictures
+
+
+def thumbnail_jpeg(
+    path: str | os.PathLike, size: int = THUMBNAIL_SIZE, quality: int = THUMBNAIL_QUALITY
+) -> bytes | None:
+    """A JPEG of the image fitted into size x size (aspect kept); None if it cannot be read."""
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (size, size))
+            pic = ImageOps.exif_transpose(im).convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
+        return None
+    pic.thumbnail((size, size))
+    return _jpeg(pic, quality)
+
+
+def _jpeg(image: Image.Image, quality: int = THUMBNAIL_QUALITY) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _square_pixels(path: Path | None, size: int) -> np.ndarray:
+    """The image squashed to size x size (as the encoder saw it), or plain grey."""
+    if path is not None:
+        try:
+            with Image.open(path) as im:
+                return np.asarray(ImageOps.exif_transpose(im).convert("RGB").resize((size, size)))
+        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
+            pass
+    return np.full((size, size, 3), 128, np.uint8)
+
+
+def attention_strip_jpeg(
+    path: Path | None, words: Sequence[str], weights: np.ndarray, tile: int = ATTENTION_TILE
+) -> bytes:
+    """:func:`attention_strip` of the image file (or grey) in one row, as JPEG bytes for
+    report.html; ``weights`` is (len(words), h, w)."""
+    grid = tuple(weights.shape[1:])
+    alphas = np.asarray(weights).reshape(len(words), -1)
+    strip = attention_strip(_square_pixels(path, tile), words, alphas, grid, tile,
+                            columns=len(words) + 1, gap=4)
+    return _jpeg(strip, 85)

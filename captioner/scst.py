@@ -16,8 +16,6 @@ under ``"scst"`` in ``config.json``), resumable per epoch like every run, with i
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -53,47 +51,69 @@ class ScstConfig:
     max_train_images: int | None = None
 
 
-def _prepare(config: ScstConfig, resume: bool) -> tuple[Path, dict]:
-    """The run folder (created from --init unless resuming) and its config.json payload."""
-    from captioner.inference import CONFIG_FILE, TOKENIZER_FILE, read_run_config
+def _prepare(config: ScstConfig, resume: bool):
+    """(run folder, its RunConfig, the effective ScstConfig); creates the folder from --init
+    (its config with the SCST settings under ``training["scst"]``, its tokenizer, its weights
+    as the starting point) unless resuming."""
+    from captioner.checkpoints import WeightsExporter  # noqa: F401  (checked importable early)
+    from captioner.runs import (
+        BEST_WEIGHTS,
+        CONFIG_FILE,
+        LAST_WEIGHTS,
+        SOURCE_KEYS,
+        TOKENIZER_FILE,
+        FileRef,
+        RunConfig,
+    )
 
     run, init = Path(config.out), Path(config.init)
     if resume:
-        return run, read_run_config(run)
+        saved = RunConfig.load(run)
+        paths = {k: _located(saved, k, run, getattr(config, k)) for k in SOURCE_KEYS}
+        settings = {**saved.training["scst"], **paths, "out": str(run), "epochs": config.epochs}
+        return run, saved, ScstConfig(**settings)
     if config.samples < 2:
         raise CaptionerError("--samples must be at least 2 (each sample's baseline is the others)")
     if (run / CONFIG_FILE).exists():
         raise CaptionerError(f"{run} already holds a run; pass --resume or choose another --out")
-    base = read_run_config(init)
-    training = base.get("training", {})
-    for key in ("captions", "train_features", "val_features"):
-        value = getattr(config, key) or training.get(key)
-        if key != "val_features" and (not value or not Path(value).is_file()):
-            raise CaptionerError(
-                f"no --{key.replace('_', '-')} given and the one {init} was trained on "
-                f"({value}) is not here; pass --{key.replace('_', '-')}"
-            )
-        setattr(config, key, str(Path(value).resolve()) if value else None)
+    base = RunConfig.load(init)
+    for key in SOURCE_KEYS:
+        setattr(config, key, _located(base, key, init, getattr(config, key)))
     run.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(init / TOKENIZER_FILE, run / TOKENIZER_FILE)
-    payload = {**base, "scst": dataclasses.asdict(config),
-               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    tmp = run / (CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, run / CONFIG_FILE)
-    return run, payload
+    start = init / BEST_WEIGHTS if (init / BEST_WEIGHTS).is_file() else init / LAST_WEIGHTS
+    shutil.copyfile(start, run / LAST_WEIGHTS)  # the starting point, until epoch 1 replaces it
+    settings = {k: v for k, v in dataclasses.asdict(config).items()
+                if k not in (*SOURCE_KEYS, "out")}
+    settings["init"] = init.name
+    saved = dataclasses.replace(
+        base, training={**base.training, "scst": settings},
+        sources={k: FileRef.of(getattr(config, k), run) if getattr(config, k) else None
+                 for k in SOURCE_KEYS},
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    saved.save(run)
+    return run, saved, config
 
 
-def _load_model(run: Path, init: Path, payload: dict, config: ScstConfig):
+def _located(saved, key: str, run: Path, given: str | None) -> str | None:
+    """The input file ``key``: as given, else where ``run`` found it (required but val)."""
+    ref = saved.sources.get(key)
+    found = given or (ref.locate(run) if ref else None)
+    if not found and key != "val_features":
+        name = ref.name if ref else "it"
+        raise CaptionerError(f"{run} was trained on {name}, which is not where it was; "
+                             f"pass --{key.replace('_', '-')}")
+    return str(Path(found).resolve()) if found else None
+
+
+def _load_model(run: Path, saved, config: ScstConfig):
     import keras
 
     from captioner.decoders import MaskedSparseCrossEntropy, build_decoder
-    from captioner.inference import BEST_WEIGHTS, LAST_WEIGHTS
+    from captioner.runs import LAST_WEIGHTS
 
-    dec = payload["decoder"]
-    model = build_decoder(dec["kind"], **dec["config"])
-    start = init / BEST_WEIGHTS if (init / BEST_WEIGHTS).is_file() else init / LAST_WEIGHTS
-    model.load_weights(start)
+    model = build_decoder(saved.decoder.kind, **saved.decoder.config)
+    model.load_weights(run / LAST_WEIGHTS)
     model.compile(
         optimizer=keras.optimizers.Adam(config.learning_rate, clipnorm=config.clipnorm),
         loss=MaskedSparseCrossEntropy(0.0, reduction="sum_over_batch_size"),
@@ -127,19 +147,30 @@ class _Step:
     def __init__(self, model, tokenizer, scorer, config: ScstConfig):
         self.model, self.tokenizer, self.scorer, self.config = model, tokenizer, scorer, config
         self.max_length = tokenizer.max_length - 1
+        self._captioner = None
+
+    def captioner(self):
+        """The sampling model; tf.function and torch read the live weights, but a JAX jit
+        bakes them in, so there it is rebuilt after every update."""
+        import keras
+
+        from captioner.inference import Captioner
+
+        if self._captioner is None or keras.backend.backend() == "jax":
+            self._captioner = Captioner(self.model, self.tokenizer)
+        return self._captioner
 
     def __call__(self, names: list[str], feats: np.ndarray, rng: np.random.Generator):
-        from captioner.decoding import sample_search
-        from captioner.inference import Captioner
+        from captioner.sampling import sample_search
         from captioner.tokenizer import END, PAD, START, UNK
 
         k = self.config.samples
         rep = np.repeat(feats, k, axis=0)  # (B*K, *F), image i's samples are rows i*K..i*K+K-1
-        state, step = Captioner(self.model, self.tokenizer).prepare(rep)
+        state, step = self.captioner().prepare(rep)
         hyps = sample_search(step, state, len(rep), START, END, self.max_length, rng,
                              banned_ids=(PAD, START, UNK))
         texts = [self.tokenizer.decode(h.tokens) for h in hyps]
-        rewards = np.stack([self.scorer.score(n, texts[i * k:(i + 1) * k])
+        rewards = np.array([self.scorer.score(n, texts[i * k:(i + 1) * k])
                             for i, n in enumerate(names)])  # (B, K)
         adv = advantages(rewards).reshape(-1)
         t_in, t_out, mask = sequences([h.tokens for h in hyps], [h.finished for h in hyps],
@@ -150,28 +181,28 @@ class _Step:
 
 def train_scst(config: ScstConfig, resume: bool = False, verbose: bool = True) -> Path:
     """Fine-tune ``config.init`` with self-critical training into ``config.out``."""
+    from captioner.checkpoints import WeightsExporter, load_checkpoint, save_checkpoint
     from captioner.data import read_features
-    from captioner.inference import BEST_WEIGHTS, LAST_WEIGHTS, TOKENIZER_FILE
+    from captioner.inference import Captioner
     from captioner.metrics import CiderScorer
+    from captioner.monitor import dev_scores, selection_score
     from captioner.progress import progress
-    from captioner.tokenizer import Tokenizer
-    from captioner.training import (
+    from captioner.runs import (
+        BEST_WEIGHTS,
         CHECKPOINT,
-        _load_split,
-        _val_sample,
-        _write_history,
-        dev_scores,
-        load_checkpoint,
+        HISTORY,
+        LAST_WEIGHTS,
+        TOKENIZER_FILE,
         read_history,
-        save_checkpoint,
-        save_decoder_weights,
-        selection_score,
+        write_history,
     )
+    from captioner.tokenizer import Tokenizer
+    from captioner.training import _load_split, _val_sample
 
-    run, payload = _prepare(config, resume)
-    config = ScstConfig(**{**payload["scst"], "epochs": config.epochs}) if resume else config
+    run, saved, config = _prepare(config, resume)
     tokenizer = Tokenizer.load(run / TOKENIZER_FILE)
-    model = _load_model(run, Path(config.init), payload, config)
+    model = _load_model(run, saved, config)
+    exporter = WeightsExporter(saved.decoder.kind, saved.decoder.config)
     epoch, state = 0, {"best": -1.0}
     if resume and (run / CHECKPOINT).is_file():
         epoch, state = load_checkpoint(run / CHECKPOINT, model)
@@ -183,7 +214,7 @@ def train_scst(config: ScstConfig, resume: bool = False, verbose: bool = True) -
     view = SimpleNamespace(captions=config.captions, val_features=config.val_features,
                            val_bleu_images=config.val_images)
     val = _val_sample(view)[2]  # (features, references) of the dev images, or None
-    rows = read_history(run / "history.csv")
+    rows = read_history(run / HISTORY)
     while epoch < config.epochs:
         started, rng = time.time(), np.random.default_rng((config.seed, epoch))
         order = rng.permutation(len(names))
@@ -197,7 +228,7 @@ def train_scst(config: ScstConfig, resume: bool = False, verbose: bool = True) -
                 losses.append(loss)
                 bar.update(len(idx))
                 bar.set_postfix(reward=f"{np.mean(rewards[-20:]):.3f}")
-        bleu, cider = dev_scores(model, tokenizer, val, config.val_beam_size)
+        bleu, cider = dev_scores(Captioner(model, tokenizer), val, config.val_beam_size)
         epoch += 1
         rows = [r for r in rows if r["epoch"] < epoch] + [{
             "epoch": epoch, "reward": float(np.mean(rewards)), "loss": float(np.mean(losses)),
@@ -207,9 +238,9 @@ def train_scst(config: ScstConfig, resume: bool = False, verbose: bool = True) -
         score = score if score is not None else float(np.mean(rewards))
         if score > state["best"]:
             state = {"best": score, "best_epoch": epoch}
-            save_decoder_weights(model, run / BEST_WEIGHTS)
-        save_decoder_weights(model, run / LAST_WEIGHTS)
-        _write_history(run / "history.csv", rows, SCST_HISTORY_FIELDS)
+            exporter.save(model, run / BEST_WEIGHTS)
+        exporter.save(model, run / LAST_WEIGHTS)
+        write_history(run / HISTORY, rows, SCST_HISTORY_FIELDS)
         save_checkpoint(run / CHECKPOINT, model, epoch, state)
         if verbose:
             print(f"scst epoch {epoch}: reward {rows[-1]['reward']:.4f}, dev BLEU-4 "

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from helpers import toy_dataset
 
+from captioner.cache import open_features
 from captioner.errors import CaptionerError
-from captioner.features import open_features
 from captioner.inference import Captioner, EnsembleCaptioner
 from captioner.training import TrainConfig, train
 
@@ -56,7 +56,7 @@ def test_ensemble_refuses_members_with_other_features(runs, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(b, other)
     config = json.loads((other / "config.json").read_text())
-    config["encoder"]["layer"] = "fc2"
+    config["encoder"]["feature_shape"] = [99]
     (other / "config.json").write_text(json.dumps(config))
     with pytest.raises(CaptionerError, match="same image features"):
         Captioner.from_runs([a, other])

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from helpers import toy_dataset
 
-from captioner.decoding import sample_search
 from captioner.errors import CaptionerError
 from captioner.inference import Captioner
 from captioner.metrics import CiderScorer, cider_d
+from captioner.sampling import sample_search
 from captioner.scst import ScstConfig, advantages, sequences, train_scst
 from captioner.tokenizer import END, START
 from captioner.training import TrainConfig, train
@@ -94,7 +94,7 @@ def test_scst_run_raises_the_reward_checkpoints_and_resumes(ce_run):
     assert rewards[-1] > rewards[0]
     assert all(r["val_bleu4"] and r["val_cider"] for r in rows)
     captioner = Captioner.from_run(run)
-    assert captioner.config["scst"]["samples"] == 4
+    assert captioner.config.training["scst"]["samples"] == 4
     # resuming a finished run with more epochs continues from epoch 3
     more = ScstConfig(init="", out=str(run), epochs=4)
     train_scst(more, resume=True, verbose=False)

@@ -20,7 +20,8 @@ Which images belong to a split is read from the feature files' image names.
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``captioner train``."""
-    from captioner.training import DECODERS, SCHEDULES, SELECT_ON, TrainConfig
+    from captioner.presets import add_preset_option
+    from captioner.training import SCHEDULES, SELECT_ON, TrainConfig
 
     d = TrainConfig("", "", "")
     p = sub.add_parser(
@@ -33,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder to create (or resume)")
+    add_preset_option(p)
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last finished epoch (optimizer "
                    "state included); --epochs may extend it; other options come from the run")
@@ -41,10 +43,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-features", metavar="H5", help="feature cache of the training images")
     p.add_argument("--val-features", metavar="H5",
                    help="feature cache of the validation images (val loss, BLEU-4, early stopping)")
-    p.add_argument("--decoder", choices=DECODERS, default=d.decoder,
+    p.add_argument("--decoder", metavar="KIND", default=None,
                    help="merge (classic tutorial), inject (Show and Tell) or attention (Show, "
-                   "Attend and Tell; needs --layer conv features). Default: %(default)s")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="total epochs (default %(default)s)")
+                   "Attend and Tell; needs --layer conv features). Default: the preset's "
+                   "(attention for 'default', merge for 'classic')")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="total epochs (default: the preset's, 8 for 'default', 20 for 'classic')")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="captions per batch (default %(default)s)")
     p.add_argument("--embed-dim", type=int, default=d.embed_dim, help="word embedding size (default %(default)s)")
     p.add_argument("--units", type=int, default=d.units, help="LSTM units (default %(default)s)")
@@ -56,27 +60,37 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-count", type=int, default=d.min_count,
                    help="words seen fewer times in training captions become <unk> (default %(default)s)")
     p.add_argument("--max-length", type=int, default=None,
-                   help="cap on caption length in tokens incl. <start>/<end> (default: longest training caption)")
+                   help="cap on caption length in tokens incl. <start>/<end> (default: the "
+                   "preset's, 22 for 'default'; else the longest training caption)")
     p.add_argument("--learning-rate", type=float, default=None,
-                   help=f"Adam learning rate (default {d.learning_rate}; 2e-05 with --scst)")
-    p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
+                   help="Adam learning rate (default: the preset's, 2e-3 for 'default', 1e-3 "
+                   "for 'classic'; 2e-5 with --scst)")
+    p.add_argument("--schedule", choices=SCHEDULES, default=None,
                    help="learning-rate schedule: constant, cosine (with --warmup-epochs), or "
-                   "plateau (halve after --plateau-patience epochs without val-loss progress)")
-    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="cosine warm-up (default %(default)s)")
+                   "plateau (halve after --plateau-patience epochs without val-loss progress); "
+                   "default: the preset's (cosine for 'default', constant for 'classic')")
+    p.add_argument("--warmup-epochs", type=float, default=None,
+                   help=f"cosine warm-up (default: the preset's, else {d.warmup_epochs})")
     p.add_argument("--plateau-patience", type=int, default=d.plateau_patience, help="(default %(default)s)")
     p.add_argument("--clipnorm", type=float, default=d.clipnorm, help="gradient clipping norm (default %(default)s)")
-    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="(default %(default)s)")
-    p.add_argument("--patience", type=int, default=d.patience,
-                   help="early stopping: epochs without val-loss progress (0 disables; default %(default)s)")
+    p.add_argument("--label-smoothing", type=float, default=None,
+                   help="label smoothing of the cross-entropy (default: the preset's, 0.1 for "
+                   "'default', 0 for 'classic')")
+    p.add_argument("--patience", type=int, default=None,
+                   help="early stopping: epochs without val-loss progress (0 disables; default: "
+                   "the preset's, 0 (off) for 'default', 5 for 'classic')")
     p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints,
                    help="per-epoch weight files to keep (default %(default)s)")
-    p.add_argument("--val-bleu-images", type=int, default=d.val_bleu_images,
-                   help="validation images captioned (greedy) each epoch for BLEU-4; the best "
-                   "epoch on it is saved as best.weights.h5 (default %(default)s)")
-    p.add_argument("--val-beam-size", type=int, default=d.val_beam_size,
-                   help="beam size of those dev captions (1 = greedy; default %(default)s)")
-    p.add_argument("--select-on", choices=SELECT_ON, default=d.select_on,
-                   help="dev score that selects best.weights.h5 (default %(default)s)")
+    p.add_argument("--val-bleu-images", type=int, default=None,
+                   help="validation images captioned each epoch for BLEU-4 and CIDEr-D; the best "
+                   "epoch on them is saved as best.weights.h5 (default: the preset's, 1000 = "
+                   f"the whole Flickr8k dev split for 'default'; else {d.val_bleu_images})")
+    p.add_argument("--val-beam-size", type=int, default=None,
+                   help="beam size of those dev captions (1 = greedy; default: the preset's, 3 "
+                   "for 'default', 1 for 'classic')")
+    p.add_argument("--select-on", choices=SELECT_ON, default=None,
+                   help="dev score that selects best.weights.h5 (default: the preset's, "
+                   f"bleu4+cider for 'default'; else {d.select_on})")
     p.add_argument("--no-bucket", dest="bucket", action="store_false",
                    help="do not batch captions by length (bucketing skips the padding steps)")
     p.add_argument("--seed", type=int, default=d.seed, help="random seed (default %(default)s)")
@@ -100,22 +114,33 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_train(args: argparse.Namespace) -> int:
     """Handler of ``captioner train``."""
     from captioner.errors import CaptionerError
-    from captioner.training import TrainConfig, train
+    from captioner.training import train
 
     if args.scst:
         return _run_scst(args)
-    if args.learning_rate is None:
-        args.learning_rate = TrainConfig.learning_rate
     if not args.resume and not (args.captions and args.train_features):
         raise CaptionerError("--captions and --train-features are required (unless --resume)")
-    fields = TrainConfig.__dataclass_fields__
-    values = {k: v for k, v in vars(args).items() if k in fields}
-    for required in ("captions", "train_features"):  # taken from the run when resuming
-        values[required] = values[required] or ""
-    config = TrainConfig(**values)
+    config = config_from_args(args)
     run = train(config, resume=args.resume, verbose=0 if args.quiet else 2)
     print(f"run folder: {run}")
     return 0
+
+
+def config_from_args(args: argparse.Namespace):
+    """The TrainConfig of the command line: options given, else the preset's, else the
+    TrainConfig defaults (with --resume, the run's own settings win later)."""
+    from captioner.presets import get_preset
+    from captioner.training import TrainConfig
+
+    preset = get_preset(args.preset)
+    fields = TrainConfig.__dataclass_fields__
+    values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    for key, value in {"decoder": preset.decoder, **preset.training}.items():
+        if getattr(args, key, None) is None:
+            values[key] = value
+    for required in ("captions", "train_features"):  # taken from the run when resuming
+        values[required] = values.get(required) or ""
+    return TrainConfig(**values)
 
 
 def _run_scst(args: argparse.Namespace) -> int:
@@ -124,13 +149,16 @@ def _run_scst(args: argparse.Namespace) -> int:
 
     if not args.resume and not args.init:
         raise CaptionerError("--scst needs --init RUN_DIR (a cross-entropy run to fine-tune)")
+    d = ScstConfig("", "")
+    given = {"epochs": args.epochs, "learning_rate": args.learning_rate,
+             "val_images": args.val_bleu_images, "val_beam_size": args.val_beam_size,
+             "select_on": args.select_on}
     config = ScstConfig(
         init=args.init or "", out=args.out, captions=args.captions,
         train_features=args.train_features, val_features=args.val_features,
-        epochs=args.epochs, samples=args.samples, batch_images=args.batch_images,
-        learning_rate=args.learning_rate or ScstConfig.learning_rate,
-        val_images=args.val_bleu_images, val_beam_size=args.val_beam_size,
-        select_on=args.select_on, seed=args.seed, max_train_images=args.max_train_images,
+        samples=args.samples, batch_images=args.batch_images, seed=args.seed,
+        max_train_images=args.max_train_images,
+        **{k: (v if v is not None else getattr(d, k)) for k, v in given.items()},
     )
     run = train_scst(config, resume=args.resume, verbose=not args.quiet)
     print(f"run folder: {run}")
