@@ -112,13 +112,20 @@ def _load_model(run: Path, saved, config: ScstConfig):
     from captioner.decoders import MaskedSparseCrossEntropy, build_decoder
     from captioner.runs import LAST_WEIGHTS
 
-    model = build_decoder(saved.decoder.kind, **saved.decoder.config)
+    # No dropout and no attention regulariser while fine-tuning: the gradient is then taken
+    # under the same policy that sampled the captions (sampling runs without dropout).
+    config_ = saved.decoder.config
+    model = build_decoder(saved.decoder.kind, **{
+        **config_, **{k: v for k, v in _POLICY_OVERRIDES.items() if k in config_}})
     model.load_weights(run / LAST_WEIGHTS)
     model.compile(
         optimizer=keras.optimizers.Adam(config.learning_rate, clipnorm=config.clipnorm),
         loss=MaskedSparseCrossEntropy(0.0, reduction="sum_over_batch_size"),
     )
     return model
+
+
+_POLICY_OVERRIDES = {"dropout": 0.0, "attention_reg": 0.0}
 
 
 def advantages(rewards: np.ndarray) -> np.ndarray:
