@@ -27,6 +27,7 @@ ENCODER_BATCH = 16  # images per encoder call in images mode (VGG activations ar
 ATTENTION_IMAGES = 24
 METRIC_KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr-D", "ROUGE-L", "METEOR")
 REPORT_FORMAT = "captioner.evaluation"
+NO_REFERENCES = "no reference captions"
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,7 @@ class EvaluationResult:
     references: dict[str, list[str]]  # image -> cleaned references, evaluation order
     sections: list[Section]
     skipped: dict[str, str] = field(default_factory=dict)  # image -> why it was not evaluated
+    failed: dict[str, str] = field(default_factory=dict)  # image -> why captioning it failed
     image_paths: dict[str, Path] = field(default_factory=dict)
     attention: dict[str, AttentionMap] = field(default_factory=dict)
     features_seconds: float = 0.0
@@ -150,6 +152,7 @@ class EvaluationResult:
             "sources": self.sources,
             "n_images": len(self.references),
             "skipped": self.skipped,
+            "failed": self.failed,
             "settings": first["settings"],
             "metrics": first["metrics"],
             "pycocoevalcap_bleu": first["pycocoevalcap_bleu"],
@@ -213,7 +216,7 @@ def select_images(
     for name in dict.fromkeys(names):
         if limit is not None and len(chosen) >= limit:
             break
-        reason = "no reference captions" if name not in captions else available(name)
+        reason = NO_REFERENCES if name not in captions else available(name)
         if reason:
             skipped[name] = reason
         else:
@@ -223,15 +226,16 @@ def select_images(
 
 def _cache_chunks(
     reader, names: list[str], batch_size: int
-) -> Iterator[tuple[list[str], np.ndarray]]:
+) -> Iterator[tuple[list[str], np.ndarray, dict[str, str]]]:
+    """Verified features in chunks; damaged rows come back as ``{name: reason}``."""
     for start in range(0, len(names), batch_size):
-        chunk = names[start : start + batch_size]
-        yield chunk, np.asarray(reader.read(chunk), dtype="float32")
+        good, feats, damaged = reader.read_valid(names[start : start + batch_size])
+        yield good, np.asarray(feats, dtype="float32"), damaged
 
 
 def _image_chunks(
     captioner, paths: dict[str, Path], batch_size: int, skipped: dict[str, str]
-) -> Iterator[tuple[list[str], np.ndarray]]:
+) -> Iterator[tuple[list[str], np.ndarray, dict[str, str]]]:
     """Encoded images in chunks of up to ``batch_size``; unreadable ones go to ``skipped``."""
     names = list(paths)
     for start in range(0, len(names), batch_size):
@@ -243,22 +247,25 @@ def _image_chunks(
                 good += keys
                 feats.append(encoded)
         if good:
-            yield good, np.concatenate(feats).astype("float32")
+            yield good, np.concatenate(feats).astype("float32"), {}
 
 
 # --------------------------------------------------------------------------- captioning
 
 
-def _caption_chunk(captioner, feats: np.ndarray, decoding: Decoding) -> list[Generated]:
-    hyps = captioner.search(feats, **decoding.search_kwargs())
+def _caption_chunk(captioner, feats: np.ndarray, decoding: Decoding) -> list[Generated | str]:
+    """The caption of each row, or the reason it has none (non-finite features or outputs)."""
+    rows = captioner.search_rows(feats, **decoding.search_kwargs())
     return [
-        Generated(
+        h
+        if isinstance(h, str)
+        else Generated(
             captioner.tokenizer.decode(h[0].tokens),
             tuple(int(t) for t in h[0].tokens),
             float(h[0].log_prob),
             bool(h[0].finished),
         )
-        for h in hyps
+        for h in rows
     ]
 
 
@@ -317,12 +324,15 @@ def evaluate(
     weights: str = "best",
     attention_images: int = ATTENTION_IMAGES,
     progress: bool | None = None,
+    strict: bool = False,
 ) -> EvaluationResult:
     """Caption the split with every setting in ``decodings`` and score each against all references.
 
     With ``features`` the images are the cache's (or ``split``'s, when given); ``images_dir``
     then only supplies pictures for the report. Without ``features``, ``images_dir`` and
     ``split`` are required and the run's encoder computes the features.
+    Images whose features are damaged or whose captioning fails are left out and listed in
+    ``failed``; ``strict`` makes any such failure (or an unreadable image) an error.
     """
     from captioner.captions import CleaningRules, clean_captions, load_captions
     from captioner.inference import Captioner, read_run_config
@@ -350,14 +360,18 @@ def evaluate(
             chunks = _image_chunks(captioner, paths, batch_size, skipped)
         sections = [Section(d) for d in decodings]
         keep = attention_images if config["decoder"]["kind"] == "attention" else 0
-        seconds, kept = _run_chunks(captioner, chunks, sections, len(chosen), progress, keep)
+        seconds, kept, failed = _run_chunks(
+            captioner, chunks, sections, len(chosen), progress, keep
+        )
     finally:
         if reader is not None:
             reader.close()
+    _check_failures(failed, skipped, strict, features if reader is not None else folder)
     done = [n for n in chosen if n in sections[0].captions]
     if not done:
+        reasons = {**skipped, **failed}
         raise CaptionerError(
-            f"no image could be read from {folder}: {next(iter(skipped.values()))}"
+            f"no image could be captioned from {features or folder}: {next(iter(reasons.values()))}"
         )
     references = clean_captions({n: captions[n] for n in done}, rules)
     for section in sections:
@@ -376,10 +390,26 @@ def evaluate(
         references,
         sections,
         skipped,
+        failed,
         image_paths={n: p for n, p in paths.items() if n in references},
         attention=_attention(captioner, kept, sections[0]),
         features_seconds=seconds,
     )
+
+
+def _check_failures(
+    failed: dict[str, str], skipped: dict[str, str], strict: bool, source
+) -> None:
+    """With ``strict``, any failed or unreadable image is a :class:`CaptionerError`."""
+    if not strict:
+        return
+    bad = {**failed, **{n: r for n, r in skipped.items() if r != NO_REFERENCES}}
+    if bad:
+        shown = "; ".join(f"{n}: {r}" for n, r in list(bad.items())[:3])
+        raise CaptionerError(
+            f"--strict: {len(bad)} image(s) of {source} could not be evaluated ({shown}); "
+            "re-extract them (`captioner extract` repairs damaged rows) or drop --strict"
+        )
 
 
 def _attention(captioner, kept: dict[str, np.ndarray], section: Section) -> dict[str, AttentionMap]:
@@ -419,33 +449,42 @@ def _choose(
 
 def _run_chunks(
     captioner,
-    chunks: Iterator[tuple[list[str], np.ndarray]],
+    chunks: Iterator[tuple[list[str], np.ndarray, dict[str, str]]],
     sections: list[Section],
     total: int,
     progress: bool | None,
     keep: int,
-) -> tuple[float, dict[str, np.ndarray]]:
-    """Caption every chunk with every setting. Returns the seconds spent getting features and
-    the features of the first ``keep`` images (for attention maps)."""
+) -> tuple[float, dict[str, np.ndarray], dict[str, str]]:
+    """Caption every chunk with every setting. Returns the seconds spent getting features,
+    the features of the first ``keep`` images (for attention maps) and the images that failed
+    (damaged features, non-finite decoder outputs): those are in no section."""
     from captioner.progress import progress as bar
 
-    features_seconds, kept = 0.0, {}
+    features_seconds, kept, failed = 0.0, {}, {}
     with bar(total=total, desc="evaluating", unit="img", enabled=progress) as pbar:
         while True:
             start = time.perf_counter()
             item = next(chunks, None)
             features_seconds += time.perf_counter() - start
             if item is None:
-                return features_seconds, kept
-            names, feats = item
+                return features_seconds, kept, failed
+            names, feats, damaged = item
+            failed.update(damaged)
             for section in sections:
                 start = time.perf_counter()
-                generated = _caption_chunk(captioner, feats, section.decoding)
-                section.captions.update(zip(names, generated, strict=True))
+                for name, generated in zip(names, _caption_chunk(captioner, feats, section.decoding), strict=True):
+                    if isinstance(generated, str):
+                        failed[name] = generated
+                    else:
+                        section.captions[name] = generated
                 section.caption_seconds += time.perf_counter() - start
-            for name, row in zip(names[: max(0, keep - len(kept))], feats, strict=False):
+            for section in sections:  # an image failing under one setting is in none
+                for name in failed.keys() & section.captions.keys():
+                    del section.captions[name]
+            good = [(n, row) for n, row in zip(names, feats, strict=True) if n not in failed]
+            for name, row in good[: max(0, keep - len(kept))]:
                 kept[name] = row
-            pbar.update(len(names))
+            pbar.update(len(names) + len(damaged))
 
 
 def _str(value: str | os.PathLike | None) -> str | None:

@@ -48,9 +48,21 @@ import numpy as np
 from captioner import __version__
 from captioner.errors import CacheMismatchError, CaptionerError, ImageError
 from captioner.images import DEFAULT_MAX_PIXELS, load_image
+from captioner.integrity import (
+    BAD_STATUS,
+    NO_CHECKSUM,
+    NOT_FINITE,
+    UNREADABLE,
+    UNVERIFIED,
+    VerifyReport,
+    checksums,
+    finite_rows,
+    row_problems,
+)
 from captioner.progress import progress as progress_bar
+from captioner.tempfiles import remove_stale, temp_path
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-row checksums (captioner.integrity); 1 still loads, unverified
 PENDING, DONE, FAILED = 0, 1, 2
 STATUS_NAMES = {PENDING: "pending", DONE: "done", FAILED: "failed"}
 ERROR_BYTES = 200  # failure reasons are cut (on a UTF-8 boundary) to this many bytes
@@ -60,6 +72,7 @@ TEXT_CHUNK = 512
 COPY_ROWS = 1024  # rows per block when copying a cache into a bigger one
 PREFETCH_BATCHES = 2  # decoded batches kept ready while the model runs
 DTYPES = ("float32", "float16")
+NON_FINITE_OUTPUT = f"encoder output: {NOT_FINITE}"
 
 
 class MissingFeaturesError(CaptionerError, KeyError):
@@ -67,6 +80,31 @@ class MissingFeaturesError(CaptionerError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class DamagedFeaturesError(CaptionerError):
+    """A stored row fails its checks (checksum, finite values, readable HDF5 chunk)."""
+
+
+def _open_problem(path: Path, exc: Exception) -> str:
+    """One line saying why ``path`` cannot be opened as a cache, and what to do."""
+    text = " ".join(str(exc).split())
+    if "truncated file" in text:
+        size = path.stat().st_size if path.exists() else 0
+        return (
+            f"{path} is not a readable HDF5 file: truncated ({size} bytes; an interrupted copy "
+            "or a full disk cut it short); "
+            "delete it and rerun `captioner extract` to rebuild it"
+        )
+    if "signature not found" in text:
+        return (
+            f"{path} is not a readable HDF5 file: it does not start like one; pass a feature cache "
+            "written by `captioner extract`"
+        )
+    return (
+        f"{path} is not a readable HDF5 file ({text[:160]}); delete it and rerun "
+        "`captioner extract` to rebuild it"
+    )
 
 
 # --------------------------------------------------------------------------- helpers
@@ -116,10 +154,6 @@ def _runs(indices: Sequence[int]) -> Iterator[tuple[int, int, int]]:
             start = k
 
 
-def _temp_path(path: Path) -> Path:
-    return path.with_name(f".{path.stem}.{os.getpid()}.h5.tmp")
-
-
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path.parent, os.O_RDONLY)
@@ -152,10 +186,19 @@ class FeatureReader:
             )
         try:  # no lock: the metadata never changes after creation, so reading is always safe
             self._file = h5py.File(self.path, "r", locking=False)
-        except OSError as exc:
-            raise CaptionerError(f"{self.path} is not a readable HDF5 file ({exc}).") from exc
+        except Exception as exc:
+            raise CaptionerError(_open_problem(self.path, exc)) from None
         try:
             self._load(expect)
+        except CaptionerError:
+            self._file.close()
+            raise
+        except Exception as exc:  # damaged HDF5 metadata: h5py raises many kinds
+            self._file.close()
+            raise CaptionerError(
+                f"{self.path} is damaged ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})"
+                "; delete it and rerun `captioner extract` to rebuild it"
+            ) from None
         except BaseException:
             self._file.close()
             raise
@@ -179,6 +222,17 @@ class FeatureReader:
         self._index = {n: i for i, n in enumerate(self.names)}
         self._status = np.asarray(f["status"][()])
         self._features = f["features"]
+        self._checksums = f["checksums"] if "checksums" in f else None
+        if len(self.names) != len(self._status) or len(self._status) != len(self._features):
+            raise CaptionerError(
+                f"{self.path} is damaged (its datasets differ in length); delete it and rerun "
+                "`captioner extract` to rebuild it"
+            )
+
+    @property
+    def checksummed(self) -> bool:
+        """True when rows carry checksums (format 2); format-1 rows are read unverified."""
+        return self._checksums is not None
 
     @property
     def feature_shape(self) -> tuple[int, ...]:
@@ -202,7 +256,7 @@ class FeatureReader:
     def status_of(self, name: str) -> str:
         """ "done", "pending", "failed" or "absent"."""
         i = self._index.get(name)
-        return "absent" if i is None else STATUS_NAMES[int(self._status[i])]
+        return "absent" if i is None else STATUS_NAMES.get(int(self._status[i]), "damaged")
 
     @property
     def done_names(self) -> list[str]:
@@ -224,17 +278,108 @@ class FeatureReader:
         return {STATUS_NAMES[s]: int(np.sum(self._status == s)) for s in STATUS_NAMES}
 
     def read(self, names: Sequence[str]) -> np.ndarray:
-        """Features of ``names`` as one array (len(names), *feature_shape), in the given order."""
+        """Verified features of ``names`` as one array (len(names), *feature_shape), in the
+        given order. :class:`MissingFeaturesError` for a name without features,
+        :class:`DamagedFeaturesError` (naming the image and this file) for a damaged row."""
         rows = np.fromiter((self._row(n) for n in names), dtype=np.int64, count=len(names))
+        block, problems = self._checked(list(names), rows)
+        for name, problem in zip(names, problems, strict=True):
+            if problem:
+                raise DamagedFeaturesError(
+                    f"image {name!r} in {self.path}: {problem}; rerun `captioner extract` over "
+                    "this cache to re-extract it"
+                )
+        return block
+
+    def read_valid(self, names: Sequence[str]) -> tuple[list[str], np.ndarray, dict[str, str]]:
+        """(readable names, their verified features, ``{name: why not}`` for the others):
+        a missing or damaged row never costs the rest."""
+        bad: dict[str, str] = {}
+        wanted = []
+        for name in names:
+            try:
+                wanted.append((name, self._row(name)))
+            except MissingFeaturesError:
+                bad[name] = self._why_missing(name)
+        rows = np.array([r for _, r in wanted], dtype=np.int64)
+        block, problems = self._checked([n for n, _ in wanted], rows)
+        keep = [k for k, p in enumerate(problems) if p is None]
+        bad |= {
+            wanted[k][0]: f"damaged row in {self.path}: {p}" for k, p in enumerate(problems) if p
+        }
+        return [wanted[k][0] for k in keep], block[keep], bad
+
+    def _why_missing(self, name: str) -> str:
+        status = self.status_of(name)
+        if status == "absent":
+            return f"not in the feature cache {self.path}"
+        if status == "failed":
+            return f"features failed in {self.path}: {self.failed.get(name, '')}"
+        return f"features {status} in {self.path}"
+
+    def _checked(self, names: list[str], rows: np.ndarray) -> tuple[np.ndarray, list[str | None]]:
+        """Features of ``rows`` and, per row, why it may not be used (None when it may)."""
         if not len(rows):
-            return np.empty((0, *self.feature_shape), self.dtype)
+            return np.empty((0, *self.feature_shape), self.dtype), []
         unique, inverse = np.unique(rows, return_inverse=True)
-        lo, hi = int(unique[0]), int(unique[-1]) + 1
-        if hi - lo <= 4 * len(unique):  # dense request: one contiguous read is faster
-            block = self._features[lo:hi][unique - lo]
-        else:
-            block = self._features[unique]
-        return block[inverse.reshape(-1)]
+        inverse = inverse.reshape(-1)
+        try:
+            block = _gather(self._features, unique)
+            stored = None if self._checksums is None else _gather(self._checksums, unique)
+        except Exception:  # a damaged chunk: find the rows it holds, one at a time
+            return self._checked_one_by_one(names, rows)
+        problems = row_problems([self.names[int(i)] for i in unique], block, stored)
+        return block[inverse], [problems[k] for k in inverse]
+
+    def _checked_one_by_one(
+        self, names: list[str], rows: np.ndarray
+    ) -> tuple[np.ndarray, list[str | None]]:
+        block = np.zeros((len(rows), *self.feature_shape), self.dtype)
+        problems: list[str | None] = []
+        for k, row in enumerate(rows.tolist()):
+            try:
+                block[k] = self._features[row]
+                stored = None if self._checksums is None else self._checksums[row : row + 1]
+            except Exception as exc:
+                problems.append(UNREADABLE.format(" ".join(str(exc).split())[:80]))
+                continue
+            problems.append(row_problems([names[k]], block[k : k + 1], stored)[0])
+        return block, problems
+
+    def damaged(self, names: Sequence[str] | None = None) -> dict[str, str]:
+        """Done rows among ``names`` (default: all) that fail their checks, with why."""
+        done = [n for n in (self.names if names is None else names) if n in self]
+        found: dict[str, str] = {}
+        for lo in range(0, len(done), COPY_ROWS):
+            part = done[lo : lo + COPY_ROWS]
+            rows = np.array([self._index[n] for n in part], dtype=np.int64)
+            _, problems = self._checked(part, rows)
+            found |= {n: p for n, p in zip(part, problems, strict=True) if p}
+        return found
+
+    def verify(self) -> VerifyReport:
+        """Check every row of the file (see :mod:`captioner.integrity`)."""
+        report = VerifyReport(self.path, rows=len(self))
+        counts = self.counts()
+        report.done, report.pending, report.failed = (
+            counts["done"],
+            counts["pending"],
+            counts["failed"],
+        )
+        bad_status = np.flatnonzero(~np.isin(self._status, list(STATUS_NAMES)))
+        report.damaged |= {self.names[int(i)]: BAD_STATUS for i in bad_status}
+        report.damaged |= self.damaged()
+        ok = self._status == DONE
+        ok[[self._index[n] for n in report.damaged]] = False
+        unverified = ok
+        if self._checksums is not None:
+            try:
+                unverified = ok & (np.asarray(self._checksums[()]) == UNVERIFIED)
+            except Exception:  # damaged checksum chunk: its rows are already in `damaged`
+                unverified = np.zeros_like(ok)
+        report.unverified = int(unverified.sum())
+        report.verified = int(ok.sum()) - report.unverified
+        return report
 
     def _row(self, name: str) -> int:
         i = self._index.get(name)
@@ -242,6 +387,11 @@ class FeatureReader:
             raise MissingFeaturesError(
                 f"image {name!r} is not in the feature cache {self.path} ({len(self)} images); "
                 "extract it first (`captioner extract ... --out` this file)."
+            )
+        if self._status[i] not in STATUS_NAMES:
+            raise MissingFeaturesError(
+                f"image {name!r} in {self.path}: {BAD_STATUS}; rerun `captioner extract` to "
+                "re-extract it"
             )
         if self._status[i] != DONE:
             why = (
@@ -264,6 +414,14 @@ class FeatureReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _gather(dataset: h5py.Dataset, unique: np.ndarray) -> np.ndarray:
+    """Rows ``unique`` (sorted, distinct) of ``dataset``: one slice when dense, else fancy."""
+    lo, hi = int(unique[0]), int(unique[-1]) + 1
+    if hi - lo <= 4 * len(unique):  # dense request: one contiguous read is faster
+        return dataset[lo:hi][unique - lo]
+    return dataset[unique]
 
 
 def open_features(path: str | os.PathLike, expect: dict[str, Any] | None = None) -> FeatureReader:
@@ -302,6 +460,9 @@ class FeatureWriter:
         self._status = self._file["status"]
         self._errors = self._file["errors"]
         self._errors_dtype = self._errors.dtype
+        f = self._file
+        self._checksums = f["checksums"] if "checksums" in f else None  # None: format 1
+        self._names = [n.decode("utf-8") for n in f["names"][()]] if self._checksums else []
 
     @staticmethod
     def create(
@@ -310,8 +471,10 @@ class FeatureWriter:
         feature_shape: tuple[int, ...],
         dtype: str,
         attrs: dict[str, Any],
+        staged: bool = True,
     ) -> Path:
-        """Write a new, all-pending cache at ``path`` (built under a temporary name)."""
+        """Write a new, all-pending cache at ``path``: built under a temporary name and renamed
+        into place, or (``staged=False``, for a path that is itself temporary) directly."""
         path = Path(path)
         if not names:
             raise CaptionerError(f"no images to put in {path}.")
@@ -320,7 +483,7 @@ class FeatureWriter:
         name_dtype = h5py.string_dtype("utf-8", max(1, max(map(len, encoded))))
         error_dtype = h5py.string_dtype("utf-8", ERROR_BYTES)
         row_bytes = int(np.prod(feature_shape)) * np.dtype(dtype).itemsize
-        tmp = _temp_path(path)
+        tmp = temp_path(path, "new") if staged else path
         try:
             with h5py.File(tmp, "w") as f:  # default libver: earliest, no consistency flags
                 _create_dataset(
@@ -334,24 +497,43 @@ class FeatureWriter:
                 _create_dataset(f, "names", (n,), name_dtype, TEXT_CHUNK, fill=True)
                 _create_dataset(f, "status", (n,), np.dtype(np.uint8), STATUS_CHUNK, fill=True)
                 _create_dataset(f, "errors", (n,), error_dtype, TEXT_CHUNK, fill=True)
+                _create_dataset(f, "checksums", (n,), np.dtype(np.uint64), STATUS_CHUNK, fill=True)
                 f["names"][:] = np.array(encoded, dtype=name_dtype)
-                for key, value in attrs.items():
+                for key, value in {**attrs, "format_version": FORMAT_VERSION}.items():
                     f.attrs[key] = value
                 f.flush()
                 os.fsync(f.id.get_vfd_handle())
-            os.replace(tmp, path)
-            _fsync_dir(path)
-        finally:
+            if staged:
+                os.replace(tmp, path)
+                _fsync_dir(path)
+        except BaseException:
             tmp.unlink(missing_ok=True)
+            raise
         return path
 
-    def commit(self, rows: Sequence[int], features: np.ndarray, failed: dict[int, str]) -> None:
-        """Store ``features`` in ``rows`` and the ``failed`` reasons, then mark them all.
+    def commit(
+        self, rows: Sequence[int], features: np.ndarray, failed: dict[int, str]
+    ) -> dict[int, str]:
+        """Store ``features`` in ``rows`` with their checksums and the ``failed`` reasons, then
+        mark them all. Rows whose features are not finite (in the stored dtype) are recorded
+        as failed instead; they are returned as ``{row: reason}``.
 
-        Order: data (features, reasons) → flush → fsync → status → flush. ``rows`` increase.
+        Order: data (features, checksums, reasons) → flush → fsync → status → flush.
+        ``rows`` increase.
         """
+        rows = list(rows)
+        features = np.asarray(features).astype(self._features.dtype, copy=False)
+        finite = finite_rows(features) if rows else np.ones(0, bool)
+        refused = {row: NON_FINITE_OUTPUT for row, ok in zip(rows, finite, strict=True) if not ok}
+        failed = {**failed, **refused}
         for start, stop, k in _runs(rows):
             self._features[start:stop] = features[k : k + stop - start]
+        if self._checksums is not None and rows:
+            sums = checksums([self._names[r] for r in rows], features)
+            sums[~finite] = NO_CHECKSUM
+            for start, stop, k in _runs(rows):
+                self._checksums[start:stop] = sums[k : k + stop - start]
+        rows = [row for row in rows if row not in refused]
         for row, reason in failed.items():
             self._errors[row] = np.array(_fit_bytes(reason, ERROR_BYTES), dtype=self._errors_dtype)
         self._file.flush()
@@ -359,6 +541,7 @@ class FeatureWriter:
         self._set_status(rows, DONE)
         self._set_status(sorted(failed), FAILED)
         self._file.flush()
+        return refused
 
     def _set_status(self, rows: Sequence[int], value: int) -> None:
         for start, stop, _ in _runs(rows):
@@ -378,6 +561,13 @@ class FeatureWriter:
             hi = min(n, lo + COPY_ROWS)
             self._features[lo:hi] = src["features"][lo:hi]
             self._errors[lo:hi] = src["errors"][lo:hi]
+            if self._checksums is None:
+                continue
+            if "checksums" in src:
+                self._checksums[lo:hi] = src["checksums"][lo:hi]
+            else:  # format 1 had none: done rows stay unverified, never blessed
+                done = src["status"][lo:hi] == DONE
+                self._checksums[lo:hi] = np.where(done, UNVERIFIED, NO_CHECKSUM).astype(np.uint64)
         self._file.flush()
         self._sync()
         self._status[:n] = src["status"][:n]
@@ -406,6 +596,7 @@ class ExtractSummary:
     skipped: int = 0  # already done before this run
     failed: dict[str, str] = field(default_factory=dict)  # name -> reason, after this run
     previously_failed: int = 0  # failed earlier and not retried (see --retry-failed)
+    repaired: int = 0  # damaged rows found and re-extracted by this run
     seconds: float = 0.0
 
     @property
@@ -420,6 +611,8 @@ class ExtractSummary:
         )
         if self.previously_failed:
             text += f" ({self.previously_failed} in an earlier run; --retry-failed retries them)"
+        if self.repaired:
+            text += f", re-extracted {self.repaired} damaged"
         return text + f" in {self.seconds:.1f} s ({self.images_per_s:.1f} images/s) -> {self.out}"
 
 
@@ -452,40 +645,42 @@ def _check_names(names: Sequence[str]) -> None:
 
 def _prepare(
     out: Path, names: list[str], compare: dict[str, Any]
-) -> tuple[dict[str, int], np.ndarray, dict[str, str], tuple[int, ...]] | None:
+) -> tuple[dict[str, int], np.ndarray, dict[str, str], tuple[int, ...], dict[str, str]] | None:
     """Check an existing cache and grow it to hold ``names``; None when there is no file yet.
 
-    Returns (row of each file name, status, failure reasons, feature shape).
+    Returns (row of each file name, status, failure reasons, feature shape, damaged rows among
+    ``names`` with why). Damaged rows and rows with a damaged status byte come back *pending*,
+    so the run re-extracts exactly them.
     """
     if not out.exists():
         return None
     with FeatureReader(out) as reader:
         if lines := _differences(reader.attrs, compare):
             raise _mismatch(out, lines)
+        damaged = reader.damaged([n for n in names if n in reader])
+        status = reader._status.copy()
+        status[~np.isin(status, list(STATUS_NAMES))] = PENDING
+        status[[reader._index[n] for n in damaged]] = PENDING
         new = [n for n in names if n not in reader._index]
+        all_names = reader.names + new
+        status = np.concatenate([status, np.zeros(len(new), np.uint8)])
+        failed = reader.failed
+        shape = reader.feature_shape
         if new:
-            tmp = out.with_name(f".{out.stem}.{os.getpid()}.union.h5.tmp")
+            tmp = temp_path(out, "union")
             try:
                 FeatureWriter.create(
-                    tmp,
-                    reader.names + new,
-                    reader.feature_shape,
-                    str(reader.dtype),
-                    dict(reader._file.attrs),
+                    tmp, all_names, shape, str(reader.dtype), dict(reader._file.attrs), staged=False
                 )
                 with FeatureWriter(tmp) as writer:
                     writer.copy_from(reader)
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
-        all_names = reader.names + new
-        status = np.concatenate([reader._status, np.zeros(len(new), np.uint8)])
-        failed = reader.failed
-        shape = reader.feature_shape
     if new:
         os.replace(tmp, out)
         _fsync_dir(out)
-    return {n: i for i, n in enumerate(all_names)}, status, failed, shape
+    return {n: i for i, n in enumerate(all_names)}, status, failed, shape, damaged
 
 
 def _safe_load(
@@ -585,8 +780,8 @@ def extract(
         raise CaptionerError(f"--batch-size must be at least 1, not {batch_size}.")
     _check_names(names)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(out)  # temporary files of killed runs over this cache
     settings = {
-        "format_version": FORMAT_VERSION,
         "input_size": tuple(int(v) for v in input_size),
         "resample": resample,
         "jpeg_draft": True,
@@ -601,8 +796,12 @@ def extract(
             {},
         )
     else:
-        rows, status, old_failed, _ = state
+        rows, status, old_failed, _, damaged = state
     summary = ExtractSummary(out=out, requested=len(names))
+    if state is not None:
+        summary.repaired = len(damaged)
+        for name, why in list(damaged.items())[:10]:
+            print(f"damaged: {name} in {out}: {why}; re-extracting it", file=sys.stderr)
     todo: list[_Item] = []
     for name, path in zip(names, paths, strict=True):
         row = rows[name]
@@ -618,7 +817,7 @@ def extract(
         model = model if hasattr(model, "predict_on_batch") else model()
         shape = _feature_shape(model)
         if state is None:
-            attrs = {**_environment(), **compare, "feature_shape": shape}
+            attrs = {**_environment(), **compare, "feature_shape": shape}  # + format_version
             FeatureWriter.create(out, names, shape, dtype, attrs)
         elif state[3] != shape:
             raise _mismatch(out, [f"feature_shape: file has {state[3]}, expected {shape}"])
@@ -664,8 +863,11 @@ def _run(
                 x[: len(images)] = np.stack(images)
                 x[len(images) :] = 0  # padding keeps the batch shape fixed: no retracing
                 feats = np.asarray(model.predict_on_batch(x))[: len(items)].astype(dtype)
-            writer.commit([it.row for it in items], feats, {it.row: r for it, r in failed})
-            summary.done += len(items)
+            refused = writer.commit(
+                [it.row for it in items], feats, {it.row: r for it, r in failed}
+            )
+            failed += [(it, refused[it.row]) for it in items if it.row in refused]
+            summary.done += len(items) - len(refused)
             summary.failed.update({it.name: r for it, r in failed})
             bar.update(len(items) + len(failed))
             if summary.failed:

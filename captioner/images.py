@@ -123,7 +123,7 @@ def _open(path: str | os.PathLike, max_pixels: int) -> Image.Image:
         pixels = f"{found.group(1)} pixels" if found else "too many pixels"
         raise image_error(path, f"too large ({pixels})") from None
     except UnidentifiedImageError:
-        raise image_error(path, "not an image (cannot identify)") from None
+        raise image_error(path, _unidentified(path)) from None
     except PermissionError as exc:
         raise image_error(path, f"unreadable file ({exc.strerror})") from None
     except Exception as exc:  # plugins raise OSError, SyntaxError, ValueError, struct.error
@@ -133,6 +133,33 @@ def _open(path: str | os.PathLike, max_pixels: int) -> Image.Image:
         im.close()
         raise image_error(path, f"too large ({w}×{h} pixels)")
     return im
+
+
+# Leading bytes of the formats PIL reads; a file that starts like one but cannot be identified
+# was cut short (a partial download or copy), not "not an image".
+SIGNATURES = (
+    b"\xff\xd8\xff",  # JPEG
+    b"\x89PNG\r\n\x1a\n",
+    b"GIF87a",
+    b"GIF89a",
+    b"BM",
+    b"II*\x00",  # TIFF, little-endian
+    b"MM\x00*",  # TIFF, big-endian
+)
+
+
+def _unidentified(path: str | os.PathLike) -> str:
+    """Reason for a file PIL cannot identify: "truncated image" when it starts like one."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+        size = os.path.getsize(path)
+    except OSError:
+        head, size = b"", 0
+    webp = head[:4] == b"RIFF" and head[8:12] == b"WEBP"
+    if webp or any(head.startswith(sig) for sig in SIGNATURES):
+        return f"truncated image (only {size} bytes; copy or download it again)"
+    return "not an image (cannot identify)"
 
 
 def _orientation(im: Image.Image) -> int | None:
@@ -222,7 +249,9 @@ def list_images(
         return _from_glob(text)
     path = Path(source)
     if path.is_dir():
-        paths = sorted(p for p in path.iterdir() if p.is_file() and is_image_name(p))
+        # an entry with an image name that is not a file (a folder "x.jpg", a broken link) is
+        # kept, so it fails with its own reason instead of vanishing
+        paths = sorted(p for p in path.iterdir() if is_image_name(p))
         if not paths:
             raise CaptionerError(
                 f"folder {path} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})."
@@ -242,7 +271,7 @@ def _from_glob(pattern: str) -> tuple[list[Path], list[str]]:
     fixed = next(i for i, part in enumerate(parts) if GLOB_CHARS & set(part))
     base = Path(*parts[:fixed]) if fixed else Path(".")
     rest = str(Path(*parts[fixed:]))
-    paths = sorted(p for p in base.glob(rest) if p.is_file())
+    paths = sorted(p for p in base.glob(rest) if p.is_file() or is_image_name(p))
     if not paths:
         raise CaptionerError(f"no files match {pattern!r}.")
     return paths, [p.relative_to(base).as_posix() for p in paths]

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from captioner.decoding import Hypothesis, beam_search, greedy_search
+from captioner.decoding import Hypothesis, NonFiniteError, beam_search, greedy_search
 from captioner.errors import CaptionerError
 from captioner.tokenizer import END, PAD, START, UNK, Tokenizer
 
@@ -27,6 +27,12 @@ TOKENIZER_FILE = "tokenizer.json"
 BEST_WEIGHTS = "best.weights.h5"
 LAST_WEIGHTS = "last.weights.h5"
 DEFAULT_RUN = Path(__file__).resolve().parent.parent / "weights" / "default"
+NON_FINITE_FEATURES = "features are not finite (NaN or inf); re-extract this image"
+NON_FINITE_STEP = "the decoder gave NaN or inf scores for these features; re-extract this image"
+
+
+class DecodingError(CaptionerError):
+    """An image could not be captioned (its features or the decoder outputs are not finite)."""
 
 
 def compile_function(fn: Callable) -> Callable:
@@ -156,19 +162,58 @@ class Captioner:
         return beam_search(self.step_function(), state, len(features), beam_size=beam_size,
                            alpha=alpha, n_best=n_best, **common)
 
-    def caption_features(
+    def search_rows(self, features: np.ndarray, **search) -> list[list[Hypothesis] | str]:
+        """:meth:`search` that never aborts the batch: per row the hypotheses, or a one-line
+        reason when the row's features or the decoder's outputs for it are not finite."""
+        flat = np.asarray(features, dtype="float32").reshape(len(features), -1)
+        finite = np.isfinite(flat).all(axis=1)
+        results: list[list[Hypothesis] | str] = [NON_FINITE_FEATURES] * len(features)
+        good = np.flatnonzero(finite)
+        if not len(good):
+            return results
+        try:
+            found = self.search(features[good], **search)
+        except NonFiniteError:  # find the culprit(s): one row at a time
+            found = [self._search_one(features[i : i + 1], search) for i in good]
+        for i, hyps in zip(good, found, strict=True):
+            results[i] = hyps
+        return results
+
+    def _search_one(self, row: np.ndarray, search: dict) -> list[Hypothesis] | str:
+        try:
+            return self.search(row, **search)[0]
+        except NonFiniteError:
+            return NON_FINITE_STEP
+
+    def caption_rows(
         self, features: np.ndarray, batch_size: int = 128, progress: bool = False, **search
-    ) -> list[list[Caption]]:
-        """Captions (n-best lists) for features (N, *feature_shape), in batches."""
+    ) -> list[tuple[list[Caption] | None, str | None]]:
+        """(n-best captions, None) or (None, reason) per row of features (N, *feature_shape),
+        in batches; a damaged row fails alone."""
         from captioner.progress import progress as bar
 
-        results: list[list[Caption]] = []
+        results: list[tuple[list[Caption] | None, str | None]] = []
         with bar(total=len(features), desc="captioning", unit="img", enabled=progress or None) as pbar:
             for start in range(0, len(features), batch_size):
                 chunk = features[start:start + batch_size]
-                for hyps in self.search(chunk, **search):
-                    results.append([self._caption(h) for h in hyps])
+                for hyps in self.search_rows(chunk, **search):
+                    if isinstance(hyps, str):
+                        results.append((None, hyps))
+                    else:
+                        results.append(([self._caption(h) for h in hyps], None))
                 pbar.update(len(chunk))
+        return results
+
+    def caption_features(
+        self, features: np.ndarray, batch_size: int = 128, progress: bool = False, **search
+    ) -> list[list[Caption]]:
+        """Captions (n-best lists) for features (N, *feature_shape), in batches; a damaged row
+        raises :class:`DecodingError` naming its position (see :meth:`caption_rows`)."""
+        results = []
+        for i, (caps, error) in enumerate(self.caption_rows(features, batch_size, progress, **search)):
+            if caps is None:
+                raise DecodingError(f"features row {i}: {error}")
+            results.append(caps)
         return results
 
     def _caption(self, hyp: Hypothesis) -> Caption:
@@ -216,6 +261,8 @@ class Captioner:
                     good.append(key)
                 except ImageError as exc:
                     failed[key] = getattr(exc, "reason", None) or str(exc)
+                except Exception as exc:  # a decoder bug or MemoryError on one file
+                    failed[key] = f"unexpected error ({type(exc).__name__}: {exc})"
             feats = self.encode_images(np.stack(pixels)) if pixels else None
             yield good, feats, failed
 
@@ -229,8 +276,8 @@ class Captioner:
         for good, feats, failed in self.encode_paths(items, batch_size):
             results |= {i: (Path(paths[i]), None, reason) for i, reason in failed.items()}
             if good:
-                for i, caps in zip(good, self.caption_features(feats, **search), strict=True):
-                    results[i] = (Path(paths[i]), caps, None)
+                for i, (caps, error) in zip(good, self.caption_rows(feats, **search), strict=True):
+                    results[i] = (Path(paths[i]), caps, error)
         return [results[i] for i in range(len(paths))]
 
 

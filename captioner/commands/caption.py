@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -72,18 +71,18 @@ def expand_images(args: list[str]) -> list[Path]:
     return paths
 
 
-def _emit(image: str, captions, error: str | None, as_json: bool) -> None:
+def _emit(image: str, captions, error: str | None, as_json: bool, file: str | None = None) -> None:
+    from captioner import records
+
     if as_json:
-        record = {"image": image}
         if error:
-            record |= {"caption": None, "score": None, "error": error}
+            record = records.caption_error_record(image, error, file)
         else:
-            record |= {"caption": captions[0].text, "score": round(captions[0].score, 6),
-                       "finished": captions[0].finished,
-                       "captions": [{"caption": c.text, "score": round(c.score, 6)} for c in captions]}
-        print(json.dumps(record), flush=True)
+            record = records.caption_record(image, captions)
+        print(records.dumps(record), flush=True)
     elif error:
-        print(f"{image}: error: {error}", file=sys.stderr, flush=True)
+        where = f" (in {file})" if file else ""
+        print(f"{image}: error: {error}{where}", file=sys.stderr, flush=True)
     elif len(captions) == 1:
         print(f"{image}: {captions[0].text}", flush=True)
     else:
