@@ -132,11 +132,11 @@ class EvaluationResult:
     references: dict[str, list[str]]  # image -> cleaned references, evaluation order
     sections: list[Section]
     skipped: dict[str, str] = field(default_factory=dict)  # image -> why it was not evaluated
-    failed: dict[str, str] = field(default_factory=dict)  # image -> why captioning it failed
     image_paths: dict[str, Path] = field(default_factory=dict)
     attention: dict[str, AttentionMap] = field(default_factory=dict)
     features_seconds: float = 0.0
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    failed: dict[str, str] = field(default_factory=dict)  # image -> why captioning it failed
 
     def to_json(self) -> dict[str, Any]:
         """The ``report.json`` payload (see :mod:`captioner.report`)."""
@@ -390,7 +390,7 @@ def evaluate(
         references,
         sections,
         skipped,
-        failed,
+        failed=failed,
         image_paths={n: p for n, p in paths.items() if n in references},
         attention=_attention(captioner, kept, sections[0]),
         features_seconds=seconds,

@@ -228,15 +228,19 @@ def render_markdown(data: dict[str, Any]) -> str:
                 f"- generated: {_md_escape(im['caption'])}",
             ]
             lines += [f"- reference: {_md_escape(r)}" for r in im["references"]] + [""]
-    if data["skipped"]:
-        lines += ["## Skipped images", ""]
-        lines += [f"- {_md_escape(n)}: {_md_escape(r)}" for n, r in _skipped(data)] + [""]
+    for key, title in (("skipped", "Skipped images"), ("failed", "Failed images (not scored)")):
+        if data.get(key):
+            lines += [f"## {title}", ""]
+            lines += [f"- {_md_escape(n)}: {_md_escape(r)}" for n, r in _skipped(data, key=key)]
+            lines += [""]
     return "\n".join(lines)
 
 
-def _skipped(data: dict[str, Any], n: int = SKIPPED_SHOWN) -> list[tuple[str, str]]:
-    """The first ``n`` skipped images with their reasons, plus a "more" line."""
-    items = list(data["skipped"].items())
+def _skipped(
+    data: dict[str, Any], n: int = SKIPPED_SHOWN, key: str = "skipped"
+) -> list[tuple[str, str]]:
+    """The first ``n`` skipped (or failed) images with their reasons, plus a "more" line."""
+    items = list((data.get(key) or {}).items())
     shown = items[:n]
     if len(items) > n:
         shown.append(("...", f"{len(items) - n} more in report.json"))
@@ -251,6 +255,7 @@ def _overview(data: dict[str, Any]) -> list[tuple[str, str]]:
         ("encoder", f"{enc.get('name')} (layer {enc.get('layer')})"),
         ("images evaluated", str(data["n_images"])),
         ("images skipped", str(len(data["skipped"]))),
+        ("images failed", str(len(data.get("failed") or {}))),
         ("captions", str(src.get("captions"))),
     ]
     items += [
@@ -537,6 +542,9 @@ def render_html(
     note_items = "".join(f"<li>{_e(v)}</li>" for v in data["notes"].values())
     skipped = "".join(f"<li>{_e(n)}: {_e(r)}</li>" for n, r in _skipped(data))
     skipped_html = f'<h2>Skipped images</h2><ul id="skipped">{skipped}</ul>' if skipped else ""
+    failed = "".join(f"<li>{_e(n)}: {_e(r)}</li>" for n, r in _skipped(data, key="failed"))
+    if failed:
+        skipped_html += f'<h2>Failed images (not scored)</h2><ul id="failed">{failed}</ul>'
     curves_html = (
         f'<h2>Training curves</h2><img class="curves" id="curves" alt="training curves" '
         f'src="{data_uri(curves, "image/png")}">'

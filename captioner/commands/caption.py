@@ -105,33 +105,29 @@ def run_caption(args: argparse.Namespace) -> int:
     if args.features:
         results = _from_features(captioner, model_dir, args.features, args.images, search)
     else:
-        results = captioner.caption_images(expand_images(args.images), batch_size=args.batch_size,
-                                           **search)
+        results = [(*r, None) for r in captioner.caption_images(
+            expand_images(args.images), batch_size=args.batch_size, **search)]
     failed = 0
-    for image, captions, error in results:
+    for image, captions, error, file in results:
         failed += error is not None
-        _emit(str(image), captions, error, args.json)
+        _emit(str(image), captions, error, args.json, file if error else None)
+    results = [r[:3] for r in results]
     if args.attention_map:
         _attention_maps(captioner, results, args.attention_map)
     return 1 if failed else 0
 
 
 def _from_features(captioner, model_dir: Path, path: str, names: list[str], search: dict):
+    """(name, captions, error, file) per name: a missing or damaged row fails alone."""
     from captioner.evaluation import open_matching_cache
 
-    reader = open_matching_cache(path, model_dir, captioner.config)
+    with open_matching_cache(path, model_dir, captioner.config) as reader:
+        good, feats, bad = reader.read_valid(list(dict.fromkeys(names)))
+    by_name = dict(zip(good, captioner.caption_rows(feats, **search), strict=True)) if good else {}
     results = []
-    good = [n for n in names if n in reader]
-    by_name = {}
-    if good:
-        for name, caps in zip(good, captioner.caption_features(reader.read(good), **search), strict=True):
-            by_name[name] = caps
     for name in names:
-        if name in by_name:
-            results.append((name, by_name[name], None))
-        else:
-            reason = reader.failed.get(name, "not in the feature cache")
-            results.append((name, None, reason))
+        caps, error = by_name.get(name, (None, bad.get(name)))
+        results.append((name, caps, error, path))
     return results
 
 

@@ -127,6 +127,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="folder for report.json, report.md, report.html and curves.png",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar and no table")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="fail (exit 2) if any image could not be evaluated: damaged features, a failed "
+        "captioning, an unreadable image (default: they are left out, counted and listed)",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="JSON lines instead of the table: one object per image and decoding (image, "
+        "decoding, caption, references, metrics) or per failure (image, error), then a summary",
+    )
     p.set_defaults(handler=run_evaluate)
 
 
@@ -157,14 +169,53 @@ def run_evaluate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         weights=args.weights,
         attention_images=args.attention_images,
-        progress=False if args.quiet else None,
+        progress=False if args.quiet or args.json else None,
+        strict=args.strict,
     )
     paths = write_report(
         args.report, result, gallery=args.gallery, thumbnail_size=args.thumbnail_size
     )
+    if args.json:
+        _print_json(result, paths["html"])
+        return 0
     if not args.quiet:
         print(format_table(result.to_json()))
         if result.skipped:
             print(f"{len(result.skipped)} image(s) skipped (see report.json 'skipped')")
+    if result.failed:
+        print(f"{len(result.failed)} image(s) failed and were not scored (see report.json "
+              "'failed'; --strict makes this an error):", file=sys.stderr)
+        for name, why in list(result.failed.items())[:10]:
+            print(f"failed: {name}: {why}", file=sys.stderr)
     print(f"report: {paths['html']}", file=sys.stdout)
     return 0
+
+
+def _print_json(result, report_path) -> None:
+    """One line per image and decoding, one per failure, then the summary."""
+    from captioner import records
+
+    payload = result.to_json()
+    for section in payload["sections"]:
+        for row in section["images"]:
+            metrics = {k: row[k] for k in ("BLEU-4", "CIDEr-D", "ROUGE-L") if k in row}
+            record = {
+                records.IMAGE: row["image"],
+                records.DECODING: section["settings"]["label"],
+                records.CAPTION: row["caption"],
+                records.FINISHED: row["finished"],
+                records.REFERENCES: row["references"],
+                records.METRICS: metrics,
+            }
+            print(records.dumps(record))
+    for name, why in {**result.skipped, **result.failed}.items():
+        print(records.dumps(records.error_record(name, why)))
+    summary = records.summary_record(
+        command="evaluate",
+        images=payload["n_images"],
+        skipped=len(result.skipped),
+        failed=len(result.failed),
+        metrics={s["settings"]["label"]: s["metrics"] for s in payload["sections"]},
+        report=str(report_path),
+    )
+    print(records.dumps(summary))

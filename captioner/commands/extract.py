@@ -34,6 +34,7 @@ examples:
   captioner extract 'photos/*.jpg' --encoder resnet50 --layer conv --dtype float16 \\
       --mixed-precision --batch-size 128 --out resnet_conv.h5     # on a GPU
   captioner extract photos/ --encoder mobilenet_v2_0.5 --out m.h5 --retry-failed --strict
+  captioner extract --verify m.h5          # check every row; rerun the extract to repair
 
 Extracting another list into the same --out file adds its images to the cache (the file then
 holds both lists). A file made with another encoder, layer, weights, input size, resampling or
@@ -53,7 +54,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "source",
         metavar="SOURCE",
+        nargs="?",
         help="folder, quoted glob, image file, or text file of image names (see below)",
+    )
+    p.add_argument(
+        "--verify",
+        metavar="CACHE",
+        help="check every row of a cache (checksums, finite values, status) and print a "
+        "one-line summary; exit 1 if a row is damaged. e.g. --verify features/train.h5",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="JSON lines: one object per failed or damaged image (image, error, file), then a "
+        "summary object (see the README's 'JSON lines')",
     )
     p.add_argument(
         "--encoder",
@@ -70,7 +84,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--out",
-        required=True,
         metavar="FILE.h5",
         help="the feature cache to create or resume, e.g. --out features/vgg16_fc2.h5",
     )
@@ -149,6 +162,12 @@ def run_extract(args: argparse.Namespace) -> int:
     from captioner.features import extract_with_spec
     from captioner.images import list_images
 
+    if args.verify:
+        if args.source is not None:
+            raise CaptionerError("--verify CACHE takes no SOURCE; run the check and the extraction apart")
+        return run_verify(args.verify, args.json)
+    if args.source is None or args.out is None:
+        raise CaptionerError("give SOURCE and --out FILE.h5 (or --verify CACHE to check a cache)")
     if args.limit is not None and args.limit < 1:
         raise CaptionerError(f"--limit must be at least 1, not {args.limit}.")
     paths, names = list_images(args.source, args.images_dir)
@@ -167,10 +186,61 @@ def run_extract(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         resample=args.resample,
         retry_failed=args.retry_failed,
+        progress=not args.json,
     )
-    for name, reason in list(summary.failed.items())[:10]:
-        print(f"failed: {name}: {reason}", file=sys.stderr)
-    if len(summary.failed) > 10:
-        print(f"... and {len(summary.failed) - 10} more failures", file=sys.stderr)
-    print(summary.line())
+    if args.json:
+        _print_json(summary)
+    else:
+        for name, reason in list(summary.failed.items())[:10]:
+            print(f"failed: {name}: {reason}", file=sys.stderr)
+        if len(summary.failed) > 10:
+            print(f"... and {len(summary.failed) - 10} more failures", file=sys.stderr)
+        print(summary.line())
     return 1 if args.strict and summary.failed else 0
+
+
+def _print_json(summary) -> None:
+    from captioner import records
+
+    for name, reason in summary.failed.items():
+        print(records.dumps(records.error_record(name, reason)))
+    print(
+        records.dumps(
+            records.summary_record(
+                command="extract",
+                file=str(summary.out),
+                requested=summary.requested,
+                done=summary.done,
+                skipped=summary.skipped,
+                failed=len(summary.failed),
+                repaired=summary.repaired,
+                seconds=round(summary.seconds, 3),
+            )
+        )
+    )
+
+
+def run_verify(path: str, as_json: bool) -> int:
+    """``captioner extract --verify CACHE``: 0 when no row is damaged, else 1."""
+    from captioner import records
+    from captioner.features import FeatureReader
+    from captioner.tempfiles import remove_stale
+
+    remove_stale(path)
+    with FeatureReader(path) as reader:
+        report = reader.verify()
+    if as_json:
+        for name, why in report.damaged.items():
+            print(records.dumps(records.error_record(name, f"damaged row: {why}", str(path))))
+        fields = {k: getattr(report, k) for k in ("rows", "done", "pending", "failed")}
+        fields |= {"verified": report.verified, "unverified": report.unverified}
+        print(
+            records.dumps(
+                records.summary_record(
+                    command="verify", file=str(path), **fields, damaged=len(report.damaged)
+                )
+            )
+        )
+    else:
+        print(report.line())
+    return 0 if report.ok else 1
