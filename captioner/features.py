@@ -522,7 +522,8 @@ class FeatureWriter:
         ``rows`` increase.
         """
         rows = list(rows)
-        features = np.asarray(features).astype(self._features.dtype, copy=False)
+        with np.errstate(over="ignore", invalid="ignore"):
+            features = np.asarray(features).astype(self._features.dtype, copy=False)
         finite = finite_rows(features) if rows else np.ones(0, bool)
         refused = {row: NON_FINITE_OUTPUT for row, ok in zip(rows, finite, strict=True) if not ok}
         failed = {**failed, **refused}
@@ -862,7 +863,8 @@ def _run(
                     x = np.zeros((batch_size, *images[0].shape), np.uint8)
                 x[: len(images)] = np.stack(images)
                 x[len(images) :] = 0  # padding keeps the batch shape fixed: no retracing
-                feats = np.asarray(model.predict_on_batch(x))[: len(items)].astype(dtype)
+                with np.errstate(over="ignore"):  # float16 overflow -> inf -> refused in commit
+                    feats = np.asarray(model.predict_on_batch(x))[: len(items)].astype(dtype)
             refused = writer.commit(
                 [it.row for it in items], feats, {it.row: r for it, r in failed}
             )
