@@ -106,6 +106,8 @@ def _check_file(path: str | os.PathLike) -> None:
         raise image_error(path, "missing file") from None
     except OSError as exc:
         raise image_error(path, f"unreadable file ({exc.strerror or exc})") from None
+    if Path(path).is_dir():
+        raise image_error(path, "a folder, not an image file")
     if not Path(path).is_file():
         raise image_error(path, "not a regular file")
     if st.st_size == 0:
