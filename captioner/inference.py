@@ -105,6 +105,7 @@ class Captioner:
         self._init = compile_function(lambda feats: decoder.init_state(feats))
         self._step = compile_function(lambda tokens, state: _log_softmax_step(decoder, tokens, state))
         self._encoder = None
+        self.run_dir: Path | None = None  # set by from_run: the encoder weights may live there
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike = DEFAULT_RUN, weights: str = "best") -> Captioner:
@@ -125,7 +126,9 @@ class Captioner:
             decoder.load_weights(path)
         except Exception as exc:
             raise CaptionerError(f"{path} does not fit the decoder in {run_dir / CONFIG_FILE}: {exc}") from exc
-        return cls(decoder, tokenizer, config)
+        captioner = cls(decoder, tokenizer, config)
+        captioner.run_dir = run_dir
+        return captioner
 
     # ------------------------------------------------------------------ search
 
@@ -231,8 +234,11 @@ class Captioner:
     def encoder(self):
         """The run's own feature model (built once, on first use)."""
         if self._encoder is None:
+            from captioner.encoder_weights import run_encoder_weights
+
             enc = self.config["encoder"]
-            self._encoder = self.encoder_spec.feature_model(enc["layer"], enc.get("weights", "imagenet"))
+            weights = run_encoder_weights(enc, self.run_dir, self.encoder_spec)
+            self._encoder = self.encoder_spec.feature_model(enc["layer"], weights)
         return self._encoder
 
     def encode_images(self, images: np.ndarray) -> np.ndarray:
