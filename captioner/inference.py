@@ -79,7 +79,10 @@ class Caption:
 
 
 def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """The run folder's ``config.json``, with clear errors for a missing or foreign folder."""
+    """The run folder's ``config.json``, checked against the schema (:mod:`runcheck`); every
+    problem is one :class:`CaptionerError` line naming the file and the field."""
+    from captioner.runcheck import check_config
+
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise CaptionerError(
@@ -87,12 +90,12 @@ def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
             "`captioner train --out` wrote"
         )
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CaptionerError(f"{path}: cannot read it ({exc})") from None
     except json.JSONDecodeError as exc:
-        raise CaptionerError(f"{path} is not valid JSON: {exc}") from exc
-    if config.get("format") != RUN_FORMAT:
-        raise CaptionerError(f"{path} is not a captioner run config (format {config.get('format')!r})")
-    return config
+        raise CaptionerError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    return check_config(config, path)
 
 
 class Captioner:
@@ -110,22 +113,27 @@ class Captioner:
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike = DEFAULT_RUN, weights: str = "best") -> Captioner:
         """Rebuild the model from its run folder alone (config, tokenizer, weights)."""
-        from captioner.decoders import build_decoder
+        from captioner.runcheck import build_checked_decoder, check_tokenizer, check_weights
 
         run_dir = Path(run_dir)
         config = read_run_config(run_dir)
+        config_path = run_dir / CONFIG_FILE
         tokenizer = Tokenizer.load(run_dir / TOKENIZER_FILE)
-        dec = config["decoder"]
-        decoder = build_decoder(dec["kind"], **dec["config"])
+        check_tokenizer(tokenizer, config, run_dir / TOKENIZER_FILE, config_path)
+        decoder = build_checked_decoder(config, config_path)
         path = run_dir / (BEST_WEIGHTS if weights == "best" else LAST_WEIGHTS)
         if not path.is_file() and weights == "best":
             path = run_dir / LAST_WEIGHTS
         if not path.is_file():
             raise CaptionerError(f"{run_dir} has no weights ({BEST_WEIGHTS} or {LAST_WEIGHTS})")
+        check_weights(decoder, path, config_path)
         try:
             decoder.load_weights(path)
         except Exception as exc:
-            raise CaptionerError(f"{path} does not fit the decoder in {run_dir / CONFIG_FILE}: {exc}") from exc
+            raise CaptionerError(
+                f"{path} does not fit the decoder in {config_path}: "
+                f"{' '.join(str(exc).split())[:200]}"
+            ) from None
         captioner = cls(decoder, tokenizer, config)
         captioner.run_dir = run_dir
         return captioner
