@@ -106,8 +106,6 @@ def _check_file(path: str | os.PathLike) -> None:
         raise image_error(path, "missing file") from None
     except OSError as exc:
         raise image_error(path, f"unreadable file ({exc.strerror or exc})") from None
-    if Path(path).is_dir():
-        raise image_error(path, "a folder, not an image file")
     if not Path(path).is_file():
         raise image_error(path, "not a regular file")
     if st.st_size == 0:
@@ -155,12 +153,11 @@ def _unidentified(path: str | os.PathLike) -> str:
     try:
         with open(path, "rb") as f:
             head = f.read(16)
-        size = os.path.getsize(path)
     except OSError:
-        head, size = b"", 0
+        head = b""
     webp = head[:4] == b"RIFF" and head[8:12] == b"WEBP"
     if webp or any(head.startswith(sig) for sig in SIGNATURES):
-        return f"truncated image (only {size} bytes; copy or download it again)"
+        return "truncated image"
     return "not an image (cannot identify)"
 
 

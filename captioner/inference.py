@@ -113,11 +113,17 @@ class Captioner:
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike = DEFAULT_RUN, weights: str = "best") -> Captioner:
         """Rebuild the model from its run folder alone (config, tokenizer, weights)."""
-        from captioner.runcheck import build_checked_decoder, check_tokenizer, check_weights
+        from captioner.runcheck import (
+            build_checked_decoder,
+            check_files,
+            check_tokenizer,
+            check_weights,
+        )
 
         run_dir = Path(run_dir)
         config = read_run_config(run_dir)
         config_path = run_dir / CONFIG_FILE
+        check_files(run_dir, config, config_path, [TOKENIZER_FILE, BEST_WEIGHTS, LAST_WEIGHTS])
         tokenizer = Tokenizer.load(run_dir / TOKENIZER_FILE)
         check_tokenizer(tokenizer, config, run_dir / TOKENIZER_FILE, config_path)
         decoder = build_checked_decoder(config, config_path)

@@ -8,7 +8,11 @@ the field.
   (:func:`check_tokenizer`). An edited ``max_length`` that the tokenizer does not share is
   refused (the search length comes from the tokenizer, so it would otherwise be ignored);
 * the weights file against the decoder built from the config: each layer's variables by name
-  and shape (:func:`check_weights`).
+  and shape (:func:`check_weights`);
+* when ``config.json`` lists ``files`` (``{name: {"size", "sha256"}}``, the bundled run does),
+  each listed file present in the folder must have that size and sha256
+  (:func:`check_files`): a flipped byte in a tokenizer or weights file is then refused instead
+  of giving garbled captions.
 
 Keras is imported inside the functions that build the model.
 """
@@ -136,6 +140,28 @@ def _check_encoder(path: Path, config: dict[str, Any], dec: dict[str, Any]) -> N
                 path, "encoder.feature_shape",
                 f"{list(shape)} differs from decoder.config.feature_shape {list(dec['feature_shape'])}",
             )  # fmt: skip
+
+
+def check_files(run_dir: Path, config: dict[str, Any], config_path: Path, names: list[str]) -> None:
+    """Files of ``names`` listed in ``config['files']`` must match their size and sha256."""
+    files = config.get("files")
+    if files is None:
+        return
+    files = _object(config_path, "files", files)
+    from captioner.encoder_weights import sha256_of
+
+    for name in names:
+        if name not in files or not (run_dir / name).is_file():
+            continue
+        entry = _object(config_path, f"files.{name}", files[name])
+        path = run_dir / name
+        size, sha = entry.get("size"), entry.get("sha256")
+        if size is not None and path.stat().st_size != size:
+            raise _problem(path, "(file)", f"{path.stat().st_size} bytes, but {config_path.name} "
+                           f"files.{name}.size is {size}: the file was cut short or replaced")  # fmt: skip
+        if sha is not None and sha256_of(path) != sha:
+            raise _problem(path, "(file)", f"sha256 differs from {config_path.name} files.{name}"
+                           ".sha256: the file was altered; restore the run's own copy")  # fmt: skip
 
 
 def check_tokenizer(tokenizer, config: dict[str, Any], tok_path: Path, config_path: Path) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from helpers import WORDS
 
+from captioner.encoder_weights import sha256_of
 from captioner.tokenizer import Tokenizer
 
 
@@ -55,6 +56,10 @@ def make_run(
         "seed": seed,
         "versions": {},
         "created": "2026-01-01T00:00:00+0000",
+    }
+    payload["files"] = {
+        name: {"size": (folder / name).stat().st_size, "sha256": sha256_of(folder / name)}
+        for name in ("tokenizer.json", "best.weights.h5")
     }
     (folder / "config.json").write_text(json.dumps(payload, indent=2))
     return folder

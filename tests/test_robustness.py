@@ -132,7 +132,7 @@ def test_a_cut_jpeg_says_truncated(tmp_path):
     path = tmp_path / "cut.jpg"
     Image.new("RGB", (64, 48), (1, 2, 3)).save(path, "JPEG")
     path.write_bytes(path.read_bytes()[:20])
-    with pytest.raises(CaptionerError, match=r"cut\.jpg: truncated image \(only 20 bytes"):
+    with pytest.raises(CaptionerError, match=r"cut\.jpg: truncated image$"):
         load_image(path, (32, 32))
     (tmp_path / "text.jpg").write_text("hello, not a picture")
     with pytest.raises(CaptionerError, match="not an image"):
@@ -145,5 +145,5 @@ def test_a_folder_named_like_an_image_is_listed_and_fails(tmp_path):
     for source in (tmp_path, str(tmp_path / "*.*")):
         paths, names = list_images(source)
         assert names == ["a.png", "x.jpg"]
-    with pytest.raises(CaptionerError, match=r"x\.jpg: a folder, not an image file"):
+    with pytest.raises(CaptionerError, match=r"x\.jpg: not a regular file"):
         load_image(tmp_path / "x.jpg")

@@ -78,13 +78,24 @@ def test_each_config_problem_is_one_line_naming_file_and_field(run, capsys, chan
 
 def test_a_tokenizer_of_another_size_is_refused(run):
     Tokenizer.build(["a dog", "a cat on grass"], max_length=8).save(run / "tokenizer.json")
+    with pytest.raises(CaptionerError, match=r"tokenizer\.json: \(file\): \d+ bytes, but config"):
+        Captioner.from_run(run)
+    _edit(run, _set("files", delete=True))  # a run folder without the manifest: the sizes
     with pytest.raises(CaptionerError, match=r"tokenizer\.json: words: \d+ entries, but config"):
+        Captioner.from_run(run)
+
+
+def test_an_altered_word_is_caught_by_the_manifest(run):
+    text = (run / "tokenizer.json").read_text()
+    (run / "tokenizer.json").write_text(text.replace('"dog"', '"dof"'))
+    with pytest.raises(CaptionerError, match=r"tokenizer\.json: \(file\): sha256 differs"):
         Captioner.from_run(run)
 
 
 def test_weights_of_another_run_name_the_layer_and_both_shapes(run, tmp_path):
     other = make_run(tmp_path / "other", feature_shape=(6,))
     shutil.copy(other / "best.weights.h5", run / "best.weights.h5")
+    _edit(run, _set("files", delete=True))
     with pytest.raises(CaptionerError, match=r"layer '\w+': the file holds shapes \[\(6, "):
         Captioner.from_run(run)
 
@@ -95,6 +106,7 @@ def test_an_edited_max_length_is_honoured_when_both_files_agree(run):
     tok["max_length"] = 3
     (run / "tokenizer.json").write_text(json.dumps(tok))
     _edit(run, _set("decoder", "config", "max_length", value=3))
+    _edit(run, _set("files", delete=True))
     captions = Captioner.from_run(run).caption_features(feats)
     assert all(len(c[0].tokens) <= 2 for c in captions)
 
