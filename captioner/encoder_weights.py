@@ -15,13 +15,13 @@ Without a source, an official Keras file of the run's encoder found in the run f
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from captioner.errors import WeightsError
+from captioner.files import sha256sum
 
 # sha256 of official Keras files a run folder may carry (name -> hash).
 KNOWN_SHA256 = {
@@ -29,15 +29,6 @@ KNOWN_SHA256 = {
         "279052de2cfa801003aa6cc25cc4d007d35dd0b76f06935268c79788b7642d05"
     ),
 }
-
-
-def sha256_of(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """The sha256 hex digest of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -99,7 +90,7 @@ def _package_file(package: str, file: str) -> Path:
 
 def check_sha256(path: Path, expected: str | None, hint: str) -> Path:
     """``path`` when its sha256 is ``expected`` (or nothing is expected), else WeightsError."""
-    if expected and (actual := sha256_of(path)) != expected.lower():
+    if expected and (actual := sha256sum(path)) != expected.lower():
         raise WeightsError(
             f"encoder weights {path} have sha256 {actual}, expected {expected}: the file is "
             f"damaged or another file; {hint}"
@@ -107,19 +98,20 @@ def check_sha256(path: Path, expected: str | None, hint: str) -> Path:
     return path
 
 
-def run_encoder_weights(encoder: dict[str, Any], run_dir: str | os.PathLike | None, spec) -> Any:
-    """The ``weights`` argument for ``spec.feature_model`` of a run: a checked path from the
-    run folder or a package when there is one, else the config's ``weights`` ("imagenet")."""
-    weights = encoder.get("weights", "imagenet")
+def run_encoder_weights(encoder: Any, run_dir: str | os.PathLike | None, spec) -> Any:
+    """The ``weights`` argument for ``spec.feature_model`` of a run's ``encoder`` (its
+    ``EncoderInfo``): a checked path from the run folder or a package when there is one, else
+    the config's ``weights`` ("imagenet" through the Keras cache, or a path)."""
+    weights = encoder.weights
     if run_dir is None:
         return weights
-    if encoder.get("weights_source") is not None:
-        source = WeightsSource.from_config(encoder["weights_source"], f"{run_dir}/config.json")
+    if encoder.weights_source is not None:
+        source = WeightsSource.from_config(encoder.weights_source, f"{run_dir}/config.json")
         return source.locate(run_dir)
     if weights == "imagenet":
         from captioner.encoders import imagenet_file_name
 
-        layer = spec.layer(encoder.get("layer") or spec.default_layer)
+        layer = spec.layer(encoder.layer or spec.default_layer)
         name = imagenet_file_name(spec, layer.needs_top)
         path = Path(run_dir) / name
         if path.is_file():

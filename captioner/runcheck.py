@@ -43,7 +43,7 @@ ATTENTION_FIELDS: dict[str, tuple[type, float, float | None]] = {
     "attention_units": (int, 1, MAX_SIZE),
     "attention_reg": (float, 0.0, None),
 }
-REQUIRED = ("vocab_size", "max_length", "feature_shape")
+REQUIRED = ("vocab_size", "max_length")
 
 
 class RunFolderError(CaptionerError):
@@ -54,14 +54,18 @@ def _problem(path: Path, field: str, text: str) -> RunFolderError:
     return RunFolderError(f"{path}: {field}: {text}")
 
 
+def _schema(path: Path, field: str, text: str) -> RunFolderError:
+    return RunFolderError(f"{path} is not a valid run config: {field}: {text}")
+
+
 def _number(path: Path, field: str, value: Any, rule: tuple[type, float, float | None]) -> None:
     kind, low, high = rule
     ok_type = isinstance(value, int) if kind is int else isinstance(value, int | float)
     if isinstance(value, bool) or not ok_type:
-        raise _problem(path, field, f"must be {'an integer' if kind is int else 'a number'}, not {value!r}")
+        raise _schema(path, field, f"must be {'an integer' if kind is int else 'a number'}, not {value!r}")
     if value < low or (high is not None and value > high) or value != value:
         bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
-        raise _problem(path, field, f"must be {bounds}, not {value!r}")
+        raise _schema(path, field, f"must be {bounds}, not {value!r}")
 
 
 def _shape(path: Path, field: str, value: Any) -> tuple[int, ...]:
@@ -70,13 +74,13 @@ def _shape(path: Path, field: str, value: Any) -> tuple[int, ...]:
         or not 1 <= len(value) <= 3
         or not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= MAX_SIZE for d in value)
     ):
-        raise _problem(path, field, f"must be a list of 1 to 3 positive integers, not {value!r}")
+        raise _schema(path, field, f"must be a list of 1 to 3 positive integers, not {value!r}")
     return tuple(value)
 
 
 def _object(path: Path, field: str, value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise _problem(path, field, f"must be an object, not {type(value).__name__}")
+        raise _schema(path, field, f"must be an object, not {type(value).__name__}")
     return value
 
 
@@ -85,20 +89,20 @@ def check_config(config: Any, path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     config = _object(path, "(top level)", config)
     if config.get("format") != RUN_FORMAT:
-        raise _problem(path, "format", f"must be {RUN_FORMAT!r}, not {config.get('format')!r}")
+        raise _schema(path, "format", f"must be {RUN_FORMAT!r}, not {config.get('format')!r}")
     version = config.get("version")
     if version not in RUN_VERSIONS:
         newer = isinstance(version, int) and version > max(RUN_VERSIONS)
-        raise _problem(
-            path, "version", f"{version!r} is not supported (this captioner reads "
-            f"{', '.join(map(str, RUN_VERSIONS))}){'; upgrade captioner' if newer else ''}"
+        raise _schema(
+            path, "version", f"it has run format version {version!r}; this captioner reads "
+            f"{' and '.join(map(str, RUN_VERSIONS))}{'; upgrade captioner' if newer else ''}"
         )  # fmt: skip
     decoder = _object(path, "decoder", config.get("decoder"))
     if unknown := sorted(set(decoder) - {"kind", "config"}):
-        raise _problem(path, f"decoder.{unknown[0]}", "unknown key (known: kind, config)")
+        raise _schema(path, f"decoder.{unknown[0]}", "unknown key (known: kind, config)")
     kind = decoder.get("kind")
     if kind not in DECODER_KINDS:
-        raise _problem(path, "decoder.kind", f"must be one of {', '.join(DECODER_KINDS)}, not {kind!r}")
+        raise _schema(path, "decoder.kind", f"must be one of {', '.join(DECODER_KINDS)}, not {kind!r}")
     _check_decoder_config(path, kind, _object(path, "decoder.config", decoder.get("config")))
     _check_encoder(path, config, decoder["config"])
     return config
@@ -109,16 +113,18 @@ def _check_decoder_config(path: Path, kind: str, dec: dict[str, Any]) -> None:
     for key in dec:
         if key not in fields and key != "feature_shape" and key not in BASE_KEYS:
             known = ", ".join(sorted([*fields, "feature_shape"]))
-            raise _problem(path, f"decoder.config.{key}", f"unknown key for a {kind} decoder (known: {known})")
+            raise _schema(path, f"decoder.config.{key}", f"unknown key for a {kind} decoder (known: {known})")
     for key in REQUIRED:
         if key not in dec:
-            raise _problem(path, f"decoder.config.{key}", "missing")
+            raise _schema(path, f"decoder.config.{key}", "missing")
     for key, rule in fields.items():
         if key in dec:
             _number(path, f"decoder.config.{key}", dec[key], rule)
+    if "feature_shape" not in dec:
+        return  # building the decoder reports it, naming decoder.config
     shape = _shape(path, "decoder.config.feature_shape", dec["feature_shape"])
     if kind == "attention" and len(shape) != 3:
-        raise _problem(
+        raise _schema(
             path, "decoder.config.feature_shape",
             f"an attention decoder needs spatial features (height, width, channels), not {list(shape)}",
         )  # fmt: skip
@@ -128,27 +134,27 @@ def _check_encoder(path: Path, config: dict[str, Any], dec: dict[str, Any]) -> N
     enc = _object(path, "encoder", config.get("encoder"))
     for key in ("name", "layer"):
         if not isinstance(enc.get(key), str) or not enc[key]:
-            raise _problem(path, f"encoder.{key}", f"must be a non-empty string, not {enc.get(key)!r}")
-    if "input_size" in enc:
+            raise _schema(path, f"encoder.{key}", f"must be a non-empty string, not {enc.get(key)!r}")
+    if enc.get("input_size"):
         size = _shape(path, "encoder.input_size", enc["input_size"])
         if len(size) != 2:
-            raise _problem(path, "encoder.input_size", f"must be [height, width], not {list(size)}")
-    if "feature_shape" in enc:
+            raise _schema(path, "encoder.input_size", f"must be [height, width], not {list(size)}")
+    if enc.get("feature_shape") and "feature_shape" in dec:
         shape = _shape(path, "encoder.feature_shape", enc["feature_shape"])
         if shape != tuple(dec["feature_shape"]):
-            raise _problem(
+            raise _schema(
                 path, "encoder.feature_shape",
                 f"{list(shape)} differs from decoder.config.feature_shape {list(dec['feature_shape'])}",
             )  # fmt: skip
 
 
-def check_files(run_dir: Path, config: dict[str, Any], config_path: Path, names: list[str]) -> None:
-    """Files of ``names`` listed in ``config['files']`` must match their size and sha256."""
-    files = config.get("files")
-    if files is None:
+def check_files(run_dir: Path, files: Any, config_path: Path, names: list[str]) -> None:
+    """Files of ``names`` listed in ``files`` (config.json's manifest) must match their size
+    and sha256."""
+    if not files:
         return
     files = _object(config_path, "files", files)
-    from captioner.encoder_weights import sha256_of
+    from captioner.files import sha256sum
 
     for name in names:
         if name not in files or not (run_dir / name).is_file():
@@ -159,14 +165,13 @@ def check_files(run_dir: Path, config: dict[str, Any], config_path: Path, names:
         if size is not None and path.stat().st_size != size:
             raise _problem(path, "(file)", f"{path.stat().st_size} bytes, but {config_path.name} "
                            f"files.{name}.size is {size}: the file was cut short or replaced")  # fmt: skip
-        if sha is not None and sha256_of(path) != sha:
+        if sha is not None and sha256sum(path) != sha:
             raise _problem(path, "(file)", f"sha256 differs from {config_path.name} files.{name}"
                            ".sha256: the file was altered; restore the run's own copy")  # fmt: skip
 
 
-def check_tokenizer(tokenizer, config: dict[str, Any], tok_path: Path, config_path: Path) -> None:
-    """The tokenizer must be the one the decoder was built for."""
-    dec = config["decoder"]["config"]
+def check_tokenizer(tokenizer, dec: dict[str, Any], tok_path: Path, config_path: Path) -> None:
+    """The tokenizer must be the one the decoder (``dec``: its config) was built for."""
     if tokenizer.vocab_size != dec["vocab_size"]:
         raise _problem(
             tok_path, "words",
@@ -227,12 +232,11 @@ def check_weights(decoder, path: Path, config_path: Path) -> None:
             )  # fmt: skip
 
 
-def build_checked_decoder(config: dict[str, Any], config_path: Path):
-    """The decoder of ``config`` (already schema-checked); build errors name config.json."""
+def build_checked_decoder(kind: str, dec: dict[str, Any], config_path: Path):
+    """The ``kind`` decoder of config ``dec`` (already schema-checked); errors name the file."""
     from captioner.decoders import build_decoder
 
-    dec = config["decoder"]
     try:
-        return build_decoder(dec["kind"], **dec["config"])
+        return build_decoder(kind, **dec)
     except Exception as exc:
-        raise _problem(config_path, "decoder.config", f"cannot build the {dec['kind']} decoder ({exc})") from None
+        raise _problem(config_path, "decoder.config", f"cannot build the {kind} decoder ({exc})") from None

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from helpers import WORDS
 
-from captioner.encoder_weights import sha256_of
+from captioner.files import sha256sum
 from captioner.tokenizer import Tokenizer
 
 
@@ -58,7 +58,7 @@ def make_run(
         "created": "2026-01-01T00:00:00+0000",
     }
     payload["files"] = {
-        name: {"size": (folder / name).stat().st_size, "sha256": sha256_of(folder / name)}
+        name: {"size": (folder / name).stat().st_size, "sha256": sha256sum(folder / name)}
         for name in ("tokenizer.json", "best.weights.h5")
     }
     (folder / "config.json").write_text(json.dumps(payload, indent=2))

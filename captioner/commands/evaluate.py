@@ -146,8 +146,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     """Evaluate, write the report, print the summary table."""
     from captioner.errors import CaptionerError
     from captioner.evaluation import Decoding, evaluate
-    from captioner.inference import CONFIG_FILE, DEFAULT_RUN
-    from captioner.report import format_table, write_report
+    from captioner.report import build_payload, format_table, write_report
+    from captioner.runs import CONFIG_FILE, DEFAULT_RUN
 
     model = args.model
     if model is None:
@@ -179,7 +179,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         _print_json(result, paths["html"])
         return 0
     if not args.quiet:
-        print(format_table(result.to_json()))
+        print(format_table(build_payload(result)))
         if result.skipped:
             print(f"{len(result.skipped)} image(s) skipped (see report.json 'skipped')")
     if result.failed:
@@ -194,15 +194,17 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def _print_json(result, report_path) -> None:
     """One line per image and decoding, one per failure, then the summary."""
     from captioner import records
+    from captioner.report import build_payload
 
-    payload = result.to_json()
-    for section in payload["sections"]:
-        for row in section["images"]:
+    payload = build_payload(result)
+    for section, data in zip(result.sections, payload["sections"], strict=True):
+        for row in data["images"]:
             metrics = {k: row[k] for k in ("BLEU-4", "CIDEr-D", "ROUGE-L") if k in row}
             record = {
                 records.IMAGE: row["image"],
-                records.DECODING: section["settings"]["label"],
+                records.DECODING: data["settings"]["label"],
                 records.CAPTION: row["caption"],
+                records.SCORE: section.captions[row["image"]].score,
                 records.FINISHED: row["finished"],
                 records.REFERENCES: row["references"],
                 records.METRICS: metrics,

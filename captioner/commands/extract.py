@@ -159,7 +159,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_extract(args: argparse.Namespace) -> int:
     """Handler of ``captioner extract``; returns the exit status."""
     from captioner.errors import CaptionerError
-    from captioner.features import extract_with_spec
+    from captioner.extraction import extract_with_spec
     from captioner.images import list_images
 
     if args.verify:
@@ -223,8 +223,8 @@ def _print_json(summary) -> None:
 def run_verify(path: str, as_json: bool) -> int:
     """``captioner extract --verify CACHE``: 0 when no row is damaged, else 1."""
     from captioner import records
-    from captioner.features import FeatureReader
-    from captioner.tempfiles import remove_stale
+    from captioner.cache import FeatureReader
+    from captioner.files import remove_stale
 
     remove_stale(path)
     with FeatureReader(path) as reader:
