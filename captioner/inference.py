@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -259,7 +260,8 @@ class Captioner:
         from captioner.images import load_image
 
         load = partial(load_image, size=self.input_size, resample=self.resample)
-        yield from encoded_batches(items, self.encoder(), load, batch_size)
+        encoder = SimpleNamespace(predict_on_batch=self.encode_images)  # built on first batch
+        yield from encoded_batches(items, encoder, load, batch_size)
 
     def caption_images(
         self, paths: Sequence[str | os.PathLike], batch_size: int = 16, **search
