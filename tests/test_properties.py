@@ -120,8 +120,34 @@ def _clean_cache() -> bytes:
 CACHE = _clean_cache()
 
 
+def _raw_ranges() -> list[int]:
+    """Byte offsets of the datasets' chunks (features, names, status, errors, checksums)."""
+    import h5py
+
+    offsets: list[int] = []
+    with h5py.File(TMP / "clean.h5", "r") as f:
+        for key in f:
+            dsid = f[key].id
+            for i in range(dsid.get_num_chunks()):
+                info = dsid.get_chunk_info(i)
+                offsets += range(info.byte_offset, info.byte_offset + info.size)
+    return offsets
+
+
+RAW = _raw_ranges()
+
+
+@st.composite
+def damaged_rows(draw) -> bytes:
+    """1 to 4 bytes of the cache's stored data (not its HDF5 metadata) replaced."""
+    data = bytearray(CACHE)
+    for pos in draw(st.lists(st.sampled_from(RAW), min_size=1, max_size=4, unique=True)):
+        data[pos] ^= draw(st.integers(1, 255))
+    return bytes(data)
+
+
 @FAST
-@given(data=damaged(CACHE))
+@given(data=damaged(CACHE) | damaged_rows())
 def test_damaged_caches_never_give_wrong_features(data):
     path = _write("damaged.h5", data)
     try:
