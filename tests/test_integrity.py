@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import pytest
 from PIL import Image
-from test_features import IDENTITY, make_images, run_tiny, tiny_model  # noqa: F401
+from test_features import IDENTITY, make_images, run_tiny, tiny_encoder, tiny_model  # noqa: F401
 
 from captioner.cache import DamagedFeaturesError, FeatureReader, FeatureWriter
 from captioner.cli import main
@@ -232,3 +232,23 @@ def test_damaged_cache_metadata_is_one_line(clean):
         del f["status"]
     with pytest.raises(CaptionerError, match="not a captioner feature cache"):
         FeatureReader(clean.path)
+
+
+def test_extract_cli_json_lines_and_repair(tmp_path, tiny_encoder, capsys):  # noqa: F811
+    make_images(tmp_path / "imgs", 4)  # rows: cut.jpg, img00.png ... img03.png
+    (tmp_path / "imgs" / "cut.jpg").write_bytes(b"\xff\xd8\xff\xe0 only a header")
+    out = tmp_path / "f.h5"
+    args = ["extract", str(tmp_path / "imgs"), "--encoder", "tiny", "--layer", "pool",
+            "--out", str(out), "--json"]  # fmt: skip
+    assert main(args) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines[0] == {"image": "cut.jpg", "error": "truncated image"}
+    assert lines[-1]["summary"] | {"seconds": 0} == {
+        "command": "extract", "file": str(out), "requested": 5, "done": 4, "skipped": 0,
+        "failed": 1, "repaired": 0, "seconds": 0}  # fmt: skip
+    clean = datasets(out)
+    damage(out, 2, "flip")
+    assert main(args[:-1]) == 0
+    captured = capsys.readouterr()
+    assert "re-extracted 1 damaged" in captured.out and "damaged: img01.png" in captured.err  # row 2
+    assert all(datasets(out)[k].tobytes() == clean[k].tobytes() for k in DATASETS)
