@@ -18,7 +18,7 @@ def make_run(
     best.weights.h5 of an untrained ``kind`` decoder over ``feature_shape`` features."""
     import keras
 
-    from captioner.captions import DEFAULT_RULES
+    from captioner.cleaning import DEFAULT_RULES
     from captioner.decoders import build_decoder
 
     keras.utils.set_random_seed(seed)
