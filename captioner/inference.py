@@ -95,8 +95,7 @@ class Captioner:
         tokenizer = Tokenizer.load(run_dir / TOKENIZER_FILE)
         runcheck.check_tokenizer(tokenizer, config.decoder.config, run_dir / TOKENIZER_FILE,
                                  config_path)
-        decoder = runcheck.build_checked_decoder(config.decoder.kind, config.decoder.config,
-                                                 config_path)
+        decoder = _build_decoder(config.decoder.kind, config.decoder.config, config_path)
         path = run_dir / (BEST_WEIGHTS if weights == "best" else LAST_WEIGHTS)
         if not path.is_file() and weights == "best":
             path = run_dir / LAST_WEIGHTS
@@ -276,6 +275,17 @@ class Captioner:
                 for i, (caps, error) in zip(good, self.caption_rows(feats, **search), strict=True):
                     results[i] = (Path(paths[i]), caps, error)
         return [results[i] for i in range(len(paths))]
+
+
+def _build_decoder(kind: str, config: dict[str, Any], config_path: Path):
+    """The ``kind`` decoder of a (schema-checked) config; a failure names the file and field."""
+    from captioner.decoders import build_decoder
+
+    try:
+        return build_decoder(kind, **config)
+    except Exception as exc:
+        raise CaptionerError(f"{config_path}: decoder.config: cannot build the {kind} decoder "
+                             f"({' '.join(str(exc).split())[:200]})") from None
 
 
 def _log_softmax_step(decoder, tokens, state):

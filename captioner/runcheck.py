@@ -14,7 +14,7 @@ the field.
   (:func:`check_files`): a flipped byte in a tokenizer or weights file is then refused instead
   of giving garbled captions.
 
-Keras is imported inside the functions that build the model.
+Standard library here (h5py inside :func:`check_weights`); the caller builds the decoder.
 """
 
 from __future__ import annotations
@@ -230,13 +230,3 @@ def check_weights(decoder, path: Path, config_path: Path) -> None:
                 f"the file holds shapes {stored[layer]}, the decoder built from {config_path.name} "
                 f"needs {shapes}; the weights and config.json come from different runs",
             )  # fmt: skip
-
-
-def build_checked_decoder(kind: str, dec: dict[str, Any], config_path: Path):
-    """The ``kind`` decoder of config ``dec`` (already schema-checked); errors name the file."""
-    from captioner.decoders import build_decoder
-
-    try:
-        return build_decoder(kind, **dec)
-    except Exception as exc:
-        raise _problem(config_path, "decoder.config", f"cannot build the {kind} decoder ({exc})") from None
