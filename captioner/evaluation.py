@@ -278,19 +278,15 @@ def evaluate(
             chunks = _image_chunks(captioner, paths, batch_size, skipped)
         sections = [Section(d) for d in decodings]
         keep = attention_images if config.decoder.kind == "attention" else 0
-        seconds, kept, failed = _run_chunks(
-            captioner, chunks, sections, len(chosen), progress, keep
-        )
+        seconds, kept, failed = _run_chunks(captioner, chunks, sections, len(chosen), progress, keep)
     finally:
         if reader is not None:
             reader.close()
     _check_failures(failed, skipped, strict, features if features is not None else folder)
     done = [n for n in chosen if n in sections[0].captions]
     if not done:
-        reasons = {**skipped, **failed}
-        raise CaptionerError(
-            f"no image could be captioned from {features or folder}: {next(iter(reasons.values()))}"
-        )
+        why = next(iter({**skipped, **failed}.values()))
+        raise CaptionerError(f"no image could be captioned from {features or folder}: {why}")
     references = clean_captions({n: captions[n] for n in done}, rules)
     for section in sections:
         score_section(section, references)
@@ -320,10 +316,8 @@ def _check_failures(failed: dict[str, str], skipped: dict[str, str], strict: boo
     bad = {**failed, **{n: r for n, r in skipped.items() if r != NO_REFERENCES}}
     if strict and bad:
         shown = "; ".join(f"{n}: {r}" for n, r in list(bad.items())[:3])
-        raise CaptionerError(
-            f"--strict: {len(bad)} image(s) of {source} could not be evaluated ({shown}); "
-            "re-extract them (`captioner extract` repairs damaged rows) or drop --strict"
-        )
+        raise CaptionerError(f"--strict: {len(bad)} image(s) of {source} could not be evaluated "
+                             f"({shown}); rerun `captioner extract` to repair them, or drop --strict")
 
 
 def _attention(captioner, kept: dict[str, np.ndarray], section: Section) -> dict[str, AttentionMap]:
@@ -389,18 +383,13 @@ def _run_chunks(
             for section in sections:
                 start = time.perf_counter()
                 generated = _caption_chunk(captioner, feats, section.decoding)
-                for name, caption in zip(names, generated, strict=True):
-                    if isinstance(caption, str):
-                        failed[name] = caption
-                    else:
-                        section.captions[name] = caption
+                for name, caption in zip(names, generated, strict=True):  # str: why it failed
+                    (failed if isinstance(caption, str) else section.captions)[name] = caption
                 section.caption_seconds += time.perf_counter() - start
             for section in sections:  # an image failing under one setting is in none
-                for name in failed.keys() & section.captions.keys():
-                    del section.captions[name]
+                section.captions = {n: c for n, c in section.captions.items() if n not in failed}
             good = [(n, row) for n, row in zip(names, feats, strict=True) if n not in failed]
-            for name, row in good[: max(0, keep - len(kept))]:
-                kept[name] = row
+            kept |= dict(good[: max(0, keep - len(kept))])
             pbar.update(len(names) + len(damaged))
 
 

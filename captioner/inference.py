@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -259,8 +258,7 @@ class Captioner:
         from captioner.images import load_image
 
         load = partial(load_image, size=self.input_size, resample=self.resample)
-        encoder = SimpleNamespace(predict_on_batch=self.encode_images)  # built on first batch
-        yield from encoded_batches(items, encoder, load, batch_size)
+        yield from encoded_batches(items, self.encode_images, load, batch_size)
 
     def caption_images(
         self, paths: Sequence[str | os.PathLike], batch_size: int = 16, **search
