@@ -95,7 +95,7 @@ def test_damaged_images_fail_alone_with_a_reason(jpeg, png):
     load = partial(load_image, size=(8, 8))
     items = [(p.name, p) for p in (good[0], bad[0], good[1], bad[1])]
     got = {}
-    for keys, feats, failed in encoded_batches(items, Pixels(), load, 4):
+    for keys, feats, failed in encoded_batches(items, Pixels().predict_on_batch, load, 4):
         got |= dict(zip(keys, [] if feats is None else feats, strict=True))
         assert all(isinstance(r, str) and r for r in failed.values())
     clean = Pixels().predict_on_batch(np.stack([load_image(p, (8, 8)) for p in good]))
