@@ -147,7 +147,9 @@ class VerifiedReads:
         rows = np.array([r for _, r in wanted], dtype=np.int64)
         block, problems = self._checked([n for n, _ in wanted], rows)
         keep = [k for k, p in enumerate(problems) if p is None]
-        bad |= {wanted[k][0]: f"damaged row in {self.path}: {p}" for k, p in enumerate(problems) if p}
+        bad |= {
+            wanted[k][0]: f"damaged row in {self.path}: {p}" for k, p in enumerate(problems) if p
+        }
         return [wanted[k][0] for k in keep], block[keep], bad
 
     def _why_missing(self, name: str) -> str:
@@ -202,7 +204,11 @@ class VerifiedReads:
         """Check every row of the file."""
         report = VerifyReport(self.path, rows=len(self.names))
         counts = self.counts()
-        report.done, report.pending, report.failed = counts["done"], counts["pending"], counts["failed"]
+        report.done, report.pending, report.failed = (
+            counts["done"],
+            counts["pending"],
+            counts["failed"],
+        )
         bad_status = np.flatnonzero(~np.isin(self._status, list(STATUS_NAMES)))
         report.damaged |= {self.names[int(i)]: BAD_STATUS for i in bad_status}
         report.damaged |= self.damaged()

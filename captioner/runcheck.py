@@ -62,7 +62,9 @@ def _number(path: Path, field: str, value: Any, rule: tuple[type, float, float |
     kind, low, high = rule
     ok_type = isinstance(value, int) if kind is int else isinstance(value, int | float)
     if isinstance(value, bool) or not ok_type:
-        raise _schema(path, field, f"must be {'an integer' if kind is int else 'a number'}, not {value!r}")
+        raise _schema(
+            path, field, f"must be {'an integer' if kind is int else 'a number'}, not {value!r}"
+        )
     if value < low or (high is not None and value > high) or value != value:
         bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
         raise _schema(path, field, f"must be {bounds}, not {value!r}")
@@ -72,7 +74,9 @@ def _shape(path: Path, field: str, value: Any) -> tuple[int, ...]:
     if (
         not isinstance(value, list | tuple)
         or not 1 <= len(value) <= 3
-        or not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= MAX_SIZE for d in value)
+        or not all(
+            isinstance(d, int) and not isinstance(d, bool) and 0 < d <= MAX_SIZE for d in value
+        )
     ):
         raise _schema(path, field, f"must be a list of 1 to 3 positive integers, not {value!r}")
     return tuple(value)
@@ -102,7 +106,9 @@ def check_config(config: Any, path: str | os.PathLike) -> dict[str, Any]:
         raise _schema(path, f"decoder.{unknown[0]}", "unknown key (known: kind, config)")
     kind = decoder.get("kind")
     if kind not in DECODER_KINDS:
-        raise _schema(path, "decoder.kind", f"must be one of {', '.join(DECODER_KINDS)}, not {kind!r}")
+        raise _schema(
+            path, "decoder.kind", f"must be one of {', '.join(DECODER_KINDS)}, not {kind!r}"
+        )
     _check_decoder_config(path, kind, _object(path, "decoder.config", decoder.get("config")))
     _check_encoder(path, config, decoder["config"])
     return config
@@ -113,7 +119,9 @@ def _check_decoder_config(path: Path, kind: str, dec: dict[str, Any]) -> None:
     for key in dec:
         if key not in fields and key != "feature_shape" and key not in BASE_KEYS:
             known = ", ".join(sorted([*fields, "feature_shape"]))
-            raise _schema(path, f"decoder.config.{key}", f"unknown key for a {kind} decoder (known: {known})")
+            raise _schema(
+                path, f"decoder.config.{key}", f"unknown key for a {kind} decoder (known: {known})"
+            )
     for key in REQUIRED:
         if key not in dec:
             raise _schema(path, f"decoder.config.{key}", "missing")
@@ -134,7 +142,9 @@ def _check_encoder(path: Path, config: dict[str, Any], dec: dict[str, Any]) -> N
     enc = _object(path, "encoder", config.get("encoder"))
     for key in ("name", "layer"):
         if not isinstance(enc.get(key), str) or not enc[key]:
-            raise _schema(path, f"encoder.{key}", f"must be a non-empty string, not {enc.get(key)!r}")
+            raise _schema(
+                path, f"encoder.{key}", f"must be a non-empty string, not {enc.get(key)!r}"
+            )
     if enc.get("input_size"):
         size = _shape(path, "encoder.input_size", enc["input_size"])
         if len(size) != 2:
@@ -204,7 +214,9 @@ def _file_shapes(path: Path) -> dict[str, list[tuple[int, ...]]]:
         with h5py.File(path, "r") as f:
             f.visititems(visit)
     except OSError as exc:
-        raise _problem(path, "(file)", f"not a readable weights file ({' '.join(str(exc).split())[:120]})") from None
+        raise _problem(
+            path, "(file)", f"not a readable weights file ({' '.join(str(exc).split())[:120]})"
+        ) from None
     return found
 
 
@@ -223,7 +235,9 @@ def check_weights(decoder, path: Path, config_path: Path) -> None:
         return  # a layout this check does not know: the loader reports what it finds
     for layer, shapes in _model_shapes(decoder).items():
         if layer not in stored:
-            raise _problem(path, f"layer {layer!r}", f"missing (the file has {', '.join(sorted(stored))})")
+            raise _problem(
+                path, f"layer {layer!r}", f"missing (the file has {', '.join(sorted(stored))})"
+            )
         if stored[layer] != shapes:
             raise _problem(
                 path, f"layer {layer!r}",

@@ -58,8 +58,12 @@ def test_an_altered_file_is_refused_naming_it_and_both_hashes(tmp_path):
     spec = get_spec("mobilenet_v2_0.5")
     good = (DEFAULT_RUN / MOBILENET).read_bytes()
     damaged = good[:1000] + bytes([good[1000] ^ 0xFF]) + good[1001:]
-    run, encoder = _run_with(tmp_path, {"file": MOBILENET, "sha256": KNOWN_SHA256[MOBILENET]}, damaged)
-    with pytest.raises(WeightsError, match=rf"{MOBILENET} have sha256 [0-9a-f]{{64}}, expected 2790"):
+    run, encoder = _run_with(
+        tmp_path, {"file": MOBILENET, "sha256": KNOWN_SHA256[MOBILENET]}, damaged
+    )
+    with pytest.raises(
+        WeightsError, match=rf"{MOBILENET} have sha256 [0-9a-f]{{64}}, expected 2790"
+    ):
         run_encoder_weights(encoder, run, spec)
     encoder.weights_source = None  # the same check without a source: the known official hash
     with pytest.raises(WeightsError, match="damaged or another file"):

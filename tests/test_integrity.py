@@ -172,7 +172,11 @@ def test_truncated_or_foreign_cache_is_one_line(clean, tmp_path, capsys, content
 
 def test_verify_cli_text_and_json(clean, tmp_path, capsys):
     assert main(["extract", "--verify", str(clean.path)]) == 0
-    assert capsys.readouterr().out.strip().endswith("12 done (12 verified), 0 failed, 0 pending, 0 damaged - OK")
+    assert (
+        capsys.readouterr()
+        .out.strip()
+        .endswith("12 done (12 verified), 0 failed, 0 pending, 0 damaged - OK")
+    )
     damage(clean.path, 6, "flip")
     assert main(["extract", "--verify", str(clean.path), "--json"]) == 1
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -250,5 +254,7 @@ def test_extract_cli_json_lines_and_repair(tmp_path, tiny_encoder, capsys):  # n
     damage(out, 2, "flip")
     assert main(args[:-1]) == 0
     captured = capsys.readouterr()
-    assert "re-extracted 1 damaged" in captured.out and "damaged: img01.png" in captured.err  # row 2
+    assert (
+        "re-extracted 1 damaged" in captured.out and "damaged: img01.png" in captured.err
+    )  # row 2
     assert all(datasets(out)[k].tobytes() == clean[k].tobytes() for k in DATASETS)

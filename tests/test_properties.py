@@ -188,7 +188,10 @@ def _load_or_refuse(run: Path, feats, expected, *names: str) -> None:
     except CaptionerError as exc:
         _one_line(exc, *names)
         return
-    if captioner.config.decoder == ORIGINAL_DECODER[0] and captioner.tokenizer == ORIGINAL_DECODER[1]:
+    if (
+        captioner.config.decoder == ORIGINAL_DECODER[0]
+        and captioner.tokenizer == ORIGINAL_DECODER[1]
+    ):
         return  # same decoder config, tokenizer and (checked) weights: the same model
     assert [c[0].text for c in captioner.caption_features(feats)] == expected
 
@@ -209,8 +212,14 @@ def test_damaged_config_json_is_refused_or_harmless(pristine, data):
 
 
 JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers(-5, 5000) | st.floats(allow_nan=True) | st.text(max_size=8),
-    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=6), kids, max_size=3),
+    st.none()
+    | st.booleans()
+    | st.integers(-5, 5000)
+    | st.floats(allow_nan=True)
+    | st.text(max_size=8),
+    lambda kids: (
+        st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=6), kids, max_size=3)
+    ),
     max_leaves=6,
 )
 

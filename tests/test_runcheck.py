@@ -50,21 +50,57 @@ def _set(*keys, value=None, delete=False):
 @pytest.mark.parametrize(
     "change, where",
     [
-        (_set("format", value="other"), r"config\.json is not a captioner run config: format: 'other'"),
-        (_set("version", value=99), r"config\.json is not a valid run config: version: .* 99.*upgrade"),
-        (_set("decoder", "kind", value="lstm"), r"config\.json is not a valid run config: decoder\.kind: must be one of"),
-        (_set("decoder", "config", "units", value="many"), r"decoder\.config\.units: must be an integer"),
-        (_set("decoder", "config", "dropout", value=1.5), r"decoder\.config\.dropout: must be between"),
-        (_set("decoder", "config", "vocab_size", delete=True), r"decoder\.config\.vocab_size: missing"),
+        (
+            _set("format", value="other"),
+            r"config\.json is not a captioner run config: format: 'other'",
+        ),
+        (
+            _set("version", value=99),
+            r"config\.json is not a valid run config: version: .* 99.*upgrade",
+        ),
+        (
+            _set("decoder", "kind", value="lstm"),
+            r"config\.json is not a valid run config: decoder\.kind: must be one of",
+        ),
+        (
+            _set("decoder", "config", "units", value="many"),
+            r"decoder\.config\.units: must be an integer",
+        ),
+        (
+            _set("decoder", "config", "dropout", value=1.5),
+            r"decoder\.config\.dropout: must be between",
+        ),
+        (
+            _set("decoder", "config", "vocab_size", delete=True),
+            r"decoder\.config\.vocab_size: missing",
+        ),
         (_set("decoder", "config", "heads", value=4), r"decoder\.config\.heads: unknown key"),
-        (_set("decoder", "config", "feature_shape", value=[0]), r"decoder\.config\.feature_shape: must be"),
-        (_set("decoder", "kind", value="attention"), r"feature_shape: an attention decoder needs spatial"),
+        (
+            _set("decoder", "config", "feature_shape", value=[0]),
+            r"decoder\.config\.feature_shape: must be",
+        ),
+        (
+            _set("decoder", "kind", value="attention"),
+            r"feature_shape: an attention decoder needs spatial",
+        ),
         (_set("encoder", "feature_shape", value=[32]), r"encoder\.feature_shape: \[32\] differs"),
         (_set("encoder", "name", value=None), r"encoder\.name: must be a non-empty string"),
-        (_set("decoder", "config", "vocab_size", value=999), r"tokenizer\.json: words: 16 entries.*vocab_size is 999"),
-        (_set("decoder", "config", "max_length", value=30), r"config\.json: decoder\.config\.max_length: 30 differs"),
-        (_set("decoder", "config", "units", value=16), r"best\.weights\.h5: layer '\w+': the file holds shapes"),
-        (_set("decoder", "config", "embed_dim", value=4), r"best\.weights\.h5: layer 'embedding'.*\(16, 8\).*\(16, 4\)"),
+        (
+            _set("decoder", "config", "vocab_size", value=999),
+            r"tokenizer\.json: words: 16 entries.*vocab_size is 999",
+        ),
+        (
+            _set("decoder", "config", "max_length", value=30),
+            r"config\.json: decoder\.config\.max_length: 30 differs",
+        ),
+        (
+            _set("decoder", "config", "units", value=16),
+            r"best\.weights\.h5: layer '\w+': the file holds shapes",
+        ),
+        (
+            _set("decoder", "config", "embed_dim", value=4),
+            r"best\.weights\.h5: layer 'embedding'.*\(16, 8\).*\(16, 4\)",
+        ),
     ],
 )
 def test_each_config_problem_is_one_line_naming_file_and_field(run, capsys, change, where):
