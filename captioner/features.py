@@ -543,35 +543,46 @@ def _batches(
         yield items, images, failed
 
 
-def extract(
+@dataclass
+class ExtractPlan:
+    """What an extraction run must do, decided before any model is built (any engine)."""
+
+    out: Path
+    names: list[str]
+    compare: dict[str, Any]  # identity + settings an existing cache must match
+    todo: list[_Item]  # rows to fill, in row order
+    summary: ExtractSummary
+    existing_shape: tuple[int, ...] | None  # the cache's feature shape; None: no file yet
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.compare["input_size"]
+
+    def ensure_file(self, shape: tuple[int, ...], environment: dict[str, Any]) -> None:
+        """Create the cache for ``shape`` (first run), or check an existing one's shape."""
+        if self.existing_shape is None:
+            attrs = {**environment, **self.compare, "feature_shape": shape}
+            FeatureWriter.create(self.out, self.names, shape, self.compare["dtype"], attrs)
+            self.existing_shape = shape
+        elif tuple(self.existing_shape) != tuple(shape):
+            raise _mismatch(
+                self.out, [f"feature_shape: file has {self.existing_shape}, expected {shape}"]
+            )
+
+
+def plan_extract(
     paths: Sequence[str | os.PathLike],
     out: str | os.PathLike,
     *,
-    model: Any,
     identity: dict[str, Any],
     input_size: tuple[int, int],
     names: Sequence[str] | None = None,
     batch_size: int = 32,
-    workers: int = 4,
     dtype: str = "float32",
     resample: str = "bilinear",
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    strict: bool = False,
     retry_failed: bool = False,
-    progress: bool = True,
-) -> ExtractSummary:
-    """Run ``model`` over the images at ``paths`` into the cache ``out``; resumable.
-
-    ``model`` maps RGB batches (B, H, W, 3) in [0, 255] to features (a Keras model, or a
-    zero-argument callable building one: it is then only built if there is work to do).
-    ``identity``: attributes naming the encoder (encoder, layer, weights, preprocessing, ...);
-    an existing ``out`` made with other values is refused with :class:`CacheMismatchError`.
-    ``input_size`` is (height, width). ``names`` default to the file names of ``paths``.
-    Images already done are skipped, failed ones are retried only with ``retry_failed``.
-    Bad images are recorded as failed and never stop the run; ``strict`` raises
-    :class:`ImageError` at the end if any requested image has no features.
-    """
-    start = time.perf_counter()
+) -> ExtractPlan:
+    """Validate the arguments, check and grow an existing cache, list the rows to fill."""
     out = Path(out)
     paths = [Path(p) for p in paths]
     names = [p.name for p in paths] if names is None else list(names)
@@ -614,24 +625,60 @@ def extract(
         else:
             todo.append(_Item(row, name, path))
     todo.sort(key=lambda item: item.row)
-    if todo:
-        model = model if hasattr(model, "predict_on_batch") else model()
-        shape = _feature_shape(model)
-        if state is None:
-            attrs = {**_environment(), **compare, "feature_shape": shape}
-            FeatureWriter.create(out, names, shape, dtype, attrs)
-        elif state[3] != shape:
-            raise _mismatch(out, [f"feature_shape: file has {state[3]}, expected {shape}"])
-        load = partial(
-            load_image, size=settings["input_size"], resample=resample, max_pixels=max_pixels
-        )
-        with FeatureWriter(out) as writer:
-            _run(todo, writer, model, load, batch_size, workers, dtype, summary, progress)
+    shape = None if state is None else state[3]
+    return ExtractPlan(out, names, compare, todo, summary, shape)
+
+
+def finish_extract(plan: ExtractPlan, start: float, strict: bool) -> ExtractSummary:
+    """Time the run; with ``strict``, raise :class:`ImageError` if any image has no features."""
+    summary = plan.summary
     summary.seconds = time.perf_counter() - start
     if strict and summary.failed:
         shown = "; ".join(f"{n}: {r}" for n, r in islice(summary.failed.items(), 5))
-        raise ImageError(f"{len(summary.failed)} image(s) have no features in {out} ({shown}).")
+        raise ImageError(f"{len(summary.failed)} image(s) have no features in {plan.out} ({shown}).")
     return summary
+
+
+def extract(
+    paths: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    model: Any,
+    identity: dict[str, Any],
+    input_size: tuple[int, int],
+    names: Sequence[str] | None = None,
+    batch_size: int = 32,
+    workers: int = 4,
+    dtype: str = "float32",
+    resample: str = "bilinear",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    strict: bool = False,
+    retry_failed: bool = False,
+    progress: bool = True,
+) -> ExtractSummary:
+    """Run ``model`` over the images at ``paths`` into the cache ``out``; resumable.
+
+    ``model`` maps RGB batches (B, H, W, 3) in [0, 255] to features (a Keras model, or a
+    zero-argument callable building one: it is then only built if there is work to do).
+    ``identity``: attributes naming the encoder (encoder, layer, weights, preprocessing, ...);
+    an existing ``out`` made with other values is refused with :class:`CacheMismatchError`.
+    ``input_size`` is (height, width). ``names`` default to the file names of ``paths``.
+    Images already done are skipped, failed ones are retried only with ``retry_failed``.
+    Bad images are recorded as failed and never stop the run; ``strict`` raises
+    :class:`ImageError` at the end if any requested image has no features.
+    """
+    start = time.perf_counter()
+    plan = plan_extract(
+        paths, out, identity=identity, input_size=input_size, names=names,
+        batch_size=batch_size, dtype=dtype, resample=resample, retry_failed=retry_failed,
+    )  # fmt: skip
+    if plan.todo:
+        model = model if hasattr(model, "predict_on_batch") else model()
+        plan.ensure_file(_feature_shape(model), _environment())
+        load = partial(load_image, size=plan.input_size, resample=resample, max_pixels=max_pixels)
+        with FeatureWriter(plan.out) as writer:
+            _run(plan.todo, writer, model, load, batch_size, workers, dtype, plan.summary, progress)
+    return finish_extract(plan, start, strict)
 
 
 def _run(
@@ -693,22 +740,25 @@ def _environment() -> dict[str, Any]:
 MIXED_PRECISION = ("float16", "bfloat16")
 
 
-def extract_with_spec(
-    paths: Sequence[str | os.PathLike],
-    out: str | os.PathLike,
-    encoder: str = "vgg16",
-    layer: str | None = None,
-    weights: str | os.PathLike | None = "imagenet",
-    *,
-    mixed_precision: str | None = None,
-    **kwargs: Any,
-) -> ExtractSummary:
-    """:func:`extract` with a named encoder (see ``captioner.encoders.SPECS``).
+def build_feature_model(spec: Any, layer: str, weights: Any, policy: str) -> Any:
+    """The feature model of an encoder spec, built under the dtype ``policy``."""
+    import keras
 
-    The model (``spec.feature_model(layer, weights)``, preprocessing included) is only built
-    when some image still needs features. ``mixed_precision`` ("float16" or "bfloat16") builds
-    it under the ``mixed_*`` dtype policy (for GPUs); features are still stored as ``dtype``.
-    Other keyword arguments go to :func:`extract`.
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        return spec.feature_model(layer, weights)
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def encoder_setup(
+    encoder: str, layer: str | None, weights: Any, mixed_precision: str | None
+) -> tuple[dict[str, Any], Callable[[], Any], tuple[int, int]]:
+    """(cache identity, zero-argument model builder, input size) of a named encoder.
+
+    The builder is a ``functools.partial`` of a module-level function, so it can be sent to
+    other processes (Ray actors) and built there.
     """
     from captioner.encoders import get_spec
 
@@ -727,15 +777,26 @@ def extract_with_spec(
         "preprocessing": spec.preprocessing,
         "compute_dtype": policy,
     }
+    build = partial(build_feature_model, spec, layer, weights, policy)
+    return identity, build, spec.input_size
 
-    def build() -> Any:
-        import keras
 
-        previous = keras.config.dtype_policy()
-        keras.config.set_dtype_policy(policy)
-        try:
-            return spec.feature_model(layer, weights)
-        finally:
-            keras.config.set_dtype_policy(previous)
+def extract_with_spec(
+    paths: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    encoder: str = "vgg16",
+    layer: str | None = None,
+    weights: str | os.PathLike | None = "imagenet",
+    *,
+    mixed_precision: str | None = None,
+    **kwargs: Any,
+) -> ExtractSummary:
+    """:func:`extract` with a named encoder (see ``captioner.encoders.SPECS``).
 
-    return extract(paths, out, model=build, identity=identity, input_size=spec.input_size, **kwargs)
+    The model (``spec.feature_model(layer, weights)``, preprocessing included) is only built
+    when some image still needs features. ``mixed_precision`` ("float16" or "bfloat16") builds
+    it under the ``mixed_*`` dtype policy (for GPUs); features are still stored as ``dtype``.
+    Other keyword arguments go to :func:`extract`.
+    """
+    identity, build, input_size = encoder_setup(encoder, layer, weights, mixed_precision)
+    return extract(paths, out, model=build, identity=identity, input_size=input_size, **kwargs)

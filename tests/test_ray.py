@@ -1,0 +1,201 @@
+"""The Ray engine (``--engine ray``) of extract and caption: identical output to the local one.
+
+One Ray session (the ``ray_cluster`` fixture, 2 CPUs) serves every test; the whole module is
+skipped where Ray is not installed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+pytest.importorskip("ray")
+pytest.importorskip("ray.data")
+
+from test_features import IDENTITY, TINY, make_images, tiny_encoder  # noqa: E402, F401
+
+from captioner.engines.ray_extract import extract_ray  # noqa: E402
+from captioner.errors import CaptionerError  # noqa: E402
+from captioner.features import FeatureReader, extract  # noqa: E402
+from captioner.cli import main as cli_main  # noqa: E402
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+BUILD = partial(TINY.feature_model, "conv", None)
+
+
+def bad_images(folder: Path) -> list[Path]:
+    """An empty file, a truncated PNG and a text file named .jpg."""
+    good = make_images(folder, 1, seed=9)[0]
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "truncated.png").write_bytes(good.read_bytes()[:200])
+    (folder / "text.jpg").write_text("not an image")
+    return [folder / "empty.jpg", folder / "truncated.png", folder / "text.jpg"]
+
+
+def run(engine, paths, out, **kwargs):
+    kwargs.setdefault("progress", False)
+    kwargs.setdefault("batch_size", 4)
+    fn = extract_ray if engine == "ray" else partial(extract, workers=1)
+    return fn(paths, out, model=BUILD, identity=IDENTITY, input_size=(32, 32), **kwargs)
+
+
+def assert_same_cache(a: Path, b: Path) -> None:
+    """Every dataset equal byte for byte (failed rows' features excepted: never written),
+    every attribute equal but the creation time."""
+    with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
+        assert set(fa) == set(fb) == {"features", "names", "status", "errors"}
+        for key in ("names", "status", "errors"):
+            assert fa[key].dtype == fb[key].dtype and np.array_equal(fa[key][()], fb[key][()]), key
+        done = fa["status"][()] == 1
+        assert np.array_equal(done, fb["status"][()] == 1) and done.any()
+        fa_feats, fb_feats = fa["features"][()], fb["features"][()]
+        assert fa_feats.dtype == fb_feats.dtype
+        assert fa_feats[done].tobytes() == fb_feats[done].tobytes()
+        attrs_a = {k: v for k, v in fa.attrs.items() if k != "created"}
+        attrs_b = {k: v for k, v in fb.attrs.items() if k != "created"}
+        assert attrs_a.keys() == attrs_b.keys()
+        for key, value in attrs_a.items():
+            assert np.array_equal(value, attrs_b[key]), key
+
+
+def test_extract_bit_identical_with_bad_images(tmp_path, ray_cluster):
+    paths = make_images(tmp_path / "imgs", 14) + bad_images(tmp_path / "imgs")
+    local = run("local", paths, tmp_path / "local.h5")
+    remote = run("ray", paths, tmp_path / "ray.h5")
+    assert remote.done == local.done == 14 and remote.failed == local.failed
+    assert set(remote.failed) == {"empty.jpg", "truncated.png", "text.jpg"}
+    assert_same_cache(tmp_path / "local.h5", tmp_path / "ray.h5")
+
+
+# --------------------------------------------------------------------------- killed driver
+
+KILLABLE = """
+import sys, time
+from test_features import register_tiny
+from captioner.features import FeatureWriter
+
+register_tiny()
+delay = float(sys.argv[1])
+original = FeatureWriter._set_status
+
+def slow(self, rows, value):  # widen the window between a batch's rows and its status
+    if rows:
+        time.sleep(delay)
+    original(self, rows, value)
+
+FeatureWriter._set_status = slow
+from captioner.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def ray_processes(temp: Path) -> list[int]:
+    """Ids of the processes of the Ray instance whose temporary folder is ``temp`` (those
+    naming it on their command line, and all their descendants)."""
+    parents: dict[int, int] = {}
+    roots = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        parents[int(proc.name)] = ppid
+        if str(temp) in cmdline:
+            roots.append(int(proc.name))
+    found, frontier = set(roots), list(roots)
+    while frontier:
+        pid = frontier.pop()
+        children = [c for c, p in parents.items() if p == pid and c not in found]
+        found.update(children)
+        frontier.extend(children)
+    return sorted(found)
+
+
+def kill_all(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture
+def ray_temp():
+    """A fresh Ray temporary folder for a CLI subprocess; any process of it left is killed."""
+    import shutil
+    import tempfile
+
+    temps: list[Path] = []
+
+    def make() -> Path:
+        temps.append(Path(tempfile.mkdtemp(prefix="rk")))
+        return temps[-1]
+
+    yield make
+    for temp in temps:
+        kill_all(ray_processes(temp))
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def cli_ray(delay: float, images: Path, out: Path, temp: Path) -> subprocess.Popen:
+    argv = ["extract", str(images), "--encoder", "tiny", "--out", str(out), "--batch-size", "4",
+            "--engine", "ray"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)]),
+           "RAY_TMPDIR": str(temp)}  # fmt: skip
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen([sys.executable, "-c", KILLABLE, str(delay), *argv], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def done_count(path: Path) -> int:
+    if not path.exists():
+        return 0
+    with FeatureReader(path) as reader:
+        return reader.counts()["done"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_killed_driver_then_rerun_is_bit_identical(tmp_path, ray_cluster, ray_temp, tiny_encoder):
+    images = tmp_path / "imgs"
+    make_images(images, 36, seed=5)
+    bad_images(images)
+    out = tmp_path / "killed.h5"
+    first = ray_temp()
+    proc = cli_ray(0.3, images, out, first)
+    deadline = time.monotonic() + 300
+    while done_count(out) < 8:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the Ray extraction never got going"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    kill_all(ray_processes(first))  # a killed driver leaves its local Ray behind
+    with FeatureReader(out) as reader:
+        done = reader.counts()["done"]
+        pending = {n for n in reader.names if reader.status_of(n) == "pending"}
+        assert 8 <= done < 36 and pending
+    bad = {"empty.jpg", "truncated.png", "text.jpg"}
+
+    second = ray_temp()
+    rerun = cli_ray(0, images, out, second)
+    stdout, stderr = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, stderr
+    assert stdout.startswith(
+        f"extracted {len(pending - bad)}, skipped {done} (already in the cache), failed 3"
+    )  # only the rows the killed run had not committed were done again
+    assert ray_processes(second) == []  # a finished command leaves no Ray process
+    local = ["extract", str(images), "--encoder", "tiny", "--out", str(tmp_path / "local.h5"),
+             "--batch-size", "4"]  # fmt: skip
+    assert cli_main(local) == 0
+    assert_same_cache(out, tmp_path / "local.h5")
