@@ -21,16 +21,22 @@ import pytest
 pytest.importorskip("ray")
 pytest.importorskip("ray.data")
 
-from test_features import IDENTITY, TINY, make_images, tiny_encoder  # noqa: E402, F401
+from test_features import IDENTITY, TINY, make_images  # noqa: E402
 
-from captioner.engines.ray_extract import extract_ray  # noqa: E402
-from captioner.errors import CaptionerError  # noqa: E402
-from captioner.features import FeatureReader, extract  # noqa: E402
+from captioner import encoders  # noqa: E402
 from captioner.cli import main as cli_main  # noqa: E402
+from captioner.engines import ray_extract  # noqa: E402
+from captioner.engines.ray_extract import extract_ray  # noqa: E402
+from captioner.features import FeatureReader, extract  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 BUILD = partial(TINY.feature_model, "conv", None)
+
+
+@pytest.fixture
+def tiny_encoder(monkeypatch):
+    monkeypatch.setitem(encoders.SPECS, "tiny", TINY)
 
 
 def bad_images(folder: Path) -> list[Path]:
@@ -66,6 +72,29 @@ def assert_same_cache(a: Path, b: Path) -> None:
         assert attrs_a.keys() == attrs_b.keys()
         for key, value in attrs_a.items():
             assert np.array_equal(value, attrs_b[key]), key
+
+
+def test_nothing_to_do_does_not_start_ray(tmp_path, monkeypatch):
+    paths = make_images(tmp_path / "imgs", 3)
+    run("local", paths, tmp_path / "f.h5")
+
+    def no_ray(address=None):
+        raise AssertionError("Ray must not start when the cache holds every image")
+
+    monkeypatch.setattr(ray_extract, "ray_session", no_ray)
+    summary = run("ray", paths, tmp_path / "f.h5")
+    assert summary.done == 0 and summary.skipped == 3
+
+
+def test_cli_rejects_bad_engine_options(tmp_path, tiny_encoder, capsys):
+    make_images(tmp_path / "imgs", 2)
+    base = ["extract", str(tmp_path / "imgs"), "--encoder", "tiny", "--out", str(tmp_path / "f.h5"),
+            "--engine", "ray"]  # fmt: skip
+    assert cli_main(base + ["--actors", "0"]) == 2
+    assert "--actors must be at least 1, not 0." in capsys.readouterr().err
+    assert cli_main(base + ["--gpus-per-actor", "-1"]) == 2
+    assert "--gpus-per-actor must be 0 or more" in capsys.readouterr().err
+    assert not (tmp_path / "f.h5").exists()
 
 
 def test_extract_bit_identical_with_bad_images(tmp_path, ray_cluster):

@@ -116,8 +116,11 @@ def _pipeline(ray, plan: ExtractPlan, build, batch_size, resample, max_pixels, a
     )
     return ds.map_batches(
         EncoderActor,
-        fn_constructor_kwargs={"build": build, "batch_size": batch_size,
-                               "dtype": plan.compare["dtype"]},  # fmt: skip
+        fn_constructor_kwargs={
+            "build": build,
+            "batch_size": batch_size,
+            "dtype": plan.compare["dtype"],
+        },  # fmt: skip
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),

@@ -29,8 +29,8 @@ def import_ray() -> Any:
         import ray.data  # noqa: F401
     except ImportError as exc:
         raise CaptionerError(
-            f"--engine ray needs Ray Data ({exc}); install it with `pip install \"captioner[ray]\"` "
-            "(or `pip install \"ray[data]\"`), or use --engine local."
+            f'--engine ray needs Ray Data ({exc}); install it with `pip install "captioner[ray]"` '
+            '(or `pip install "ray[data]"`), or use --engine local.'
         ) from exc
     return ray
 
