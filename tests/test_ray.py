@@ -6,6 +6,7 @@ skipped where Ray is not installed.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -21,6 +22,7 @@ import pytest
 pytest.importorskip("ray")
 pytest.importorskip("ray.data")
 
+from conftest import needs_mobilenet  # noqa: E402
 from test_features import IDENTITY, TINY, make_images  # noqa: E402
 
 from captioner import encoders  # noqa: E402
@@ -228,3 +230,56 @@ def test_killed_driver_then_rerun_is_bit_identical(tmp_path, ray_cluster, ray_te
              "--batch-size", "4"]  # fmt: skip
     assert cli_main(local) == 0
     assert_same_cache(out, tmp_path / "local.h5")
+
+
+# --------------------------------------------------------------------------- caption
+
+
+def records(path: Path) -> dict[str, dict]:
+    lines = path.read_text().splitlines()
+    return {r["image"]: r for r in map(json.loads, lines)}
+
+
+@needs_mobilenet
+def test_caption_ray_completes_a_torn_file_with_the_local_captions(tmp_path, ray_cluster, capsys):
+    """The bundled model (MobileNetV2 0.5 + attention) on 8 images and 2 bad files."""
+    folder = tmp_path / "imgs"
+    make_images(folder, 8, seed=4, size=(60, 50))
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "text.jpg").write_text("not an image")
+    base = ["caption", str(folder), "--batch-size", "4", "--beam-size", "2"]
+    assert cli_main(base + ["--out", str(tmp_path / "local.jsonl")]) == 1  # 2 failed
+    assert capsys.readouterr().out.startswith(
+        "captioned 8, skipped 0 (already in local.jsonl), failed 2"
+    )
+    local = records(tmp_path / "local.jsonl")
+    assert local[str(folder / "empty.jpg")]["error"] == "empty file"
+
+    lines = (tmp_path / "local.jsonl").read_text().splitlines(keepends=True)
+    partial_file = tmp_path / "ray.jsonl"
+    partial_file.write_text("".join(lines[:3]) + lines[3][:25])  # a run killed mid-line
+    argv = base + ["--out", str(partial_file), "--engine", "ray", "--actors", "1"]
+    assert cli_main(argv) == 1
+    assert capsys.readouterr().out.startswith("captioned ")
+    text = partial_file.read_text()
+    assert text.endswith("\n") and len(text.splitlines()) == 10  # torn line replaced, no repeats
+    remote = records(partial_file)
+    assert remote.keys() == local.keys()
+    for image, want in local.items():
+        got = remote[image]
+        assert got["caption"] == want["caption"] and got.get("error") == want.get("error"), image
+        assert [c["caption"] for c in got.get("captions", [])] == [
+            c["caption"] for c in want.get("captions", [])
+        ]
+        if want["score"] is not None:
+            assert got["score"] == pytest.approx(want["score"], abs=1e-4)
+    assert cli_main(argv) == 0  # nothing left to do: Ray is not even needed
+    assert capsys.readouterr().out.startswith("captioned 0, skipped 10")
+
+
+def test_caption_ray_needs_out(capsys):
+    assert cli_main(["caption", "x.jpg", "--engine", "ray"]) == 2
+    assert (
+        "--engine ray writes its captions to a file: add --out FILE.jsonl"
+        in capsys.readouterr().err
+    )
