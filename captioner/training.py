@@ -77,6 +77,7 @@ class TrainConfig:
     mixed_precision: bool = False
     in_memory: bool = True
     max_train_images: int | None = None
+    distribute: bool = False
 
     def decoder_config(self, vocab_size: int, max_length: int, feature_shape: tuple[int, ...]) -> dict:
         """Constructor arguments of the decoder (its Keras config)."""
@@ -355,6 +356,7 @@ def _prepare_run(config: TrainConfig, resume: bool) -> tuple[Path, TrainConfig, 
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
         merged = TrainConfig(**{k: v for k, v in saved["training"].items() if k in fields})
         merged.epochs = config.epochs  # resuming may extend the run
+        merged.distribute = config.distribute  # how to run, not what to train
         return run, merged, saved
     for key in ("captions", "train_features", "val_features"):
         if getattr(config, key):
@@ -382,7 +384,15 @@ def _val_sample(config: TrainConfig):
 
 
 def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto") -> Path:
-    """Train (or resume) a run; returns the run folder."""
+    """Train (or resume) a run; returns the run folder. ``config.distribute``: data-parallel
+    over all local devices (JAX; see :mod:`captioner.distributed`)."""
+    from captioner.distributed import data_parallel
+
+    with data_parallel(config.distribute) as devices:
+        return _train(config, resume, verbose, devices)
+
+
+def _train(config: TrainConfig, resume: bool, verbose: int | str, devices: int) -> Path:
     import keras
 
     from captioner.data import CaptionDataset, EpochStream
@@ -402,12 +412,13 @@ def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto"
     else:
         tokenizer = Tokenizer.load(run / TOKENIZER_FILE)
     train_ds = CaptionDataset(train_reader, train_caps, tokenizer, batch_size=config.batch_size,
-                              shuffle=True, seed=config.seed, in_memory=config.in_memory)
+                              shuffle=True, seed=config.seed, in_memory=config.in_memory,
+                              pad_to=devices)
     val_reader, val_caps, val_sample = _val_sample(config)
     val_ds = None
     if val_reader is not None:
         val_ds = CaptionDataset(val_reader, val_caps, tokenizer, batch_size=config.batch_size,
-                                shuffle=False, in_memory=config.in_memory)
+                                shuffle=False, in_memory=config.in_memory, pad_to=devices)
     dec_config = config.decoder_config(tokenizer.vocab_size, tokenizer.max_length,
                                        tuple(train_reader.feature_shape))
     model = build_decoder(config.decoder, **dec_config)
