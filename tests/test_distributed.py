@@ -99,8 +99,8 @@ def test_distribute_on_tensorflow_is_a_clear_error(tmp_path, capsys):
 def test_pad_to_repeats_the_last_sample_with_zero_weight(tmp_path):
     from helpers import toy_dataset
 
+    from captioner.cache import open_features
     from captioner.data import CaptionDataset
-    from captioner.features import open_features
     from captioner.tokenizer import Tokenizer
 
     caps = {f"img{i:03d}.jpg": ["a dog runs", "the cat sits on the sofa"] for i in range(5)}

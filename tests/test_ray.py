@@ -26,10 +26,11 @@ from conftest import needs_mobilenet  # noqa: E402
 from test_features import IDENTITY, TINY, make_images  # noqa: E402
 
 from captioner import encoders  # noqa: E402
+from captioner.cache import FeatureReader  # noqa: E402
 from captioner.cli import main as cli_main  # noqa: E402
 from captioner.engines import ray_extract  # noqa: E402
 from captioner.engines.ray_extract import extract_ray  # noqa: E402
-from captioner.features import FeatureReader, extract  # noqa: E402
+from captioner.extraction import extract  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -113,7 +114,7 @@ def test_extract_bit_identical_with_bad_images(tmp_path, ray_cluster):
 KILLABLE = """
 import sys, time
 from test_features import register_tiny
-from captioner.features import FeatureWriter
+from captioner.cache import FeatureWriter
 
 register_tiny()
 delay = float(sys.argv[1])

@@ -179,7 +179,7 @@ def run_extract(args: argparse.Namespace) -> int:
         engine = {"address": args.ray_address, "actors": args.actors,
                   "gpus_per_actor": args.gpus_per_actor}  # fmt: skip
     else:
-        from captioner.features import extract_with_spec as run
+        from captioner.extraction import extract_with_spec as run
 
         engine = {"workers": args.workers}
     summary = run(

@@ -50,14 +50,14 @@ class CaptionActor:
         return {"record": np.array([json.dumps(r) for r in records], dtype=object)}
 
 
-def run_input_size(run_dir: Path) -> tuple[int, int]:
-    """The image size the run's encoder takes, read from its config (no model built)."""
+def run_image_settings(run_dir: Path) -> tuple[tuple[int, int], str]:
+    """(input size, resize method) of the run's encoder, from its config (no model built)."""
     from captioner.encoders import get_spec
-    from captioner.inference import read_run_config
+    from captioner.runs import RunConfig
 
-    encoder = read_run_config(run_dir)["encoder"]
-    size = encoder.get("input_size") or get_spec(encoder["name"]).input_size
-    return int(size[0]), int(size[1])
+    encoder = RunConfig.load(run_dir).encoder
+    size = encoder.input_size or get_spec(encoder.name).input_size
+    return (int(size[0]), int(size[1])), encoder.resample
 
 
 def caption_ray(
@@ -74,7 +74,7 @@ def caption_ray(
 ) -> CaptionSummary:
     """Caption ``paths`` into the JSON-lines file ``out`` on Ray, skipping images it holds."""
     check_options(actors, gpus_per_actor, batch_size)
-    size = run_input_size(run_dir)
+    size, resample = run_image_settings(run_dir)
     todo, summary = pending(paths, out)
     if not todo:
         return summary
@@ -83,7 +83,7 @@ def caption_ray(
                                  override_num_blocks=max(1, len(todo) // batch_size))  # fmt: skip
         ds = ds.map_batches(
             decode_batch,
-            fn_kwargs={"size": size, "resample": "bilinear", "max_pixels": DEFAULT_MAX_PIXELS},
+            fn_kwargs={"size": size, "resample": resample, "max_pixels": DEFAULT_MAX_PIXELS},
             batch_size=batch_size,
             batch_format="numpy",
             num_cpus=DECODE_CPUS,

@@ -108,7 +108,7 @@ def limit_backend_threads(threads: int) -> None:
 
 def environment_json() -> str:
     """The library versions a new cache records, as JSON (computed where the model runs)."""
-    from captioner.features import _environment
+    from captioner.extraction import _environment
 
     return json.dumps(_environment())
 
@@ -120,7 +120,7 @@ def decode_batch(
     ("" when fine); a bad image gets zero pixels and its reason, exactly as the local loader."""
     from functools import partial
 
-    from captioner.features import _safe_load
+    from captioner.extraction import _safe_load
     from captioner.images import load_image
 
     load = partial(load_image, size=size, resample=resample, max_pixels=max_pixels)
