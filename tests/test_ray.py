@@ -284,3 +284,18 @@ def test_caption_ray_needs_out(capsys):
         "--engine ray writes its captions to a file: add --out FILE.jsonl"
         in capsys.readouterr().err
     )
+
+
+@needs_mobilenet
+def test_bench_ray_smoke(tmp_path, ray_cluster, capsys):
+    """benchmarks/bench_ray.py end to end on 8 images: a RESULT line, identical caches."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_ray
+
+    make_images(tmp_path / "imgs", 8, seed=2, size=(60, 50))
+    assert bench_ray.main(["--images-dir", str(tmp_path / "imgs"), "--n", "8",
+                           "--batch-size", "4"]) == 0  # fmt: skip
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    result = json.loads(last[len("RESULT ") :])
+    assert result["identical"] is True and result["n"] == 8
+    assert result["ray"]["startup_s"] > 0 and result["local"]["steady_img_s"] > 0
