@@ -143,7 +143,7 @@ def ray_processes(temp: Path) -> list[int]:
         except (OSError, ValueError, IndexError):
             continue
         parents[int(proc.name)] = ppid
-        if str(temp) in cmdline:
+        if str(temp) in cmdline and int(proc.name) != os.getpid():
             roots.append(int(proc.name))
     found, frontier = set(roots), list(roots)
     while frontier:
@@ -212,7 +212,9 @@ def test_killed_driver_then_rerun_is_bit_identical(tmp_path, ray_cluster, ray_te
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
-    kill_all(ray_processes(first))  # a killed driver leaves its local Ray behind
+    left = ray_processes(first)  # a killed driver leaves the local Ray it started behind
+    print(f"processes of the killed driver's Ray still running: {len(left)}")
+    kill_all(left)
     with FeatureReader(out) as reader:
         done = reader.counts()["done"]
         pending = {n for n in reader.names if reader.status_of(n) == "pending"}
@@ -226,7 +228,8 @@ def test_killed_driver_then_rerun_is_bit_identical(tmp_path, ray_cluster, ray_te
     assert stdout.startswith(
         f"extracted {len(pending - bad)}, skipped {done} (already in the cache), failed 3"
     )  # only the rows the killed run had not committed were done again
-    assert ray_processes(second) == []  # a finished command leaves no Ray process
+    assert ray_processes(second) == []  # a finished command leaves no Ray process...
+    assert list(second.iterdir()) == []  # ...and no temporary folder
     local = ["extract", str(images), "--encoder", "tiny", "--out", str(tmp_path / "local.h5"),
              "--batch-size", "4"]  # fmt: skip
     assert cli_main(local) == 0

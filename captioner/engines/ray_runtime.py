@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,28 +50,33 @@ def check_options(actors: int, gpus_per_actor: float, batch_size: int) -> None:
 @contextmanager
 def ray_session(address: str | None = None) -> Iterator[Any]:
     """Ray, initialised: joined at ``address`` ("auto": the running cluster), else a new
-    local instance; shut down on exit when this call started it."""
+    local instance in a temporary folder of its own (under ``$RAY_TMPDIR`` when set); on exit
+    Ray is shut down and that folder removed, when this call started them."""
     ray = import_ray()
     if ray.is_initialized():
         yield ray
         return
+    local = None if address else tempfile.mkdtemp(prefix="captioner-ray-",
+                                                  dir=os.environ.get("RAY_TMPDIR"))  # fmt: skip
     try:
-        ray.init(
-            address=address,
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level="warning",
-            configure_logging=True,
-        )
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        where = f"the Ray cluster at {address}" if address else "a local Ray"
-        hint = " Start one with `ray start --head`, or omit --ray-address." if address else ""
-        raise CaptionerError(f"cannot start or join {where} ({exc}).{hint}") from exc
-    try:
+        _init(ray, address, local)
         _quiet_data_context(ray)
         yield ray
     finally:
         ray.shutdown()
+        if local:
+            shutil.rmtree(local, ignore_errors=True)
+
+
+def _init(ray: Any, address: str | None, temp_dir: str | None) -> None:
+    options = {"_temp_dir": temp_dir} if temp_dir else {}
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 logging_level="warning", **options)  # fmt: skip
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = f"the Ray cluster at {address}" if address else "a local Ray"
+        hint = " Start one with `ray start --head`, or omit --ray-address." if address else ""
+        raise CaptionerError(f"cannot start or join {where} ({exc}).{hint}") from exc
 
 
 def _quiet_data_context(ray: Any) -> None:
