@@ -113,9 +113,12 @@ def test_extract_bit_identical_with_bad_images(tmp_path, ray_cluster):
 
 KILLABLE = """
 import sys, time
+import ray.cloudpickle
+import test_features
 from test_features import register_tiny
 from captioner.cache import FeatureWriter
 
+ray.cloudpickle.register_pickle_by_value(test_features)  # workers of a joined cluster lack tests/
 register_tiny()
 delay = float(sys.argv[1])
 original = FeatureWriter._set_status
@@ -302,3 +305,24 @@ def test_bench_ray_smoke(tmp_path, ray_cluster, capsys):
     result = json.loads(last[len("RESULT ") :])
     assert result["identical"] is True and result["n"] == 8
     assert result["ray"]["startup_s"] > 0 and result["local"]["steady_img_s"] > 0
+
+
+def test_cli_joins_a_running_cluster_and_leaves_it_running(tmp_path, ray_cluster, ray_temp,
+                                                           tiny_encoder):  # fmt: skip
+    """--ray-address ADDRESS: the command joins the (fixture's) cluster instead of starting
+    one, and its exit does not stop that cluster."""
+    images = tmp_path / "imgs"
+    make_images(images, 10, seed=6)
+    address = ray_cluster.get_runtime_context().gcs_address
+    argv = ["extract", str(images), "--encoder", "tiny", "--out", str(tmp_path / "joined.h5"),
+            "--batch-size", "4", "--engine", "ray", "--ray-address", address]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)])}
+    proc = subprocess.run([sys.executable, "-c", KILLABLE, "0", *argv], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("extracted 10, skipped 0 (already in the cache), failed 0")
+    assert ray_cluster.cluster_resources().get("CPU") == 2  # still up
+    local = ["extract", str(images), "--encoder", "tiny", "--out", str(tmp_path / "local.h5"),
+             "--batch-size", "4"]  # fmt: skip
+    assert cli_main(local) == 0
+    assert_same_cache(tmp_path / "joined.h5", tmp_path / "local.h5")
