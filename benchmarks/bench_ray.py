@@ -34,20 +34,35 @@ DEFAULT_IMAGES = ROOT.parent / "shared" / "flickr8k" / "Flicker8k_Dataset"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--images-dir", type=Path, default=DEFAULT_IMAGES,
-                   help="folder of JPEG images (default ../shared/flickr8k/Flicker8k_Dataset)")
+    p.add_argument(
+        "--images-dir",
+        type=Path,
+        default=DEFAULT_IMAGES,
+        help="folder of JPEG images (default ../shared/flickr8k/Flicker8k_Dataset)",
+    )
     p.add_argument("--n", type=int, default=96, help="images (default 96), e.g. --n 2000")
-    p.add_argument("--encoder", default="mobilenet_v2_0.5",
-                   help="encoder (default mobilenet_v2_0.5, offline via $KERAS_HOME/models)")
+    p.add_argument(
+        "--encoder",
+        default="mobilenet_v2_0.5",
+        help="encoder (default mobilenet_v2_0.5, offline via $KERAS_HOME/models)",
+    )
     p.add_argument("--layer", default="pool", help="feature layer (default pool)")
     p.add_argument("--batch-size", type=int, default=32, help="images per model call (default 32)")
     p.add_argument("--workers", type=int, default=2, help="local decoding threads (default 2)")
     p.add_argument("--actors", type=int, default=1, help="Ray model actors (default 1)")
     p.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor (default 0)")
-    p.add_argument("--ray-cpus", type=int, default=None,
-                   help="CPUs of the local Ray (default: all of this machine's)")
-    p.add_argument("--mixed-precision", default=None, choices=("float16", "bfloat16"),
-                   help="compute dtype of both engines (GPU), e.g. --mixed-precision float16")
+    p.add_argument(
+        "--ray-cpus",
+        type=int,
+        default=None,
+        help="CPUs of the local Ray (default: all of this machine's)",
+    )
+    p.add_argument(
+        "--mixed-precision",
+        default=None,
+        choices=("float16", "bfloat16"),
+        help="compute dtype of both engines (GPU), e.g. --mixed-precision float16",
+    )
     return p.parse_args(argv)
 
 

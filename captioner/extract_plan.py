@@ -120,7 +120,11 @@ def plan_extract(
     compare = {**identity, **settings}
     state = prepare(out, names, compare)
     if state is None:
-        rows, status, old_failed = {n: i for i, n in enumerate(names)}, np.zeros(len(names), np.uint8), {}
+        rows, status, old_failed = (
+            {n: i for i, n in enumerate(names)},
+            np.zeros(len(names), np.uint8),
+            {},
+        )
     else:
         rows, status, old_failed, _ = state
     summary = ExtractSummary(out=out, requested=len(names))
