@@ -326,3 +326,20 @@ def test_cli_joins_a_running_cluster_and_leaves_it_running(tmp_path, ray_cluster
              "--batch-size", "4"]  # fmt: skip
     assert cli_main(local) == 0
     assert_same_cache(tmp_path / "joined.h5", tmp_path / "local.h5")
+
+
+def test_unreachable_cluster_is_a_quick_one_line_error(tmp_path, tiny_encoder, capsys):
+    """Ray retries a dead address for minutes; the command says so at once (exit 2)."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    make_images(tmp_path / "imgs", 2)
+    argv = ["extract", str(tmp_path / "imgs"), "--encoder", "tiny", "--out", str(tmp_path / "f.h5"),
+            "--engine", "ray", "--ray-address", f"127.0.0.1:{port}"]  # fmt: skip
+    start = time.monotonic()
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"no Ray cluster answers at 127.0.0.1:{port}" in err and "ray start --head" in err
+    assert time.monotonic() - start < 30 and not (tmp_path / "f.h5").exists()

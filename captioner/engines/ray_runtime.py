@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -53,6 +54,8 @@ def ray_session(address: str | None = None) -> Iterator[Any]:
     local instance in a temporary folder of its own (under ``$RAY_TMPDIR`` when set); on exit
     Ray is shut down and that folder removed, when this call started them."""
     ray = import_ray()
+    if address:
+        _probe(address)
     if ray.is_initialized():
         yield ray
         return
@@ -66,6 +69,21 @@ def ray_session(address: str | None = None) -> Iterator[Any]:
         ray.shutdown()
         if local:
             shutil.rmtree(local, ignore_errors=True)
+
+
+def _probe(address: str, timeout: float = 5.0) -> None:
+    """Fail fast (Ray itself retries for minutes) when nothing listens at ``host:port``."""
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return  # "auto", ray:// client addresses: Ray's own checks
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise CaptionerError(
+            f"no Ray cluster answers at {address} ({exc}); start one there with "
+            "`ray start --head`, check the address (`ray status` on the head node), or omit "
+            "--ray-address to run on a local Ray."
+        ) from exc
 
 
 def _init(ray: Any, address: str | None, temp_dir: str | None) -> None:
