@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             import ray
 
             ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False,
-                     logging_level="warning")  # fmt: skip
+                     logging_level="warning", _temp_dir=str(Path(tmp) / "ray"))  # fmt: skip
         try:
             extract_ray_with_spec(paths, Path(tmp) / "ray.h5", actors=args.actors,
                                   gpus_per_actor=args.gpus_per_actor, **common)  # fmt: skip
