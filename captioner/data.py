@@ -127,16 +127,20 @@ class CaptionDataset(keras.utils.PyDataset):
         shuffle: bool = True,
         seed: int = 0,
         in_memory: bool = False,
+        pad_to: int = 1,
         **kwargs,
     ) -> None:
-        """``captions``: image name -> cleaned captions. ``kwargs`` go to ``PyDataset``
-        (``workers``, ``use_multiprocessing``, ``max_queue_size``)."""
+        """``captions``: image name -> cleaned captions. ``pad_to``: every batch's size is
+        made a multiple of it (for data-parallel devices) by repeating its last sample with
+        weight 0. ``kwargs`` go to ``PyDataset`` (``workers``, ``use_multiprocessing``,
+        ``max_queue_size``)."""
         super().__init__(**kwargs)
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.features = features
         self.tokenizer = tokenizer
         self.batch_size = int(batch_size)
+        self.pad_to = max(1, int(pad_to))
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
         self.feature_shape = flat_feature_shape(features.feature_shape)
@@ -186,10 +190,14 @@ class CaptionDataset(keras.utils.PyDataset):
     def _make_batch(self, order: np.ndarray | None, index: int):
         start, stop = index * self.batch_size, min((index + 1) * self.batch_size, self.num_samples)
         rows = np.arange(start, stop) if order is None else order[start:stop]
+        real = len(rows)
+        if real % self.pad_to:  # repeat the last sample, with weight 0 below
+            rows = np.concatenate([rows, np.repeat(rows[-1:], self.pad_to - real % self.pad_to)])
         tokens = self.tokens[rows]
         tokens_in = np.ascontiguousarray(tokens[:, :-1])
         tokens_out = np.ascontiguousarray(tokens[:, 1:])
         weights = (tokens_out != 0).astype(np.float32)
+        weights[real:] = 0.0
         return (self._batch_features(self.image_index[rows]), tokens_in), tokens_out, weights
 
     def set_epoch(self, epoch: int) -> None:

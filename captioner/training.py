@@ -65,6 +65,7 @@ class TrainConfig:
     in_memory: bool = True
     max_train_images: int | None = None
     preset: str | None = None
+    distribute: bool = False
 
     def decoder_config(self, vocab_size: int, max_length: int, feature_shape: tuple[int, ...]) -> dict:
         """Constructor arguments of the decoder (its Keras config; the registry in
@@ -149,6 +150,7 @@ def _resumed(config: TrainConfig, saved: RunConfig, run: Path) -> TrainConfig:
                                  f"{ref.path}; pass --{key.replace('_', '-')} to resume")
     merged = TrainConfig(**paths, **{k: v for k, v in saved.training.items() if k in fields})
     merged.epochs = config.epochs
+    merged.distribute = config.distribute  # how to run, not what to train
     return merged
 
 
@@ -168,17 +170,21 @@ def _val_sample(config: TrainConfig):
 
 def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto") -> Path:
     """Train (or resume) a run; returns the run folder. With ``mixed_precision`` the float16
-    policy holds for this call only."""
+    policy holds for this call only; ``distribute``: data-parallel over all local devices
+    (JAX; see :mod:`captioner.distributed`)."""
     import keras
+
+    from captioner.distributed import data_parallel
 
     previous = keras.config.dtype_policy()
     try:
-        return _train(config, resume, verbose)
+        with data_parallel(config.distribute) as devices:
+            return _train(config, resume, verbose, devices)
     finally:
         keras.config.set_dtype_policy(previous)
 
 
-def _train(config: TrainConfig, resume: bool, verbose: int | str) -> Path:
+def _train(config: TrainConfig, resume: bool, verbose: int | str, devices: int) -> Path:
     import keras
 
     from captioner.checkpoints import WeightsExporter, load_checkpoint
@@ -203,12 +209,13 @@ def _train(config: TrainConfig, resume: bool, verbose: int | str) -> Path:
     else:
         tokenizer = Tokenizer.load(run / TOKENIZER_FILE)
     train_ds = CaptionDataset(train_reader, train_caps, tokenizer, batch_size=config.batch_size,
-                              shuffle=True, seed=config.seed, in_memory=config.in_memory)
+                              shuffle=True, seed=config.seed, in_memory=config.in_memory,
+                              pad_to=devices)
     val_reader, val_caps, val_sample = _val_sample(config)
     val_ds = None
     if val_reader is not None:
         val_ds = CaptionDataset(val_reader, val_caps, tokenizer, batch_size=config.batch_size,
-                                shuffle=False, in_memory=config.in_memory)
+                                shuffle=False, in_memory=config.in_memory, pad_to=devices)
     dec_config = config.decoder_config(tokenizer.vocab_size, tokenizer.max_length,
                                        tuple(train_reader.feature_shape))
     model = build_decoder(config.decoder, **dec_config)

@@ -6,12 +6,15 @@ import argparse
 import sys
 from pathlib import Path
 
+from captioner.commands.extract import add_engine_options
+
 EXAMPLE = """\
 examples:
   captioner caption photo.jpg                       # the bundled default model
   captioner caption photos/ "more/*.jpg" --beam-size 5 --n-best 3
   captioner caption photo.jpg --model runs/attention --attention-map attention.png
   captioner caption 1000268201_693b08cb0b.jpg --features test.h5 --json
+  captioner caption archive/ --out captions.jsonl --engine ray --ray-address auto --actors 8
 
 Exit status: 0 when every image was captioned, 1 when some failed (each failure prints one
 line and the others go on), 2 on a usage or model error.
@@ -52,6 +55,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--attention-map", metavar="OUT.png",
                    help="attention models: save per-word attention heatmaps (several images: "
                    "OUT-<image>.png)")
+    p.add_argument("--out", metavar="FILE.jsonl",
+                   help="write JSON lines (as --json) to this file; a rerun captions only the "
+                   "images it lacks, e.g. --out captions.jsonl")
+    add_engine_options(p)
     p.set_defaults(handler=run_caption)
 
 
@@ -100,9 +107,11 @@ def run_caption(args: argparse.Namespace) -> int:
     if args.n_best > args.beam_size:
         raise CaptionerError(f"--n-best {args.n_best} needs --beam-size of at least {args.n_best}")
     model_dir = Path(args.model) if args.model else DEFAULT_RUN
-    captioner = Captioner.from_run(model_dir)
     search = {"beam_size": args.beam_size, "n_best": args.n_best, "alpha": args.alpha,
               "block_ngram": args.block_ngram, "max_length": args.max_length}
+    if args.out or args.engine == "ray":
+        return _to_file(args, model_dir, search)
+    captioner = Captioner.from_run(model_dir)
     if args.features:
         results = _from_features(captioner, model_dir, args.features, args.images, search)
     else:
@@ -116,6 +125,31 @@ def run_caption(args: argparse.Namespace) -> int:
     if args.attention_map:
         _attention_maps(captioner, results, args.attention_map)
     return 1 if failed else 0
+
+
+def _to_file(args: argparse.Namespace, model_dir: Path, search: dict) -> int:
+    """``--out FILE.jsonl`` (either engine): resumable JSON lines, a summary line on stdout."""
+    from captioner.errors import CaptionerError
+
+    if not args.out:
+        raise CaptionerError("--engine ray writes its captions to a file: add --out FILE.jsonl")
+    if args.features or args.attention_map:
+        raise CaptionerError("--out captions images; it does not go with --features or --attention-map")
+    paths = expand_images(args.images)
+    if args.engine == "ray":
+        from captioner.engines.ray_caption import caption_ray
+
+        summary = caption_ray(model_dir, paths, Path(args.out), batch_size=args.batch_size,
+                              address=args.ray_address, actors=args.actors,
+                              gpus_per_actor=args.gpus_per_actor, **search)
+    else:
+        from captioner.caption_lines import caption_to_file
+        from captioner.inference import Captioner
+
+        summary = caption_to_file(Captioner.from_run(model_dir), paths, Path(args.out),
+                                  args.batch_size, **search)
+    print(summary.line())
+    return 1 if summary.failed else 0
 
 
 def _from_features(captioner, model_dir: Path, path: str, names: list[str], search: dict):

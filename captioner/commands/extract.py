@@ -36,6 +36,8 @@ examples:
       --mixed-precision --batch-size 128 --out resnet_conv.h5     # on a GPU
   captioner extract photos/ --encoder mobilenet_v2_0.5 --out m.h5 --retry-failed --strict
   captioner extract --verify m.h5          # check every row; rerun the extract to repair
+  captioner extract photos/ --encoder vgg16 --out f.h5 --engine ray --ray-address auto \\
+      --actors 8 --gpus-per-actor 1      # on a Ray cluster (`ray start --head` first)
 
 Extracting another list into the same --out file adds its images to the cache (the file then
 holds both lists). A file made with another encoder, layer, weights, input size, resampling or
@@ -156,13 +158,28 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="use only the first N images of SOURCE (quick trials), e.g. --limit 100",
     )
+    add_engine_options(p)
     p.set_defaults(handler=run_extract)
+
+
+def add_engine_options(p: argparse.ArgumentParser) -> None:
+    """--engine local|ray and the Ray options (shared by extract and caption)."""
+    g = p.add_argument_group("scaling out (Ray; `pip install \"captioner[ray]\"`)")
+    g.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: this process (default); ray: a Ray Data pipeline, decoding in "
+                   "tasks and running the model in an actor pool, e.g. --engine ray")
+    g.add_argument("--ray-address", metavar="ADDRESS", default=None,
+                   help="join this Ray cluster ('auto': the one `ray start --head` runs here); "
+                   "default: start a local Ray for this command")
+    g.add_argument("--actors", type=int, default=1, metavar="N",
+                   help="model actors (one model each; default 1), e.g. --actors 4")
+    g.add_argument("--gpus-per-actor", type=float, default=0.0, metavar="G",
+                   help="GPUs each actor reserves (default 0; 0.5 puts two actors on a GPU)")  # fmt: skip
 
 
 def run_extract(args: argparse.Namespace) -> int:
     """Handler of ``captioner extract``; returns the exit status."""
     from captioner.errors import CaptionerError
-    from captioner.extraction import extract_with_spec
     from captioner.images import list_images
 
     if args.verify:
@@ -179,7 +196,18 @@ def run_extract(args: argparse.Namespace) -> int:
     paths, names = list_images(args.source, args.images_dir)
     if args.limit is not None:
         paths, names = paths[: args.limit], names[: args.limit]
-    summary = extract_with_spec(
+    if args.engine == "ray":
+        from captioner.engines.ray_extract import extract_ray_with_spec as run
+        from captioner.engines.ray_runtime import check_options
+
+        check_options(args.actors, args.gpus_per_actor, args.batch_size)
+        engine = {"address": args.ray_address, "actors": args.actors,
+                  "gpus_per_actor": args.gpus_per_actor}  # fmt: skip
+    else:
+        from captioner.extraction import extract_with_spec as run
+
+        engine = {"workers": args.workers}
+    summary = run(
         paths,
         args.out,
         encoder=encoder,
@@ -188,11 +216,11 @@ def run_extract(args: argparse.Namespace) -> int:
         mixed_precision=args.mixed_precision,
         names=names,
         batch_size=args.batch_size,
-        workers=args.workers,
         dtype=args.dtype,
         resample=args.resample,
         retry_failed=args.retry_failed,
         progress=not args.json,
+        **engine,
     )
     if args.json:
         _print_json(summary)
