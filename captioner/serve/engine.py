@@ -1,0 +1,160 @@
+"""The model side of ``captioner serve``: decoded images in, captions (and attention) out.
+
+:meth:`Engine.run` takes the images of several requests at once: all of them go through the
+encoder as one batch, then each group of images asking for the same search (beam size, n-best)
+is decoded as one batch, and the attention of every best caption that asked for it is computed
+in one teacher-forced pass. Nothing here knows about HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEFAULT_BEAM = 3
+MAX_BEAM = 10
+REPORT_FILE = "report.json"
+
+
+@dataclass(frozen=True)
+class Options:
+    """Per-request decoding options (checked by :func:`captioner.serve.uploads.parse_options`)."""
+
+    beam_size: int = DEFAULT_BEAM
+    n_best: int = 1
+    attention: bool = False
+
+
+@dataclass
+class Item:
+    """One image of a request: RGB pixels at the encoder's input size and its options."""
+
+    pixels: np.ndarray  # (H, W, 3) uint8
+    options: Options
+
+
+@dataclass
+class Output:
+    """Captions of one image, best first, and the attention of the best one when asked."""
+
+    captions: list[Any]  # captioner.inference.Caption
+    attention: tuple[list[str], np.ndarray] | None = None  # words, weights (len(words), h*w)
+
+
+class Engine:
+    """A loaded :class:`~captioner.inference.Captioner` and what the service says about it."""
+
+    def __init__(self, captioner, run_dir: str | os.PathLike | None = None):
+        self.captioner = captioner
+        self.run_dir = Path(run_dir) if run_dir else None
+
+    @classmethod
+    def from_run(cls, run_dir: str | os.PathLike) -> Engine:
+        """Load the run folder's decoder, tokenizer and encoder."""
+        from captioner.inference import Captioner
+
+        captioner = Captioner.from_run(run_dir)
+        captioner.encoder()  # built now, not on the first request
+        return cls(captioner, run_dir)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(height, width) the encoder takes; uploads are resized to it when decoded."""
+        return tuple(self.captioner.input_size)
+
+    @property
+    def has_attention(self) -> bool:
+        return getattr(self.captioner.decoder, "kind", None) == "attention"
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(h, w) of the attention grid."""
+        from captioner.heatmaps import grid_of
+
+        return grid_of(self.captioner.decoder.feature_shape)
+
+    def run(self, items: Sequence[Item]) -> list[Output]:
+        """Captions for ``items``, in order: one encoder batch, one search batch per option group."""
+        if not items:
+            return []
+        features = self.captioner.encode_images(np.stack([i.pixels for i in items]))  # (B, *feat)
+        captions: list[list[Any]] = [[] for _ in items]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for k, item in enumerate(items):
+            groups.setdefault((item.options.beam_size, item.options.n_best), []).append(k)
+        for (beam_size, n_best), rows in groups.items():
+            hyps = self.captioner.search(features[rows], beam_size=beam_size, n_best=n_best)
+            for k, hyp_list in zip(rows, hyps, strict=True):
+                captions[k] = [self._caption(h) for h in hyp_list]
+        outputs = [Output(c) for c in captions]
+        wanted = [k for k, item in enumerate(items) if item.options.attention and self.has_attention]
+        if wanted:
+            for k, attention in zip(wanted, self._attention(features[wanted], [captions[k][0] for k in wanted]),
+                                    strict=True):
+                outputs[k].attention = attention
+        return outputs
+
+    def _caption(self, hyp):
+        from captioner.inference import Caption
+
+        return Caption(self.captioner.tokenizer.decode(hyp.tokens), hyp.tokens, hyp.score,
+                       hyp.log_prob, hyp.finished)
+
+    def _attention(self, features: np.ndarray, best: list[Any]) -> list[tuple[list[str], np.ndarray]]:
+        """Words (``<end>`` last) and attention weights (T, h*w) of each best caption."""
+        from captioner.heatmaps import teacher_forced_attention
+
+        decode = self.captioner.tokenizer.decode
+        alphas = teacher_forced_attention(self.captioner, features, [c.tokens for c in best])
+        return [([decode([t]) or "<unk>" for t in c.tokens] + ["<end>"], a)
+                for c, a in zip(best, alphas, strict=True)]
+
+    def warm_up(self) -> float:
+        """Run every compiled path once (batches of 1 and 2, greedy and beam, attention);
+        returns the seconds it took."""
+        start = time.perf_counter()
+        blank = np.full((*self.input_size, 3), 127, dtype=np.uint8)
+        self.run([Item(blank, Options(beam_size=1))])
+        self.run([Item(blank, Options(attention=True)), Item(blank, Options(beam_size=1))])
+        return time.perf_counter() - start
+
+    def describe(self) -> dict[str, Any]:
+        """Encoder, decoder, vocabulary size and the test scores found in the run folder."""
+        config = self.captioner.config
+        encoder = config.get("encoder", {})
+        decoder = config.get("decoder", {})
+        return {
+            "run": self.run_dir.name if self.run_dir else None,
+            "encoder": {"name": encoder.get("name"), "layer": encoder.get("layer"),
+                        "input_size": list(self.input_size),
+                        "feature_shape": encoder.get("feature_shape")},
+            "decoder": {"kind": decoder.get("kind"), **decoder.get("config", {})},
+            "vocabulary_size": self.captioner.tokenizer.vocab_size,
+            "attention": self.has_attention,
+            "attention_grid": list(self.grid) if self.has_attention else None,
+            "test_scores": read_test_scores(self.run_dir) if self.run_dir else None,
+            "created": config.get("created"),
+        }
+
+
+def read_test_scores(run_dir: Path) -> dict[str, Any] | None:
+    """Metrics per decoding setting from the ``captioner evaluate`` report kept in the run
+    folder (``report.json`` or ``*/report.json``); None when the folder has none."""
+    candidates = [run_dir / REPORT_FILE, *sorted(run_dir.glob(f"*/{REPORT_FILE}"))]
+    for path in candidates:
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text())
+            sections = {s["settings"]["label"]: s["metrics"] for s in data["sections"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not an evaluate report: look further
+        return {"report": str(path.relative_to(run_dir)), "sections": sections}
+    return None
