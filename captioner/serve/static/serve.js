@@ -63,7 +63,7 @@ function card(file, record) {
     return article;
   }
   const line = el("p", "caption", record.caption);
-  article.append(line, el("p", "score", `score ${record.score.toFixed(3)} (mean log-probability per word)`));
+  article.append(line, el("p", "score", `score ${record.score.toFixed(3)} (log-probability of the caption)`));
   if (record.captions.length > 1) {
     const list = el("ol", "nbest");
     record.captions.forEach((c) => list.append(el("li", "", `${c.caption} (${c.score.toFixed(3)})`)));
