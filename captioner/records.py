@@ -1,37 +1,87 @@
-"""The JSON record of one captioned image: the keys of ``captioner caption --json``, also
-answered per image by ``captioner serve`` (one place, so the two cannot drift apart)."""
+"""The one JSON-lines format of ``caption --json``, ``extract --json`` and ``evaluate --json``.
+
+Every command that prints JSON prints one object per line, built here, so the same thing has
+the same key everywhere (the HTTP service reuses these keys too):
+
+* per image: ``image`` (the name or path as given), then either the result (``caption``,
+  ``score``, ...) or ``error`` (one line saying what is wrong); ``file`` names the file the
+  problem is in when it is not the image itself (a feature cache, a run folder file);
+* one closing ``summary`` object per call with the counts.
+
+Pure Python (json only), so any layer may import it.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import json
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol
 
-import numpy as np
-
+IMAGE = "image"  # image name or path, as given on the command line / stored in the cache
+CAPTION = "caption"  # the best caption (text)
+SCORE = "score"  # its search score: log-prob / length**alpha (higher is better, <= 0)
+FINISHED = "finished"  # the caption ended with the end token (not cut at max length)
+CAPTIONS = "captions"  # n-best list: [{caption, score}], best first
+ERROR = "error"  # why this image has no result (present only on failures)
+FILE = "file"  # the file holding the problem, when it is not the image (cache, run folder)
+STATUS = "status"  # extract: "done", "skipped", "failed", "damaged"
+DECODING = "decoding"  # evaluate: "greedy", "beam 3", ...
+REFERENCES = "references"  # evaluate: the cleaned reference captions
+METRICS = "metrics"  # evaluate: per-image (or corpus, in the summary) metric values
+SUMMARY = "summary"  # the closing object of a call: counts, totals, output paths
 SCORE_DIGITS = 6
-WEIGHT_DIGITS = 4
 
 
-def caption_record(image: str, captions: Sequence[Any] | None, error: str | None) -> dict[str, Any]:
-    """``image``, ``caption``, ``score``, ``finished``, ``captions`` (n-best) or ``error``.
+class CaptionLike(Protocol):
+    text: str
+    score: float
+    finished: bool
 
-    ``captions`` are :class:`captioner.inference.Caption` objects, best first."""
-    record: dict[str, Any] = {"image": image}
-    if error:
-        return record | {"caption": None, "score": None, "error": error}
+
+def _number(value: float | None) -> float | None:
+    """Finite floats rounded for printing; NaN/inf (never valid JSON) become None."""
+    if value is None or not math.isfinite(value):
+        return None
+    return round(float(value), SCORE_DIGITS)
+
+
+def caption_record(image: str, captions: Iterable[CaptionLike]) -> dict[str, Any]:
+    """``{image, caption, score, finished, captions}`` for an n-best list (best first)."""
+    captions = list(captions)
     best = captions[0]
-    return record | {
-        "caption": best.text,
-        "score": round(best.score, SCORE_DIGITS),
-        "finished": best.finished,
-        "captions": [{"caption": c.text, "score": round(c.score, SCORE_DIGITS)} for c in captions],
+    return {
+        IMAGE: image,
+        CAPTION: best.text,
+        SCORE: _number(best.score),
+        FINISHED: bool(best.finished),
+        CAPTIONS: [{CAPTION: c.text, SCORE: _number(c.score)} for c in captions],
     }
 
 
-def attention_record(words: Sequence[str], weights: np.ndarray, grid: tuple[int, int]) -> dict[str, Any]:
-    """``{"grid": [h, w], "words": [...], "weights": [[[...]]]}``: one (h, w) grid of attention
-    weights per word of the best caption, ``<end>`` last. ``weights`` is (len(words), h*w)."""
-    h, w = grid
-    cells = np.asarray(weights, dtype="float64").reshape(len(words), h, w)  # (T, h, w)
-    return {"grid": [h, w], "words": list(words),
-            "weights": np.round(cells, WEIGHT_DIGITS).tolist()}
+def error_record(image: str, error: str, file: str | None = None, **extra: Any) -> dict[str, Any]:
+    """``{image, error}`` (plus ``file`` and any ``extra`` keys) for an image without a result."""
+    record: dict[str, Any] = {IMAGE: image, **extra, ERROR: error}
+    if file is not None:
+        record[FILE] = file
+    return record
+
+
+def caption_error_record(image: str, error: str, file: str | None = None) -> dict[str, Any]:
+    """A failed ``caption`` line: the caption keys set to null, so every line has them."""
+    return error_record(image, error, file, **{CAPTION: None, SCORE: None})
+
+
+def summary_record(**fields: Any) -> dict[str, Any]:
+    """``{summary: {...}}``, the closing line of a call."""
+    return {SUMMARY: fields}
+
+
+def dumps(record: Mapping[str, Any]) -> str:
+    """One JSON line (strict JSON: no NaN or Infinity)."""
+    return json.dumps(record, ensure_ascii=False, allow_nan=False)
+
+
+def is_error(record: Mapping[str, Any]) -> bool:
+    """True for a per-image failure line."""
+    return bool(record.get(ERROR))

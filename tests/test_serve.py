@@ -25,7 +25,7 @@ from captioner.cli import main  # noqa: E402
 from captioner.heatmaps import teacher_forced_attention  # noqa: E402
 from captioner.inference import Captioner  # noqa: E402
 from captioner.serve.app import Settings, create_app  # noqa: E402
-from captioner.serve.engine import read_test_scores  # noqa: E402
+from captioner.serve.engine import Item, Options, bucket, read_test_scores  # noqa: E402
 from captioner.serve.uploads import Limits  # noqa: E402
 
 CLI_KEYS = {"image", "caption", "score", "finished", "captions"}
@@ -256,6 +256,21 @@ def test_test_scores_come_from_the_report_in_the_run_folder(tmp_path):
 
 
 # --------------------------------------------------------------------------- batching
+
+
+def test_encoder_batches_are_padded_to_powers_of_two(engine, tiny, monkeypatch):
+    _, table, expected = tiny
+    seen, encode = [], engine.captioner.encode_images
+
+    def spy(images):
+        seen.append(len(images))
+        return encode(images)
+
+    monkeypatch.setattr(engine.captioner, "encode_images", spy)
+    pixels = [np.full((32, 32, 3), (40 * k, 90, 160), np.uint8) for k in (3, 1, 4)]
+    outputs = engine.run([Item(p, Options(beam_size=3)) for p in pixels])
+    assert seen == [4] and [o.captions[0].text for o in outputs] == [expected[k] for k in (3, 1, 4)]
+    assert [bucket(n) for n in (1, 2, 3, 5, 8, 9, 16)] == [1, 2, 4, 8, 8, 16, 16]
 
 
 def _gated(engine, monkeypatch):

@@ -74,9 +74,14 @@ def expand_images(args: list[str]) -> list[Path]:
 
 def _emit(image: str, captions, error: str | None, as_json: bool) -> None:
     if as_json:
-        from captioner.records import caption_record
-
-        print(json.dumps(caption_record(image, captions, error)), flush=True)
+        record = {"image": image}
+        if error:
+            record |= {"caption": None, "score": None, "error": error}
+        else:
+            record |= {"caption": captions[0].text, "score": round(captions[0].score, 6),
+                       "finished": captions[0].finished,
+                       "captions": [{"caption": c.text, "score": round(c.score, 6)} for c in captions]}
+        print(json.dumps(record), flush=True)
     elif error:
         print(f"{image}: error: {error}", file=sys.stderr, flush=True)
     elif len(captions) == 1:

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from captioner.errors import RequestError
-from captioner.records import attention_record, caption_record
+from captioner.records import caption_error_record, caption_record
 from captioner.serve.batcher import Batcher, QueueFull
-from captioner.serve.engine import DEFAULT_BEAM, Engine, Item, Output
+from captioner.serve.engine import ATTENTION, DEFAULT_BEAM, Engine, Item, Output, attention_record
 from captioner.serve.uploads import (
     IMAGE_FIELD,
     OPTION_FIELDS,
@@ -180,11 +180,11 @@ def _split_form(form) -> tuple[list[Any], dict[str, list[str]]]:
 def _record(name: str, output: Output | None, failure: Failure | None, engine: Engine) -> dict:
     """The per-image answer: the keys of ``captioner caption --json`` (+ ``attention``)."""
     if output is None:
-        return caption_record(name, None, failure.reason)
-    record = caption_record(name, output.captions, None)
+        return caption_error_record(name, failure.reason)
+    record = caption_record(name, output.captions)
     if output.attention is not None:
         words, weights = output.attention
-        record["attention"] = attention_record(words, weights, engine.grid)
+        record[ATTENTION] = attention_record(words, weights, engine.grid)
     return record
 
 

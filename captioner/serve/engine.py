@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+ATTENTION = "attention"  # the per-image key added to the caption record when asked
+WEIGHT_DIGITS = 4
 DEFAULT_BEAM = 3
 MAX_BEAM = 10
 REPORT_FILE = "report.json"
@@ -84,7 +86,7 @@ class Engine:
         """Captions for ``items``, in order: one encoder batch, one search batch per option group."""
         if not items:
             return []
-        features = self.captioner.encode_images(np.stack([i.pixels for i in items]))  # (B, *feat)
+        features = self._encode(np.stack([i.pixels for i in items]))  # (B, *feature_shape)
         captions: list[list[Any]] = [[] for _ in items]
         groups: dict[tuple[int, int], list[int]] = {}
         for k, item in enumerate(items):
@@ -100,6 +102,13 @@ class Engine:
                                     strict=True):
                 outputs[k].attention = attention
         return outputs
+
+    def _encode(self, pixels: np.ndarray) -> np.ndarray:
+        """Features of (B, H, W, 3) pixels, run as a batch of :func:`bucket` (B) images (the
+        last one repeated), so the encoder is compiled for a few batch sizes only."""
+        n = len(pixels)
+        padded = np.concatenate([pixels, np.repeat(pixels[-1:], bucket(n) - n, axis=0)])
+        return self.captioner.encode_images(padded)[:n]
 
     def _caption(self, hyp):
         from captioner.inference import Caption
@@ -144,6 +153,11 @@ class Engine:
         }
 
 
+def bucket(n: int) -> int:
+    """The batch size ``n`` images run as: the next power of two (1, 2, 4, 8, 16, ...)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def read_test_scores(run_dir: Path) -> dict[str, Any] | None:
     """Metrics per decoding setting from the ``captioner evaluate`` report kept in the run
     folder (``report.json`` or ``*/report.json``); None when the folder has none."""
@@ -158,3 +172,11 @@ def read_test_scores(run_dir: Path) -> dict[str, Any] | None:
             continue  # not an evaluate report: look further
         return {"report": str(path.relative_to(run_dir)), "sections": sections}
     return None
+
+
+def attention_record(words: Sequence[str], weights: np.ndarray, grid: tuple[int, int]) -> dict[str, Any]:
+    """``{"grid": [h, w], "words": [...], "weights": [[[...]]]}``: one (h, w) grid of attention
+    weights per word of the best caption, ``<end>`` last. ``weights`` is (len(words), h*w)."""
+    h, w = grid
+    cells = np.asarray(weights, dtype="float64").reshape(len(words), h, w)  # (T, h, w)
+    return {"grid": [h, w], "words": list(words), "weights": np.round(cells, WEIGHT_DIGITS).tolist()}
