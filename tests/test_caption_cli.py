@@ -11,8 +11,8 @@ from conftest import needs_flickr, needs_mobilenet
 from helpers import toy_dataset
 from PIL import Image
 
+from captioner.cache import open_features
 from captioner.cli import main
-from captioner.features import open_features
 from captioner.inference import Captioner
 from captioner.training import TrainConfig, train
 

@@ -95,7 +95,8 @@ def _emit(image: str, captions, error: str | None, as_json: bool) -> None:
 def run_caption(args: argparse.Namespace) -> int:
     """Handler of ``captioner caption``."""
     from captioner.errors import CaptionerError
-    from captioner.inference import DEFAULT_RUN, Captioner
+    from captioner.inference import Captioner
+    from captioner.runs import DEFAULT_RUN
 
     if args.n_best > args.beam_size:
         raise CaptionerError(f"--n-best {args.n_best} needs --beam-size of at least {args.n_best}")

@@ -146,7 +146,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_extract(args: argparse.Namespace) -> int:
     """Handler of ``captioner extract``; returns the exit status."""
     from captioner.errors import CaptionerError
-    from captioner.features import extract_with_spec
+    from captioner.extraction import extract_with_spec
     from captioner.images import list_images
 
     if args.limit is not None and args.limit < 1:
