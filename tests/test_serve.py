@@ -19,7 +19,7 @@ pytest.importorskip("multipart")
 
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
-from serve_fixtures import fake_encode, photo, tiny_attention_run, tiny_engine  # noqa: E402
+from serve_fixtures import FakeEncoder, photo, tiny_attention_run, tiny_engine  # noqa: E402
 
 from captioner.cli import main  # noqa: E402
 from captioner.heatmaps import teacher_forced_attention  # noqa: E402
@@ -87,7 +87,7 @@ def test_records_match_captioner_caption_json(client, tiny, tmp_path, monkeypatc
     run, table, _ = tiny
     path = tmp_path / "p4.png"
     path.write_bytes(photo(4))
-    monkeypatch.setattr(Captioner, "encode_images", fake_encode(table))
+    monkeypatch.setattr(Captioner, "encoder", lambda self: FakeEncoder(table))
     assert main(["caption", str(path), "--model", str(run), "--json", "--n-best", "2"]) == 0
     cli = json.loads(capsys.readouterr().out)
     [api] = _post(client, ("p4.png", photo(4)), n_best=2).json()["results"]

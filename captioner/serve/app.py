@@ -138,7 +138,7 @@ def create_app(engine: Engine, settings: Settings | None = None):
             options = parse_options(fields, engine.has_attention, limits, settings.default_beam)
             decoded = await asyncio.gather(*(
                 asyncio.to_thread(decode_upload, upload, k, request.app.state.uploads,
-                                  engine.input_size, limits)
+                                  engine.input_size, limits, engine.resample)
                 for k, upload in enumerate(uploads)))
         finally:
             await form.close()

@@ -46,7 +46,7 @@ class Item:
 class Output:
     """Captions of one image, best first, and the attention of the best one when asked."""
 
-    captions: list[Any]  # captioner.inference.Caption
+    captions: list[Any]  # captioner.decoding.Caption, best first
     attention: tuple[list[str], np.ndarray] | None = None  # words, weights (len(words), h*w)
 
 
@@ -72,6 +72,11 @@ class Engine:
         return tuple(self.captioner.input_size)
 
     @property
+    def resample(self) -> str:
+        """The resize filter the run's features were made with."""
+        return getattr(self.captioner, "resample", "bilinear")
+
+    @property
     def has_attention(self) -> bool:
         return getattr(self.captioner.decoder, "kind", None) == "attention"
 
@@ -92,9 +97,9 @@ class Engine:
         for k, item in enumerate(items):
             groups.setdefault((item.options.beam_size, item.options.n_best), []).append(k)
         for (beam_size, n_best), rows in groups.items():
-            hyps = self.captioner.search(features[rows], beam_size=beam_size, n_best=n_best)
-            for k, hyp_list in zip(rows, hyps, strict=True):
-                captions[k] = [self._caption(h) for h in hyp_list]
+            found = self.captioner.search_captions(features[rows], beam_size=beam_size, n_best=n_best)
+            for k, caption_list in zip(rows, found, strict=True):
+                captions[k] = caption_list
         outputs = [Output(c) for c in captions]
         wanted = [k for k, item in enumerate(items) if item.options.attention and self.has_attention]
         if wanted:
@@ -109,12 +114,6 @@ class Engine:
         n = len(pixels)
         padded = np.concatenate([pixels, np.repeat(pixels[-1:], bucket(n) - n, axis=0)])
         return self.captioner.encode_images(padded)[:n]
-
-    def _caption(self, hyp):
-        from captioner.inference import Caption
-
-        return Caption(self.captioner.tokenizer.decode(hyp.tokens), hyp.tokens, hyp.score,
-                       hyp.log_prob, hyp.finished)
 
     def _attention(self, features: np.ndarray, best: list[Any]) -> list[tuple[list[str], np.ndarray]]:
         """Words (``<end>`` last) and attention weights (T, h*w) of each best caption."""
@@ -137,19 +136,19 @@ class Engine:
     def describe(self) -> dict[str, Any]:
         """Encoder, decoder, vocabulary size and the test scores found in the run folder."""
         config = self.captioner.config
-        encoder = config.get("encoder", {})
-        decoder = config.get("decoder", {})
+        encoder, decoder = config.encoder, config.decoder
         return {
             "run": self.run_dir.name if self.run_dir else None,
-            "encoder": {"name": encoder.get("name"), "layer": encoder.get("layer"),
+            "preset": config.preset,
+            "encoder": {"name": encoder.name, "layer": encoder.layer,
                         "input_size": list(self.input_size),
-                        "feature_shape": encoder.get("feature_shape")},
-            "decoder": {"kind": decoder.get("kind"), **decoder.get("config", {})},
+                        "feature_shape": list(encoder.feature_shape)},
+            "decoder": {"kind": decoder.kind, **decoder.config},
             "vocabulary_size": self.captioner.tokenizer.vocab_size,
             "attention": self.has_attention,
             "attention_grid": list(self.grid) if self.has_attention else None,
             "test_scores": read_test_scores(self.run_dir) if self.run_dir else None,
-            "created": config.get("created"),
+            "created": config.created,
         }
 
 

@@ -111,8 +111,10 @@ def check_content_type(content_type: str | None) -> Failure | None:
 
 
 def decode_upload(upload: Any, index: int, folder: Path, size: tuple[int, int],
-                  limits: Limits) -> tuple[str, np.ndarray | None, Failure | None]:
-    """``(name, pixels (H, W, 3) uint8 at ``size``, None)`` or ``(name, None, failure)``.
+                  limits: Limits, resample: str = "bilinear"
+                  ) -> tuple[str, np.ndarray | None, Failure | None]:
+    """``(name, pixels (H, W, 3) uint8 at ``size``, None)`` or ``(name, None, failure)``;
+    ``resample`` is the run's resize method (as ``captioner caption`` resizes).
 
     ``upload`` has ``filename``, ``content_type`` and a binary ``file`` (Starlette's
     ``UploadFile``). Runs on a worker thread.
@@ -129,7 +131,7 @@ def decode_upload(upload: Any, index: int, folder: Path, size: tuple[int, int],
             return name, None, Failure(f"too large (over {mb:g} MB); send a smaller file", 413)
         from captioner.images import load_image
 
-        return name, load_image(path, size, max_pixels=limits.max_pixels), None
+        return name, load_image(path, size, resample, max_pixels=limits.max_pixels), None
     except ImageError as exc:
         reason = getattr(exc, "reason", None) or str(exc)
         return name, None, Failure(reason, 413 if reason.startswith("too large") else 422)
