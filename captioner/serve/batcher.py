@@ -78,7 +78,8 @@ class Batcher:
         self._task = asyncio.create_task(self._worker(), name="captioner-batcher")
 
     async def stop(self) -> None:
-        """Stop the worker; items still queued fail with ``RuntimeError``."""
+        """Stop the worker; items still queued or running fail with ``RuntimeError`` (a batch
+        already on the model thread finishes there, unawaited)."""
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -87,7 +88,7 @@ class Batcher:
             if not future.done():
                 future.set_exception(RuntimeError("the service is shutting down"))
         if self._executor:
-            self._executor.shutdown(wait=True)
+            self._executor.shutdown(wait=False, cancel_futures=True)
         self._task = self._executor = None
 
     async def submit(self, items: Sequence[Any]) -> list[Any]:
@@ -132,6 +133,11 @@ class Batcher:
                 results = await loop.run_in_executor(self._executor, self.run_batch, items)
                 if len(results) != len(items):
                     raise RuntimeError(f"run_batch returned {len(results)} results for {len(items)} items")
+            except asyncio.CancelledError:  # stop() while this batch runs
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(RuntimeError("the service is shutting down"))
+                raise
             except Exception as exc:  # the requests of this batch fail, the service goes on
                 for _, future in batch:
                     if not future.done():
