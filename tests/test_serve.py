@@ -24,7 +24,7 @@ from serve_fixtures import FakeEncoder, photo, tiny_attention_run, tiny_engine  
 from captioner.cli import main  # noqa: E402
 from captioner.heatmaps import teacher_forced_attention  # noqa: E402
 from captioner.inference import Captioner  # noqa: E402
-from captioner.serve.app import Settings, create_app  # noqa: E402
+from captioner.serve.app import Settings, create_app, render_page  # noqa: E402
 from captioner.serve.engine import Item, Options, bucket, read_test_scores  # noqa: E402
 from captioner.serve.uploads import Limits  # noqa: E402
 
@@ -253,6 +253,16 @@ def test_test_scores_come_from_the_report_in_the_run_folder(tmp_path):
         {"settings": {"label": "beam 3"}, "metrics": {"BLEU-4": 0.188}}]}))
     assert read_test_scores(tmp_path) == {"report": "test/report.json",
                                      "sections": {"beam 3": {"BLEU-4": 0.188}}}
+
+
+def test_page_shows_test_scores_and_escapes_run_names(engine):
+    model = engine.describe() | {
+        "run": "<script>alert(1)</script>",
+        "test_scores": {"report": "test/report.json",
+                        "sections": {"beam 3": {"BLEU-4": 0.188, "CIDEr-D": 0.442}}}}
+    page = render_page(model, Settings())
+    assert "beam 3: BLEU-4 18.8, CIDEr-D 44.2" in page
+    assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
 
 
 # --------------------------------------------------------------------------- batching
