@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 from serve_fixtures import FakeEncoder, photo, tiny_attention_run, tiny_engine  # noqa: E402
 
-from captioner.cli import main  # noqa: E402
+from captioner.cli import build_parser, main  # noqa: E402
 from captioner.heatmaps import teacher_forced_attention  # noqa: E402
 from captioner.inference import Captioner  # noqa: E402
 from captioner.serve.app import Settings, create_app, render_page  # noqa: E402
@@ -366,6 +366,8 @@ def test_model_failure_fails_only_its_batch(engine, monkeypatch):
 
 
 def test_serve_command_checks_and_extra(monkeypatch, capsys):
+    args = build_parser().parse_args(["serve"])
+    assert (args.host, args.port, args.max_batch, args.max_queue) == ("127.0.0.1", 8000, 16, 64)
     assert main(["serve", "--port", "70000"]) == 2
     assert "--port must be from 0 to 65535" in capsys.readouterr().err
     monkeypatch.setitem(__import__("sys").modules, "uvicorn", None)
