@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -22,10 +23,12 @@ from PIL import Image  # noqa: E402
 from serve_fixtures import FakeEncoder, photo, tiny_attention_run, tiny_engine  # noqa: E402
 
 from captioner.cli import build_parser, main  # noqa: E402
-from captioner.heatmaps import teacher_forced_attention  # noqa: E402
+from captioner.heatmaps import TILE, teacher_forced_attention  # noqa: E402
+from captioner.images import load_image  # noqa: E402
 from captioner.inference import Captioner  # noqa: E402
 from captioner.serve.app import Settings, create_app, render_page  # noqa: E402
 from captioner.serve.engine import Item, Options, bucket, read_test_scores  # noqa: E402
+from captioner.serve.heatmap import heatmap_image  # noqa: E402
 from captioner.serve.uploads import Limits  # noqa: E402
 
 CLI_KEYS = {"image", "caption", "score", "finished", "captions"}
@@ -118,6 +121,25 @@ def test_attention_grids_per_word(client, engine, tiny):
     np.testing.assert_allclose(weights.reshape(len(att["words"]), 4), direct, atol=1e-4)
     [plain] = _post(client, ("a.png", photo(3))).json()["results"]
     assert "attention" not in plain
+
+
+def test_heatmap_is_the_cli_strip_of_the_encoder_input(client, engine, tiny, tmp_path):
+    _, _, expected = tiny
+    [record] = _post(client, ("a.png", photo(3)), heatmap="true").json()["results"]
+    assert "attention" not in record  # grids only when asked
+    head, payload = record["heatmap"].split(",", 1)
+    assert head == "data:image/jpeg;base64"
+    strip = Image.open(io.BytesIO(base64.b64decode(payload)))
+    words = expected[3].split() + ["<end>"]
+    assert strip.size == (6 * TILE, -(-(len(words) + 1) // 6) * (TILE + 18))  # image + words
+    path = tmp_path / "a.png"
+    path.write_bytes(photo(3))
+    pixels = load_image(path, engine.input_size, engine.resample)
+    [both] = _post(client, ("a.png", photo(3)), heatmap="true", attention="true").json()["results"]
+    att = both["attention"]
+    want = heatmap_image(pixels, att["words"], np.array(att["weights"]).reshape(len(words), 4), (2, 2))
+    assert base64.b64decode(payload) == want[0] and both["heatmap"] == record["heatmap"]
+    _one_error_line(_post(client, ("a.png", photo(3)), heatmap="yes please"), 400, "heatmap must be")
 
 
 def test_one_bad_image_fails_alone(client, tiny):
@@ -216,6 +238,7 @@ def test_attention_on_a_model_without_attention(client, engine, monkeypatch):
     monkeypatch.setattr(type(engine), "has_attention", property(lambda self: False))
     with _client(engine) as other:
         _one_error_line(_post(other, ("a.png", photo(1)), attention="true"), 400, "attention model")
+        _one_error_line(_post(other, ("a.png", photo(1)), heatmap="1"), 400, "heatmap=true needs")
 
 
 def test_uploads_live_only_in_a_temporary_folder(engine, tmp_path, monkeypatch):
@@ -243,7 +266,7 @@ def test_model_healthz_and_page(client, tiny):
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert 'id="files"' in page.text and "attention decoder on tiny" in page.text
     script = client.get("/static/serve.js")
-    assert script.status_code == 200 and "drawOverlay" in script.text
+    assert script.status_code == 200 and "heatmap" in script.text
 
 
 def test_test_scores_come_from_the_report_in_the_run_folder(tmp_path):

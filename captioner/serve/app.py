@@ -1,6 +1,7 @@
 """The FastAPI application of ``captioner serve``.
 
-Routes: ``POST /v1/captions`` (multipart ``images`` + ``beam_size``, ``n_best``, ``attention``),
+Routes: ``POST /v1/captions`` (multipart ``images`` + ``beam_size``, ``n_best``, ``attention``,
+``heatmap``),
 ``GET /`` (the page), ``GET /v1/model``, ``GET /healthz`` and ``/static/*`` (the page's script
 and style). Every error answer is ``{"error": "<one line>"}`` with a 4xx/5xx status; a request
 whose images all fail also carries the per-image ``results``.
@@ -18,7 +19,16 @@ from typing import Any
 from captioner.errors import RequestError
 from captioner.records import caption_error_record, caption_record
 from captioner.serve.batcher import Batcher, QueueFull
-from captioner.serve.engine import ATTENTION, DEFAULT_BEAM, Engine, Item, Output, attention_record
+from captioner.serve.engine import (
+    ATTENTION,
+    DEFAULT_BEAM,
+    Engine,
+    Item,
+    Options,
+    Output,
+    attention_record,
+)
+from captioner.serve.heatmap import data_url, heatmap_image
 from captioner.serve.uploads import (
     IMAGE_FIELD,
     OPTION_FIELDS,
@@ -30,6 +40,7 @@ from captioner.serve.uploads import (
 
 HERE = Path(__file__).resolve().parent
 TEMP_PREFIX = "captioner-serve-"
+HEATMAP = "heatmap"  # the per-image key of the heat map image, when asked
 
 
 @dataclass(frozen=True)
@@ -145,8 +156,9 @@ def create_app(engine: Engine, settings: Settings | None = None):
         good = [k for k, (_, pixels, _) in enumerate(decoded) if pixels is not None]
         outputs = await batcher.submit([Item(decoded[k][1], options) for k in good]) if good else []
         by_index = dict(zip(good, outputs, strict=True))
-        records = [_record(name, by_index.get(k), failure, engine)
-                   for k, (name, _, failure) in enumerate(decoded)]
+        records = await asyncio.gather(*(
+            _answer(name, pixels, by_index.get(k), failure, options, engine)
+            for k, (name, pixels, failure) in enumerate(decoded)))
         if not good:
             name, _, failure = decoded[0]
             return JSONResponse({"error": f"{name}: {failure.reason}", "results": records},
@@ -177,14 +189,20 @@ def _split_form(form) -> tuple[list[Any], dict[str, list[str]]]:
     return uploads, fields
 
 
-def _record(name: str, output: Output | None, failure: Failure | None, engine: Engine) -> dict:
-    """The per-image answer: the keys of ``captioner caption --json`` (+ ``attention``)."""
+async def _answer(name: str, pixels, output: Output | None, failure: Failure | None,
+                  options: Options, engine: Engine) -> dict[str, Any]:
+    """The per-image answer: the keys of ``captioner caption --json``, plus ``attention``
+    (grids) and ``heatmap`` (an image data URL) when asked."""
     if output is None:
         return caption_error_record(name, failure.reason)
     record = caption_record(name, output.captions)
     if output.attention is not None:
         words, weights = output.attention
-        record[ATTENTION] = attention_record(words, weights, engine.grid)
+        if options.attention:
+            record[ATTENTION] = attention_record(words, weights, engine.grid)
+        if options.heatmap:
+            image = await asyncio.to_thread(heatmap_image, pixels, words, weights, engine.grid)
+            record[HEATMAP] = data_url(*image)
     return record
 
 

@@ -31,7 +31,8 @@ class Options:
 
     beam_size: int = DEFAULT_BEAM
     n_best: int = 1
-    attention: bool = False
+    attention: bool = False  # answer the attention grids
+    heatmap: bool = False  # answer the heat map image (the page asks for it)
 
 
 @dataclass
@@ -101,7 +102,8 @@ class Engine:
             for k, caption_list in zip(rows, found, strict=True):
                 captions[k] = caption_list
         outputs = [Output(c) for c in captions]
-        wanted = [k for k, item in enumerate(items) if item.options.attention and self.has_attention]
+        wanted = [k for k, item in enumerate(items)
+                  if (item.options.attention or item.options.heatmap) and self.has_attention]
         if wanted:
             for k, attention in zip(wanted, self._attention(features[wanted], [captions[k][0] for k in wanted]),
                                     strict=True):

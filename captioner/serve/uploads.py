@@ -23,7 +23,7 @@ from captioner.images import IMAGE_SUFFIXES
 from captioner.serve.engine import MAX_BEAM, Options
 
 IMAGE_FIELD = "images"
-OPTION_FIELDS = ("beam_size", "n_best", "attention")
+OPTION_FIELDS = ("beam_size", "n_best", "attention", "heatmap")
 TRUE, FALSE = frozenset({"1", "true", "yes", "on"}), frozenset({"0", "false", "no", "off", ""})
 ACCEPTED_TYPES = frozenset({"", "application/octet-stream"})  # and every image/*
 CHUNK = 1 << 16
@@ -66,11 +66,12 @@ def parse_options(fields: Mapping[str, Sequence[str]], has_attention: bool, limi
     value = {name: values[0].strip() for name, values in fields.items()}
     beam = _int(value, "beam_size", default_beam, 1, limits.max_beam)
     n_best = _int(value, "n_best", 1, 1, beam)
-    attention = _bool(value, "attention")
-    if attention and not has_attention:
-        raise RequestError("attention=true needs an attention model; this service's decoder has "
-                           "no attention (see GET /v1/model)")
-    return Options(beam_size=beam, n_best=n_best, attention=attention)
+    attention, heatmap = _bool(value, "attention"), _bool(value, "heatmap")
+    for name, asked in (("attention", attention), ("heatmap", heatmap)):
+        if asked and not has_attention:
+            raise RequestError(f"{name}=true needs an attention model; this service's decoder "
+                               "has no attention (see GET /v1/model)")
+    return Options(beam_size=beam, n_best=n_best, attention=attention, heatmap=heatmap)
 
 
 def _int(value: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:

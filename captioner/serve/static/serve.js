@@ -1,9 +1,6 @@
 // The try-it page of `captioner serve`: send photos to POST /v1/captions, show each with its
-// caption(s), score and the attention strip (the image, then one heat tile per word).
+// caption(s), score and the attention heat map the service draws (heatmap=true).
 "use strict";
-
-const TILE = 160;  // tile size of the CLI's strip (captioner/heatmaps.py TILE)
-const DARK = 0.6;  // the CLI darkens the least attended cells by 60 % (heatmaps.overlay)
 
 const $ = (selector) => document.querySelector(selector);
 
@@ -18,38 +15,6 @@ function say(message, isError) {
   const status = $("#status");
   status.textContent = message;
   status.classList.toggle("error", Boolean(isError));
-}
-
-// The one place that draws a heat map; the same overlay as heatmaps.overlay: the image
-// squashed to a square tile, each word's weights min-max scaled, dark where unattended,
-// smoothly upscaled from the (h, w) grid. `heat` is null for the plain image.
-function drawOverlay(canvas, img, heat) {
-  const ctx = canvas.getContext("2d");
-  ctx.drawImage(img, 0, 0, canvas.width, canvas.height);
-  if (!heat) return;
-  const h = heat.length, w = heat[0].length, cells = heat.flat();
-  const lo = Math.min(...cells), span = Math.max(Math.max(...cells) - lo, 1e-8);
-  const grid = document.createElement("canvas");
-  grid.width = w;
-  grid.height = h;
-  const gctx = grid.getContext("2d");
-  const shade = gctx.createImageData(w, h);
-  cells.forEach((value, i) => {  // black, opaque where the word did not look
-    shade.data[4 * i + 3] = Math.round(255 * DARK * (1 - (value - lo) / span));
-  });
-  gctx.putImageData(shade, 0, 0);
-  ctx.imageSmoothingEnabled = true;
-  ctx.imageSmoothingQuality = "high";
-  ctx.drawImage(grid, 0, 0, canvas.width, canvas.height);
-}
-
-function tile(img, heat, label) {
-  const figure = el("figure", heat ? "tile heat" : "tile");
-  const canvas = el("canvas");
-  canvas.width = canvas.height = TILE;
-  drawOverlay(canvas, img, heat);
-  figure.append(canvas, el("figcaption", "", label));
-  return figure;
 }
 
 function card(file, record) {
@@ -69,21 +34,15 @@ function card(file, record) {
     record.captions.forEach((c) => list.append(el("li", "", `${c.caption} (${c.score.toFixed(3)})`)));
     article.append(list);
   }
-  const strip = el("div", "strip");
-  article.append(strip);
-  const img = new Image();
-  img.alt = record.caption;
-  img.onload = () => {
-    strip.append(tile(img, null, "(image)"));
-    const att = record.attention;
-    if (att) att.words.forEach((word, i) => strip.append(tile(img, att.weights[i], word)));
-    article.dataset.ready = "true";
-  };
+  const img = el("img", record.heatmap ? "heatmap" : "photo");
+  img.alt = record.heatmap ? `where the model looked for each word of: ${record.caption}` : record.caption;
+  img.onload = () => { article.dataset.ready = "true"; };
   img.onerror = () => {  // the service read it, this browser cannot show it (e.g. TIFF)
-    strip.append(el("p", "score", "(this browser cannot display the image)"));
+    img.replaceWith(el("p", "score", "(this browser cannot display the image)"));
     article.dataset.ready = "true";
   };
-  img.src = URL.createObjectURL(file);
+  img.src = record.heatmap || URL.createObjectURL(file);  // the heat map is drawn by the service
+  article.append(img);
   return article;
 }
 
@@ -92,8 +51,8 @@ async function send(files) {
   files.forEach((file) => body.append("images", file, file.name));
   body.append("beam_size", $("#beam_size").value);
   body.append("n_best", $("#n_best").value);
-  const attention = $("#attention");
-  body.append("attention", attention && attention.checked ? "true" : "false");
+  const heatmap = $("#heatmap");
+  body.append("heatmap", heatmap && heatmap.checked ? "true" : "false");
   const response = await fetch("/v1/captions", { method: "POST", body });
   let data;
   try {
