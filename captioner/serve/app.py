@@ -1,9 +1,8 @@
 """The FastAPI application of ``captioner serve``.
 
 Routes: ``POST /v1/captions`` (multipart ``images`` + ``beam_size``, ``n_best``, ``attention``,
-``heatmap``),
-``GET /`` (the page), ``GET /v1/model``, ``GET /healthz`` and ``/static/*`` (the page's script
-and style). Every error answer is ``{"error": "<one line>"}`` with a 4xx/5xx status; a request
+``heatmap``), ``GET /`` (the page), ``GET /v1/model``, ``GET /healthz`` and ``/static/*`` (the
+page's script and style). Every error answer is ``{"error": "<one line>"}`` with a 4xx/5xx status; a request
 whose images all fail also carries the per-image ``results``.
 """
 
