@@ -77,9 +77,20 @@ def summary_record(**fields: Any) -> dict[str, Any]:
     return {SUMMARY: fields}
 
 
+def _strict(value: Any) -> Any:
+    """``value`` with NaN and infinities (not JSON) replaced by None, recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict(v) for v in value]
+    return value
+
+
 def dumps(record: Mapping[str, Any]) -> str:
-    """One JSON line (strict JSON: no NaN or Infinity)."""
-    return json.dumps(record, ensure_ascii=False, allow_nan=False)
+    """One JSON line (strict JSON: NaN and infinities are written as null)."""
+    return json.dumps(_strict(record), ensure_ascii=False, allow_nan=False, default=str)
 
 
 def is_error(record: Mapping[str, Any]) -> bool:
