@@ -1,14 +1,20 @@
-"""Attention heatmaps: per-word attention weights drawn over the image (Pillow only)."""
+"""Pictures drawn with Pillow: attention heatmaps over the image (for ``caption
+--attention-map`` and report.html) and report thumbnails."""
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 TILE = 160
+THUMBNAIL_SIZE = 160
+THUMBNAIL_QUALITY = 80
+ATTENTION_TILE = 96
 
 
 def overlay(image: np.ndarray, alpha: np.ndarray, grid: tuple[int, int], size: int = TILE) -> Image.Image:
@@ -83,3 +89,61 @@ def save_attention_map(captioner, image_path: str | os.PathLike, caption, out: s
     words, alphas = caption_attention(captioner, features, caption.tokens)
     grid = grid_of(captioner.decoder.feature_shape)
     attention_strip(pixels, words, alphas, grid).save(out)
+
+
+# --------------------------------------------------------------------------- report pictures
+
+
+def thumbnail_jpeg(
+    path: str | os.PathLike, size: int = THUMBNAIL_SIZE, quality: int = THUMBNAIL_QUALITY
+) -> bytes | None:
+    """A JPEG of the image fitted into size x size (aspect kept); None if it cannot be read."""
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (size, size))
+            pic = ImageOps.exif_transpose(im).convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
+        return None
+    pic.thumbnail((size, size))
+    return _jpeg(pic, quality)
+
+
+def _jpeg(image: Image.Image, quality: int = THUMBNAIL_QUALITY) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _square_pixels(path: Path | None, size: int) -> np.ndarray:
+    """The image squashed to size x size (as the encoder saw it), or plain grey."""
+    if path is not None:
+        try:
+            with Image.open(path) as im:
+                return np.asarray(ImageOps.exif_transpose(im).convert("RGB").resize((size, size)))
+        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
+            pass
+    return np.full((size, size, 3), 128, np.uint8)
+
+
+def attention_strip_jpeg(
+    path: Path | None, words: Sequence[str], weights: np.ndarray, tile: int = ATTENTION_TILE
+) -> bytes:
+    """One row of tiles, the image then one heatmap per word, labelled below; JPEG bytes
+    (for report.html)."""
+    pixels = _square_pixels(path, tile)
+    grid = tuple(weights.shape[1:])
+    tiles = [(Image.fromarray(pixels), "(image)")]
+    tiles += [
+        (overlay(pixels, w.ravel(), grid, tile), word)
+        for word, w in zip(words, weights, strict=True)
+    ]
+    sheet = Image.new("RGB", (len(tiles) * (tile + 4), tile + 18), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (img, word) in enumerate(tiles):
+        x = i * (tile + 4)
+        sheet.paste(img, (x, 0))
+        draw.text((x + 3, tile + 3), word[:16], fill="black")
+    return _jpeg(sheet, 85)
+
+
+# --------------------------------------------------------------------------- HTML

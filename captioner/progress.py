@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import TypeVar
 
 from tqdm.auto import tqdm
@@ -32,8 +32,3 @@ def progress(
         smoothing=0.1,
         file=sys.stderr,
     )
-
-
-def iterate(iterable: Iterable[T], **kwargs) -> Iterator[T]:
-    """Iterate with a progress bar (see :func:`progress`)."""
-    yield from progress(iterable, **kwargs)

@@ -113,7 +113,7 @@ def test_existing_run_needs_resume(tmp_path, data):
 
 def _cli_args(data, out, epochs):
     caps, train_h5, val_h5, _ = data
-    return ["train", "--captions", str(caps), "--train-features", str(train_h5),
+    return ["train", "--preset", "classic", "--captions", str(caps), "--train-features", str(train_h5),
             "--val-features", str(val_h5), "--out", str(out), "--epochs", str(epochs),
             "--batch-size", "4", "--embed-dim", "16", "--units", "32", "--min-count", "1",
             "--learning-rate", "0.01", "--val-bleu-images", "4", "--patience", "0",
@@ -145,7 +145,8 @@ def test_sigkill_loses_at_most_the_epoch_in_flight(tmp_path, data):
 @needs_mobilenet
 def test_one_short_epoch_on_real_flickr8k_captions_lowers_the_loss(tmp_path):
     """~100 real photos (500 captions), genuine MobileNetV2 alpha=0.5 features, one epoch."""
-    from captioner.captions import clean_captions, load_captions, load_split
+    from captioner.captions import load_captions, load_split
+    from captioner.cleaning import clean_captions
     from captioner.data import CaptionDataset
     from captioner.decoders import MaskedSparseCrossEntropy
     from captioner.extraction import extract_with_spec
