@@ -31,20 +31,22 @@ def overlay(image: np.ndarray, alpha: np.ndarray, grid: tuple[int, int], size: i
 
 
 def attention_strip(image: np.ndarray, words: Sequence[str], alphas: np.ndarray,
-                    grid: tuple[int, int], size: int = TILE, columns: int = 6) -> Image.Image:
-    """The image, then one tile per word: the image lit where the model looked for that word.
+                    grid: tuple[int, int], size: int = TILE, columns: int = 6,
+                    gap: int = 0) -> Image.Image:
+    """The image, then one tile per word: the image lit where the model looked for that word,
+    ``columns`` tiles a row, ``gap`` pixels apart, each labelled below.
 
     ``alphas`` is (len(words), grid[0]*grid[1]).
     """
     tiles = [(Image.fromarray(image).convert("RGB").resize((size, size)), "(image)")]
     tiles += [(overlay(image, a, grid, size), w) for w, a in zip(words, alphas, strict=False)]
     rows = -(-len(tiles) // columns)
-    sheet = Image.new("RGB", (columns * size, rows * (size + 18)), "white")
+    sheet = Image.new("RGB", (columns * (size + gap), rows * (size + 18)), "white")
     draw = ImageDraw.Draw(sheet)
     for i, (tile, word) in enumerate(tiles):
-        x, y = (i % columns) * size, (i // columns) * (size + 18)
+        x, y = (i % columns) * (size + gap), (i // columns) * (size + 18)
         sheet.paste(tile, (x, y))
-        draw.text((x + 4, y + size + 3), word, fill="black")
+        draw.text((x + 4, y + size + 3), word[:16], fill="black")
     return sheet
 
 
@@ -128,22 +130,10 @@ def _square_pixels(path: Path | None, size: int) -> np.ndarray:
 def attention_strip_jpeg(
     path: Path | None, words: Sequence[str], weights: np.ndarray, tile: int = ATTENTION_TILE
 ) -> bytes:
-    """One row of tiles, the image then one heatmap per word, labelled below; JPEG bytes
-    (for report.html)."""
-    pixels = _square_pixels(path, tile)
+    """:func:`attention_strip` of the image file (or grey) in one row, as JPEG bytes for
+    report.html; ``weights`` is (len(words), h, w)."""
     grid = tuple(weights.shape[1:])
-    tiles = [(Image.fromarray(pixels), "(image)")]
-    tiles += [
-        (overlay(pixels, w.ravel(), grid, tile), word)
-        for word, w in zip(words, weights, strict=True)
-    ]
-    sheet = Image.new("RGB", (len(tiles) * (tile + 4), tile + 18), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, (img, word) in enumerate(tiles):
-        x = i * (tile + 4)
-        sheet.paste(img, (x, 0))
-        draw.text((x + 3, tile + 3), word[:16], fill="black")
-    return _jpeg(sheet, 85)
-
-
-# --------------------------------------------------------------------------- HTML
+    alphas = np.asarray(weights).reshape(len(words), -1)
+    strip = attention_strip(_square_pixels(path, tile), words, alphas, grid, tile,
+                            columns=len(words) + 1, gap=4)
+    return _jpeg(strip, 85)

@@ -192,3 +192,11 @@ def test_validation_loss_without_bleu_sample(tmp_path, data):
     run = train(_config(tmp_path, data, epochs=1, val_bleu_images=0), verbose=0)
     row = next(csv.DictReader(open(run / "history.csv")))
     assert float(row["val_loss"]) > 0 and row["val_bleu4"] == ""
+
+
+def test_mixed_precision_is_scoped_to_the_training_call(tmp_path, data):
+    import keras
+
+    before = keras.config.dtype_policy().name
+    train(_config(tmp_path, data, epochs=1, mixed_precision=True), verbose=0)
+    assert keras.config.dtype_policy().name == before == "float32"
