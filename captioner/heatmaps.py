@@ -86,7 +86,7 @@ def save_attention_map(captioner, image_path: str | os.PathLike, caption, out: s
     """Encode ``image_path``, get the attention of ``caption`` and save the strip as PNG."""
     from captioner.images import load_image
 
-    pixels = load_image(image_path, captioner.encoder_spec.input_size)
+    pixels = load_image(image_path, captioner.input_size, resample=captioner.resample)
     features = captioner.encode_images(pixels[None])[0]
     words, alphas = caption_attention(captioner, features, caption.tokens)
     grid = grid_of(captioner.decoder.feature_shape)
