@@ -12,7 +12,7 @@ from conftest import ROOT
 PACKAGE = ROOT / "captioner"
 # Bottom to top, as in docs/DESIGN.md.
 LAYERS = [
-    ("errors", "files", "progress", "__init__"),
+    ("errors", "files", "progress", "__init__", "records"),
     ("runs", "presets"),
     ("images", "encoders", "layers", "weight_files"),
     ("cache",),
@@ -26,6 +26,7 @@ LAYERS = [
     ("metrics", "evaluation"),
     ("report",),
     ("training", "monitor"),
+    ("serve",),
     ("cli", "commands"),
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
