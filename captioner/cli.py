@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "train",
     "caption",
     "evaluate",
+    "serve",
 )
 
 DESCRIPTION = """\
@@ -35,6 +36,7 @@ Image captioning with Keras 3, stage by stage:
   train                train an LSTM decoder (merge, inject, attention) on cached features
   caption              caption images with a trained run folder (default: the bundled model)
   evaluate             BLEU-1..4, CIDEr-D, ROUGE-L reports on a test split
+  serve                web service: JSON API and a page to caption photos (the serve extra)
 
 Run `captioner COMMAND --help` for the options of each command.
 """

@@ -27,6 +27,7 @@ LAYERS = [
     ("report",),
     ("training", "monitor", "distributed"),
     ("engines",),
+    ("serve",),
     ("cli", "commands"),
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
