@@ -99,6 +99,7 @@ class Captioner:
         self._init = compile_function(lambda feats: decoder.init_state(feats))
         self._step = compile_function(lambda tokens, state: _log_softmax_step(decoder, tokens, state))
         self._encoder = None
+        self._encoded = False  # whether a batch went through the encoder yet
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike = DEFAULT_RUN, weights: str = "best") -> Captioner:
@@ -191,8 +192,19 @@ class Captioner:
         return self._encoder
 
     def encode_images(self, images: np.ndarray) -> np.ndarray:
-        """Features for decoded RGB images (B, H, W, 3) in [0, 255]."""
-        return np.asarray(self.encoder().predict_on_batch(images), dtype="float32")
+        """Features for decoded RGB images (B, H, W, 3) in [0, 255].
+
+        A first batch of one or two images runs eagerly: compiling ``predict_on_batch`` costs
+        more (about a second on a CPU) than it saves on such a batch; later batches use it."""
+        import keras
+
+        model = self.encoder()
+        if not self._encoded and len(images) <= 2:
+            self._encoded = True
+            features = model(keras.ops.convert_to_tensor(images, "float32"), training=False)
+            return np.asarray(keras.ops.convert_to_numpy(features), dtype="float32")
+        self._encoded = True
+        return np.asarray(model.predict_on_batch(images), dtype="float32")
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -219,6 +231,68 @@ class Captioner:
             feats = self.encode_images(np.stack(pixels)) if pixels else None
             yield good, feats, failed
 
+    # ------------------------------------------------------------------ attention
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """The (h, w) attention grid of the decoder's spatial features."""
+        return grid_of(self.decoder.feature_shape)
+
+    def attention(self, features: np.ndarray, captions: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """Attention weights (len(tokens) + 1, h, w) of each caption's words, then of its
+        ``<end>`` step, teacher-forced; ``features`` is (B, *feature_shape), one per caption."""
+        from keras import ops
+
+        if self.decoder.kind != "attention":
+            raise CaptionerError(f"this run's decoder is '{self.decoder.kind}', which has no "
+                                 "attention; use a run trained with --decoder attention")
+        longest = max((len(c) for c in captions), default=0)
+        inputs = np.zeros((len(captions), longest + 1), dtype="int32")  # <start> w1 .. wn, pad
+        inputs[:, 0] = START
+        for row, tokens in enumerate(captions):
+            inputs[row, 1:len(tokens) + 1] = tokens
+        alphas = ops.convert_to_numpy(self.decoder.attention_weights(features, inputs))  # (B, T, L)
+        return [np.asarray(alphas[row, :len(t) + 1], "float32").reshape(-1, *self.grid)
+                for row, t in enumerate(captions)]
+
+    # ------------------------------------------------------------------ any images
+
+    def caption(
+        self, images: Sequence[Any], *, batch_size: int = 16, attention: bool = False,
+        beam_size: int = 3, n_best: int = 1, alpha: float = 0.0, block_ngram: int = 0,
+        max_length: int | None = None,
+    ) -> list[ImageCaptions]:
+        """Captions of image files, arrays (H, W, 3) in [0, 255] and PIL images, in batches.
+
+        One :class:`ImageCaptions` per input, in order; an unreadable input gets ``error`` and
+        the others go on. ``attention=True`` (attention runs) adds the best caption's words
+        and their attention maps."""
+        from captioner.images import pixels_of
+
+        search = {"beam_size": beam_size, "n_best": n_best, "alpha": alpha,
+                  "block_ngram": block_ngram, "max_length": max_length}
+        out: list[ImageCaptions] = []
+        for start in range(0, len(images), batch_size):
+            chunk = [pixels_of(item, self.input_size) for item in images[start:start + batch_size]]
+            good = [(i, px) for i, (px, _, err) in enumerate(chunk) if err is None]
+            results = [ImageCaptions(_name(images[start + i], start + i), [], err, warning=warn)
+                       for i, (_, warn, err) in enumerate(chunk)]
+            if good:
+                feats = self.encode_images(np.stack([px for _, px in good]))
+                for (i, _), caps in zip(good, self.caption_features(feats, **search), strict=True):
+                    results[i].captions = caps
+                if attention:
+                    maps = self.attention(feats, [results[i].captions[0].tokens for i, _ in good])
+                    for (i, _), amap in zip(good, maps, strict=True):
+                        results[i].words = self.words(results[i].captions[0].tokens)
+                        results[i].attention = amap
+            out += results
+        return out
+
+    def words(self, tokens: Sequence[int]) -> list[str]:
+        """The words of a caption's tokens, then ``<end>`` (one per attention row)."""
+        return [self.tokenizer.decode([t]) or "<unk>" for t in tokens] + ["<end>"]
+
     def caption_images(
         self, paths: Sequence[str | os.PathLike], batch_size: int = 16, **search
     ) -> list[tuple[Path, list[Caption] | None, str | None]]:
@@ -232,6 +306,40 @@ class Captioner:
                 for i, caps in zip(good, self.caption_features(feats, **search), strict=True):
                     results[i] = (Path(paths[i]), caps, None)
         return [results[i] for i in range(len(paths))]
+
+
+@dataclass
+class ImageCaptions:
+    """What :meth:`Captioner.caption` says about one image."""
+
+    image: Any  # the path as given, else the input's position in the list
+    captions: list[Caption]  # best first; empty when the image failed
+    error: str | None = None  # why the image could not be captioned
+    warning: str | None = None  # e.g. a tiny image, whose caption is a guess
+    words: list[str] | None = None  # best caption's words and "<end>" (attention=True)
+    attention: np.ndarray | None = None  # (len(words), h, w) weights, each row sums to 1
+
+    @property
+    def text(self) -> str | None:
+        """The best caption, or None when the image failed."""
+        return self.captions[0].text if self.captions else None
+
+    @property
+    def score(self) -> float | None:
+        """The best caption's search score (log-probability, length-normalised by alpha)."""
+        return self.captions[0].score if self.captions else None
+
+
+def _name(item: Any, index: int) -> Any:
+    return item if isinstance(item, (str, os.PathLike)) else index
+
+
+def grid_of(feature_shape: Sequence[int]) -> tuple[int, int]:
+    """The (h, w) attention grid of spatial features (H, W, D) or (L, D) with square L."""
+    if len(feature_shape) == 3:
+        return int(feature_shape[0]), int(feature_shape[1])
+    side = int(round(np.sqrt(feature_shape[0])))
+    return side, int(feature_shape[0]) // side
 
 
 def _log_softmax_step(decoder, tokens, state):

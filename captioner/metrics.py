@@ -13,9 +13,7 @@ import sys
 from collections import Counter
 from typing import Any
 
-import nltk
 import numpy as np
-from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu, sentence_bleu
 
 References = dict[str, list[str]]
 Hypotheses = dict[str, str]
@@ -75,6 +73,8 @@ def corpus_bleu_scores(references: References, hypotheses: Hypotheses) -> dict[s
     refs = [[r.split() for r in references[i]] for i in ids]
     hyps = [hypotheses[i].split() for i in ids]
     smoothing = _NoSmoothing()
+    from nltk.translate.bleu_score import corpus_bleu  # nltk takes ~0.7 s to import
+
     scores = corpus_bleu(refs, hyps, weights=list(BLEU_WEIGHTS), smoothing_function=smoothing)
     zero_from = smoothing.first_zero_order or len(BLEU_KEYS) + 1
     return {
@@ -89,6 +89,8 @@ def sentence_bleu4(refs: list[str], hyp: str) -> float:
     ``method1`` replaces a zero n-gram match count by epsilon=0.1, so a short caption missing
     every 4-gram still gets a small, comparable score instead of 0.
     """
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+
     smoothing = SmoothingFunction().method1
     ref_tokens = [r.split() for r in refs]
     return float(sentence_bleu(ref_tokens, hyp.split(), smoothing_function=smoothing))
@@ -213,6 +215,8 @@ def rouge_l(references: References, hypotheses: Hypotheses) -> tuple[float, dict
 
 def wordnet_available() -> bool:
     """Whether NLTK's WordNet corpus is installed locally (never downloads anything)."""
+    import nltk
+
     try:
         nltk.data.find("corpora/wordnet")
     except LookupError:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageOps
 
 from captioner.metrics import BLEU_KEYS, METEOR_UNAVAILABLE_NOTE
 from captioner.training import json_default, read_history
@@ -38,7 +38,8 @@ SCORE_KEYS = (*BLEU_KEYS, "CIDEr-D", "ROUGE-L", "METEOR")
 GALLERY_IMAGES = 1000
 THUMBNAIL_SIZE = 160
 THUMBNAIL_QUALITY = 80
-ATTENTION_TILE = 96
+ATTENTION_TILE = 256
+ATTENTION_COLUMNS = 7
 EXAMPLES = 5
 SKIPPED_SHOWN = 20
 
@@ -50,9 +51,11 @@ BLEU_NOTE = (
     "which gives numbers that cannot be compared with these."
 )
 SCALE_NOTE = (
-    "BLEU-1..4, ROUGE-L (LCS F-measure, beta 1.2) and METEOR are fractions in [0, 1]. CIDEr-D "
-    "is on the usual pycocoevalcap scale (x10, so it can exceed 1), with document frequencies "
-    "taken over the references of the evaluated images."
+    "Every score in the tables is x100 (BLEU-4 18.8 means 0.188), as in papers and the README; "
+    "report.json keeps the fractions. BLEU-1..4, ROUGE-L (LCS F-measure, beta 1.2) and METEOR "
+    "are fractions in [0, 1]; CIDEr-D is on the usual pycocoevalcap scale (0.442, shown as "
+    "44.2; it can exceed 1), with document frequencies taken over the references of the "
+    "evaluated images."
 )
 PER_IMAGE_NOTE = (
     "Per-image BLEU-4 is nltk sentence_bleu with smoothing method1 (for ranking examples); the "
@@ -120,12 +123,12 @@ def _write(path: Path, payload: bytes) -> None:
 
 def write_curves(run_dir: Path, path: Path) -> bytes | None:
     """Plot the run's training history into ``path``; the PNG bytes, or None without history."""
-    from captioner.plots import plot_history
+    from captioner.figures import save_training_curves
 
     rows = [r for r in read_history(run_dir / "history.csv") if r.get("epoch") is not None]
     if not rows:
         return None
-    plot_history(rows, path)
+    save_training_curves(rows, path)
     return path.read_bytes()
 
 
@@ -139,6 +142,13 @@ def fmt(value: float | int | None, digits: int = 4) -> str:
     if isinstance(value, int):
         return str(value)
     return f"{value:.{digits}f}"
+
+
+def score(value: float | None) -> str:
+    """A score as the tables show it: x100 with one decimal (0.1877 -> ``18.8``)."""
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    return f"{100 * value:.1f}"
 
 
 def summary_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -159,7 +169,7 @@ def summary_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         rows.append(
             [
                 s["settings"]["label"],
-                *(fmt(m.get(k)) for k in SCORE_KEYS),
+                *(score(m.get(k)) for k in SCORE_KEYS),
                 f"{d['distinct_captions']} ({d['distinct_share']:.0%})",
                 str(d["vocabulary"]),
                 f"{d['mean_length']:.2f} (refs {d['mean_reference_length']:.2f})",
@@ -222,8 +232,8 @@ def render_markdown(data: dict[str, Any]) -> str:
         lines += [f"## {_md_escape(title)}", ""]
         for im in chosen:
             lines += [
-                f"### {_md_escape(im['image'])}: CIDEr-D {im['CIDEr-D']:.3f}, "
-                f"BLEU-4 {im['BLEU-4']:.3f}",
+                f"### {_md_escape(im['image'])}: CIDEr-D {score(im['CIDEr-D'])}, "
+                f"BLEU-4 {score(im['BLEU-4'])}",
                 "",
                 f"- generated: {_md_escape(im['caption'])}",
             ]
@@ -269,12 +279,12 @@ def _pycoco_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     rows = []
     for s in data["sections"]:
         p = s["pycocoevalcap_bleu"] or {}
-        diff = round(p["BLEU-4"] - s["metrics"]["BLEU-4"], 5) + 0.0 if p else None
+        diff = round(100 * (p["BLEU-4"] - s["metrics"]["BLEU-4"]), 3) + 0.0 if p else None
         rows.append(
             [
                 s["settings"]["label"],
-                *(fmt(p.get(k)) for k in BLEU_KEYS),
-                "n/a" if diff is None else f"{diff:+.5f}",
+                *(score(p.get(k)) for k in BLEU_KEYS),
+                "n/a" if diff is None else f"{diff:+.3f}",
             ]
         )
     return header, rows
@@ -307,12 +317,14 @@ def data_uri(payload: bytes, mime: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(payload).decode('ascii')}"
 
 
-def _square_pixels(path: Path | None, size: int) -> np.ndarray:
-    """The image squashed to size x size (as the encoder saw it), or plain grey."""
+def _photo(path: Path | None, size: int) -> np.ndarray:
+    """The image fitted into size x size, or plain grey when it cannot be read."""
     if path is not None:
         try:
             with Image.open(path) as im:
-                return np.asarray(ImageOps.exif_transpose(im).convert("RGB").resize((size, size)))
+                pic = ImageOps.exif_transpose(im).convert("RGB")
+            pic.thumbnail((size, size))
+            return np.asarray(pic)
         except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
             pass
     return np.full((size, size, 3), 128, np.uint8)
@@ -321,23 +333,11 @@ def _square_pixels(path: Path | None, size: int) -> np.ndarray:
 def attention_strip(
     path: Path | None, words: Sequence[str], weights: np.ndarray, tile: int = ATTENTION_TILE
 ) -> bytes:
-    """One row of tiles, the image then one heatmap per word, labelled below; JPEG bytes."""
-    from captioner.heatmaps import overlay
+    """The photo, then one heat overlay per word titled with the word; JPEG bytes."""
+    from captioner.figures import attention_figure, image_bytes
 
-    pixels = _square_pixels(path, tile)
-    grid = tuple(weights.shape[1:])
-    tiles = [(Image.fromarray(pixels), "(image)")]
-    tiles += [
-        (overlay(pixels, w.ravel(), grid, tile), word)
-        for word, w in zip(words, weights, strict=True)
-    ]
-    sheet = Image.new("RGB", (len(tiles) * (tile + 4), tile + 18), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, (img, word) in enumerate(tiles):
-        x = i * (tile + 4)
-        sheet.paste(img, (x, 0))
-        draw.text((x + 3, tile + 3), word[:16], fill="black")
-    return _jpeg(sheet, 85)
+    figure = attention_figure(_photo(path, tile), words, weights, columns=ATTENTION_COLUMNS)
+    return image_bytes(figure, "jpeg")
 
 
 # --------------------------------------------------------------------------- HTML
@@ -460,8 +460,8 @@ def _card(
         items.append(
             f'<li><span class="label">{_e(section["settings"]["label"])}:</span> '
             f'<span class="text">{_e(im["caption"] or "(empty)")}</span> '
-            f'<span class="score">CIDEr-D {im["CIDEr-D"]:.3f} · BLEU-4 '
-            f"{im['BLEU-4']:.3f}</span></li>"
+            f'<span class="score">CIDEr-D {score(im["CIDEr-D"])} · BLEU-4 '
+            f"{score(im['BLEU-4'])}</span></li>"
         )
     refs = "".join(f"<li>{_e(r)}</li>" for r in per_section[0][name]["references"])
     pic = (
@@ -517,7 +517,7 @@ def _attention_section(data: dict[str, Any], attention: dict, image_paths: dict[
     label = data["sections"][0]["settings"]["label"]
     return (
         f'<h2>Attention</h2><div id="attention"><p>Where the decoder looked for each word of '
-        f"its caption ({_e(label)}): bright areas got the most attention weight.</p>"
+        f"its caption ({_e(label)}): red areas got the most attention weight, blue the least.</p>"
         f"{''.join(blocks)}</div>"
     )
 

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from captioner import __version__
+from captioner import __version__, checks
 from captioner.errors import CaptionerError
 from captioner.inference import (
     BEST_WEIGHTS,
@@ -39,7 +40,9 @@ from captioner.inference import (
 
 CHECKPOINT = "checkpoint.h5"
 HISTORY = "history.csv"
-HISTORY_FIELDS = ("epoch", "loss", "val_loss", "val_bleu4", "learning_rate", "seconds")
+HISTORY_FIELDS = ("epoch", "loss", "val_loss", "xent", "val_xent", "val_bleu4", "learning_rate",
+                  "seconds")
+XENT = "xent"  # masked cross-entropy per real word, without regularisers: same on both splits
 SCHEDULES = ("constant", "cosine", "plateau")
 DECODERS = ("merge", "inject", "attention")
 
@@ -266,7 +269,7 @@ def _make_monitor(config: TrainConfig, run: Path, val_sample, tokenizer, state: 
                 logs["val_bleu4"] = bleu
             lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
             row = {"epoch": epoch + 1, "loss": logs.get("loss"), "val_loss": logs.get("val_loss"),
-                   "val_bleu4": bleu, "learning_rate": lr, "seconds": round(time.time() - self.started, 2)}
+                   "xent": logs.get(XENT), "val_xent": logs.get(f"val_{XENT}"), "val_bleu4": bleu, "learning_rate": lr, "seconds": round(time.time() - self.started, 2)}
             self.rows = [r for r in self.rows if r["epoch"] < epoch + 1] + [row]
             self._select_best(epoch, logs, bleu)
             self._plateau(logs)
@@ -314,9 +317,9 @@ def _make_monitor(config: TrainConfig, run: Path, val_sample, tokenizer, state: 
             _write_history(run / HISTORY, self.rows)
             save_checkpoint(run / CHECKPOINT, self.model, epoch + 1, self.state)
             try:
-                from captioner.plots import plot_history
+                from captioner.figures import save_training_curves
 
-                plot_history(self.rows, run / "curves.png")
+                save_training_curves(self.rows, run / "curves.png")
             except OSError:
                 pass
 
@@ -348,23 +351,35 @@ def learning_rate(config: TrainConfig, steps_per_epoch: int):
 # --------------------------------------------------------------------------- train
 
 
-def _prepare_run(config: TrainConfig, resume: bool) -> tuple[Path, TrainConfig, dict | None]:
+def _resolve_config(config: TrainConfig, resume: bool) -> tuple[TrainConfig, dict | None]:
+    """The config to run (a resumed run's own, with the new --epochs) and the saved one."""
     run = Path(config.out)
     if resume:
         saved = read_run_config(run)
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
         merged = TrainConfig(**{k: v for k, v in saved["training"].items() if k in fields})
         merged.epochs = config.epochs  # resuming may extend the run
-        return run, merged, saved
+        return merged, saved
     for key in ("captions", "train_features", "val_features"):
         if getattr(config, key):
             setattr(config, key, str(Path(getattr(config, key)).resolve()))
-    if (run / CONFIG_FILE).exists():
+    if run.exists() and not run.is_dir():
+        raise CaptionerError(f"--out {run} is a file; give a folder for the run")
+    if (run / CONFIG_FILE).exists() and (run / CHECKPOINT).exists():
         raise CaptionerError(
             f"{run} already holds a run; pass --resume to continue it or choose another --out"
         )
+    return config, None
+
+
+def _create_run(run: Path, saved: dict | None) -> None:
+    """Make the run folder (only once every check passed). A folder left by an attempt that
+    never finished an epoch (config but no checkpoint) is started again, not refused."""
+    if saved is None and (run / CONFIG_FILE).exists():
+        print(f"note: {run} holds no finished epoch; starting it again", file=sys.stderr)
+        for name in (CONFIG_FILE, TOKENIZER_FILE, HISTORY):
+            (run / name).unlink(missing_ok=True)
     run.mkdir(parents=True, exist_ok=True)
-    return run, config, None
 
 
 def _val_sample(config: TrainConfig):
@@ -381,20 +396,26 @@ def _val_sample(config: TrainConfig):
     return reader, caps, (feats, {n: caps[n] for n in sample})
 
 
-def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto") -> Path:
-    """Train (or resume) a run; returns the run folder."""
+def train(config: TrainConfig, resume: bool = False, verbose: int = 1) -> Path:
+    """Train (or resume) a run; returns the run folder. ``verbose``: 0 silent, else a bar
+    inside every epoch (on a terminal) and one line per epoch."""
     import keras
 
     from captioner.data import CaptionDataset, EpochStream
     from captioner.decoders import MaskedSparseCrossEntropy, build_decoder
     from captioner.tokenizer import Tokenizer
 
-    run, config, saved = _prepare_run(config, resume)
+    config, saved = _resolve_config(config, resume)
+    checks.train_config(config)
+    run = Path(config.out)
+    train_reader, train_caps = _load_split(config.captions, config.train_features,
+                                           config.max_train_images)
+    val_reader, val_caps, val_sample = _val_sample(config)
+    checks.features_fit(config.decoder, train_reader, val_reader)
+    _create_run(run, saved)
     keras.utils.set_random_seed(config.seed)
     if config.mixed_precision:
         keras.config.set_dtype_policy("mixed_float16")
-    train_reader, train_caps = _load_split(config.captions, config.train_features,
-                                           config.max_train_images)
     if saved is None:
         texts = [c for caps in train_caps.values() for c in caps]
         tokenizer = Tokenizer.build(texts, min_count=config.min_count, max_length=config.max_length)
@@ -403,7 +424,6 @@ def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto"
         tokenizer = Tokenizer.load(run / TOKENIZER_FILE)
     train_ds = CaptionDataset(train_reader, train_caps, tokenizer, batch_size=config.batch_size,
                               shuffle=True, seed=config.seed, in_memory=config.in_memory)
-    val_reader, val_caps, val_sample = _val_sample(config)
     val_ds = None
     if val_reader is not None:
         val_ds = CaptionDataset(val_reader, val_caps, tokenizer, batch_size=config.batch_size,
@@ -414,6 +434,7 @@ def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto"
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate(config, len(train_ds)), clipnorm=config.clipnorm),
         loss=MaskedSparseCrossEntropy(config.label_smoothing),
+        weighted_metrics=[keras.metrics.SparseCategoricalCrossentropy(name=XENT, from_logits=True)],
     )
     if saved is None:
         _write_config(run, config, dec_config, train_reader.attrs, len(train_caps))
@@ -425,8 +446,12 @@ def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto"
     stream = EpochStream(train_ds, start_epoch=initial_epoch)
     callbacks = [_make_monitor(config, run, val_sample, tokenizer, monitor_state)]
     callbacks += _tensorboard(run)
+    if verbose:
+        from captioner.progress import epoch_progress
+
+        callbacks.append(epoch_progress(config.epochs, len(train_ds)))
     model.fit(stream, steps_per_epoch=len(train_ds), shuffle=False, validation_data=val_ds,
-              epochs=config.epochs, initial_epoch=initial_epoch, callbacks=callbacks, verbose=verbose)
+              epochs=config.epochs, initial_epoch=initial_epoch, callbacks=callbacks, verbose=0)
     return run
 
 

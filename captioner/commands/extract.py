@@ -140,17 +140,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="use only the first N images of SOURCE (quick trials), e.g. --limit 100",
     )
+    p.add_argument("more_sources", nargs="*", help=argparse.SUPPRESS)
     p.set_defaults(handler=run_extract)
 
 
 def run_extract(args: argparse.Namespace) -> int:
     """Handler of ``captioner extract``; returns the exit status."""
-    from captioner.errors import CaptionerError
+    from captioner import checks
     from captioner.features import extract_with_spec
     from captioner.images import list_images
 
-    if args.limit is not None and args.limit < 1:
-        raise CaptionerError(f"--limit must be at least 1, not {args.limit}.")
+    checks.no_extra_sources(args.more_sources, args.source)
+    checks.at_least("--limit", args.limit, 1)
+    checks.at_least("--batch-size", args.batch_size, 1)
+    checks.at_least("--workers", args.workers, 0)
+    checks.output_file("--out", args.out, "features.h5")
     paths, names = list_images(args.source, args.images_dir)
     if args.limit is not None:
         paths, names = paths[: args.limit], names[: args.limit]

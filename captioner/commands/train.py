@@ -93,6 +93,6 @@ def run_train(args: argparse.Namespace) -> int:
     for required in ("captions", "train_features"):  # taken from the run when resuming
         values[required] = values[required] or ""
     config = TrainConfig(**values)
-    run = train(config, resume=args.resume, verbose=0 if args.quiet else 2)
+    run = train(config, resume=args.resume, verbose=0 if args.quiet else 1)
     print(f"run folder: {run}")
     return 0
