@@ -134,8 +134,8 @@ def quick_run(args, captions_file: Path, features: Path, out: Path) -> Path:
 
 
 def decode_features(path: Path, names: list[str]) -> np.ndarray:
+    from captioner.cache import open_features
     from captioner.data import read_features
-    from captioner.features import open_features
 
     with open_features(path) as reader:
         return read_features(reader, names)

@@ -193,7 +193,7 @@ def build_tokenizer(captions: dict[str, list[str]], min_count: int, max_length: 
 
 
 def feature_names(path: Path) -> set[str]:
-    from captioner.features import open_features
+    from captioner.cache import open_features
 
     with open_features(path) as reader:
         return set(reader.done_names)
@@ -201,7 +201,7 @@ def feature_names(path: Path) -> set[str]:
 
 def write_synthetic(path: Path, names: list[str], dim: int, seed: int = 0) -> Path:
     """A complete feature cache of random non-negative (ReLU-like) pooled features."""
-    from captioner.features import FeatureWriter
+    from captioner.cache import FeatureWriter
 
     rng = np.random.default_rng(seed)
     feats = np.maximum(rng.normal(0.0, 1.0, (len(names), dim)), 0).astype(np.float32)
@@ -221,7 +221,7 @@ def feature_file(args: argparse.Namespace, names: list[str], tmp: Path) -> Path:
     out = tmp / "features.h5"
     if args.synthetic_features:
         return write_synthetic(out, names, args.feature_dim)
-    from captioner.features import extract_with_spec
+    from captioner.extraction import extract_with_spec
 
     paths = [args.images_dir / n for n in names]
     missing = [p for p in paths if not p.is_file()]
@@ -264,7 +264,7 @@ class MemorySource:
 
 
 def load_memory_source(path: Path, names: list[str]) -> MemorySource:
-    from captioner.features import open_features
+    from captioner.cache import open_features
 
     with open_features(path) as reader:
         rows = np.asarray(reader.read(names), dtype=np.float32)

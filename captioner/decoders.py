@@ -24,7 +24,6 @@ import keras
 from keras import layers, ops
 
 from captioner.tokenizer import END
-from captioner.training import DECODERS
 
 
 def _spatial(features, feature_shape: tuple[int, ...]):
@@ -263,7 +262,11 @@ class AttentionDecoder(CaptionDecoder):
         return logits, {**state, "h": h, "c": c, "alpha": alpha}
 
 
-DECODER_CLASSES = {"merge": MergeDecoder, "inject": InjectDecoder, "attention": AttentionDecoder}
+# The registry: decoder kind -> class. Run configs name a kind; everything else asks here.
+DECODER_CLASSES: dict[str, type[CaptionDecoder]] = {
+    cls.kind: cls for cls in (MergeDecoder, InjectDecoder, AttentionDecoder)
+}
+DECODERS = tuple(DECODER_CLASSES)
 
 
 def build_decoder(kind: str, **config) -> CaptionDecoder:

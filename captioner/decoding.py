@@ -34,18 +34,24 @@ _FORCED = float(np.finfo(np.float64).min)
 
 
 @dataclass(frozen=True)
-class Hypothesis:
-    """One decoded sequence.
+class Caption:
+    """One decoded caption: the one result type from search to report.
 
     ``tokens`` excludes the start and end tokens; ``log_prob`` sums the log-probs of every
     generated token, the end token's included when ``finished``; ``score`` is
     ``log_prob / length_penalty(length, alpha)`` (``log_prob`` itself for greedy search).
+    ``text`` is empty out of the search, which knows token ids only;
+    :class:`captioner.inference.Captioner` fills it in with the tokenizer.
     """
 
     tokens: tuple[int, ...]
     log_prob: float
     score: float
     finished: bool
+    text: str = ""
+
+
+Hypothesis = Caption  # the search's name for a caption whose text is not filled in yet
 
 
 # ---------------------------------------------------------------- state pytrees

@@ -13,20 +13,20 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from captioner.errors import WeightsError
+
+if TYPE_CHECKING:  # numpy is imported where it is used, so the CLI's --help stays light
+    import numpy as np
 
 # Layers per VGG block: (filters, convolutions).
 VGG16_BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
 VGG19_BLOCKS = ((64, 2), (128, 2), (256, 4), (512, 4), (512, 4))
 
 KERAS_APPS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
-CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)  # ImageNet means, BGR order
 PROJECT_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 
 
@@ -207,6 +207,8 @@ def _layer_groups(h5file) -> tuple[Any, list[str]]:
 
 
 def _read_layer(group, layer: str) -> list[np.ndarray]:
+    import numpy as np
+
     g = group[layer]
     names = [n.decode() if isinstance(n, bytes) else str(n) for n in g.attrs["weight_names"]]
     return [np.asarray(g[n]) for n in names]
@@ -249,6 +251,7 @@ def load_weights_by_name(model, path: str | os.PathLike) -> None:
 def save_weights_by_name(model, path: str | os.PathLike) -> None:
     """Write ``model``'s weights in the legacy Keras h5 layout (one group per layer)."""
     import h5py
+    import numpy as np
 
     with h5py.File(path, "w") as h5:
         layers = [layer for layer in model.layers]
@@ -308,7 +311,6 @@ class EncoderSpec:
     alpha: float | None = None
     description: str = ""
     default_layer: str = "pool"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def layer(self, name: str) -> FeatureLayer:
         """The feature layer ``name``, or a clear error listing the valid ones."""
@@ -329,6 +331,8 @@ class EncoderSpec:
 
     def preprocess(self, images: np.ndarray) -> np.ndarray:
         """Numpy preprocessing of RGB float images in [0, 255], as keras.applications does."""
+        from captioner.layers import preprocess_array
+
         return preprocess_array(images, self.preprocessing)
 
     def feature_model(self, layer: str | None = None, weights: str | os.PathLike | None = "imagenet"):
@@ -416,16 +420,6 @@ def load_weights_file(model, weights: str | os.PathLike) -> None:
             raise WeightsError(f"{path} does not fit {model.name}: {exc}") from exc
         return
     load_weights_by_name(model, path)
-
-
-def preprocess_array(images: np.ndarray, mode: str) -> np.ndarray:
-    """``caffe``: RGB→BGR minus the ImageNet BGR means; ``tf``: scale to [-1, 1]."""
-    x = np.asarray(images, dtype=np.float32)
-    if mode == "tf":
-        return x / 127.5 - 1.0
-    if mode == "caffe":
-        return x[..., ::-1] - np.array(CAFFE_BGR_MEAN, dtype=np.float32)
-    raise ValueError(f"unknown preprocessing mode {mode!r}")
 
 
 MOBILENET_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)

@@ -18,15 +18,15 @@ from typing import Any
 
 import numpy as np
 
+from captioner.decoding import Caption
 from captioner.errors import CacheMismatchError, CaptionerError
-from captioner.training import versions
+from captioner.runs import RunConfig
 
 DEFAULT_BEAM_SIZES = (3,)
 DEFAULT_BATCH_SIZE = 128
 ENCODER_BATCH = 16  # images per encoder call in images mode (VGG activations are large)
 ATTENTION_IMAGES = 24
 METRIC_KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr-D", "ROUGE-L", "METEOR")
-REPORT_FORMAT = "captioner.evaluation"
 
 
 @dataclass(frozen=True)
@@ -59,16 +59,6 @@ class Decoding:
 
 
 @dataclass
-class Generated:
-    """The caption one setting produced for one image."""
-
-    text: str
-    tokens: tuple[int, ...]
-    log_prob: float
-    finished: bool
-
-
-@dataclass
 class AttentionMap:
     """Per-word attention of one generated caption: ``weights`` is (len(words), h, w)."""
 
@@ -81,7 +71,7 @@ class Section:
     """One decoding setting's captions, scores and timings."""
 
     decoding: Decoding
-    captions: dict[str, Generated] = field(default_factory=dict)
+    captions: dict[str, Caption] = field(default_factory=dict)
     scores: dict[str, Any] = field(default_factory=dict)  # metrics.evaluate_all output
     pycoco_bleu: dict[str, float] | None = None
     caption_seconds: float = 0.0
@@ -91,42 +81,13 @@ class Section:
     def metrics(self) -> dict[str, float | None]:
         return {k: self.scores.get(k) for k in METRIC_KEYS}
 
-    def images_json(self, references: dict[str, list[str]]) -> list[dict[str, Any]]:
-        """Per image: name, generated caption, cleaned references and per-image scores."""
-        per_image = self.scores.get("per_image", {})
-        return [
-            {
-                "image": name,
-                "caption": self.captions[name].text,
-                "references": refs,
-                "finished": self.captions[name].finished,
-                **per_image.get(name, {}),
-            }
-            for name, refs in references.items()
-        ]
-
-    def to_json(self, references: dict[str, list[str]]) -> dict[str, Any]:
-        n = len(self.captions)
-        return {
-            "settings": self.decoding.to_json(),
-            "metrics": self.metrics,
-            "pycocoevalcap_bleu": self.pycoco_bleu,
-            "diversity": self.scores.get("diversity", {}),
-            "timings": {
-                "caption_s": self.caption_seconds,
-                "score_s": self.score_seconds,
-                "images_per_s": n / self.caption_seconds if self.caption_seconds > 0 else None,
-            },
-            "images": self.images_json(references),
-        }
-
 
 @dataclass
 class EvaluationResult:
     """Everything a report needs: sources, cleaned references, sections, extras for the HTML."""
 
     run_dir: Path
-    run_config: dict[str, Any]
+    run_config: RunConfig
     sources: dict[str, str | None]
     references: dict[str, list[str]]  # image -> cleaned references, evaluation order
     sections: list[Section]
@@ -136,59 +97,21 @@ class EvaluationResult:
     features_seconds: float = 0.0
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
-    def to_json(self) -> dict[str, Any]:
-        """The ``report.json`` payload (see :mod:`captioner.report`)."""
-        from captioner.report import notes
-
-        sections = [s.to_json(self.references) for s in self.sections]
-        first = sections[0]
-        return {
-            "format": REPORT_FORMAT,
-            "version": 1,
-            "created": self.created,
-            "run": str(self.run_dir),
-            "sources": self.sources,
-            "n_images": len(self.references),
-            "skipped": self.skipped,
-            "settings": first["settings"],
-            "metrics": first["metrics"],
-            "pycocoevalcap_bleu": first["pycocoevalcap_bleu"],
-            "diversity": first["diversity"],
-            "timings": {**first["timings"], "features_s": self.features_seconds},
-            "images": first["images"],
-            "sections": sections,
-            "notes": notes(
-                self.sections[0].scores.get("METEOR") is None,
-                first["pycocoevalcap_bleu"] is not None,
-            ),
-            "run_config": self.run_config,
-            "versions": versions(),
-        }
-
 
 # --------------------------------------------------------------------------- images to score
 
 
-def cache_expectation(config: dict[str, Any]) -> dict[str, Any]:
-    """Feature-cache attributes a run needs: its encoder name and layer (and weights, if known)."""
-    enc = config.get("encoder") or {}
-    expect = {"encoder": enc.get("name"), "layer": enc.get("layer")}
-    if enc.get("weights_identity"):
-        expect["weights"] = enc["weights_identity"]
-    return expect
-
-
-def open_matching_cache(path: str | os.PathLike, run_dir: Path, config: dict[str, Any]):
+def open_matching_cache(path: str | os.PathLike, run_dir: Path, config: RunConfig):
     """Open ``path`` for reading, refusing a cache made by another encoder than the run's."""
-    from captioner.features import open_features
+    from captioner.cache import open_features
 
-    expect = cache_expectation(config)
+    expect = config.encoder.cache_expectation()
     try:
         return open_features(path, expect)
     except CacheMismatchError:
         with open_features(path) as reader:
             found = {k: reader.attrs.get(k) for k in expect}
-    enc = config.get("encoder") or {}
+    enc = config.encoder
 
     def describe(values: dict[str, Any]) -> str:
         return ", ".join(f"{k} {v!r}" for k, v in values.items())
@@ -196,7 +119,7 @@ def open_matching_cache(path: str | os.PathLike, run_dir: Path, config: dict[str
     raise CaptionerError(
         f"{path} holds features of {describe(found)}, but run "
         f"{run_dir} was trained on features of {describe(expect)}. Extract the split with "
-        f"`captioner extract --encoder {enc.get('name')} --layer {enc.get('layer')}` (and the "
+        f"`captioner extract --encoder {enc.name} --layer {enc.layer}` (and the "
         "run's encoder weights), or evaluate the run that was trained on this cache."
     )
 
@@ -249,21 +172,12 @@ def _image_chunks(
 # --------------------------------------------------------------------------- captioning
 
 
-def _caption_chunk(captioner, feats: np.ndarray, decoding: Decoding) -> list[Generated]:
-    hyps = captioner.search(feats, **decoding.search_kwargs())
-    return [
-        Generated(
-            captioner.tokenizer.decode(h[0].tokens),
-            tuple(int(t) for t in h[0].tokens),
-            float(h[0].log_prob),
-            bool(h[0].finished),
-        )
-        for h in hyps
-    ]
+def _caption_chunk(captioner, feats: np.ndarray, decoding: Decoding) -> list[Caption]:
+    return [caps[0] for caps in captioner.search_captions(feats, **decoding.search_kwargs())]
 
 
 def attention_maps(
-    captioner, feats: np.ndarray, captions: Sequence[Generated]
+    captioner, feats: np.ndarray, captions: Sequence[Caption]
 ) -> list[AttentionMap]:
     """Attention weights of each generated caption, teacher-forced through the decoder."""
     alphas = captioner.attention(feats, [c.tokens for c in captions])  # each (T + 1, h, w)
@@ -322,7 +236,7 @@ def evaluate(
     ``split`` are required and the run's encoder computes the features.
     """
     from captioner.captions import CleaningRules, clean_captions, load_captions
-    from captioner.inference import Captioner, read_run_config
+    from captioner.inference import Captioner
 
     _check_options(decodings, batch_size, limit)
     if features is None and (images_dir is None or split is None):
@@ -332,8 +246,8 @@ def evaluate(
     if images_dir is not None and not Path(images_dir).is_dir():
         raise CaptionerError(f"--images-dir {images_dir} is not a folder")
     run_dir = Path(run_dir)
-    config = read_run_config(run_dir)
-    rules = CleaningRules.from_dict(config.get("cleaning") or {})
+    config = RunConfig.load(run_dir)
+    rules = CleaningRules.from_dict(config.cleaning)
     captions = load_captions(captions_path)
     folder = Path(images_dir) if images_dir is not None else None
     reader = open_matching_cache(features, run_dir, config) if features is not None else None
@@ -346,7 +260,7 @@ def evaluate(
         else:
             chunks = _image_chunks(captioner, paths, batch_size, skipped)
         sections = [Section(d) for d in decodings]
-        keep = attention_images if config["decoder"]["kind"] == "attention" else 0
+        keep = attention_images if config.decoder.kind == "attention" else 0
         seconds, kept = _run_chunks(captioner, chunks, sections, len(chosen), progress, keep)
     finally:
         if reader is not None:

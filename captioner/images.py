@@ -116,20 +116,22 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
         return im.size
 
 
-def pixels_of(item, size: tuple[int, int]) -> tuple[np.ndarray | None, str | None, str | None]:
+def pixels_of(
+    item, size: tuple[int, int], resample: str = "bilinear"
+) -> tuple[np.ndarray | None, str | None, str | None]:
     """(pixels (H, W, 3) uint8 at ``size`` = (height, width), warning, error) for an image
     file, a PIL image or an array (H, W), (H, W, 3) or (H, W, 4) with values in [0, 255]."""
     try:
         if isinstance(item, (str, os.PathLike)):
             width, height = image_size(item)
-            return load_image(item, size), tiny_warning(width, height), None
+            return load_image(item, size, resample), tiny_warning(width, height), None
         if isinstance(item, Image.Image):
             im = to_rgb(item)
         else:
             im = _array_image(np.asarray(item))
     except ImageError as exc:
         return None, None, getattr(exc, "reason", None) or str(exc)
-    rgb = im.resize((size[1], size[0]), resample=RESAMPLE["bilinear"])
+    rgb = im.resize((size[1], size[0]), resample=RESAMPLE[resample])
     return np.array(rgb, dtype=np.uint8), tiny_warning(*im.size), None
 
 

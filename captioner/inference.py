@@ -8,7 +8,6 @@ prefix.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -17,16 +16,18 @@ from typing import Any
 
 import numpy as np
 
-from captioner.decoding import Hypothesis, beam_search, greedy_search
+from captioner.decoding import Caption, Hypothesis, beam_search, greedy_search
 from captioner.errors import CaptionerError
+from captioner.runs import (
+    BEST_WEIGHTS,
+    CONFIG_FILE,
+    DEFAULT_RESAMPLE,
+    DEFAULT_RUN,
+    LAST_WEIGHTS,
+    TOKENIZER_FILE,
+    RunConfig,
+)
 from captioner.tokenizer import END, PAD, START, UNK, Tokenizer
-
-RUN_FORMAT = "captioner.run"
-CONFIG_FILE = "config.json"
-TOKENIZER_FILE = "tokenizer.json"
-BEST_WEIGHTS = "best.weights.h5"
-LAST_WEIGHTS = "last.weights.h5"
-DEFAULT_RUN = Path(__file__).resolve().parent.parent / "weights" / "default"
 
 
 def compile_function(fn: Callable) -> Callable:
@@ -61,41 +62,13 @@ def _to_numpy(tree):
     return keras.ops.convert_to_numpy(tree)
 
 
-@dataclass
-class Caption:
-    """One generated caption."""
-
-    text: str
-    tokens: tuple[int, ...]
-    score: float
-    log_prob: float
-    finished: bool
-
-
-def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """The run folder's ``config.json``, with clear errors for a missing or foreign folder."""
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise CaptionerError(
-            f"{run_dir} is not a captioner run folder (no {CONFIG_FILE}); pass the folder that "
-            "`captioner train --out` wrote"
-        )
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CaptionerError(f"{path} is not valid JSON: {exc}") from exc
-    if config.get("format") != RUN_FORMAT:
-        raise CaptionerError(f"{path} is not a captioner run config (format {config.get('format')!r})")
-    return config
-
-
 class Captioner:
     """A decoder, its tokenizer and its run config: features or images in, captions out."""
 
-    def __init__(self, decoder, tokenizer: Tokenizer, config: dict[str, Any] | None = None):
+    def __init__(self, decoder, tokenizer: Tokenizer, config: RunConfig | None = None):
         self.decoder = decoder
         self.tokenizer = tokenizer
-        self.config = config or {}
+        self.config = config
         self._init = compile_function(lambda feats: decoder.init_state(feats))
         self._step = compile_function(lambda tokens, state: _log_softmax_step(decoder, tokens, state))
         self._encoder = None
@@ -107,10 +80,9 @@ class Captioner:
         from captioner.decoders import build_decoder
 
         run_dir = Path(run_dir)
-        config = read_run_config(run_dir)
+        config = RunConfig.load(run_dir)
         tokenizer = Tokenizer.load(run_dir / TOKENIZER_FILE)
-        dec = config["decoder"]
-        decoder = build_decoder(dec["kind"], **dec["config"])
+        decoder = build_decoder(config.decoder.kind, **config.decoder.config)
         path = run_dir / (BEST_WEIGHTS if weights == "best" else LAST_WEIGHTS)
         if not path.is_file() and weights == "best":
             path = run_dir / LAST_WEIGHTS
@@ -167,28 +139,38 @@ class Captioner:
         with bar(total=len(features), desc="captioning", unit="img", enabled=progress or None) as pbar:
             for start in range(0, len(features), batch_size):
                 chunk = features[start:start + batch_size]
-                for hyps in self.search(chunk, **search):
-                    results.append([self._caption(h) for h in hyps])
+                results += self.search_captions(chunk, **search)
                 pbar.update(len(chunk))
         return results
 
+    def search_captions(self, features: np.ndarray, **search) -> list[list[Caption]]:
+        """:meth:`search` with the captions' text filled in."""
+        return [[self._caption(h) for h in hyps] for hyps in self.search(features, **search)]
+
     def _caption(self, hyp: Hypothesis) -> Caption:
-        return Caption(self.tokenizer.decode(hyp.tokens), hyp.tokens, hyp.score, hyp.log_prob,
-                       hyp.finished)
+        tokens = tuple(int(t) for t in hyp.tokens)
+        return Caption(tokens, float(hyp.log_prob), float(hyp.score), bool(hyp.finished),
+                       self.tokenizer.decode(tokens))
 
     # ------------------------------------------------------------------ images
+
+    def _run_config(self) -> RunConfig:
+        if self.config is None:
+            raise CaptionerError("this captioner has no run config, so no encoder; load it with "
+                                 "Captioner.from_run(RUN_DIR)")
+        return self.config
 
     @property
     def encoder_spec(self):
         from captioner.encoders import get_spec
 
-        return get_spec(self.config["encoder"]["name"])
+        return get_spec(self._run_config().encoder.name)
 
     def encoder(self):
         """The run's own feature model (built once, on first use)."""
         if self._encoder is None:
-            enc = self.config["encoder"]
-            self._encoder = self.encoder_spec.feature_model(enc["layer"], enc.get("weights", "imagenet"))
+            enc = self._run_config().encoder
+            self._encoder = self.encoder_spec.feature_model(enc.layer, enc.weights)
         return self._encoder
 
     def encode_images(self, images: np.ndarray) -> np.ndarray:
@@ -209,27 +191,27 @@ class Captioner:
     @property
     def input_size(self) -> tuple[int, int]:
         """Image size the run's encoder takes (from the run config, else the spec)."""
-        size = self.config.get("encoder", {}).get("input_size")
+        size = self._run_config().encoder.input_size
         return tuple(size) if size else tuple(self.encoder_spec.input_size)
+
+    @property
+    def resample(self) -> str:
+        """The resizing filter the run's feature cache was made with."""
+        return self.config.encoder.resample if self.config else DEFAULT_RESAMPLE
 
     def encode_paths(
         self, items: Sequence[tuple[Any, str | os.PathLike]], batch_size: int
     ) -> Iterator[tuple[list[Any], np.ndarray | None, dict[Any, str]]]:
         """For ``(key, path)`` items, in batches: the keys read, their features (None when no
-        image of the batch could be read) and ``{key: reason}`` for the unreadable ones."""
-        from captioner.errors import ImageError
+        image of the batch could be read) and ``{key: reason}`` for the unreadable ones, through
+        the extraction pipeline with the run's own input size and resize method."""
+        from functools import partial
+
+        from captioner.extraction import encoded_batches
         from captioner.images import load_image
 
-        for start in range(0, len(items), batch_size):
-            good, pixels, failed = [], [], {}
-            for key, path in items[start:start + batch_size]:
-                try:
-                    pixels.append(load_image(path, self.input_size))
-                    good.append(key)
-                except ImageError as exc:
-                    failed[key] = getattr(exc, "reason", None) or str(exc)
-            feats = self.encode_images(np.stack(pixels)) if pixels else None
-            yield good, feats, failed
+        load = partial(load_image, size=self.input_size, resample=self.resample)
+        yield from encoded_batches(items, self.encoder(), load, batch_size)
 
     # ------------------------------------------------------------------ attention
 
@@ -273,7 +255,8 @@ class Captioner:
                   "block_ngram": block_ngram, "max_length": max_length}
         out: list[ImageCaptions] = []
         for start in range(0, len(images), batch_size):
-            chunk = [pixels_of(item, self.input_size) for item in images[start:start + batch_size]]
+            chunk = [pixels_of(item, self.input_size, self.resample)
+                     for item in images[start:start + batch_size]]
             good = [(i, px) for i, (px, _, err) in enumerate(chunk) if err is None]
             results = [ImageCaptions(_name(images[start + i], start + i), [], err, warning=warn)
                        for i, (_, warn, err) in enumerate(chunk)]

@@ -1,11 +1,27 @@
-"""Small custom Keras layers shared by the encoders (each with ``get_config``)."""
+"""Image preprocessing: the ImageNet constants, a numpy version and the Keras layer.
+
+The constants live here (not in :mod:`captioner.encoders`) so that encoders import layers and
+never the other way round.
+"""
 
 from __future__ import annotations
 
 import keras
+import numpy as np
 from keras import ops
 
-from captioner.encoders import CAFFE_BGR_MEAN
+CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)  # ImageNet means, BGR order
+PREPROCESSING_MODES = ("caffe", "tf")
+
+
+def preprocess_array(images: np.ndarray, mode: str) -> np.ndarray:
+    """``caffe``: RGB→BGR minus the ImageNet BGR means; ``tf``: scale to [-1, 1]."""
+    x = np.asarray(images, dtype=np.float32)
+    if mode == "tf":
+        return x / 127.5 - 1.0
+    if mode == "caffe":
+        return x[..., ::-1] - np.array(CAFFE_BGR_MEAN, dtype=np.float32)
+    raise ValueError(f"unknown preprocessing mode {mode!r}")
 
 
 @keras.saving.register_keras_serializable(package="captioner")
@@ -18,7 +34,7 @@ class Preprocess(keras.layers.Layer):
 
     def __init__(self, mode: str, **kwargs):
         super().__init__(**kwargs)
-        if mode not in ("caffe", "tf"):
+        if mode not in PREPROCESSING_MODES:
             raise ValueError(f"unknown preprocessing mode {mode!r}")
         self.mode = mode
 

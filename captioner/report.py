@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -22,11 +21,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from captioner.files import write_bytes, write_json
 from captioner.metrics import BLEU_KEYS, METEOR_UNAVAILABLE_NOTE
-from captioner.training import json_default, read_history
+from captioner.runs import HISTORY, read_history, versions
 
 if TYPE_CHECKING:
-    from captioner.evaluation import EvaluationResult
+    from captioner.evaluation import EvaluationResult, Section
 
 JSON_FILE, MARKDOWN_FILE, HTML_FILE, CURVES_FILE = (
     "report.json",
@@ -42,6 +42,8 @@ ATTENTION_TILE = 256
 ATTENTION_COLUMNS = 7
 EXAMPLES = 5
 SKIPPED_SHOWN = 20
+REPORT_FORMAT = "captioner.evaluation"
+REPORT_VERSION = 1
 
 BLEU_NOTE = (
     "BLEU-1..4 are nltk corpus_bleu scores with the standard cumulative uniform weights: BLEU-n "
@@ -78,6 +80,66 @@ def notes(meteor_missing: bool, pycoco_available: bool) -> dict[str, str]:
     return out
 
 
+# --------------------------------------------------------------------------- payload
+
+
+def section_payload(section: Section, references: dict[str, list[str]]) -> dict[str, Any]:
+    """One decoding setting: settings, metrics, diversity, timings and per-image rows."""
+    n = len(section.captions)
+    per_image = section.scores.get("per_image", {})
+    images = [
+        {
+            "image": name,
+            "caption": section.captions[name].text,
+            "references": refs,
+            "finished": section.captions[name].finished,
+            **per_image.get(name, {}),
+        }
+        for name, refs in references.items()
+    ]
+    seconds = section.caption_seconds
+    return {
+        "settings": section.decoding.to_json(),
+        "metrics": section.metrics,
+        "pycocoevalcap_bleu": section.pycoco_bleu,
+        "diversity": section.scores.get("diversity", {}),
+        "timings": {
+            "caption_s": seconds,
+            "score_s": section.score_seconds,
+            "images_per_s": n / seconds if seconds > 0 else None,
+        },
+        "images": images,
+    }
+
+
+def build_payload(result: EvaluationResult) -> dict[str, Any]:
+    """The ``report.json`` payload; report.md and report.html are rendered from it alone."""
+    sections = [section_payload(s, result.references) for s in result.sections]
+    first = sections[0]
+    return {
+        "format": REPORT_FORMAT,
+        "version": REPORT_VERSION,
+        "created": result.created,
+        "run": str(result.run_dir),
+        "sources": result.sources,
+        "n_images": len(result.references),
+        "skipped": result.skipped,
+        "settings": first["settings"],
+        "metrics": first["metrics"],
+        "pycocoevalcap_bleu": first["pycocoevalcap_bleu"],
+        "diversity": first["diversity"],
+        "timings": {**first["timings"], "features_s": result.features_seconds},
+        "images": first["images"],
+        "sections": sections,
+        "notes": notes(
+            result.sections[0].scores.get("METEOR") is None,
+            first["pycocoevalcap_bleu"] is not None,
+        ),
+        "run_config": result.run_config.to_dict(),
+        "versions": versions(),
+    }
+
+
 # --------------------------------------------------------------------------- writing
 
 
@@ -96,13 +158,13 @@ def write_report(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CaptionerError(f"cannot create the report folder {out} ({exc.strerror})") from None
-    data = result.to_json()
+    data = build_payload(result)
     paths = {"json": out / JSON_FILE, "markdown": out / MARKDOWN_FILE, "html": out / HTML_FILE}
-    _write(paths["json"], json.dumps(data, indent=2, default=json_default).encode())
+    write_json(paths["json"], data)
     curves = write_curves(Path(result.run_dir), out / CURVES_FILE)
     if curves is not None:
         paths["curves"] = out / CURVES_FILE
-    _write(paths["markdown"], render_markdown(data).encode())
+    write_bytes(paths["markdown"], render_markdown(data).encode())
     page = render_html(
         data,
         image_paths=result.image_paths,
@@ -111,21 +173,15 @@ def write_report(
         gallery=gallery,
         thumbnail_size=thumbnail_size,
     )
-    _write(paths["html"], page.encode())
+    write_bytes(paths["html"], page.encode())
     return paths
-
-
-def _write(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(payload)
-    os.replace(tmp, path)
 
 
 def write_curves(run_dir: Path, path: Path) -> bytes | None:
     """Plot the run's training history into ``path``; the PNG bytes, or None without history."""
     from captioner.figures import save_training_curves
 
-    rows = [r for r in read_history(run_dir / "history.csv") if r.get("epoch") is not None]
+    rows = [r for r in read_history(run_dir / HISTORY) if r.get("epoch") is not None]
     if not rows:
         return None
     save_training_curves(rows, path)

@@ -1,50 +1,38 @@
 """Stage 4: train a decoder with teacher forcing into a self-contained, resumable run folder.
 
-A run folder holds everything needed to rebuild the model and to continue training:
-
-- ``config.json``: every training argument, the decoder config, the encoder spec and feature
-  layer (read from the feature cache), cleaning rules, seed and library versions;
-- ``tokenizer.json``; ``best.weights.h5`` (best validation BLEU-4) and ``last.weights.h5``;
-- ``checkpoint.h5``: all model variables (dropout RNG state included), the optimizer's
-  variables and the monitor's state after the last finished epoch, written atomically, so a
-  run killed at any moment loses at most the epoch in flight;
-- ``checkpoints/epoch-NNN.weights.h5`` (the last ``keep_checkpoints``), ``history.csv``,
-  ``curves.png`` and, with the TensorFlow backend, TensorBoard logs in ``logs/``.
+The run folder's files and their formats belong to :mod:`captioner.runs` (config, history),
+:mod:`captioner.checkpoints` (checkpoint and weight files) and :mod:`captioner.monitor` (the
+per-epoch callback that writes them). A checkpoint is written atomically after every epoch,
+so a run killed at any moment loses at most the epoch in flight; ``--resume`` continues it.
+Keras and numpy are imported inside functions, so the CLI can read the defaults cheaply.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
-import math
-import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-
-from captioner import __version__, checks
+from captioner import checks
 from captioner.errors import CaptionerError
-from captioner.inference import (
-    BEST_WEIGHTS,
+from captioner.runs import (
+    CHECKPOINT,
     CONFIG_FILE,
-    LAST_WEIGHTS,
-    RUN_FORMAT,
+    HISTORY,
+    LOGS_DIR,
+    SOURCE_KEYS,
     TOKENIZER_FILE,
-    read_run_config,
+    XENT,
+    DecoderInfo,
+    EncoderInfo,
+    FileRef,
+    RunConfig,
+    versions,
 )
 
-CHECKPOINT = "checkpoint.h5"
-HISTORY = "history.csv"
-HISTORY_FIELDS = ("epoch", "loss", "val_loss", "xent", "val_xent", "val_bleu4", "learning_rate",
-                  "seconds")
-XENT = "xent"  # masked cross-entropy per real word, without regularisers: same on both splits
 SCHEDULES = ("constant", "cosine", "plateau")
-DECODERS = ("merge", "inject", "attention")
+PATH_FIELDS = (*SOURCE_KEYS, "out")  # TrainConfig fields that name files, not settings
 
 
 @dataclass
@@ -80,6 +68,7 @@ class TrainConfig:
     mixed_precision: bool = False
     in_memory: bool = True
     max_train_images: int | None = None
+    preset: str | None = None
 
     def decoder_config(self, vocab_size: int, max_length: int, feature_shape: tuple[int, ...]) -> dict:
         """Constructor arguments of the decoder (its Keras config)."""
@@ -97,8 +86,8 @@ class TrainConfig:
 
 def _load_split(captions_path: str, features_path: str, limit: int | None = None):
     """(reader, cleaned captions of the images that have features) for one split."""
+    from captioner.cache import open_features
     from captioner.captions import clean_captions, load_captions
-    from captioner.features import open_features
 
     reader = open_features(features_path)
     captions = load_captions(captions_path)
@@ -110,220 +99,6 @@ def _load_split(captions_path: str, features_path: str, limit: int | None = None
         )
     names = sorted(names)[:limit] if limit else sorted(names)
     return reader, clean_captions({n: captions[n] for n in names})
-
-
-def encoder_from_cache(attrs: dict[str, Any]) -> dict[str, Any]:
-    """The encoder description a run records, from a feature cache's attributes."""
-    weights = str(attrs.get("weights", "imagenet"))
-    return {
-        "name": attrs.get("encoder"),
-        "layer": attrs.get("layer"),
-        "weights": "imagenet" if weights.startswith("imagenet") else weights,
-        "weights_identity": weights,
-        "input_size": list(np.atleast_1d(attrs.get("input_size", [224, 224])).tolist()),
-        "preprocessing": attrs.get("preprocessing"),
-        "feature_shape": list(np.atleast_1d(attrs.get("feature_shape", [])).tolist()),
-    }
-
-
-def versions() -> dict[str, str | None]:
-    """Versions of the libraries that produce a run's or a report's numbers."""
-    import importlib.metadata
-    import platform
-
-    import h5py
-    import keras
-    import nltk
-    import PIL
-
-    try:
-        pycoco = importlib.metadata.version("pycocoevalcap")
-    except importlib.metadata.PackageNotFoundError:
-        pycoco = None
-    return {"captioner": __version__, "python": platform.python_version(),
-            "keras": keras.__version__, "backend": keras.backend.backend(),
-            "numpy": np.__version__, "h5py": h5py.__version__, "nltk": nltk.__version__,
-            "pillow": PIL.__version__, "pycocoevalcap": pycoco}
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def _atomic_h5(path: Path, write) -> None:
-    import h5py
-
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as h5:
-        write(h5)
-    os.replace(tmp, path)
-
-
-def save_checkpoint(path: Path, model, epoch: int, monitor_state: dict) -> None:
-    """All model and optimizer variables plus the monitor's state, written atomically."""
-
-    def write(h5):
-        for group, variables in (("model", model.variables), ("optimizer", model.optimizer.variables)):
-            g = h5.create_group(group)
-            for i, v in enumerate(variables):
-                g.create_dataset(f"{i:05d}", data=np.asarray(v.numpy()))
-        h5.attrs["epoch"] = epoch
-        h5.attrs["monitor"] = json.dumps(monitor_state)
-
-    _atomic_h5(path, write)
-
-
-def load_checkpoint(path: Path, model) -> tuple[int, dict]:
-    """Restore what :func:`save_checkpoint` wrote; returns (epochs done, monitor state)."""
-    import h5py
-
-    with h5py.File(path, "r") as h5:
-        model.optimizer.build(model.trainable_variables)
-        for group, variables in (("model", model.variables), ("optimizer", model.optimizer.variables)):
-            stored = h5[group]
-            if len(stored) != len(variables):
-                raise CaptionerError(f"{path} does not match this model ({group} variables differ)")
-            for i, v in enumerate(variables):
-                v.assign(stored[f"{i:05d}"][()])
-        return int(h5.attrs["epoch"]), json.loads(h5.attrs["monitor"])
-
-
-def save_decoder_weights(model, path: Path) -> None:
-    """``model.save_weights`` without the optimizer's slots (a third of the size with Adam).
-
-    Keras 3 writes a compiled model's optimizer into ``.weights.h5`` too; inference needs only
-    the model, and ``checkpoint.h5`` keeps the optimizer for resuming.
-    """
-    try:
-        from keras.src.saving import saving_lib
-
-        saving_lib.save_weights_only(model, str(path), objects_to_skip=[model.optimizer])
-    except (ImportError, TypeError, AttributeError):  # another Keras 3 layout: keep everything
-        model.save_weights(path)
-
-
-# --------------------------------------------------------------------------- monitor
-
-
-def read_history(path: Path) -> list[dict[str, float | None]]:
-    """Rows of a run's history.csv (epoch as int, empty cells as None); [] when absent."""
-    if not path.is_file():
-        return []
-    with open(path, newline="") as fh:
-        rows = [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()}
-                for row in csv.DictReader(fh)]
-    for row in rows:
-        row["epoch"] = int(row["epoch"])
-    return rows
-
-
-def _write_history(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in HISTORY_FIELDS})
-    os.replace(tmp, path)
-
-
-def _make_monitor(config: TrainConfig, run: Path, val_sample, tokenizer, state: dict):
-    import keras
-
-    from captioner.inference import Captioner
-    from captioner.metrics import corpus_bleu_scores
-
-    class RunMonitor(keras.callbacks.Callback):
-        """Per-epoch validation BLEU-4, best/last weights, history, LR plateau, early stop,
-        and the resumable checkpoint, all in one place so their state is saved together."""
-
-        def __init__(self):
-            super().__init__()
-            self.state = {"best_bleu": -1.0, "best_val_loss": math.inf, "wait": 0,
-                          "plateau_wait": 0, "plateau_best": math.inf, **state}
-            self.rows = read_history(run / HISTORY)
-            self.started = time.time()
-            self._captioner = None
-
-        def _get_captioner(self) -> Captioner:
-            # JAX bakes variable values into a jitted step, so it is rebuilt every epoch there;
-            # tf.function and eager torch read the live variables.
-            if self._captioner is None or keras.backend.backend() == "jax":
-                self._captioner = Captioner(self.model, tokenizer)
-            return self._captioner
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self.started = time.time()
-
-        def _val_bleu(self) -> float | None:
-            if val_sample is None:
-                return None
-            feats, refs = val_sample
-            caps = self._get_captioner().caption_features(feats)
-            hyps = {name: c[0].text for name, c in zip(refs, caps, strict=True)}
-            return corpus_bleu_scores(refs, hyps)["BLEU-4"]
-
-        def on_epoch_end(self, epoch, logs=None):
-            logs = logs if logs is not None else {}
-            bleu = self._val_bleu()
-            if bleu is not None:
-                logs["val_bleu4"] = bleu
-            lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-            row = {"epoch": epoch + 1, "loss": logs.get("loss"), "val_loss": logs.get("val_loss"),
-                   "xent": logs.get(XENT), "val_xent": logs.get(f"val_{XENT}"), "val_bleu4": bleu, "learning_rate": lr, "seconds": round(time.time() - self.started, 2)}
-            self.rows = [r for r in self.rows if r["epoch"] < epoch + 1] + [row]
-            self._select_best(epoch, logs, bleu)
-            self._plateau(logs)
-            self._early_stop(logs)
-            self._save(epoch)
-
-        def _select_best(self, epoch, logs, bleu):
-            score = bleu if bleu is not None else -float(logs.get("loss", math.inf))
-            if score > self.state["best_bleu"]:
-                self.state["best_bleu"] = score
-                self.state["best_epoch"] = epoch + 1
-                save_decoder_weights(self.model, run / BEST_WEIGHTS)
-
-        def _plateau(self, logs):
-            if config.schedule != "plateau" or "val_loss" not in logs:
-                return
-            if logs["val_loss"] < self.state["plateau_best"] - 1e-4:
-                self.state["plateau_best"], self.state["plateau_wait"] = logs["val_loss"], 0
-                return
-            self.state["plateau_wait"] += 1
-            if self.state["plateau_wait"] >= config.plateau_patience:
-                opt = self.model.optimizer
-                new = max(float(opt.learning_rate) * config.plateau_factor, config.min_learning_rate)
-                opt.learning_rate.assign(new)
-                self.state["plateau_wait"] = 0
-
-        def _early_stop(self, logs):
-            if config.patience <= 0 or "val_loss" not in logs:
-                return
-            if logs["val_loss"] < self.state["best_val_loss"] - 1e-4:
-                self.state["best_val_loss"], self.state["wait"] = logs["val_loss"], 0
-            else:
-                self.state["wait"] += 1
-                if self.state["wait"] >= config.patience:
-                    self.state["stopped_early"] = True
-                    self.model.stop_training = True
-
-        def _save(self, epoch):
-            save_decoder_weights(self.model, run / LAST_WEIGHTS)
-            keep = run / "checkpoints"
-            keep.mkdir(exist_ok=True)
-            save_decoder_weights(self.model, keep / f"epoch-{epoch + 1:03d}.weights.h5")
-            for old in sorted(keep.glob("epoch-*.weights.h5"))[:-max(config.keep_checkpoints, 1)]:
-                old.unlink()
-            _write_history(run / HISTORY, self.rows)
-            save_checkpoint(run / CHECKPOINT, self.model, epoch + 1, self.state)
-            try:
-                from captioner.figures import save_training_curves
-
-                save_training_curves(self.rows, run / "curves.png")
-            except OSError:
-                pass
-
-    return RunMonitor()
 
 
 # --------------------------------------------------------------------------- schedule
@@ -351,35 +126,46 @@ def learning_rate(config: TrainConfig, steps_per_epoch: int):
 # --------------------------------------------------------------------------- train
 
 
-def _resolve_config(config: TrainConfig, resume: bool) -> tuple[TrainConfig, dict | None]:
-    """The config to run (a resumed run's own, with the new --epochs) and the saved one."""
+def _prepare_run(config: TrainConfig, resume: bool) -> tuple[Path, TrainConfig, RunConfig | None]:
+    """The run folder, the config to run and the saved one; creates nothing."""
     run = Path(config.out)
     if resume:
-        saved = read_run_config(run)
-        fields = {f.name for f in dataclasses.fields(TrainConfig)}
-        merged = TrainConfig(**{k: v for k, v in saved["training"].items() if k in fields})
-        merged.epochs = config.epochs  # resuming may extend the run
-        return merged, saved
-    for key in ("captions", "train_features", "val_features"):
-        if getattr(config, key):
-            setattr(config, key, str(Path(getattr(config, key)).resolve()))
+        saved = RunConfig.load(run)
+        return run, _resumed(config, saved, run), saved
     if run.exists() and not run.is_dir():
         raise CaptionerError(f"--out {run} is a file; give a folder for the run")
     if (run / CONFIG_FILE).exists() and (run / CHECKPOINT).exists():
         raise CaptionerError(
             f"{run} already holds a run; pass --resume to continue it or choose another --out"
         )
-    return config, None
+    return run, config, None
 
 
-def _create_run(run: Path, saved: dict | None) -> None:
-    """Make the run folder (only once every check passed). A folder left by an attempt that
-    never finished an epoch (config but no checkpoint) is started again, not refused."""
+def _create_run(run: Path, saved: RunConfig | None) -> None:
+    """Make the run folder, only once every check passed. A folder left by an attempt that
+    never finished an epoch (a config but no checkpoint) is started again, not refused."""
     if saved is None and (run / CONFIG_FILE).exists():
         print(f"note: {run} holds no finished epoch; starting it again", file=sys.stderr)
         for name in (CONFIG_FILE, TOKENIZER_FILE, HISTORY):
             (run / name).unlink(missing_ok=True)
     run.mkdir(parents=True, exist_ok=True)
+
+
+def _resumed(config: TrainConfig, saved: RunConfig, run: Path) -> TrainConfig:
+    """The saved settings, the input files given now (else where the run found them) and the
+    requested number of epochs (resuming may extend a run)."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - set(PATH_FIELDS)
+    paths = {"out": str(run)}
+    for key in SOURCE_KEYS:
+        ref = saved.sources.get(key)
+        found = ref.locate(run) if ref else None
+        paths[key] = getattr(config, key) or (str(found) if found else None)
+        if ref and not paths[key]:
+            raise CaptionerError(f"{run} was trained on {ref.name}, which is no longer at "
+                                 f"{ref.path}; pass --{key.replace('_', '-')} to resume")
+    merged = TrainConfig(**paths, **{k: v for k, v in saved.training.items() if k in fields})
+    merged.epochs = config.epochs
+    return merged
 
 
 def _val_sample(config: TrainConfig):
@@ -397,22 +183,37 @@ def _val_sample(config: TrainConfig):
 
 
 def train(config: TrainConfig, resume: bool = False, verbose: int = 1) -> Path:
-    """Train (or resume) a run; returns the run folder. ``verbose``: 0 silent, else a bar
-    inside every epoch (on a terminal) and one line per epoch."""
+    """Train (or resume) a run; returns the run folder. ``verbose``: 0 silent, else a bar inside
+    every epoch (on a terminal) and one line per epoch. With ``mixed_precision`` the float16
+    policy holds for this call only."""
     import keras
 
+    previous = keras.config.dtype_policy()
+    try:
+        return _train(config, resume, verbose)
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def _train(config: TrainConfig, resume: bool, verbose: int) -> Path:
+    import keras
+
+    from captioner.checkpoints import WeightsExporter, load_checkpoint
     from captioner.data import CaptionDataset, EpochStream
-    from captioner.decoders import MaskedSparseCrossEntropy, build_decoder
+    from captioner.decoders import DECODERS, MaskedSparseCrossEntropy, build_decoder
+    from captioner.monitor import RunMonitor
     from captioner.tokenizer import Tokenizer
 
-    config, saved = _resolve_config(config, resume)
+    if config.decoder not in DECODERS:
+        raise CaptionerError(f"unknown decoder '{config.decoder}'; choose one of: "
+                             f"{', '.join(DECODERS)}")
+    run, config, saved = _prepare_run(config, resume)
     checks.train_config(config)
-    run = Path(config.out)
     train_reader, train_caps = _load_split(config.captions, config.train_features,
                                            config.max_train_images)
     val_reader, val_caps, val_sample = _val_sample(config)
     checks.features_fit(config.decoder, train_reader, val_reader)
-    _create_run(run, saved)
+    _create_run(run, saved)  # only now, when every check passed
     keras.utils.set_random_seed(config.seed)
     if config.mixed_precision:
         keras.config.set_dtype_policy("mixed_float16")
@@ -437,14 +238,15 @@ def train(config: TrainConfig, resume: bool = False, verbose: int = 1) -> Path:
         weighted_metrics=[keras.metrics.SparseCategoricalCrossentropy(name=XENT, from_logits=True)],
     )
     if saved is None:
-        _write_config(run, config, dec_config, train_reader.attrs, len(train_caps))
+        run_config(run, config, dec_config, train_reader.attrs, len(train_caps)).save(run)
     initial_epoch, monitor_state = 0, {}
     if resume and (run / CHECKPOINT).is_file():
         initial_epoch, monitor_state = load_checkpoint(run / CHECKPOINT, model)
     if monitor_state.get("stopped_early") or initial_epoch >= config.epochs:
         return run
     stream = EpochStream(train_ds, start_epoch=initial_epoch)
-    callbacks = [_make_monitor(config, run, val_sample, tokenizer, monitor_state)]
+    exporter = WeightsExporter(config.decoder, dec_config)
+    callbacks = [RunMonitor(config, run, val_sample, tokenizer, monitor_state, exporter)]
     callbacks += _tensorboard(run)
     if verbose:
         from captioner.progress import epoch_progress
@@ -462,33 +264,25 @@ def _tensorboard(run: Path) -> list:
 
     if keras.backend.backend() != "tensorflow" or not importlib.util.find_spec("tensorboard"):
         return []
-    return [keras.callbacks.TensorBoard(log_dir=str(run / "logs"), write_graph=False)]
+    return [keras.callbacks.TensorBoard(log_dir=str(run / LOGS_DIR), write_graph=False)]
 
 
-def _write_config(run: Path, config: TrainConfig, dec_config: dict, attrs: dict, n_images: int) -> None:
+def run_config(run: Path, config: TrainConfig, dec_config: dict, attrs: dict,
+               n_images: int) -> RunConfig:
+    """The RunConfig of a new run: settings, decoder, the cache's encoder and input provenance."""
     from captioner.captions import DEFAULT_RULES
 
-    payload = {
-        "format": RUN_FORMAT,
-        "version": 1,
-        "decoder": {"kind": config.decoder, "config": dec_config},
-        "encoder": encoder_from_cache(attrs),
-        "cleaning": DEFAULT_RULES.to_dict(),
-        "training": dataclasses.asdict(config),
-        "train_images": n_images,
-        "seed": config.seed,
-        "versions": versions(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    tmp = run / (CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=json_default))
-    os.replace(tmp, run / CONFIG_FILE)
-
-
-def json_default(value: Any) -> Any:
-    """JSON for numpy scalars and arrays (anything else as its string)."""
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in PATH_FIELDS}
+    sources = {k: FileRef.of(getattr(config, k), run) if getattr(config, k) else None
+               for k in SOURCE_KEYS}
+    return RunConfig(
+        encoder=EncoderInfo.from_cache(attrs),
+        decoder=DecoderInfo(config.decoder, dec_config),
+        training=settings,
+        cleaning=DEFAULT_RULES.to_dict(),
+        sources=sources,
+        preset=config.preset,
+        train_images=n_images,
+        seed=config.seed,
+        versions=versions(),
+    )

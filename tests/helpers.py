@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from captioner.features import FeatureReader, FeatureWriter
+from captioner.cache import FeatureReader, FeatureWriter
 
 WORDS = ["dog", "cat", "runs", "sits", "on", "grass", "the", "red", "ball", "blue", "sofa", "jumps"]
 

@@ -12,8 +12,8 @@ from helpers import toy_dataset
 from PIL import Image
 
 from captioner import figures
+from captioner.cache import open_features
 from captioner.cli import main
-from captioner.features import open_features
 from captioner.inference import Captioner
 from captioner.training import TrainConfig, train
 

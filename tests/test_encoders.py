@@ -15,7 +15,7 @@ from conftest import FLICKR_IMAGES, needs_flickr, needs_mobilenet
 
 from captioner import encoders as E
 from captioner.errors import WeightsError
-from captioner.layers import Preprocess
+from captioner.layers import Preprocess, preprocess_array
 
 
 def _randomize(model, seed: int = 0) -> None:
@@ -224,7 +224,7 @@ def test_feature_model_json_round_trip_keeps_preprocessing(tmp_path):
 def test_preprocessing_matches_keras(mode, fn):
     x = np.random.default_rng(9).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
     expected = fn(x.copy())
-    np.testing.assert_allclose(E.preprocess_array(x, mode), expected, atol=1e-4)
+    np.testing.assert_allclose(preprocess_array(x, mode), expected, atol=1e-4)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(Preprocess(mode)(x)), expected, atol=1e-4)
 
 

@@ -14,12 +14,12 @@ from helpers import WORDS, toy_dataset, write_cache
 from PIL import Image
 
 from captioner import metrics
+from captioner.cache import open_features
 from captioner.cli import main
 from captioner.errors import CaptionerError
 from captioner.evaluation import Decoding, evaluate
-from captioner.features import open_features
 from captioner.inference import Captioner
-from captioner.report import write_report
+from captioner.report import build_payload, write_report
 from captioner.training import TrainConfig, train
 
 TINY = dict(
@@ -124,7 +124,7 @@ def test_references_equal_to_the_captions_score_one(toy, tmp_path):
         assert section.scores[key] == 1.0
     assert section.scores["ROUGE-L"] == pytest.approx(1.0, abs=1e-12)
     assert result.references == {n: [t] for n, t in generated.items()}
-    data = result.to_json()
+    data = build_payload(result)
     assert data["images"][0] == {
         "image": toy.names[0],
         "caption": generated[toy.names[0]],
@@ -236,7 +236,7 @@ def test_images_mode_runs_the_encoder_and_skips_unreadable_images(toy, tmp_path,
 
 @needs_mobilenet
 def test_images_mode_with_the_real_encoder_matches_its_feature_cache(tmp_path):
-    from captioner.features import extract_with_spec
+    from captioner.extraction import extract_with_spec
 
     names = [f"img{i:03d}.jpg" for i in range(6)]
     folder = tmp_path / "images"
@@ -394,9 +394,9 @@ def test_cli_usage_errors(toy, tmp_path, capsys, extra, message):
 
 
 def test_cli_without_a_bundled_model(toy, tmp_path, capsys, monkeypatch):
-    import captioner.inference
+    import captioner.runs
 
-    monkeypatch.setattr(captioner.inference, "DEFAULT_RUN", tmp_path / "nothing")
+    monkeypatch.setattr(captioner.runs, "DEFAULT_RUN", tmp_path / "nothing")
     assert (
         main(
             [

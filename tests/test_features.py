@@ -1,4 +1,4 @@
-"""captioner.features and `captioner extract`: the crash-safe, resumable HDF5 feature cache."""
+"""captioner.cache, captioner.extraction and `captioner extract`: the crash-safe, resumable HDF5 feature cache."""
 
 from __future__ import annotations
 
@@ -17,20 +17,19 @@ from conftest import FLICKR_IMAGES, needs_flickr, needs_mobilenet
 from PIL import Image
 
 from captioner import encoders
-from captioner.cli import main as cli_main
-from captioner.encoders import EncoderSpec, FeatureLayer
-from captioner.errors import CacheMismatchError, CaptionerError, ImageError
-from captioner.features import (
+from captioner.cache import (
     DONE,
     FAILED,
     PENDING,
     FeatureReader,
     FeatureWriter,
     MissingFeaturesError,
-    extract,
-    extract_with_spec,
     open_features,
 )
+from captioner.cli import main as cli_main
+from captioner.encoders import EncoderSpec, FeatureLayer
+from captioner.errors import CacheMismatchError, CaptionerError, ImageError
+from captioner.extraction import extract, extract_with_spec
 from captioner.images import load_image
 
 TESTS = Path(__file__).resolve().parent
@@ -341,7 +340,7 @@ def test_every_bad_image_kind_recorded_while_good_ones_extract(tmp_path, tiny_mo
 
 
 def test_unexpected_decoder_error_is_a_failure_not_a_crash(tmp_path, tiny_model, monkeypatch):
-    from captioner import features
+    from captioner import extraction
 
     paths = make_images(tmp_path / "imgs", 4)
 
@@ -350,7 +349,7 @@ def test_unexpected_decoder_error_is_a_failure_not_a_crash(tmp_path, tiny_model,
             raise RuntimeError("decoder bug")
         return load_image(path, **kwargs)
 
-    monkeypatch.setattr(features, "load_image", flaky)
+    monkeypatch.setattr(extraction, "load_image", flaky)
     summary = run_tiny(paths, tmp_path / "new" / "dir" / "f.h5", tiny_model)  # folders made
     assert summary.done == 3
     assert summary.failed == {"img01.png": "unexpected error (RuntimeError: decoder bug)"}
@@ -431,8 +430,9 @@ def test_cli_mismatch_is_a_clean_error(tmp_path, tiny_encoder, capsys):
 
 
 def test_cli_choices_match_the_library():
+    from captioner.cache import DTYPES
     from captioner.commands import extract as command
-    from captioner.features import DTYPES, MIXED_PRECISION
+    from captioner.extraction import MIXED_PRECISION
     from captioner.images import RESAMPLE
 
     assert command.DTYPES == DTYPES and command.MIXED_PRECISION == MIXED_PRECISION
@@ -445,7 +445,7 @@ KILLABLE = """
 import sys, time
 sys.path.insert(0, {tests!r})
 from test_features import register_tiny
-from captioner.features import FeatureWriter
+from captioner.cache import FeatureWriter
 
 register_tiny()
 delay = float(sys.argv[1])

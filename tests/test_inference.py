@@ -9,7 +9,8 @@ import pytest
 
 from captioner.decoders import build_decoder
 from captioner.errors import CaptionerError
-from captioner.inference import Captioner, read_run_config
+from captioner.inference import Captioner
+from captioner.runs import RunConfig
 from captioner.tokenizer import END, PAD, START, UNK, Tokenizer
 
 
@@ -50,10 +51,10 @@ def test_reserved_ids_are_never_generated():
 
 def test_run_config_errors(tmp_path):
     with pytest.raises(CaptionerError, match="not a captioner run folder"):
-        read_run_config(tmp_path)
+        RunConfig.load(tmp_path)
     (tmp_path / "config.json").write_text("{broken")
     with pytest.raises(CaptionerError, match="not valid JSON"):
-        read_run_config(tmp_path)
+        RunConfig.load(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(CaptionerError, match="not a captioner run config"):
-        read_run_config(tmp_path)
+        RunConfig.load(tmp_path)

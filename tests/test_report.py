@@ -16,11 +16,11 @@ import pytest
 from conftest import ROOT
 from PIL import Image
 
+from captioner.decoding import Caption
 from captioner.evaluation import (
     AttentionMap,
     Decoding,
     EvaluationResult,
-    Generated,
     Section,
     score_section,
 )
@@ -33,6 +33,7 @@ from captioner.report import (
     render_markdown,
     write_report,
 )
+from captioner.runs import DecoderInfo, EncoderInfo, RunConfig
 
 REFS = {
     "a.jpg": ["a dog runs on the grass", "the dog runs on grass"],
@@ -49,17 +50,12 @@ BEAM = {
     "b.jpg": "a cat on a sofa",
     "c.jpg": "kids play in a pool",
 }
-CONFIG = {
-    "format": "captioner.run",
-    "decoder": {"kind": "merge", "config": {}},
-    "encoder": {"name": "tiny", "layer": "pool"},
-    "cleaning": {},
-}
+CONFIG = RunConfig(EncoderInfo("tiny", "pool"), DecoderInfo("merge", {"vocab_size": 9, "max_length": 5}))
 CHECK_SCRIPT = ROOT / "scripts" / "check_report_html.py"
 
 
 def _section(beam: int, hyps: dict[str, str], refs: dict[str, list[str]], meteor=None) -> Section:
-    caps = {n: Generated(t, tuple(range(len(t.split()))), -1.5, True) for n, t in hyps.items()}
+    caps = {n: Caption(tuple(range(len(t.split()))), -1.5, -1.5, True, t) for n, t in hyps.items()}
     section = Section(Decoding(beam_size=beam), caps, caption_seconds=0.5)
     score_section(section, refs)
     if meteor is not None:
@@ -180,7 +176,8 @@ def test_json_holds_every_number_as_computed_by_the_metrics(tmp_path):
     assert data["timings"] == {**data["sections"][0]["timings"], "features_s": 0.25}
     assert data["timings"]["images_per_s"] == pytest.approx(3 / 0.5)
     assert data["skipped"] == {"gone.jpg": "no reference captions"}
-    assert data["run_config"] == CONFIG and data["versions"]["keras"]
+    assert data["run_config"] == json.loads(json.dumps(CONFIG.to_dict()))
+    assert data["run_config"]["format"] == "captioner.run" and data["versions"]["keras"]
 
 
 def test_json_images_list_scored_strings_and_per_image_scores(tmp_path):

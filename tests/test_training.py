@@ -16,9 +16,9 @@ import pytest
 from conftest import FLICKR_IMAGES, FLICKR_TEXT, ROOT, needs_flickr, needs_mobilenet
 from helpers import toy_dataset
 
+from captioner.cache import open_features
 from captioner.cli import main
 from captioner.errors import CaptionerError
-from captioner.features import open_features
 from captioner.inference import Captioner
 from captioner.training import TrainConfig, train
 
@@ -148,7 +148,7 @@ def test_one_short_epoch_on_real_flickr8k_captions_lowers_the_loss(tmp_path):
     from captioner.captions import clean_captions, load_captions, load_split
     from captioner.data import CaptionDataset
     from captioner.decoders import MaskedSparseCrossEntropy
-    from captioner.features import extract_with_spec
+    from captioner.extraction import extract_with_spec
     from captioner.tokenizer import Tokenizer
 
     names = load_split(FLICKR_TEXT / "Flickr_8k.trainImages.txt")[:100]
@@ -170,7 +170,7 @@ def test_one_short_epoch_on_real_flickr8k_captions_lowers_the_loss(tmp_path):
     after = float(loss(tokens_out, captioner.decoder((feats, tokens_in)), sample_weight=weights))
     from captioner.decoders import build_decoder
 
-    fresh = build_decoder("merge", **captioner.config["decoder"]["config"])
+    fresh = build_decoder("merge", **captioner.config.decoder.config)
     before = float(loss(tokens_out, fresh((feats, tokens_in)), sample_weight=weights))
     assert len(data.tokens) == 500
     assert before == pytest.approx(np.log(tokenizer.vocab_size), rel=0.05)  # uniform guess

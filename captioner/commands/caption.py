@@ -110,7 +110,8 @@ def _check(args: argparse.Namespace) -> None:
 def run_caption(args: argparse.Namespace) -> int:
     """Handler of ``captioner caption``."""
     from captioner.errors import CaptionerError
-    from captioner.inference import DEFAULT_RUN, Captioner
+    from captioner.inference import Captioner
+    from captioner.runs import DEFAULT_RUN
 
     _check(args)
     model_dir = Path(args.model) if args.model else DEFAULT_RUN

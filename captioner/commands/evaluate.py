@@ -135,8 +135,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     """Evaluate, write the report, print the summary table."""
     from captioner.errors import CaptionerError
     from captioner.evaluation import Decoding, evaluate
-    from captioner.inference import CONFIG_FILE, DEFAULT_RUN
-    from captioner.report import format_table, write_report
+    from captioner.report import build_payload, format_table, write_report
+    from captioner.runs import CONFIG_FILE, DEFAULT_RUN
 
     model = args.model
     if model is None:
@@ -172,7 +172,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         args.report, result, gallery=args.gallery, thumbnail_size=args.thumbnail_size
     )
     if not args.quiet:
-        print(format_table(result.to_json()))
+        print(format_table(build_payload(result)))
         if result.skipped:
             print(f"{len(result.skipped)} image(s) skipped (see report.json 'skipped')")
     print(f"report: {paths['html']}", file=sys.stdout)

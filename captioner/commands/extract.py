@@ -140,14 +140,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="use only the first N images of SOURCE (quick trials), e.g. --limit 100",
     )
-    p.add_argument("more_sources", nargs="*", help=argparse.SUPPRESS)
     p.set_defaults(handler=run_extract)
 
 
 def run_extract(args: argparse.Namespace) -> int:
     """Handler of ``captioner extract``; returns the exit status."""
     from captioner import checks
-    from captioner.features import extract_with_spec
+    from captioner.extraction import extract_with_spec
     from captioner.images import list_images
 
     checks.no_extra_sources(args.more_sources, args.source)

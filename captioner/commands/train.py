@@ -20,7 +20,7 @@ Which images belong to a split is read from the feature files' image names.
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``captioner train``."""
-    from captioner.training import DECODERS, SCHEDULES, TrainConfig
+    from captioner.training import SCHEDULES, TrainConfig
 
     d = TrainConfig("", "", "")
     p = sub.add_parser(
@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-features", metavar="H5", help="feature cache of the training images")
     p.add_argument("--val-features", metavar="H5",
                    help="feature cache of the validation images (val loss, BLEU-4, early stopping)")
-    p.add_argument("--decoder", choices=DECODERS, default=d.decoder,
+    p.add_argument("--decoder", metavar="KIND", default=d.decoder,
                    help="merge (classic tutorial), inject (Show and Tell) or attention (Show, "
                    "Attend and Tell; needs --layer conv features). Default: %(default)s")
     p.add_argument("--epochs", type=int, default=d.epochs, help="total epochs (default %(default)s)")

@@ -1,4 +1,5 @@
-"""Stage 2: the resumable HDF5 feature cache and the extraction loop that fills it.
+"""Stage 2: the resumable HDF5 feature cache (storage, integrity, resume); the extraction
+loop that fills it is :mod:`captioner.extraction`.
 
 One file holds the features of one (encoder, layer, weights, preprocessing, input size,
 resampling) combination for a list of images. Layout::
@@ -23,32 +24,21 @@ power cut cannot mark unwritten rows done either.
 When a run asks for images the file does not hold, a new file holding the **union** (the old
 names first, in their old rows, then the new ones) is built beside it, the old rows are copied
 over, and it replaces the old file; so ``extract train.txt`` then ``extract test.txt`` into the
-same ``--out`` gives one cache holding both splits.
-
-Keras is imported inside functions only.
+same ``--out`` gives one cache holding both splits. No Keras here.
 """
 
 from __future__ import annotations
 
 import os
-import sys
-import time
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from functools import partial
-from itertools import islice
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
-from captioner import __version__
-from captioner.errors import CacheMismatchError, CaptionerError, ImageError
-from captioner.images import DEFAULT_MAX_PIXELS, load_image
-from captioner.progress import progress as progress_bar
+from captioner.errors import CacheMismatchError, CaptionerError
+from captioner.files import atomic_path, fsync_dir
 
 FORMAT_VERSION = 1
 PENDING, DONE, FAILED = 0, 1, 2
@@ -58,7 +48,6 @@ CHUNK_BYTES = 1 << 16  # target size of one features chunk
 STATUS_CHUNK = 4096
 TEXT_CHUNK = 512
 COPY_ROWS = 1024  # rows per block when copying a cache into a bigger one
-PREFETCH_BATCHES = 2  # decoded batches kept ready while the model runs
 DTYPES = ("float32", "float16")
 
 
@@ -90,7 +79,7 @@ def _fit_bytes(text: str, size: int) -> bytes:
     return text.encode("utf-8")[:size].decode("utf-8", "ignore").encode("utf-8")
 
 
-def _differences(found: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+def differences(found: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     """One "key: file has X, expected Y" line per key of ``wanted`` that ``found`` differs on."""
     lines = []
     for key, value in wanted.items():
@@ -100,7 +89,7 @@ def _differences(found: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _mismatch(path: Path, lines: list[str]) -> CacheMismatchError:
+def mismatch(path: Path, lines: list[str]) -> CacheMismatchError:
     return CacheMismatchError(
         f"{path} was made with other settings ({'; '.join(lines)}). Use another --out file, "
         "or delete this one to re-extract."
@@ -116,21 +105,8 @@ def _runs(indices: Sequence[int]) -> Iterator[tuple[int, int, int]]:
             start = k
 
 
-def _temp_path(path: Path) -> Path:
-    return path.with_name(f".{path.stem}.{os.getpid()}.h5.tmp")
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def _temp_path(path: Path, kind: str) -> Path:
+    return path.with_name(f".{path.stem}.{os.getpid()}.{kind}.h5.tmp")
 
 
 # --------------------------------------------------------------------------- reader
@@ -173,8 +149,8 @@ class FeatureReader:
                 f"{self.path} has format version {self.attrs['format_version']}; this captioner "
                 f"reads up to {FORMAT_VERSION}. Upgrade captioner or re-extract."
             )
-        if expect and (lines := _differences(self.attrs, expect)):
-            raise _mismatch(self.path, lines)
+        if expect and (lines := differences(self.attrs, expect)):
+            raise mismatch(self.path, lines)
         self.names: list[str] = [n.decode("utf-8") for n in f["names"][()]]
         self._index = {n: i for i, n in enumerate(self.names)}
         self._status = np.asarray(f["status"][()])
@@ -320,29 +296,17 @@ class FeatureWriter:
         name_dtype = h5py.string_dtype("utf-8", max(1, max(map(len, encoded))))
         error_dtype = h5py.string_dtype("utf-8", ERROR_BYTES)
         row_bytes = int(np.prod(feature_shape)) * np.dtype(dtype).itemsize
-        tmp = _temp_path(path)
-        try:
-            with h5py.File(tmp, "w") as f:  # default libver: earliest, no consistency flags
-                _create_dataset(
-                    f,
-                    "features",
-                    (n, *feature_shape),
-                    np.dtype(dtype),
-                    CHUNK_BYTES // max(1, row_bytes),
-                    fill=False,
-                )
-                _create_dataset(f, "names", (n,), name_dtype, TEXT_CHUNK, fill=True)
-                _create_dataset(f, "status", (n,), np.dtype(np.uint8), STATUS_CHUNK, fill=True)
-                _create_dataset(f, "errors", (n,), error_dtype, TEXT_CHUNK, fill=True)
-                f["names"][:] = np.array(encoded, dtype=name_dtype)
-                for key, value in attrs.items():
-                    f.attrs[key] = value
-                f.flush()
-                os.fsync(f.id.get_vfd_handle())
-            os.replace(tmp, path)
-            _fsync_dir(path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        feature_rows = CHUNK_BYTES // max(1, row_bytes)
+        # atomic_path flushes the file and its folder entry before and after the rename
+        with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:  # libver earliest: no flags
+            _create_dataset(f, "features", (n, *feature_shape), np.dtype(dtype), feature_rows,
+                            fill=False)
+            _create_dataset(f, "names", (n,), name_dtype, TEXT_CHUNK, fill=True)
+            _create_dataset(f, "status", (n,), np.dtype(np.uint8), STATUS_CHUNK, fill=True)
+            _create_dataset(f, "errors", (n,), error_dtype, TEXT_CHUNK, fill=True)
+            f["names"][:] = np.array(encoded, dtype=name_dtype)
+            for key, value in attrs.items():
+                f.attrs[key] = value
         return path
 
     def commit(self, rows: Sequence[int], features: np.ndarray, failed: dict[int, str]) -> None:
@@ -393,78 +357,25 @@ class FeatureWriter:
         self.close()
 
 
-# --------------------------------------------------------------------------- extraction
+# --------------------------------------------------------------------------- resume
 
 
-@dataclass
-class ExtractSummary:
-    """What one :func:`extract` run did."""
-
-    out: Path
-    requested: int
-    done: int = 0  # extracted by this run
-    skipped: int = 0  # already done before this run
-    failed: dict[str, str] = field(default_factory=dict)  # name -> reason, after this run
-    previously_failed: int = 0  # failed earlier and not retried (see --retry-failed)
-    seconds: float = 0.0
-
-    @property
-    def images_per_s(self) -> float:
-        return self.done / self.seconds if self.seconds > 0 else 0.0
-
-    def line(self) -> str:
-        """One-line human summary."""
-        text = (
-            f"extracted {self.done}, skipped {self.skipped} (already in the cache), "
-            f"failed {len(self.failed)}"
-        )
-        if self.previously_failed:
-            text += f" ({self.previously_failed} in an earlier run; --retry-failed retries them)"
-        return text + f" in {self.seconds:.1f} s ({self.images_per_s:.1f} images/s) -> {self.out}"
-
-
-@dataclass(frozen=True)
-class _Item:
-    row: int
-    name: str
-    path: Path
-
-
-def _feature_shape(model) -> tuple[int, ...]:
-    shape = tuple(model.output.shape[1:])
-    if not all(isinstance(d, int) for d in shape):
-        raise CaptionerError(
-            f"model {model.name} has an output of unknown shape {shape}; give it a fixed input size."
-        )
-    return shape
-
-
-def _check_names(names: Sequence[str]) -> None:
-    seen: dict[str, int] = {}
-    for i, name in enumerate(names):
-        if name in seen:
-            raise CaptionerError(
-                f"image name {name!r} appears twice (items {seen[name] + 1} and {i + 1}); "
-                "names identify rows of the cache, so they must be unique."
-            )
-        seen[name] = i
-
-
-def _prepare(
+def prepare(
     out: Path, names: list[str], compare: dict[str, Any]
 ) -> tuple[dict[str, int], np.ndarray, dict[str, str], tuple[int, ...]] | None:
-    """Check an existing cache and grow it to hold ``names``; None when there is no file yet.
+    """Check an existing cache against ``compare`` and grow it to hold ``names`` (a new file
+    holding the union replaces it); None when there is no file yet.
 
     Returns (row of each file name, status, failure reasons, feature shape).
     """
     if not out.exists():
         return None
     with FeatureReader(out) as reader:
-        if lines := _differences(reader.attrs, compare):
-            raise _mismatch(out, lines)
+        if lines := differences(reader.attrs, compare):
+            raise mismatch(out, lines)
         new = [n for n in names if n not in reader._index]
         if new:
-            tmp = out.with_name(f".{out.stem}.{os.getpid()}.union.h5.tmp")
+            tmp = _temp_path(out, "union")
             try:
                 FeatureWriter.create(
                     tmp,
@@ -484,258 +395,5 @@ def _prepare(
         shape = reader.feature_shape
     if new:
         os.replace(tmp, out)
-        _fsync_dir(out)
+        fsync_dir(out)
     return {n: i for i, n in enumerate(all_names)}, status, failed, shape
-
-
-def _safe_load(
-    load: Callable[[Path], np.ndarray], path: Path
-) -> tuple[np.ndarray | None, str | None]:
-    """(image, None) or (None, reason): no single image may abort a run."""
-    try:
-        return load(path), None
-    except ImageError as exc:
-        return None, getattr(exc, "reason", str(exc))
-    except Exception as exc:  # a decoder bug or MemoryError on one file
-        return None, f"unexpected error ({type(exc).__name__}: {exc})"
-
-
-def _decoded(
-    items: Sequence[_Item], load: Callable[[Path], np.ndarray], workers: int, window: int
-) -> Iterator[tuple[_Item, np.ndarray | None, str | None]]:
-    """Decode ``items`` in order with ``workers`` threads, at most ``window`` images ahead."""
-    if workers <= 0:
-        for item in items:
-            yield (item, *_safe_load(load, item.path))
-        return
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="captioner-decode")
-    queue: deque[tuple[_Item, Future]] = deque()
-    it = iter(items)
-    try:
-        for item in islice(it, window):
-            queue.append((item, pool.submit(_safe_load, load, item.path)))
-        while queue:
-            item, fut = queue.popleft()
-            if (nxt := next(it, None)) is not None:
-                queue.append((nxt, pool.submit(_safe_load, load, nxt.path)))
-            yield (item, *fut.result())
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _batches(
-    decoded: Iterator[tuple[_Item, np.ndarray | None, str | None]], batch_size: int
-) -> Iterator[tuple[list[_Item], list[np.ndarray], list[tuple[_Item, str]]]]:
-    """Group good images into batches of ``batch_size``; failures ride along with the next one."""
-    items: list[_Item] = []
-    images: list[np.ndarray] = []
-    failed: list[tuple[_Item, str]] = []
-    for item, image, reason in decoded:
-        if image is None:
-            failed.append((item, reason or "unknown error"))
-        else:
-            items.append(item)
-            images.append(image)
-        if len(items) == batch_size:
-            yield items, images, failed
-            items, images, failed = [], [], []
-    if items or failed:
-        yield items, images, failed
-
-
-def extract(
-    paths: Sequence[str | os.PathLike],
-    out: str | os.PathLike,
-    *,
-    model: Any,
-    identity: dict[str, Any],
-    input_size: tuple[int, int],
-    names: Sequence[str] | None = None,
-    batch_size: int = 32,
-    workers: int = 4,
-    dtype: str = "float32",
-    resample: str = "bilinear",
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    strict: bool = False,
-    retry_failed: bool = False,
-    progress: bool = True,
-) -> ExtractSummary:
-    """Run ``model`` over the images at ``paths`` into the cache ``out``; resumable.
-
-    ``model`` maps RGB batches (B, H, W, 3) in [0, 255] to features (a Keras model, or a
-    zero-argument callable building one: it is then only built if there is work to do).
-    ``identity``: attributes naming the encoder (encoder, layer, weights, preprocessing, ...);
-    an existing ``out`` made with other values is refused with :class:`CacheMismatchError`.
-    ``input_size`` is (height, width). ``names`` default to the file names of ``paths``.
-    Images already done are skipped, failed ones are retried only with ``retry_failed``.
-    Bad images are recorded as failed and never stop the run; ``strict`` raises
-    :class:`ImageError` at the end if any requested image has no features.
-    """
-    start = time.perf_counter()
-    out = Path(out)
-    paths = [Path(p) for p in paths]
-    names = [p.name for p in paths] if names is None else list(names)
-    if len(names) != len(paths):
-        raise ValueError("names and paths must have the same length")
-    if not paths:
-        raise CaptionerError("no images to extract.")
-    if dtype not in DTYPES:
-        raise CaptionerError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}.")
-    if batch_size < 1:
-        raise CaptionerError(f"--batch-size must be at least 1, not {batch_size}.")
-    _check_names(names)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    settings = {
-        "format_version": FORMAT_VERSION,
-        "input_size": tuple(int(v) for v in input_size),
-        "resample": resample,
-        "jpeg_draft": True,
-        "dtype": dtype,
-    }
-    compare = {**identity, **settings}
-    state = _prepare(out, names, compare)
-    if state is None:
-        rows, status, old_failed = (
-            {n: i for i, n in enumerate(names)},
-            np.zeros(len(names), np.uint8),
-            {},
-        )
-    else:
-        rows, status, old_failed, _ = state
-    summary = ExtractSummary(out=out, requested=len(names))
-    todo: list[_Item] = []
-    for name, path in zip(names, paths, strict=True):
-        row = rows[name]
-        if status[row] == DONE:
-            summary.skipped += 1
-        elif status[row] == FAILED and not retry_failed:
-            summary.previously_failed += 1
-            summary.failed[name] = old_failed.get(name, "")
-        else:
-            todo.append(_Item(row, name, path))
-    todo.sort(key=lambda item: item.row)
-    if todo:
-        model = model if hasattr(model, "predict_on_batch") else model()
-        shape = _feature_shape(model)
-        if state is None:
-            attrs = {**_environment(), **compare, "feature_shape": shape}
-            FeatureWriter.create(out, names, shape, dtype, attrs)
-        elif state[3] != shape:
-            raise _mismatch(out, [f"feature_shape: file has {state[3]}, expected {shape}"])
-        load = partial(
-            load_image, size=settings["input_size"], resample=resample, max_pixels=max_pixels
-        )
-        with FeatureWriter(out) as writer:
-            _run(todo, writer, model, load, batch_size, workers, dtype, summary, progress)
-    summary.seconds = time.perf_counter() - start
-    if strict and summary.failed:
-        shown = "; ".join(f"{n}: {r}" for n, r in islice(summary.failed.items(), 5))
-        raise ImageError(f"{len(summary.failed)} image(s) have no features in {out} ({shown}).")
-    return summary
-
-
-def _run(
-    todo: list[_Item],
-    writer: FeatureWriter,
-    model: Any,
-    load: Callable[[Path], np.ndarray],
-    batch_size: int,
-    workers: int,
-    dtype: str,
-    summary: ExtractSummary,
-    progress: bool,
-) -> None:
-    """Decode (threads), run the model on fixed-size batches, commit each batch."""
-    window = batch_size * (PREFETCH_BATCHES + 1)
-    decoded = _decoded(todo, load, workers, window)
-    bar = progress_bar(
-        total=len(todo),
-        desc=f"extract {writer.path.name}",
-        unit="img",
-        enabled=None if progress else False,
-    )
-    x: np.ndarray | None = None
-    with bar:
-        for items, images, failed in _batches(decoded, batch_size):
-            feats = np.empty((0,), dtype)
-            if items:
-                if x is None:
-                    x = np.zeros((batch_size, *images[0].shape), np.uint8)
-                x[: len(images)] = np.stack(images)
-                x[len(images) :] = 0  # padding keeps the batch shape fixed: no retracing
-                feats = np.asarray(model.predict_on_batch(x))[: len(items)].astype(dtype)
-            writer.commit([it.row for it in items], feats, {it.row: r for it, r in failed})
-            summary.done += len(items)
-            summary.failed.update({it.name: r for it, r in failed})
-            bar.update(len(items) + len(failed))
-            if summary.failed:
-                bar.set_postfix(failed=len(summary.failed), refresh=False)
-
-
-def _environment() -> dict[str, Any]:
-    """Library versions and backend recorded in a new cache (informational, not compared)."""
-    import keras
-    import PIL
-
-    return {
-        "backend": keras.backend.backend(),
-        "keras_version": keras.__version__,
-        "numpy_version": np.__version__,
-        "h5py_version": h5py.__version__,
-        "hdf5_version": h5py.version.hdf5_version,
-        "pillow_version": PIL.__version__,
-        "captioner_version": __version__,
-        "python_version": sys.version.split()[0],
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-
-
-MIXED_PRECISION = ("float16", "bfloat16")
-
-
-def extract_with_spec(
-    paths: Sequence[str | os.PathLike],
-    out: str | os.PathLike,
-    encoder: str = "vgg16",
-    layer: str | None = None,
-    weights: str | os.PathLike | None = "imagenet",
-    *,
-    mixed_precision: str | None = None,
-    **kwargs: Any,
-) -> ExtractSummary:
-    """:func:`extract` with a named encoder (see ``captioner.encoders.SPECS``).
-
-    The model (``spec.feature_model(layer, weights)``, preprocessing included) is only built
-    when some image still needs features. ``mixed_precision`` ("float16" or "bfloat16") builds
-    it under the ``mixed_*`` dtype policy (for GPUs); features are still stored as ``dtype``.
-    Other keyword arguments go to :func:`extract`.
-    """
-    from captioner.encoders import get_spec
-
-    spec = get_spec(encoder)
-    layer = layer or spec.default_layer
-    spec.layer(layer)  # an unknown layer fails here, before any work
-    if mixed_precision not in (None, *MIXED_PRECISION):
-        raise CaptionerError(
-            f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, not {mixed_precision!r}."
-        )
-    policy = f"mixed_{mixed_precision}" if mixed_precision else "float32"
-    identity = {
-        "encoder": spec.name,
-        "layer": layer,
-        "weights": spec.weights_identity(weights, layer),
-        "preprocessing": spec.preprocessing,
-        "compute_dtype": policy,
-    }
-
-    def build() -> Any:
-        import keras
-
-        previous = keras.config.dtype_policy()
-        keras.config.set_dtype_policy(policy)
-        try:
-            return spec.feature_model(layer, weights)
-        finally:
-            keras.config.set_dtype_policy(previous)
-
-    return extract(paths, out, model=build, identity=identity, input_size=spec.input_size, **kwargs)

@@ -1,0 +1,113 @@
+"""The run folder's weight files: ``checkpoint.h5`` (for ``--resume``) and decoder weights.
+
+``checkpoint.h5`` layout::
+
+    model/<key>       one dataset per model variable (dropout RNG states included)
+    optimizer/<key>   one dataset per optimizer variable
+    attrs             epoch (epochs done), monitor (JSON state of the training monitor),
+                      keyed_by = "path"
+
+A key is the variable's ``path`` with the names Keras numbers per process (the model's, the
+optimizer's, the seed generators') replaced by fixed ones, and ``/`` written as ``|``; so a
+checkpoint fits a model rebuilt in another process whatever else that process built.
+Checkpoints of captioner 0.1.0 stored variables by position (keys ``00000``, ...); they still
+load, by position.
+
+Decoder weights (``best``/``last``/per-epoch) are Keras ``.weights.h5`` files of the model
+alone, written through the public ``save_weights`` of an uncompiled copy, so the optimizer's
+slots stay out of them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from captioner.errors import CaptionerError
+from captioner.files import atomic_path
+
+GROUPS = ("model", "optimizer")
+
+
+def variable_keys(variables, model_name: str, optimizer_name: str) -> list[str]:
+    """Stable, unique keys of ``variables`` (see the module docstring)."""
+    keys, seeds = [], 0
+    for v in variables:
+        path = v.path
+        if path.split("/")[0].startswith("seed_generator"):
+            path, seeds = f"seed_generator/{seeds}", seeds + 1
+        else:
+            path = re.sub(rf"^{re.escape(optimizer_name)}/", "optimizer/", path)
+            path = re.sub(rf"(^|/){re.escape(model_name)}(?=[/_])", r"\1model", path)
+        keys.append(path.replace("/", "|"))
+    if len(set(keys)) != len(keys):
+        raise CaptionerError(f"variables of {model_name} do not have unique paths; cannot "
+                             "write a checkpoint keyed by path")
+    return keys
+
+
+def _grouped(model) -> dict[str, tuple[list, list[str]]]:
+    opt = model.optimizer
+    return {
+        group: (variables, variable_keys(variables, model.name, opt.name))
+        for group, variables in (("model", model.variables), ("optimizer", opt.variables))
+    }
+
+
+def save_checkpoint(path: Path, model, epoch: int, monitor_state: dict) -> None:
+    """All model and optimizer variables plus the monitor's state, written atomically."""
+    import h5py
+
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+        for group, (variables, keys) in _grouped(model).items():
+            g = h5.create_group(group)
+            for key, v in zip(keys, variables, strict=True):
+                g.create_dataset(key, data=np.asarray(v.numpy()))
+        h5.attrs["epoch"] = epoch
+        h5.attrs["monitor"] = json.dumps(monitor_state)
+        h5.attrs["keyed_by"] = "path"
+
+
+def load_checkpoint(path: Path, model) -> tuple[int, dict]:
+    """Restore what :func:`save_checkpoint` wrote; returns (epochs done, monitor state)."""
+    import h5py
+
+    model.optimizer.build(model.trainable_variables)
+    with h5py.File(path, "r") as h5:
+        by_path = h5.attrs.get("keyed_by") == "path"
+        for group, (variables, keys) in _grouped(model).items():
+            stored = h5[group]
+            if not by_path:  # captioner 0.1.0: by position
+                keys = [f"{i:05d}" for i in range(len(variables))]
+            missing = sorted(set(keys) - set(stored)) if by_path else []
+            if missing or len(stored) != len(variables):
+                raise CaptionerError(
+                    f"{path} does not match this model ({group} variables differ"
+                    f"{', e.g. ' + missing[0].replace('|', '/') if missing else ''}); "
+                    "resume with the options the run was started with"
+                )
+            for key, v in zip(keys, variables, strict=True):
+                v.assign(stored[key][()])
+        return int(h5.attrs["epoch"]), json.loads(h5.attrs["monitor"])
+
+
+class WeightsExporter:
+    """Writes a training model's weights without its optimizer, via public Keras APIs only:
+    the values are copied into an uncompiled twin built from the same config."""
+
+    def __init__(self, kind: str, config: dict):
+        self.kind, self.config = kind, config
+        self._twin = None
+
+    def save(self, model, path: Path) -> None:
+        """``model``'s weights as a Keras ``.weights.h5`` file at ``path`` (atomically)."""
+        from captioner.decoders import build_decoder
+
+        if self._twin is None:
+            self._twin = build_decoder(self.kind, **self.config)
+        self._twin.set_weights(model.get_weights())
+        with atomic_path(path, sync=False, suffix=".weights.h5") as tmp:
+            self._twin.save_weights(tmp)
