@@ -37,8 +37,8 @@ def beam_size(value: int, option: str = "--beam-size") -> None:
     """1 (greedy) .. :data:`MAX_BEAM_SIZE`."""
     if not 1 <= value <= MAX_BEAM_SIZE:
         raise CaptionerError(
-            f"{option} must be from 1 (greedy) to {MAX_BEAM_SIZE}, not {value}; widths above 5 "
-            "rarely change a caption (docs/RESULTS.md) and each one costs time and memory"
+            f"{option} must be at least 1 (greedy) and at most {MAX_BEAM_SIZE}, not {value}; "
+            "widths above 5 rarely change a caption (docs/RESULTS.md) and cost time and memory"
         )
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -258,8 +259,8 @@ def training_curves(rows: Sequence[Mapping[str, Any]]):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     if note:
-        fig.text(0.01, 0.01, note, fontsize=8, color="#444444", wrap=True)
-        fig.tight_layout(rect=(0, 0.07, 1, 1))
+        fig.text(0.01, 0.01, textwrap.fill(note, 150), fontsize=8.5, color="#444444")
+        fig.tight_layout(rect=(0, 0.09, 1, 1))
     else:
         fig.tight_layout()
     return fig

@@ -140,6 +140,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="use only the first N images of SOURCE (quick trials), e.g. --limit 100",
     )
+    p.add_argument("more_sources", nargs="*", help=argparse.SUPPRESS)
     p.set_defaults(handler=run_extract)
 
 
