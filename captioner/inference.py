@@ -69,8 +69,11 @@ class Captioner:
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.config = config
-        self._init = compile_function(lambda feats: decoder.init_state(feats))
-        self._step = compile_function(lambda tokens, state: _log_softmax_step(decoder, tokens, state))
+        self._eager_init = lambda feats: decoder.init_state(feats)
+        self._eager_step = lambda tokens, state: _log_softmax_step(decoder, tokens, state)
+        self._init = compile_function(self._eager_init)
+        self._step = compile_function(self._eager_step)
+        self._searched = False  # whether a batch was searched yet
         self._encoder = None
         self._encoded = False  # whether a batch went through the encoder yet
 
@@ -96,18 +99,29 @@ class Captioner:
 
     # ------------------------------------------------------------------ search
 
-    def step_function(self) -> Callable[[np.ndarray, Any], tuple[np.ndarray, Any]]:
-        """The numpy-in, numpy-out step the pure search drives."""
+    def step_function(self, eager: bool = False) -> Callable[[np.ndarray, Any], tuple[np.ndarray, Any]]:
+        """The numpy-in, numpy-out step the pure search drives (compiled unless ``eager``)."""
+        fn = self._eager_step if eager else self._step
 
         def step(tokens: np.ndarray, state):
-            log_probs, new_state = self._step(tokens.astype("int32"), state)
+            log_probs, new_state = fn(tokens.astype("int32"), state)
             return _to_numpy(log_probs), _to_numpy(new_state)
 
         return step
 
-    def initial_state(self, features: np.ndarray) -> dict[str, np.ndarray]:
+    def initial_state(self, features: np.ndarray, eager: bool = False) -> dict[str, np.ndarray]:
         """Decoder state for a batch of image features (B, *feature_shape)."""
-        return _to_numpy(self._init(np.asarray(features, dtype="float32")))
+        init = self._eager_init if eager else self._init
+        return _to_numpy(init(np.asarray(features, dtype="float32")))
+
+    def _eager_first(self, batch: int) -> bool:
+        """A first batch of one or two images is searched eagerly: tracing the compiled step
+        (about a second on a CPU) costs more than it saves on so few images."""
+        import keras
+
+        eager = not self._searched and batch <= 2 and keras.backend.backend() != "torch"
+        self._searched = True
+        return eager
 
     def search(
         self,
@@ -120,13 +134,14 @@ class Captioner:
     ) -> list[list[Hypothesis]]:
         """Hypotheses for one batch of features: greedy when ``beam_size == 1``."""
         max_length = max_length or self.tokenizer.max_length - 1
-        state = self.initial_state(features)
+        eager = self._eager_first(len(features))
+        state = self.initial_state(features, eager)
         common = dict(start_id=START, end_id=END, max_length=max_length,
                       block_ngram=block_ngram, banned_ids=(PAD, START, UNK))
         if beam_size == 1 and n_best == 1:
-            hyps = greedy_search(self.step_function(), state, len(features), **common)
+            hyps = greedy_search(self.step_function(eager), state, len(features), **common)
             return [[h] for h in hyps]
-        return beam_search(self.step_function(), state, len(features), beam_size=beam_size,
+        return beam_search(self.step_function(eager), state, len(features), beam_size=beam_size,
                            alpha=alpha, n_best=n_best, **common)
 
     def caption_features(
