@@ -7,8 +7,8 @@ module is cheap and the pyplot backend of a program that calls it is left alone.
 Attention: each word's weights (a ``grid`` of h x w cells over the encoder's input, which is the
 photo squashed to a square) are upsampled to the photo's size with bicubic interpolation,
 smoothed with a Gaussian about a third of a cell wide and drawn over the photo with the ``jet``
-colour map at partial opacity, on one scale for all words of a caption: red where the decoder
-looked hardest, blue where it did not look.
+colour map at partial opacity, stretched per word from its least (blue) to its most (red)
+attended spot, with the peak's ratio to an even spread written under each panel.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from PIL import Image
 
 PANEL_PIXELS = 256  # longest side of one attention panel's photo
 PANEL_INCHES = 2.4
+LABEL_INCHES = 0.6  # per panel row: the word above, the peak ratio below
 DPI = 100
 COLUMNS = 5
 HEAT_CMAP = "jet"
@@ -90,20 +91,26 @@ def _grid_weights(weights: np.ndarray, grid: tuple[int, int] | None) -> np.ndarr
     return weights.reshape(len(weights), *grid)
 
 
-def _panel(ax, photo: np.ndarray, title: str, mask: np.ndarray | None, top: float) -> None:
+def _panel(ax, photo: np.ndarray, title: str, mask: np.ndarray | None = None,
+           peak: float = 1.0) -> None:
+    """The photo, with ``mask`` as a heat overlay stretched from its least to its most attended
+    spot, titled with the word; below it ``peak``, the largest weight over an even spread's."""
     ax.imshow(photo, interpolation="bilinear")
     if mask is not None:
-        ax.imshow(mask, cmap=HEAT_CMAP, alpha=HEAT_OPACITY, vmin=0.0, vmax=top,
-                  interpolation="bilinear")
+        low, high = float(mask.min()), float(mask.max())
+        ax.imshow(mask, cmap=HEAT_CMAP, alpha=HEAT_OPACITY, vmin=low,
+                  vmax=high if high > low else low + 1e-9, interpolation="bilinear")
+        ax.text(0.5, -0.02, f"peak {peak:.2f}x even", transform=ax.transAxes,
+                ha="center", va="top", fontsize=8, color="#555555")
     ax.set_title(title, fontsize=12)
     ax.set_axis_off()
 
 
-def _masks(photo: np.ndarray, alphas: np.ndarray) -> tuple[list[np.ndarray], float]:
-    """Smooth masks at the photo's size and the colour scale's top (the strongest value)."""
+def _masks(photo: np.ndarray, alphas: np.ndarray) -> tuple[list[np.ndarray], list[float]]:
+    """Smooth masks (T, H, W) at the photo's size, and each word's largest weight over that
+    of an even spread (1 / cells; the raw weights, not the smoothed ones)."""
     masks = [upsample_attention(a, photo.shape[:2], scale=False) for a in alphas]
-    top = max((float(m.max()) for m in masks), default=0.0)
-    return masks, top if top > 0 else 1.0
+    return masks, [float(a.max()) * a.size for a in alphas]
 
 
 def attention_figure(image: Any, words: Sequence[str], weights: np.ndarray,
@@ -111,22 +118,24 @@ def attention_figure(image: Any, words: Sequence[str], weights: np.ndarray,
                      columns: int = COLUMNS):
     """A matplotlib ``Figure``: the photo, then one heat overlay per word titled with the word.
 
-    ``weights`` is (len(words), h, w) or (len(words), h*w). All panels share one colour
-    scale, from 0 to the strongest smoothed weight of any word: a word that looked at one spot
-    is red there, a word whose attention is spread out stays cool everywhere."""
+    ``weights`` is (len(words), h, w) or (len(words), h*w). Each word's colours run from its
+    least (blue) to its most attended spot (red), so the place it looked at shows even when the
+    attention is spread out; the number under each panel says how peaked it is (the largest
+    smoothed weight over that of an even spread, 1/cells)."""
     from matplotlib.figure import Figure
 
     photo = as_photo(image)
-    masks, top = _masks(photo, _grid_weights(weights, grid))
+    masks, peaks = _masks(photo, _grid_weights(weights, grid))
     if len(masks) != len(words):
         raise ValueError(f"{len(words)} words but {len(masks)} attention maps")
-    panels = [("(photo)", None)] + list(zip(words, masks, strict=True))
+    panels = [("(photo)", None, 1.0)] + list(zip(words, masks, peaks, strict=True))
     columns = max(1, min(columns, len(panels)))
     rows = -(-len(panels) // columns)
     aspect = photo.shape[0] / photo.shape[1]
-    fig = Figure(figsize=(columns * PANEL_INCHES, rows * (PANEL_INCHES * aspect + 0.45)), dpi=DPI)
-    for i, (title, mask) in enumerate(panels):
-        _panel(fig.add_subplot(rows, columns, i + 1), photo, title, mask, top)
+    fig = Figure(figsize=(columns * PANEL_INCHES, rows * (PANEL_INCHES * aspect + LABEL_INCHES)),
+                 dpi=DPI)
+    for i, (title, mask, peak) in enumerate(panels):
+        _panel(fig.add_subplot(rows, columns, i + 1), photo, title, mask, peak)
     if caption:
         fig.suptitle(caption, fontsize=13)
     fig.tight_layout()
@@ -134,17 +143,16 @@ def attention_figure(image: Any, words: Sequence[str], weights: np.ndarray,
 
 
 def word_overlay(image: Any, word: str, weights: np.ndarray,
-                 grid: tuple[int, int] | None = None, top: float | None = None):
-    """A one-panel ``Figure``: one word's heat overlay, titled with the word. The colour scale
-    runs from 0 to ``top`` (default: this word's strongest smoothed weight; pass a shared
-    value to compare words, e.g. :func:`colour_top` of the whole caption)."""
+                 grid: tuple[int, int] | None = None):
+    """A one-panel ``Figure``: one word's heat overlay (as in :func:`attention_figure`),
+    titled with the word; ``weights`` is (h, w) or (h*w,)."""
     from matplotlib.figure import Figure
 
     photo = as_photo(image)
-    masks, own_top = _masks(photo, _grid_weights(np.asarray(weights)[None], grid))
+    masks, peaks = _masks(photo, _grid_weights(np.asarray(weights)[None], grid))
     aspect = photo.shape[0] / photo.shape[1]
-    fig = Figure(figsize=(PANEL_INCHES * 1.5, PANEL_INCHES * 1.5 * aspect + 0.45), dpi=DPI)
-    _panel(fig.add_subplot(1, 1, 1), photo, word, masks[0], top or own_top)
+    fig = Figure(figsize=(PANEL_INCHES * 1.5, PANEL_INCHES * 1.5 * aspect + LABEL_INCHES), dpi=DPI)
+    _panel(fig.add_subplot(1, 1, 1), photo, word, masks[0], peaks[0])
     fig.tight_layout()
     return fig
 
@@ -170,14 +178,9 @@ def attention_strip_png(image: Any, words: Sequence[str], weights: np.ndarray,
 
 
 def word_overlay_png(image: Any, word: str, weights: np.ndarray,
-                     grid: tuple[int, int] | None = None, top: float | None = None) -> bytes:
+                     grid: tuple[int, int] | None = None) -> bytes:
     """PNG bytes of :func:`word_overlay` (one word's heat overlay)."""
-    return png_bytes(word_overlay(image, word, weights, grid, top))
-
-
-def colour_top(image: Any, weights: np.ndarray, grid: tuple[int, int] | None = None) -> float:
-    """The shared colour-scale top of a caption's attention maps over ``image``."""
-    return _masks(as_photo(image), _grid_weights(weights, grid))[1]
+    return png_bytes(word_overlay(image, word, weights, grid))
 
 
 def save_attention_map(path: str | os.PathLike, image: Any, words: Sequence[str],

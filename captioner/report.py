@@ -418,7 +418,7 @@ ul.notes li{margin:.3em 0;max-width:70em}
 .generated{margin:.3em 0;padding-left:0;list-style:none}.generated li{margin:.2em 0}
 .generated .text{font-weight:600}.score{color:#555;font-size:.9em;white-space:nowrap}
 .refs{margin:.2em 0;padding-left:1.1em;color:#444}
-.att{margin:.8em 0}.att .strip{overflow-x:auto}.att img{display:block}
+.att{margin:.8em 0}.att .strip{overflow-x:auto}.att img{display:block;max-width:100%}
 img.curves{max-width:100%;border:1px solid #ddd;background:#fff}
 """
 
@@ -573,7 +573,8 @@ def _attention_section(data: dict[str, Any], attention: dict, image_paths: dict[
     label = data["sections"][0]["settings"]["label"]
     return (
         f'<h2>Attention</h2><div id="attention"><p>Where the decoder looked for each word of '
-        f"its caption ({_e(label)}): red areas got the most attention weight, blue the least.</p>"
+        f"its caption ({_e(label)}): red where it looked hardest, blue where its attention "
+        "was no more than an even spread.</p>"
         f"{''.join(blocks)}</div>"
     )
 

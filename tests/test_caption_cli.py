@@ -140,7 +140,7 @@ def test_attention_map_is_written_for_attention_models(tmp_path, monkeypatch, ca
     aspect = 10 / 12  # the photo is 12 x 10 pixels
     assert sheet.format == "PNG" and sheet.size == (
         round(columns * figures.PANEL_INCHES * figures.DPI),
-        round(rows * (figures.PANEL_INCHES * aspect + 0.45) * figures.DPI))
+        round(rows * (figures.PANEL_INCHES * aspect + figures.LABEL_INCHES) * figures.DPI))
     pixels = np.asarray(sheet.convert("RGB"), dtype=float)
     assert pixels.std() > 20  # drawn, not blank
 

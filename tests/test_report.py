@@ -398,7 +398,7 @@ def test_attention_heatmap_strips(tmp_path):
     strips = [a for a in page.find("img") if (a.get("alt") or "").startswith("attention of")]
     assert [a["alt"] for a in strips] == ["attention of a.jpg"]  # empty captions get no strip
     strip = _decode_data_uri(strips[0]["src"])
-    assert strip.format == "JPEG" and strip.size == (3 * 240, 240 + 45)  # photo + 2 words
+    assert strip.format == "JPEG" and strip.size == (3 * 240, 240 + 60)  # photo + 2 words
     pixels = np.asarray(strip.convert("RGB"), dtype=float)
     first_word = pixels[:, 240:480]
     drawn = (first_word < 245).any(-1)  # the panel's photo: rows/columns mostly not white
