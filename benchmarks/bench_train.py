@@ -9,7 +9,7 @@ and the caption length are those of a real run) and the same merge model size:
     Adam with clipnorm 5), exactly as ``captioner.training.train`` sets it up;
 (b) classic: the tutorial's functional merge model (photo (D,) and a pre-padded prefix of
     length max_length-1; Embedding(mask_zero=True) + LSTM; categorical cross-entropy on
-    ONE-HOT targets; Adam) fed by ``captioner.data.ProgressiveLoader``: one photo per step,
+    ONE-HOT targets; Adam) fed by ``progressive.ProgressiveLoader`` (benchmarks/progressive.py): one photo per step,
     every caption prefix its own sample, ``steps_per_epoch`` = number of photos.
 
 Each side runs in its OWN child process (this script re-runs itself with ``--side``), so the
@@ -171,7 +171,8 @@ def toy_captions(n_images: int, seed: int = 0) -> dict[str, list[str]]:
 def split_captions(args: argparse.Namespace, toy_images: int = 40) -> dict[str, list[str]]:
     """Cleaned captions of every image of the training split, in sorted name order (toy
     captions in --smoke mode when the caption file is missing)."""
-    from captioner.captions import clean_captions, load_captions, load_split
+    from captioner.captions import load_captions, load_split
+    from captioner.cleaning import clean_captions
 
     if not args.captions.is_file():
         if getattr(args, "smoke", False):
@@ -318,8 +319,9 @@ def setup_side(args: argparse.Namespace):
     Returns ``(info, run_round)``; ``run_round(r)`` trains round ``r`` and returns
     ``(captions, steps, seconds)``."""
     import keras
+    from progressive import ProgressiveLoader
 
-    from captioner.data import CaptionDataset, EpochStream, ProgressiveLoader
+    from captioner.data import CaptionDataset, EpochStream
     from captioner.decoders import MaskedSparseCrossEntropy, build_decoder
 
     rss_start = peak_rss_mb()

@@ -9,11 +9,3 @@ them, and nothing requires TensorFlow when ``KERAS_BACKEND`` is ``jax`` or ``tor
 
 __version__ = "0.1.0"
 
-
-def __getattr__(name: str):
-    """``from captioner import Captioner`` without importing Keras before it is used."""
-    if name == "Captioner":
-        from captioner.inference import Captioner
-
-        return Captioner
-    raise AttributeError(f"module 'captioner' has no attribute {name!r}")

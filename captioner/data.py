@@ -1,9 +1,8 @@
 """Training batches from cached image features and tokenised captions.
 
 :class:`CaptionDataset` is the loader used for training: teacher forcing, one
-``(image, caption)`` pair per sample, padding masked out through ``sample_weight``.
-:class:`ProgressiveLoader` reproduces the classic tutorial's generator and exists ONLY as a
-benchmark baseline (it materialises one sample per caption prefix with one-hot targets).
+``(image, caption)`` pair per sample, padding masked out through ``sample_weight``. (The
+classic tutorial's generator, the benchmark baseline, lives in ``benchmarks/progressive.py``.)
 
 Feature sources are duck-typed (:class:`FeatureSource`): ``read(names)`` and
 ``feature_shape``; the HDF5 ``FeatureReader`` fits, and so does a small in-memory fake.
@@ -12,7 +11,7 @@ Feature sources are duck-typed (:class:`FeatureSource`): ``read(names)`` and
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 import keras
@@ -112,8 +111,9 @@ class CaptionDataset(keras.utils.PyDataset):
     (each image once) unless ``in_memory=True`` loads them all up front.
 
     Order: with ``shuffle``, epoch ``e`` uses a permutation drawn from ``(seed, e)``. The epoch
-    advances in :meth:`on_epoch_end`, but only after an :meth:`on_epoch_begin` (``model.fit``
-    calls ``on_epoch_end`` once before its first epoch; that call is ignored). Call
+    advances in :meth:`on_epoch_end`, but only once every batch of it was served after an
+    :meth:`on_epoch_begin`: ``model.fit`` calls ``on_epoch_end`` once before its first epoch
+    (TensorFlow), or after peeking at one batch to build the model (JAX); neither counts. Call
     :meth:`set_epoch` to resume mid-training with the same orders. Do not pass
     ``steps_per_epoch`` to ``fit``: Keras then prefetches the next epoch before reshuffling.
     """
@@ -166,6 +166,7 @@ class CaptionDataset(keras.utils.PyDataset):
     def __getitem__(self, index: int):
         if not 0 <= index < len(self):
             raise IndexError(f"batch {index} out of range (0..{len(self) - 1})")
+        self._served.add(index)
         return self._make_batch(self._order, index)
 
     def epoch_batch(self, epoch: int, index: int):
@@ -195,13 +196,14 @@ class CaptionDataset(keras.utils.PyDataset):
         """Use the sample order of ``epoch`` from now on (deterministic from seed and epoch)."""
         self.epoch = int(epoch)
         self._order = self._order_for(self.epoch)
+        self._served: set[int] = set()  # batches of this epoch handed out so far
 
     def on_epoch_begin(self) -> None:
         self._in_epoch = True
 
     def on_epoch_end(self) -> None:
-        """Advance to the next epoch's order (ignored unless an epoch has begun)."""
-        if self._in_epoch:
+        """Advance to the next epoch's order (ignored unless a whole epoch was served)."""
+        if self._in_epoch and len(self._served) >= len(self):
             self._in_epoch = False
             self.set_epoch(self.epoch + 1)
 
@@ -245,62 +247,3 @@ class EpochStream(keras.utils.PyDataset):
     def __getitem__(self, index: int):
         epoch, batch = divmod(int(index), len(self.dataset))
         return self.dataset.epoch_batch(self.start_epoch + epoch, batch)
-
-
-class ProgressiveLoader:
-    """BENCHMARK BASELINE ONLY: the classic tutorial's "progressive loading" generator.
-
-    One step per photo: every caption prefix is its own sample, ``X1`` the photo's features
-    repeated, ``X2`` the prefix left-padded with 0 to ``max_length - 1`` (like
-    ``pad_sequences``' default), ``y`` the ONE-HOT next word (``vocab_size`` floats). It exists
-    to measure what :class:`CaptionDataset` saves; do not train with it. Use as
-    ``model.fit(loader.generate(), steps_per_epoch=loader.steps_per_epoch)``.
-    """
-
-    def __init__(
-        self,
-        features: FeatureSource,
-        captions: Mapping[str, Sequence[str]],
-        tokenizer: Tokenizer,
-    ) -> None:
-        self.features = features
-        self.tokenizer = tokenizer
-        self.captions = {name: list(caps) for name, caps in captions.items() if len(caps)}
-        self.names = list(self.captions)
-        self.feature_shape = flat_feature_shape(features.feature_shape)
-        check_features(features, self.names)
-
-    @property
-    def steps_per_epoch(self) -> int:
-        """One step per photo."""
-        return len(self.names)
-
-    def photo_arrays(self, name: str) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
-        """``((X1 (S, *F) float32, X2 (S, max_length-1) int32), y (S, vocab_size) float32)``.
-
-        The inputs are a tuple (the tutorial yields a list, which Keras 3's generator adapter
-        rejects); the arrays are the tutorial's."""
-        width = self.tokenizer.max_length - 1
-        prefixes, targets = [], []
-        for caption in self.captions[name]:
-            seq = self.tokenizer.encode(caption)
-            for i in range(1, len(seq)):
-                prefixes.append(seq[:i])
-                targets.append(seq[i])
-        x2 = np.zeros((len(prefixes), width), dtype=np.int32)
-        for row, prefix in enumerate(prefixes):
-            x2[row, width - len(prefix) :] = prefix
-        y = np.zeros((len(targets), self.tokenizer.vocab_size), dtype=np.float32)
-        y[np.arange(len(targets)), targets] = 1.0
-        photo = read_features(self.features, [name])
-        x1 = np.repeat(photo, len(prefixes), axis=0)
-        return (x1, x2), y
-
-    def generate(self) -> Iterator[tuple[tuple[np.ndarray, np.ndarray], np.ndarray]]:
-        """Yield :meth:`photo_arrays` for each photo in turn, forever."""
-        while True:
-            for name in self.names:
-                yield self.photo_arrays(name)
-
-    def __iter__(self) -> Iterator[tuple[tuple[np.ndarray, np.ndarray], np.ndarray]]:
-        return self.generate()

@@ -17,6 +17,7 @@ ignores pad positions through sample weights (see :class:`MaskedSparseCrossEntro
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -269,11 +270,26 @@ DECODER_CLASSES: dict[str, type[CaptionDecoder]] = {
 DECODERS = tuple(DECODER_CLASSES)
 
 
-def build_decoder(kind: str, **config) -> CaptionDecoder:
-    """Build (and create the weights of) the decoder ``kind`` from its config."""
+def _decoder_class(kind: str) -> type[CaptionDecoder]:
     if kind not in DECODER_CLASSES:
         raise ValueError(f"unknown decoder '{kind}'; choose one of: {', '.join(DECODERS)}")
-    return DECODER_CLASSES[kind](**config).build_for_inputs()
+    return DECODER_CLASSES[kind]
+
+
+def decoder_config(kind: str, **settings) -> dict[str, Any]:
+    """The constructor arguments (the config) of decoder ``kind``, picked from ``settings``
+    (e.g. every training setting plus vocab_size, max_length and feature_shape)."""
+    names = []
+    for cls in (CaptionDecoder, _decoder_class(kind)):
+        params = inspect.signature(cls.__init__).parameters.values()
+        names += [p.name for p in params if p.kind is p.KEYWORD_ONLY or
+                  (p.kind is p.POSITIONAL_OR_KEYWORD and p.name != "self")]
+    return {name: settings[name] for name in dict.fromkeys(names) if name in settings}
+
+
+def build_decoder(kind: str, **config) -> CaptionDecoder:
+    """Build (and create the weights of) the decoder ``kind`` from its config."""
+    return _decoder_class(kind)(**config).build_for_inputs()
 
 
 @keras.saving.register_keras_serializable(package="captioner")

@@ -14,19 +14,20 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from captioner.decoding import Caption
 from captioner.errors import CacheMismatchError, CaptionerError
+from captioner.metrics import METRIC_KEYS
 from captioner.runs import RunConfig
 
-DEFAULT_BEAM_SIZES = (3,)
+if TYPE_CHECKING:  # numpy and the search are imported where used: the CLI reads defaults here
+    import numpy as np
+
+    from captioner.decoding import Caption
+
 DEFAULT_BATCH_SIZE = 128
 ENCODER_BATCH = 16  # images per encoder call in images mode (VGG activations are large)
 ATTENTION_IMAGES = 24
-METRIC_KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr-D", "ROUGE-L", "METEOR")
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,8 @@ def select_images(
 def _cache_chunks(
     reader, names: list[str], batch_size: int
 ) -> Iterator[tuple[list[str], np.ndarray]]:
+    import numpy as np
+
     for start in range(0, len(names), batch_size):
         chunk = names[start : start + batch_size]
         yield chunk, np.asarray(reader.read(chunk), dtype="float32")
@@ -156,6 +159,8 @@ def _image_chunks(
     captioner, paths: dict[str, Path], batch_size: int, skipped: dict[str, str]
 ) -> Iterator[tuple[list[str], np.ndarray]]:
     """Encoded images in chunks of up to ``batch_size``; unreadable ones go to ``skipped``."""
+    import numpy as np
+
     names = list(paths)
     for start in range(0, len(names), batch_size):
         items = [(name, paths[name]) for name in names[start : start + batch_size]]
@@ -235,7 +240,8 @@ def evaluate(
     then only supplies pictures for the report. Without ``features``, ``images_dir`` and
     ``split`` are required and the run's encoder computes the features.
     """
-    from captioner.captions import CleaningRules, clean_captions, load_captions
+    from captioner.captions import load_captions
+    from captioner.cleaning import CleaningRules, clean_captions
     from captioner.inference import Captioner
 
     _check_options(decodings, batch_size, limit)
@@ -295,6 +301,8 @@ def evaluate(
 
 def _attention(captioner, kept: dict[str, np.ndarray], section: Section) -> dict[str, AttentionMap]:
     """Attention maps of ``section``'s captions for the images whose features were kept."""
+    import numpy as np
+
     if not kept:
         return {}
     feats = np.stack(list(kept.values()))

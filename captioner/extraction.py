@@ -153,7 +153,7 @@ def _batches(
 
 def encoded_batches(
     items: Sequence[tuple[Key, str | os.PathLike]],
-    model: Any,
+    encode: Callable[[np.ndarray], Any],
     load: Callable[[Path], np.ndarray],
     batch_size: int,
     *,
@@ -164,8 +164,8 @@ def encoded_batches(
     keys encoded, their features (B, *feature_shape) float32 (None when no image of the batch
     could be read) and ``{key: reason}`` for the unreadable ones.
 
-    ``load(path)`` decodes one image to (H, W, 3) uint8; ``model.predict_on_batch`` maps RGB
-    batches to features. With ``pad`` every batch is padded to ``batch_size`` rows, so a
+    ``load(path)`` decodes one image to (H, W, 3) uint8; ``encode`` maps RGB batches
+    (B, H, W, 3) to features (e.g. a Keras model's ``predict_on_batch``). With ``pad`` every batch is padded to ``batch_size`` rows, so a
     compiled model sees one shape only (no retracing).
     """
     window = batch_size * (PREFETCH_BATCHES + 1)
@@ -181,7 +181,7 @@ def encoded_batches(
         if pad:
             x[: len(images)] = np.stack(images)
             x[len(images) :] = 0
-        feats = np.asarray(model.predict_on_batch(x))[: len(keys)]
+        feats = np.asarray(encode(x))[: len(keys)]
         yield keys, feats.astype("float32", copy=False), failed
 
 
@@ -297,7 +297,7 @@ def _run(
     items = [(item, item.path) for item in todo]
     with bar:
         for done, feats, failed in encoded_batches(
-            items, model, load, batch_size, workers=workers, pad=True
+            items, model.predict_on_batch, load, batch_size, workers=workers, pad=True
         ):
             rows = np.empty((0,), dtype) if feats is None else feats.astype(dtype)
             writer.commit([it.row for it in done], rows, {it.row: r for it, r in failed.items()})

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 PANEL_PIXELS = 256  # longest side of one attention panel's photo
 PANEL_INCHES = 2.4
@@ -188,6 +188,49 @@ def save_attention_map(path: str | os.PathLike, image: Any, words: Sequence[str]
                        caption: str | None = None) -> None:
     """Write :func:`attention_figure` as a PNG file."""
     attention_figure(image, words, weights, grid, caption).savefig(path, format="png", dpi=DPI)
+
+
+# --------------------------------------------------------------------------- report pictures
+
+THUMBNAIL_SIZE = 160
+THUMBNAIL_QUALITY = 80
+REPORT_COLUMNS = 7
+
+
+def _photo_or_grey(path: str | os.PathLike | None, size: int = PANEL_PIXELS) -> np.ndarray:
+    """The image fitted into size x size (EXIF-upright), or plain grey when unreadable."""
+    if path is not None:
+        try:
+            with Image.open(path) as im:
+                pic = ImageOps.exif_transpose(im).convert("RGB")
+            pic.thumbnail((size, size))
+            return np.asarray(pic)
+        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
+            pass
+    return np.full((size, size, 3), 128, np.uint8)
+
+
+def thumbnail_jpeg(path: str | os.PathLike, size: int = THUMBNAIL_SIZE,
+                   quality: int = THUMBNAIL_QUALITY) -> bytes | None:
+    """A JPEG of the image fitted into size x size (aspect kept); None if it cannot be read."""
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (size, size))
+            pic = ImageOps.exif_transpose(im).convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
+        return None
+    pic.thumbnail((size, size))
+    buf = io.BytesIO()
+    pic.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def attention_strip_jpeg(path: str | os.PathLike | None, words: Sequence[str],
+                         weights: np.ndarray, columns: int = REPORT_COLUMNS) -> bytes:
+    """:func:`attention_figure` of an image file (grey when unreadable) as JPEG bytes, for
+    report.html; ``weights`` is (len(words), h, w)."""
+    figure = attention_figure(_photo_or_grey(path), words, weights, columns=columns)
+    return image_bytes(figure, "jpeg")
 
 
 # --------------------------------------------------------------------------- curves

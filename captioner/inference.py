@@ -226,7 +226,7 @@ class Captioner:
         from captioner.images import load_image
 
         load = partial(load_image, size=self.input_size, resample=self.resample)
-        yield from encoded_batches(items, self.encoder(), load, batch_size)
+        yield from encoded_batches(items, self.encode_images, load, batch_size)
 
     # ------------------------------------------------------------------ attention
 

@@ -13,13 +13,12 @@ import sys
 from collections import Counter
 from typing import Any
 
-import numpy as np
-
 References = dict[str, list[str]]
 Hypotheses = dict[str, str]
 NGram = tuple[str, ...]
 
 BLEU_KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4")
+METRIC_KEYS = (*BLEU_KEYS, "CIDEr-D", "ROUGE-L", "METEOR")  # the scores every report shows
 # Cumulative uniform weights: BLEU-n is the geometric mean of p_1..p_n times the brevity penalty.
 BLEU_WEIGHTS = tuple(tuple([1.0 / n] * n) for n in range(1, 5))
 CIDER_N = 4
@@ -69,12 +68,12 @@ def corpus_bleu_scores(references: References, hypotheses: Hypotheses) -> dict[s
     penalty uses, per image, the reference length closest to the hypothesis (ties: shorter).
     BLEU-n is exactly 0.0 when some order up to n has no match at all.
     """
+    from nltk.translate.bleu_score import corpus_bleu
+
     ids = check_ids(references, hypotheses)
     refs = [[r.split() for r in references[i]] for i in ids]
     hyps = [hypotheses[i].split() for i in ids]
     smoothing = _NoSmoothing()
-    from nltk.translate.bleu_score import corpus_bleu  # nltk takes ~0.7 s to import
-
     scores = corpus_bleu(refs, hyps, weights=list(BLEU_WEIGHTS), smoothing_function=smoothing)
     zero_from = smoothing.first_zero_order or len(BLEU_KEYS) + 1
     return {
@@ -159,6 +158,8 @@ def cider_d(references: References, hypotheses: Hypotheses) -> tuple[float, dict
     exp(-(len_hyp - len_ref)^2 / (2 * 6^2)), and the result is averaged over n and references
     and multiplied by 10, as in pycocoevalcap's ``Cider``.
     """
+    import numpy as np
+
     ids = check_ids(references, hypotheses)
     ref_words = {i: [r.split() for r in references[i]] for i in ids}
     df: Counter[NGram] = Counter()
@@ -208,6 +209,8 @@ def rouge_l_sentence(refs: list[str], hyp: str, beta: float = ROUGE_BETA) -> flo
 
 def rouge_l(references: References, hypotheses: Hypotheses) -> tuple[float, dict[str, float]]:
     """ROUGE-L (beta = 1.2): corpus score (mean over images) and per-image scores."""
+    import numpy as np
+
     ids = check_ids(references, hypotheses)
     per_image = {i: rouge_l_sentence(references[i], hypotheses[i]) for i in ids}
     return float(np.mean(list(per_image.values()))), per_image
@@ -230,6 +233,7 @@ def meteor(references: References, hypotheses: Hypotheses, *, wordnet: Any = Non
     ``wordnet`` overrides NLTK's WordNet reader (any object with ``synsets(word)``). Nothing is
     downloaded; see :data:`METEOR_UNAVAILABLE_NOTE` for how to enable METEOR.
     """
+    import numpy as np
     from nltk.translate.meteor_score import meteor_score
 
     ids = check_ids(references, hypotheses)
@@ -256,6 +260,8 @@ def diversity(hypotheses: Hypotheses, references: References) -> dict[str, float
     over the number of images), ``vocabulary`` (distinct words used by the hypotheses),
     ``mean_length`` (words per hypothesis), ``mean_reference_length`` (words per reference).
     """
+    import numpy as np
+
     ids = check_ids(references, hypotheses)
     hyp_words = [hypotheses[i].split() for i in ids]
     ref_lengths = [len(r.split()) for i in ids for r in references[i]]
@@ -287,3 +293,41 @@ def evaluate_all(references: References, hypotheses: Hypotheses) -> dict[str, An
     }
     result["diversity"] = diversity(hypotheses, references)
     return result
+
+
+# --------------------------------------------------------------------------- notes
+
+
+BLEU_NOTE = (
+    "BLEU-1..4 are nltk corpus_bleu scores with the standard cumulative uniform weights: BLEU-n "
+    "is the geometric mean of the 1..n-gram precisions (weight 1/n each) times the brevity "
+    "penalty, counted over the whole split against all references of each image, without "
+    "smoothing. Some tutorials use non-standard weights, e.g. (0.3, 0.3, 0.3, 0) for BLEU-3, "
+    "which gives numbers that cannot be compared with these."
+)
+SCALE_NOTE = (
+    "Every score in the tables is x100 (BLEU-4 18.8 means 0.188), as in papers and the README; "
+    "report.json keeps the fractions. BLEU-1..4, ROUGE-L (LCS F-measure, beta 1.2) and METEOR "
+    "are fractions in [0, 1]. CIDEr-D is on the usual pycocoevalcap scale (0.442, shown as "
+    "44.2; it can exceed 1), with document frequencies "
+    "taken over the references of the evaluated images."
+)
+PER_IMAGE_NOTE = (
+    "Per-image BLEU-4 is nltk sentence_bleu with smoothing method1 (for ranking examples); the "
+    "corpus BLEU-4 above is not its mean."
+)
+PYCOCO_NOTE = (
+    "pycocoevalcap's BLEU is shown as a cross-check. The two implementations differ slightly "
+    "by design: pycocoevalcap picks the closest reference length differently and adds tiny "
+    "epsilons to the n-gram precisions."
+)
+
+
+def notes(meteor_missing: bool, pycoco_available: bool) -> dict[str, str]:
+    """The explanations every report carries, keyed by topic."""
+    out = {"bleu": BLEU_NOTE, "scale": SCALE_NOTE, "per_image": PER_IMAGE_NOTE}
+    if meteor_missing:
+        out["meteor"] = METEOR_UNAVAILABLE_NOTE
+    if pycoco_available:
+        out["pycocoevalcap"] = PYCOCO_NOTE
+    return out

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import TypeVar
 
 from tqdm.auto import tqdm
@@ -32,11 +32,6 @@ def progress(
         smoothing=0.1,
         file=sys.stderr,
     )
-
-
-def iterate(iterable: Iterable[T], **kwargs) -> Iterator[T]:
-    """Iterate with a progress bar (see :func:`progress`)."""
-    yield from progress(iterable, **kwargs)
 
 
 def duration(seconds: float) -> str:

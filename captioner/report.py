@@ -10,19 +10,14 @@ the training curves of the run.
 from __future__ import annotations
 
 import base64
-import html
-import io
+import functools
 import math
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-from PIL import Image, ImageOps
-
 from captioner.files import write_bytes, write_json
-from captioner.metrics import BLEU_KEYS, METEOR_UNAVAILABLE_NOTE
+from captioner.metrics import BLEU_KEYS, METEOR_UNAVAILABLE_NOTE, METRIC_KEYS, notes
 from captioner.runs import HISTORY, read_history, versions
 
 if TYPE_CHECKING:
@@ -34,51 +29,13 @@ JSON_FILE, MARKDOWN_FILE, HTML_FILE, CURVES_FILE = (
     "report.html",
     "curves.png",
 )
-SCORE_KEYS = (*BLEU_KEYS, "CIDEr-D", "ROUGE-L", "METEOR")
 GALLERY_IMAGES = 1000
 THUMBNAIL_SIZE = 160
-THUMBNAIL_QUALITY = 80
-ATTENTION_TILE = 256
-ATTENTION_COLUMNS = 7
 EXAMPLES = 5
 SKIPPED_SHOWN = 20
+TEMPLATES = Path(__file__).resolve().parent / "templates"  # package data
 REPORT_FORMAT = "captioner.evaluation"
 REPORT_VERSION = 1
-
-BLEU_NOTE = (
-    "BLEU-1..4 are nltk corpus_bleu scores with the standard cumulative uniform weights: BLEU-n "
-    "is the geometric mean of the 1..n-gram precisions (weight 1/n each) times the brevity "
-    "penalty, counted over the whole split against all references of each image, without "
-    "smoothing. Some tutorials use non-standard weights, e.g. (0.3, 0.3, 0.3, 0) for BLEU-3, "
-    "which gives numbers that cannot be compared with these."
-)
-SCALE_NOTE = (
-    "Every score in the tables is x100 (BLEU-4 18.8 means 0.188), as in papers and the README; "
-    "report.json keeps the fractions. BLEU-1..4, ROUGE-L (LCS F-measure, beta 1.2) and METEOR "
-    "are fractions in [0, 1]; CIDEr-D is on the usual pycocoevalcap scale (0.442, shown as "
-    "44.2; it can exceed 1), with document frequencies taken over the references of the "
-    "evaluated images."
-)
-PER_IMAGE_NOTE = (
-    "Per-image BLEU-4 is nltk sentence_bleu with smoothing method1 (for ranking examples); the "
-    "corpus BLEU-4 above is not its mean."
-)
-PYCOCO_NOTE = (
-    "pycocoevalcap's BLEU is shown as a cross-check. The two implementations differ slightly "
-    "by design: pycocoevalcap picks the closest reference length differently and adds tiny "
-    "epsilons to the n-gram precisions."
-)
-
-
-def notes(meteor_missing: bool, pycoco_available: bool) -> dict[str, str]:
-    """The explanations every report carries, keyed by topic."""
-    out = {"bleu": BLEU_NOTE, "scale": SCALE_NOTE, "per_image": PER_IMAGE_NOTE}
-    if meteor_missing:
-        out["meteor"] = METEOR_UNAVAILABLE_NOTE
-    if pycoco_available:
-        out["pycocoevalcap"] = PYCOCO_NOTE
-    return out
-
 
 # --------------------------------------------------------------------------- payload
 
@@ -211,7 +168,7 @@ def summary_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and one row per section: scores, diversity and timings."""
     header = [
         "decoding",
-        *SCORE_KEYS,
+        *METRIC_KEYS,
         "distinct",
         "vocab",
         "mean len",
@@ -225,7 +182,7 @@ def summary_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         rows.append(
             [
                 s["settings"]["label"],
-                *(score(m.get(k)) for k in SCORE_KEYS),
+                *(score(m.get(k)) for k in METRIC_KEYS),
                 f"{d['distinct_captions']} ({d['distinct_share']:.0%})",
                 str(d["vocabulary"]),
                 f"{d['mean_length']:.2f} (refs {d['mean_reference_length']:.2f})",
@@ -249,18 +206,12 @@ def format_table(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _md_escape(text: str) -> str:
+def md_escape(text: Any) -> str:
+    """``text`` with the characters Markdown would interpret backslash-escaped."""
+    text = str(text)
     for ch in "\\`*_[]<>|#":
         text = text.replace(ch, "\\" + ch)
     return text
-
-
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    out = [
-        "| " + " | ".join(_md_escape(h) for h in header) + " |",
-        "|" + "|".join("---" for _ in header) + "|",
-    ]
-    return out + ["| " + " | ".join(_md_escape(c) for c in row) + " |" for row in rows]
 
 
 def ranked_examples(images: list[dict[str, Any]], n: int = EXAMPLES) -> tuple[list, list]:
@@ -270,34 +221,49 @@ def ranked_examples(images: list[dict[str, Any]], n: int = EXAMPLES) -> tuple[li
     return ranked[:n], worst[:n]
 
 
-def render_markdown(data: dict[str, Any]) -> str:
-    """report.md from the report.json payload."""
+@functools.cache
+def _templates(kind: str):
+    """The Jinja2 environment of the package's report templates: autoescaping HTML for
+    ``html``, Markdown escaping through the ``md`` filter for ``md``."""
+    import jinja2
+
+    loader = jinja2.FileSystemLoader(TEMPLATES)
+    if kind == "html":
+        return jinja2.Environment(loader=loader, autoescape=True, undefined=jinja2.StrictUndefined)
+    env = jinja2.Environment(loader=loader, autoescape=False, trim_blocks=True,
+                             lstrip_blocks=True, keep_trailing_newline=True,
+                             undefined=jinja2.StrictUndefined)
+    env.filters["md"] = md_escape
+    return env
+
+
+def _tables(data: dict[str, Any]) -> dict[str, Any]:
     header, rows = summary_rows(data)
-    lines = [f"# Caption evaluation: {_md_escape(str(data['run']))}", ""]
-    lines += [f"- {_md_escape(k)}: {_md_escape(v)}" for k, v in _overview(data)]
-    lines += ["", "## Scores", "", *_md_table(header, rows), ""]
+    n = 1 + len(METRIC_KEYS)
+    pycoco = None
     if data["pycocoevalcap_bleu"] is not None:
-        lines += ["## pycocoevalcap BLEU (cross-check)", "", *_md_table(*_pycoco_rows(data)), ""]
-    lines += ["## Notes", ""] + [f"- {_md_escape(v)}" for v in data["notes"].values()] + [""]
+        pycoco = dict(zip(("header", "rows"), _pycoco_rows(data), strict=True))
+    return {
+        "all": {"header": header, "rows": rows},
+        "scores": {"header": header[:n], "rows": [r[:n] for r in rows],
+                   "titles": {"n/a": METEOR_UNAVAILABLE_NOTE} if "meteor" in data["notes"] else {}},
+        "details": {"header": [header[0], *header[n:]], "rows": [[r[0], *r[n:]] for r in rows]},
+        "pycoco": pycoco,
+    }
+
+
+def render_markdown(data: dict[str, Any]) -> str:
+    """report.md from the report.json payload (template ``report.md.j2``)."""
     best, worst = ranked_examples(data["images"])
     label = data["sections"][0]["settings"]["label"]
-    for title, chosen in (
-        (f"Best examples by CIDEr-D ({label})", best),
-        (f"Worst examples by CIDEr-D ({label})", worst),
-    ):
-        lines += [f"## {_md_escape(title)}", ""]
-        for im in chosen:
-            lines += [
-                f"### {_md_escape(im['image'])}: CIDEr-D {score(im['CIDEr-D'])}, "
-                f"BLEU-4 {score(im['BLEU-4'])}",
-                "",
-                f"- generated: {_md_escape(im['caption'])}",
-            ]
-            lines += [f"- reference: {_md_escape(r)}" for r in im["references"]] + [""]
-    if data["skipped"]:
-        lines += ["## Skipped images", ""]
-        lines += [f"- {_md_escape(n)}: {_md_escape(r)}" for n, r in _skipped(data)] + [""]
-    return "\n".join(lines)
+    tables = _tables(data)
+    ranked = [(f"Best examples by CIDEr-D ({label})", best),
+              (f"Worst examples by CIDEr-D ({label})", worst)]
+    text = _templates("md").get_template("report.md.j2").render(
+        run=data["run"], overview=_overview(data), scores=tables["all"], pycoco=tables["pycoco"],
+        notes=list(data["notes"].values()), ranked=ranked, skipped=_skipped(data),
+    )
+    return text.rstrip("\n") + "\n"
 
 
 def _skipped(data: dict[str, Any], n: int = SKIPPED_SHOWN) -> list[tuple[str, str]]:
@@ -349,190 +315,26 @@ def _pycoco_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 # --------------------------------------------------------------------------- pictures
 
 
-def thumbnail_jpeg(
-    path: str | os.PathLike, size: int = THUMBNAIL_SIZE, quality: int = THUMBNAIL_QUALITY
-) -> bytes | None:
-    """A JPEG of the image fitted into size x size (aspect kept); None if it cannot be read."""
-    try:
-        with Image.open(path) as im:
-            im.draft("RGB", (size, size))
-            pic = ImageOps.exif_transpose(im).convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
-        return None
-    pic.thumbnail((size, size))
-    return _jpeg(pic, quality)
-
-
-def _jpeg(image: Image.Image, quality: int = THUMBNAIL_QUALITY) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
-
-
 def data_uri(payload: bytes, mime: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(payload).decode('ascii')}"
 
 
-def _photo(path: Path | None, size: int) -> np.ndarray:
-    """The image fitted into size x size, or plain grey when it cannot be read."""
-    if path is not None:
-        try:
-            with Image.open(path) as im:
-                pic = ImageOps.exif_transpose(im).convert("RGB")
-            pic.thumbnail((size, size))
-            return np.asarray(pic)
-        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
-            pass
-    return np.full((size, size, 3), 128, np.uint8)
-
-
-def attention_strip(
-    path: Path | None, words: Sequence[str], weights: np.ndarray, tile: int = ATTENTION_TILE
-) -> bytes:
-    """The photo, then one heat overlay per word titled with the word; JPEG bytes."""
-    from captioner.figures import attention_figure, image_bytes
-
-    figure = attention_figure(_photo(path, tile), words, weights, columns=ATTENTION_COLUMNS)
-    return image_bytes(figure, "jpeg")
-
-
-# --------------------------------------------------------------------------- HTML
-
-CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px;color:#222;background:#fafafa}
-h1{font-size:1.5em;margin-bottom:.2em}h2{margin-top:1.6em;border-bottom:1px solid #ddd;padding-bottom:.2em}
-table{border-collapse:collapse;margin:.6em 0;background:#fff}
-th,td{border:1px solid #ccc;padding:4px 8px;text-align:right;font-variant-numeric:tabular-nums}
-th:first-child,td:first-child{text-align:left}th{background:#eef}
-dl.overview{display:grid;grid-template-columns:max-content auto;gap:2px 14px;font-size:.9em}
-dl.overview dt{font-weight:600}dl.overview dd{margin:0;word-break:break-all}
-ul.notes li{margin:.3em 0;max-width:70em}
-#sort-controls{margin:.6em 0;display:flex;gap:8px;align-items:center;flex-wrap:wrap}
-#gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(330px,1fr));gap:12px}
-.card{margin:0;background:#fff;border:1px solid #ddd;border-radius:6px;padding:8px;display:flex;gap:10px}
-.card .pic{flex:0 0 auto;width:160px;min-height:60px;display:flex;align-items:flex-start;justify-content:center}
-.card .pic img{max-width:160px;border-radius:3px}
-.card .nopic{width:160px;height:60px;background:#eee;color:#888;font-size:.8em;display:flex;align-items:center;justify-content:center}
-.card figcaption{flex:1;font-size:.85em;min-width:0}
-.name{color:#666;font-size:.85em;word-break:break-all}
-.generated{margin:.3em 0;padding-left:0;list-style:none}.generated li{margin:.2em 0}
-.generated .text{font-weight:600}.score{color:#555;font-size:.9em;white-space:nowrap}
-.refs{margin:.2em 0;padding-left:1.1em;color:#444}
-.att{margin:.8em 0}.att .strip{overflow-x:auto}.att img{display:block;max-width:100%}
-img.curves{max-width:100%;border:1px solid #ddd;background:#fff}
-"""
-
-SCRIPT = """
-(function () {
-  var gallery = document.getElementById('gallery');
-  var select = document.getElementById('sort-key');
-  function value(card, key) { var v = parseFloat(card.getAttribute(key)); return isNaN(v) ? 0 : v; }
-  function sortCards(key, dir) {
-    var cards = Array.prototype.slice.call(gallery.querySelectorAll('.card'));
-    cards.sort(function (a, b) {
-      var d = value(a, key) - value(b, key);
-      return d !== 0 ? dir * d : value(a, 'data-order') - value(b, 'data-order');
-    });
-    cards.forEach(function (card) { gallery.appendChild(card); });
-    gallery.setAttribute('data-sorted', key + ':' + (dir > 0 ? 'asc' : 'desc'));
-  }
-  document.getElementById('sort-desc').addEventListener('click', function () { sortCards(select.value, -1); });
-  document.getElementById('sort-asc').addEventListener('click', function () { sortCards(select.value, 1); });
-  select.addEventListener('change', function () { sortCards(select.value, select.value === 'data-order' ? 1 : -1); });
-  var m = /^#sort=([A-Za-z0-9-]+):(asc|desc)$/.exec(window.location.hash);
-  if (m) { select.value = 'data-' + m[1]; sortCards('data-' + m[1], m[2] === 'asc' ? 1 : -1); }
-  document.body.setAttribute('data-ready', '1');
-})();
-"""
-
-
-def _e(text: Any) -> str:
-    return html.escape(str(text), quote=True)
-
-
-def _html_table(
-    table_id: str,
-    header: Sequence[str],
-    rows: Sequence[Sequence[str]],
-    titles: dict[str, str] | None = None,
-) -> str:
-    titles = titles or {}
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    body = "".join(
-        "<tr>"
-        + "".join(
-            f'<td title="{_e(titles[c])}">{_e(c)}</td>' if c in titles else f"<td>{_e(c)}</td>"
-            for c in row
-        )
-        + "</tr>"
-        for row in rows
-    )
-    return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-
-
-def _metric_tables(data: dict[str, Any]) -> str:
-    header, rows = summary_rows(data)
-    n_scores = 1 + len(SCORE_KEYS)
-    meteor_title = {"n/a": METEOR_UNAVAILABLE_NOTE} if "meteor" in data["notes"] else None
-    parts = [
-        _html_table("metrics", header[:n_scores], [r[:n_scores] for r in rows], meteor_title),
-        "<h3>Diversity and timings</h3>",
-        _html_table(
-            "details", [header[0], *header[n_scores:]], [[r[0], *r[n_scores:]] for r in rows]
-        ),
-    ]
-    if data["pycocoevalcap_bleu"] is not None:
-        parts += [
-            "<h3>pycocoevalcap BLEU (cross-check)</h3>",
-            _html_table("pycocoevalcap", *_pycoco_rows(data)),
-        ]
-    return "\n".join(parts)
-
-
-def _sort_options(data: dict[str, Any]) -> str:
-    options = ['<option value="data-order">split order</option>']
-    for i, s in enumerate(data["sections"]):
-        label = s["settings"]["label"]
-        options += [
-            f'<option value="data-cider-{i}"{" selected" if i == 0 else ""}>'
-            f"CIDEr-D ({_e(label)})</option>",
-            f'<option value="data-bleu4-{i}">BLEU-4 ({_e(label)})</option>',
-        ]
-    return "".join(options)
-
-
-def _card(
-    index: int,
-    name: str,
-    data: dict[str, Any],
-    per_section: list[dict[str, dict]],
-    thumb: bytes | None,
-) -> str:
-    attrs = [f'data-order="{index}"']
-    items = []
+def _card(index: int, name: str, data: dict[str, Any], per_section: list[dict[str, dict]],
+          thumb: bytes | None) -> dict[str, Any]:
+    attrs, items = [("data-order", str(index))], []
     for i, (section, images) in enumerate(zip(data["sections"], per_section, strict=True)):
         im = images[name]
-        attrs += [f'data-cider-{i}="{im["CIDEr-D"]:.6f}"', f'data-bleu4-{i}="{im["BLEU-4"]:.6f}"']
-        items.append(
-            f'<li><span class="label">{_e(section["settings"]["label"])}:</span> '
-            f'<span class="text">{_e(im["caption"] or "(empty)")}</span> '
-            f'<span class="score">CIDEr-D {score(im["CIDEr-D"])} · BLEU-4 '
-            f"{score(im['BLEU-4'])}</span></li>"
-        )
-    refs = "".join(f"<li>{_e(r)}</li>" for r in per_section[0][name]["references"])
-    pic = (
-        f'<img src="{data_uri(thumb, "image/jpeg")}" alt="{_e(name)}" loading="lazy">'
-        if thumb
-        else '<div class="nopic">no picture</div>'
-    )
-    return (
-        f'<figure class="card" {" ".join(attrs)}><div class="pic">{pic}</div><figcaption>'
-        f'<div class="name">{_e(name)}</div><ul class="generated">{"".join(items)}</ul>'
-        f'<div class="name">references</div><ul class="refs">{refs}</ul></figcaption></figure>'
-    )
+        attrs += [(f"data-cider-{i}", f"{im['CIDEr-D']:.6f}"), (f"data-bleu4-{i}", f"{im['BLEU-4']:.6f}")]
+        items.append({"label": section["settings"]["label"], "text": im["caption"],
+                      "cider": im["CIDEr-D"], "bleu4": im["BLEU-4"]})
+    return {"name": name, "attrs": attrs, "lines": items,
+            "refs": per_section[0][name]["references"],
+            "thumb": data_uri(thumb, "image/jpeg") if thumb else None}
 
 
-def _gallery(data: dict[str, Any], image_paths: dict[str, Path], limit: int, size: int) -> str:
+def _gallery(data: dict[str, Any], image_paths: dict[str, Path], limit: int, size: int) -> dict:
+    from captioner.figures import thumbnail_jpeg
+
     per_section = [{im["image"]: im for im in s["images"]} for s in data["sections"]]
     names = [im["image"] for im in data["images"]][:limit]
     cards = []
@@ -540,43 +342,26 @@ def _gallery(data: dict[str, Any], image_paths: dict[str, Path], limit: int, siz
         path = image_paths.get(name)
         thumb = thumbnail_jpeg(path, size) if path is not None else None
         cards.append(_card(index, name, data, per_section, thumb))
-    shown = (
-        f"{len(names)} of {len(data['images'])} images"
-        if len(names) < len(data["images"])
-        else f"{len(names)} images"
-    )
-    return (
-        f"<p>{_e(shown)}, in split order until sorted.</p>"
-        f'<div id="sort-controls"><label for="sort-key">Sort by</label>'
-        f'<select id="sort-key">{_sort_options(data)}</select>'
-        '<button type="button" id="sort-desc">best first</button>'
-        '<button type="button" id="sort-asc">worst first</button></div>'
-        f'<div id="gallery">{"".join(cards)}</div>'
-    )
+    total = len(data["images"])
+    options = []
+    for i, s in enumerate(data["sections"]):
+        label = s["settings"]["label"]
+        options += [{"value": f"data-cider-{i}", "text": f"CIDEr-D ({label})", "selected": i == 0},
+                    {"value": f"data-bleu4-{i}", "text": f"BLEU-4 ({label})", "selected": False}]
+    shown = f"{len(names)} of {total} images" if len(names) < total else f"{len(names)} images"
+    return {"shown": shown, "options": options, "cards": cards}
 
 
-def _attention_section(data: dict[str, Any], attention: dict, image_paths: dict[str, Path]) -> str:
+def _attention_blocks(data: dict[str, Any], attention: dict, image_paths: dict[str, Path]) -> list:
+    from captioner.figures import attention_strip_jpeg
+
     captions = {im["image"]: im["caption"] for im in data["images"]}
-    blocks = []
-    for name, amap in attention.items():
-        if not amap.words:
-            continue
-        strip = attention_strip(image_paths.get(name), amap.words, amap.weights)
-        blocks.append(
-            f'<div class="att"><div><span class="name">{_e(name)}</span> '
-            f'<b>{_e(captions.get(name, ""))}</b></div><div class="strip">'
-            f'<img src="{data_uri(strip, "image/jpeg")}" alt="attention of {_e(name)}">'
-            "</div></div>"
-        )
-    if not blocks:
-        return ""
-    label = data["sections"][0]["settings"]["label"]
-    return (
-        f'<h2>Attention</h2><div id="attention"><p>Where the decoder looked for each word of '
-        f"its caption ({_e(label)}): red where it looked hardest, blue where its attention "
-        "was no more than an even spread.</p>"
-        f"{''.join(blocks)}</div>"
-    )
+    return [
+        {"name": name, "caption": captions.get(name, ""),
+         "strip": data_uri(attention_strip_jpeg(image_paths.get(name), amap.words, amap.weights),
+                           "image/jpeg")}
+        for name, amap in attention.items() if amap.words
+    ]
 
 
 def render_html(
@@ -588,31 +373,19 @@ def render_html(
     gallery: int = GALLERY_IMAGES,
     thumbnail_size: int = THUMBNAIL_SIZE,
 ) -> str:
-    """The whole self-contained report page."""
+    """The whole self-contained report page (template ``report.html.j2``, autoescaped)."""
     image_paths = image_paths or {}
-    overview = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in _overview(data))
-    note_items = "".join(f"<li>{_e(v)}</li>" for v in data["notes"].values())
-    skipped = "".join(f"<li>{_e(n)}: {_e(r)}</li>" for n, r in _skipped(data))
-    skipped_html = f'<h2>Skipped images</h2><ul id="skipped">{skipped}</ul>' if skipped else ""
-    curves_html = (
-        f'<h2>Training curves</h2><img class="curves" id="curves" alt="training curves" '
-        f'src="{data_uri(curves, "image/png")}">'
-        if curves
-        else ""
-    )
-    return "".join(
-        [
-            '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
-            '<meta name="viewport" content="width=device-width, initial-scale=1">',
-            f"<title>Caption evaluation: {_e(Path(str(data['run'])).name)}</title>",
-            f"<style>{CSS}</style></head><body>",
-            f'<h1>Caption evaluation</h1><dl class="overview">{overview}</dl>',
-            f"<h2>Scores</h2>{_metric_tables(data)}",
-            f'<h2>Notes</h2><ul class="notes">{note_items}</ul>',
-            skipped_html,
-            curves_html,
-            _attention_section(data, attention or {}, image_paths),
-            f"<h2>Gallery</h2>{_gallery(data, image_paths, gallery, thumbnail_size)}",
-            f"<script>{SCRIPT}</script></body></html>\n",
-        ]
-    )
+    tables = _tables(data)
+    return _templates("html").get_template("report.html.j2").render(
+        run_name=Path(str(data["run"])).name,
+        overview=_overview(data),
+        scores=tables["scores"],
+        details=tables["details"],
+        pycoco=tables["pycoco"],
+        notes=list(data["notes"].values()),
+        skipped=_skipped(data),
+        curves=data_uri(curves, "image/png") if curves else None,
+        attention=_attention_blocks(data, attention or {}, image_paths),
+        label=data["sections"][0]["settings"]["label"],
+        gallery=_gallery(data, image_paths, gallery, thumbnail_size),
+    ) + "\n"

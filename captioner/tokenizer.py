@@ -142,10 +142,12 @@ class Tokenizer:
             raise CaptionerError(f"{source}: invalid tokenizer ({exc})") from None
 
     def save(self, path: str | Path) -> None:
-        """Write :meth:`to_json` to ``path`` as UTF-8 JSON."""
+        """Write :meth:`to_json` to ``path`` as UTF-8 JSON (atomically)."""
+        from captioner.files import write_text
+
         text = json.dumps(self.to_json(), ensure_ascii=False)
         try:
-            Path(path).write_text(text + "\n", encoding="utf-8")
+            write_text(path, text + "\n")
         except OSError as exc:
             raise CaptionerError(f"{path}: cannot write tokenizer file ({exc.strerror})") from None
 

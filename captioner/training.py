@@ -71,14 +71,13 @@ class TrainConfig:
     preset: str | None = None
 
     def decoder_config(self, vocab_size: int, max_length: int, feature_shape: tuple[int, ...]) -> dict:
-        """Constructor arguments of the decoder (its Keras config)."""
-        config = {"vocab_size": vocab_size, "max_length": max_length,
-                  "feature_shape": list(feature_shape), "embed_dim": self.embed_dim,
-                  "units": self.units, "dropout": self.dropout}
-        if self.decoder == "attention":
-            config |= {"attention_units": self.attention_units,
-                       "attention_reg": self.attention_reg}
-        return config
+        """Constructor arguments of the decoder (its Keras config; the registry in
+        :mod:`captioner.decoders` knows which settings each kind takes)."""
+        from captioner.decoders import decoder_config
+
+        settings = {**dataclasses.asdict(self), "vocab_size": vocab_size,
+                    "max_length": max_length, "feature_shape": list(feature_shape)}
+        return decoder_config(self.decoder, **settings)
 
 
 # --------------------------------------------------------------------------- data
@@ -87,7 +86,8 @@ class TrainConfig:
 def _load_split(captions_path: str, features_path: str, limit: int | None = None):
     """(reader, cleaned captions of the images that have features) for one split."""
     from captioner.cache import open_features
-    from captioner.captions import clean_captions, load_captions
+    from captioner.captions import load_captions
+    from captioner.cleaning import clean_captions
 
     reader = open_features(features_path)
     captions = load_captions(captions_path)
@@ -270,7 +270,7 @@ def _tensorboard(run: Path) -> list:
 def run_config(run: Path, config: TrainConfig, dec_config: dict, attrs: dict,
                n_images: int) -> RunConfig:
     """The RunConfig of a new run: settings, decoder, the cache's encoder and input provenance."""
-    from captioner.captions import DEFAULT_RULES
+    from captioner.cleaning import DEFAULT_RULES
 
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in PATH_FIELDS}
     sources = {k: FileRef.of(getattr(config, k), run) if getattr(config, k) else None

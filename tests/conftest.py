@@ -35,6 +35,16 @@ needs_flickr = pytest.mark.skipif(
     not (FLICKR_IMAGES.is_dir() and FLICKR_TEXT.is_dir()),
     reason="../shared/flickr8k is not present",
 )
+def _importable(name: str) -> bool:
+    try:
+        __import__(name)
+    except ImportError:
+        return False
+    return True
+
+
+HAVE_PYCOCO = _importable("pycocoevalcap.bleu.bleu")  # an optional cross-check (dev extra)
+needs_pycoco = pytest.mark.skipif(not HAVE_PYCOCO, reason="pycocoevalcap is not installed")
 needs_mobilenet = pytest.mark.skipif(
     not (Path(os.environ.get("KERAS_HOME", "~/.keras")).expanduser() / "models" / MOBILENET_FILE).is_file(),
     reason="MobileNetV2 alpha=0.5 ImageNet weights are not in the Keras cache (../shared/weights)",

@@ -9,10 +9,7 @@ from conftest import FLICKR_TEXT, needs_flickr
 
 from captioner.captions import (
     CaptionFile,
-    CleaningRules,
     Problem,
-    clean_caption,
-    clean_captions,
     detect_format,
     filter_split,
     load_captions,
@@ -20,6 +17,7 @@ from captioner.captions import (
     read_captions,
     split_copy_suffix,
 )
+from captioner.cleaning import CleaningRules, clean_caption, clean_captions
 from captioner.cli import main
 from captioner.commands.captions import percentile_length
 from captioner.errors import CaptionerError

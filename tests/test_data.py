@@ -1,19 +1,24 @@
-"""CaptionDataset batches, masks, shuffling and memory; the ProgressiveLoader baseline."""
+"""CaptionDataset batches, masks, shuffling and memory; the benchmarks' ProgressiveLoader baseline."""
 
 from __future__ import annotations
 
 import itertools
 import math
+import sys
 import tracemalloc
 from collections.abc import Sequence
 
 import keras
 import numpy as np
 import pytest
+from conftest import ROOT
 
-from captioner.data import CaptionDataset, FeatureSource, ProgressiveLoader, flat_feature_shape
+from captioner.data import CaptionDataset, FeatureSource, flat_feature_shape
 from captioner.errors import CaptionerError
 from captioner.tokenizer import END, START, UNK, Tokenizer
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from progressive import ProgressiveLoader  # noqa: E402  (the benchmark baseline)
 
 
 class FakeSource:
@@ -383,7 +388,6 @@ def test_epoch_stream_is_a_pure_function_of_the_index():
 
 def test_progressive_loader_feeds_keras3_fit():
     """The classic per-prefix generator trains a tutorial-style two-input model."""
-    from captioner.data import ProgressiveLoader
 
     captions = make_captions(3, per_image=2)
     source = FakeSource(list(captions), (8,))

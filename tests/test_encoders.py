@@ -14,6 +14,7 @@ import pytest
 from conftest import FLICKR_IMAGES, needs_flickr, needs_mobilenet
 
 from captioner import encoders as E
+from captioner import weight_files as W
 from captioner.errors import WeightsError
 from captioner.layers import Preprocess, preprocess_array
 
@@ -100,7 +101,7 @@ def test_loads_official_legacy_h5_by_name(tmp_path):
 def test_save_weights_by_name_round_trip(tmp_path):
     src = E.vgg19(include_top=False, input_shape=(32, 32, 3))
     _randomize(src, seed=5)
-    E.save_weights_by_name(src, tmp_path / "w.h5")
+    W.save_weights_by_name(src, tmp_path / "w.h5")
     dst = E.vgg19(include_top=False, weights=tmp_path / "w.h5", input_shape=(32, 32, 3))
     for a, b in zip(dst.get_weights(), src.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -108,7 +109,7 @@ def test_save_weights_by_name_round_trip(tmp_path):
 
 def test_shape_mismatch_names_the_layer(tmp_path):
     vgg19 = E.vgg19(include_top=False, input_shape=(32, 32, 3))
-    E.save_weights_by_name(vgg19, tmp_path / "vgg19.h5")
+    W.save_weights_by_name(vgg19, tmp_path / "vgg19.h5")
     # VGG19's block3 has four convolutions, but the shapes agree; damage block1_conv1 instead
     with h5py.File(tmp_path / "vgg19.h5", "a") as f:
         g = f["block1_conv1"]
@@ -122,7 +123,7 @@ def test_shape_mismatch_names_the_layer(tmp_path):
 
 def test_missing_layer_and_non_keras_file(tmp_path):
     small = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, name="other")])
-    E.save_weights_by_name(small, tmp_path / "other.h5")
+    W.save_weights_by_name(small, tmp_path / "other.h5")
     with pytest.raises(WeightsError, match="no weights for layer 'block1_conv1'"):
         E.vgg16(include_top=False, weights=tmp_path / "other.h5", input_shape=(32, 32, 3))
     (tmp_path / "junk.h5").write_bytes(b"not hdf5 at all")
@@ -136,13 +137,13 @@ def test_missing_layer_and_non_keras_file(tmp_path):
 def isolated_cache(tmp_path, monkeypatch):
     """An empty Keras cache and an empty project weights/ folder."""
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
-    monkeypatch.setattr(E, "PROJECT_WEIGHTS_DIR", tmp_path / "project_weights")
+    monkeypatch.setattr(W, "PROJECT_WEIGHTS_DIR", tmp_path / "project_weights")
     return tmp_path / "keras_home" / "models"
 
 
 def test_wrong_hash_in_cache_is_a_clear_error(isolated_cache):
     isolated_cache.mkdir(parents=True)
-    spec = E.VGG_WEIGHTS[("vgg16", False)]
+    spec = W.VGG_WEIGHTS[("vgg16", False)]
     (isolated_cache / spec.fname).write_bytes(b"truncated download")
     with pytest.raises(WeightsError) as err:
         E.vgg16(include_top=False, weights="imagenet")
@@ -151,11 +152,11 @@ def test_wrong_hash_in_cache_is_a_clear_error(isolated_cache):
 
 
 def test_offline_error_names_file_md5_and_folder(isolated_cache, monkeypatch):
-    spec = E.VGG_WEIGHTS[("vgg16", True)]
-    offline = E.WeightsFile(spec.fname, "http://127.0.0.1:9/" + spec.fname, spec.md5)
-    monkeypatch.setitem(E.VGG_WEIGHTS, ("vgg16", True), offline)
+    spec = W.VGG_WEIGHTS[("vgg16", True)]
+    offline = W.WeightsFile(spec.fname, "http://127.0.0.1:9/" + spec.fname, spec.md5)
+    monkeypatch.setitem(W.VGG_WEIGHTS, ("vgg16", True), offline)
     with pytest.raises(WeightsError) as err:
-        E.resolve_vgg_weights("vgg16", True, "imagenet")
+        W.resolve_vgg_weights("vgg16", True, "imagenet")
     msg = str(err.value)
     assert "vgg16_weights_tf_dim_ordering_tf_kernels.h5" in msg
     assert "64373286793e3c8b2b4e3219cbf3544b" in msg
@@ -185,32 +186,32 @@ def test_download_from_local_server_is_hash_checked_and_cached(isolated_cache, l
     root, url = local_server
     payload = b"weights" * 1000
     (root / "w.h5").write_bytes(payload)
-    good = E.WeightsFile("w.h5", url + "w.h5", hashlib.md5(payload).hexdigest())
-    path = E.fetch_weights(good)
+    good = W.WeightsFile("w.h5", url + "w.h5", hashlib.md5(payload).hexdigest())
+    path = W.fetch_weights(good)
     assert path == isolated_cache / "w.h5" and path.read_bytes() == payload
     (root / "w.h5").unlink()  # a second call must come from the cache
-    assert E.fetch_weights(good) == path
-    bad = E.WeightsFile("v.h5", url + "v.h5", "0" * 32)
+    assert W.fetch_weights(good) == path
+    bad = W.WeightsFile("v.h5", url + "v.h5", "0" * 32)
     (root / "v.h5").write_bytes(payload)
     with pytest.raises(WeightsError, match="v.h5"):
-        E.fetch_weights(bad)
+        W.fetch_weights(bad)
 
 
 def test_json_round_trip(tmp_path):
     model = E.vgg16(include_top=False, input_shape=(32, 32, 3))
     _randomize(model, seed=6)
-    E.export_json(model, tmp_path / "arch.json")
-    E.save_weights_by_name(model, tmp_path / "w.h5")
-    rebuilt = E.model_from_json_file(tmp_path / "arch.json", tmp_path / "w.h5")
+    W.export_json(model, tmp_path / "arch.json")
+    W.save_weights_by_name(model, tmp_path / "w.h5")
+    rebuilt = W.model_from_json_file(tmp_path / "arch.json", tmp_path / "w.h5")
     x = np.random.default_rng(7).uniform(0, 255, (1, 32, 32, 3)).astype("float32")
     np.testing.assert_array_equal(model.predict(x, verbose=0), rebuilt.predict(x, verbose=0))
 
 
 def test_feature_model_json_round_trip_keeps_preprocessing(tmp_path):
     model = E.get_spec("mobilenet_v2_0.35").feature_model("pool", weights=None)
-    E.export_json(model, tmp_path / "m.json")
+    W.export_json(model, tmp_path / "m.json")
     model.save_weights(tmp_path / "m.weights.h5")
-    rebuilt = E.model_from_json_file(tmp_path / "m.json")
+    rebuilt = W.model_from_json_file(tmp_path / "m.json")
     rebuilt.load_weights(tmp_path / "m.weights.h5")
     assert isinstance(rebuilt.get_layer("preprocess"), Preprocess)
     x = np.random.default_rng(8).integers(0, 256, (1, 224, 224, 3)).astype("uint8")

@@ -31,6 +31,27 @@ def test_help_lists_every_stage(capsys):
         assert command in out
 
 
+HEAVY = ("numpy", "PIL", "nltk", "keras", "tensorflow", "h5py", "jinja2")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["extract", "--help"],
+                                  ["evaluate", "--help"], ["train", "--epochs", "x"],
+                                  ["caption"], ["extract", "--preset", "nope", "x"]])
+def test_help_and_argument_errors_import_no_heavy_library(argv):
+    """`captioner --help` and argparse's own errors stay fast: no numpy, PIL, nltk or Keras."""
+    code = textwrap.dedent(f"""
+        import sys
+        from captioner.cli import main
+        try:
+            main({argv!r})
+        except SystemExit:
+            pass
+        print("heavy:", ",".join(m for m in {HEAVY!r} if m in sys.modules))
+    """)
+    proc = _run("-c", code)
+    assert proc.stdout.splitlines()[-1] == "heavy: ", proc.stdout[-300:] + proc.stderr[-300:]
+
+
 def test_no_command_prints_help(capsys):
     assert main([]) == 0
     assert "usage: captioner" in capsys.readouterr().out

@@ -154,3 +154,29 @@ def test_positional_checkpoint_of_0_1_0_still_loads(tmp_path):
         h5.attrs["epoch"], h5.attrs["monitor"] = 2, "{}"
     assert load_checkpoint(tmp_path / "old.h5", m) == (2, {})
     np.testing.assert_array_equal(m.variables[1].numpy(), np.full(m.variables[1].shape, 1))
+
+
+def test_resize_method_travels_from_cache_to_run_to_captioning(tmp_path, monkeypatch):
+    from captioner import images
+    from captioner.decoders import build_decoder
+    from captioner.inference import Captioner
+    from captioner.tokenizer import Tokenizer
+
+    attrs = {"encoder": "tiny", "layer": "pool", "weights": "random", "input_size": [8, 8],
+             "resample": "bicubic", "feature_shape": [4]}
+    encoder = EncoderInfo.from_cache(attrs)
+    assert encoder.resample == "bicubic" and encoder.input_size == (8, 8)
+    tok = Tokenizer.build(["a dog"], min_count=1)
+    cfg = {"vocab_size": tok.vocab_size, "max_length": tok.max_length, "feature_shape": [4]}
+    config = RunConfig(encoder, DecoderInfo("merge", cfg))
+    captioner = Captioner(build_decoder("merge", **cfg), tok, config)
+    seen = []
+
+    def fake_load(path, size=None, resample="bilinear", **kwargs):
+        seen.append((size, resample))
+        return np.zeros((*size, 3), np.uint8)
+
+    monkeypatch.setattr(images, "load_image", fake_load)
+    monkeypatch.setattr(Captioner, "encode_images", lambda self, x: np.zeros((len(x), 4)))
+    list(captioner.encode_paths([("a", tmp_path / "a.jpg")], batch_size=2))
+    assert seen == [((8, 8), "bicubic")]

@@ -113,7 +113,7 @@ def test_existing_run_needs_resume(tmp_path, data):
 
 def _cli_args(data, out, epochs):
     caps, train_h5, val_h5, _ = data
-    return ["train", "--captions", str(caps), "--train-features", str(train_h5),
+    return ["train", "--preset", "classic", "--captions", str(caps), "--train-features", str(train_h5),
             "--val-features", str(val_h5), "--out", str(out), "--epochs", str(epochs),
             "--batch-size", "4", "--embed-dim", "16", "--units", "32", "--min-count", "1",
             "--learning-rate", "0.01", "--val-bleu-images", "4", "--patience", "0",
@@ -145,7 +145,8 @@ def test_sigkill_loses_at_most_the_epoch_in_flight(tmp_path, data):
 @needs_mobilenet
 def test_one_short_epoch_on_real_flickr8k_captions_lowers_the_loss(tmp_path):
     """~100 real photos (500 captions), genuine MobileNetV2 alpha=0.5 features, one epoch."""
-    from captioner.captions import clean_captions, load_captions, load_split
+    from captioner.captions import load_captions, load_split
+    from captioner.cleaning import clean_captions
     from captioner.data import CaptionDataset
     from captioner.decoders import MaskedSparseCrossEntropy
     from captioner.extraction import extract_with_spec
@@ -191,3 +192,11 @@ def test_validation_loss_without_bleu_sample(tmp_path, data):
     run = train(_config(tmp_path, data, epochs=1, val_bleu_images=0), verbose=0)
     row = next(csv.DictReader(open(run / "history.csv")))
     assert float(row["val_loss"]) > 0 and row["val_bleu4"] == ""
+
+
+def test_mixed_precision_is_scoped_to_the_training_call(tmp_path, data):
+    import keras
+
+    before = keras.config.dtype_policy().name
+    train(_config(tmp_path, data, epochs=1, mixed_precision=True), verbose=0)
+    assert keras.config.dtype_policy().name == before == "float32"

@@ -121,7 +121,8 @@ def caption_stats(cleaned: Mapping[str, Sequence[str]], min_count: int = 1) -> d
 
 def run_stats(args: argparse.Namespace) -> int:
     """Handler of ``captioner captions stats``."""
-    from captioner.captions import clean_captions, filter_split, load_split, read_captions
+    from captioner.captions import filter_split, load_split, read_captions
+    from captioner.cleaning import clean_captions
     from captioner.errors import CaptionerError
 
     if args.min_count < 1:

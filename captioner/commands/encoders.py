@@ -103,7 +103,7 @@ def summary(args: argparse.Namespace) -> int:
 
 def export(args: argparse.Namespace) -> int:
     """Write the architecture as JSON."""
-    from captioner.encoders import export_json
+    from captioner.weight_files import export_json
 
     model = _build(args)
     export_json(model, args.json)

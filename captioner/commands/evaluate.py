@@ -24,7 +24,8 @@ with --features to get thumbnails in the gallery.
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``captioner evaluate``."""
-    from captioner.evaluation import ATTENTION_IMAGES, DEFAULT_BATCH_SIZE, DEFAULT_BEAM_SIZES
+    from captioner.evaluation import ATTENTION_IMAGES, DEFAULT_BATCH_SIZE
+    from captioner.presets import add_preset_option
     from captioner.report import GALLERY_IMAGES, THUMBNAIL_SIZE
 
     p = sub.add_parser(
@@ -70,13 +71,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="image names to evaluate, one a line (default with --features: every "
         "image in the cache)",
     )
+    add_preset_option(p)
     p.add_argument(
         "--beam-size",
         type=int,
         nargs="+",
-        default=list(DEFAULT_BEAM_SIZES),
+        default=None,
         metavar="K",
-        help="one report section per value; 1 = greedy (default: %(default)s)",
+        help="one report section per value; 1 = greedy (default: the preset's, 3 for "
+        "'default', 1 for 'classic')",
     )
     p.add_argument(
         "--alpha",
@@ -135,6 +138,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     """Evaluate, write the report, print the summary table."""
     from captioner.errors import CaptionerError
     from captioner.evaluation import Decoding, evaluate
+    from captioner.presets import get_preset
     from captioner.report import build_payload, format_table, write_report
     from captioner.runs import CONFIG_FILE, DEFAULT_RUN
 
@@ -154,7 +158,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     for name in ("gallery", "thumbnail_size", "attention_images"):
         if getattr(args, name) < 0 or (name == "thumbnail_size" and args.thumbnail_size < 16):
             raise CaptionerError(f"--{name.replace('_', '-')} is too small: {getattr(args, name)}")
-    decodings = [Decoding(k, args.alpha, args.block_ngram) for k in dict.fromkeys(args.beam_size)]
+    beams = args.beam_size or get_preset(args.preset).beam_sizes
+    decodings = [Decoding(k, args.alpha, args.block_ngram) for k in dict.fromkeys(beams)]
     result = evaluate(
         model,
         args.captions,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from captioner.encoders import DEFAULT_ENCODER, SPECS
+from captioner.encoders import SPECS
+from captioner.presets import add_preset_option, get_preset
 
 # Kept here (not imported from features/images) so `captioner --help` stays fast; extract()
 # validates the same values.
@@ -55,18 +56,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="SOURCE",
         help="folder, quoted glob, image file, or text file of image names (see below)",
     )
+    add_preset_option(p)
     p.add_argument(
         "--encoder",
-        default=DEFAULT_ENCODER,
+        default=None,
         choices=list(SPECS),
-        help=f"CNN encoder (default {DEFAULT_ENCODER}); e.g. --encoder mobilenet_v2_0.5",
+        help="CNN encoder (default: the preset's, e.g. mobilenet_v2_0.5 for 'default' and "
+        "vgg16 for 'classic'); e.g. --encoder resnet50",
     )
     p.add_argument(
         "--layer",
         default=None,
         help="feature layer: fc2 (VGG only, 4096 values), conv (spatial map, for attention) or "
-        "pool (global average of conv); default: the encoder's (fc2 for VGG, pool otherwise). "
-        "e.g. --layer conv",
+        "pool (global average of conv); default: the preset's for the preset's encoder, else "
+        "the encoder's own (fc2 for VGG, pool otherwise). e.g. --layer conv",
     )
     p.add_argument(
         "--out",
@@ -155,14 +158,17 @@ def run_extract(args: argparse.Namespace) -> int:
     checks.at_least("--batch-size", args.batch_size, 1)
     checks.at_least("--workers", args.workers, 0)
     checks.output_file("--out", args.out, "features.h5")
+    preset = get_preset(args.preset)
+    encoder = args.encoder or preset.encoder
+    layer = args.layer or (preset.layer if encoder == preset.encoder else None)
     paths, names = list_images(args.source, args.images_dir)
     if args.limit is not None:
         paths, names = paths[: args.limit], names[: args.limit]
     summary = extract_with_spec(
         paths,
         args.out,
-        encoder=args.encoder,
-        layer=args.layer,
+        encoder=encoder,
+        layer=layer,
         weights=args.weights,
         mixed_precision=args.mixed_precision,
         names=names,

@@ -20,6 +20,7 @@ Which images belong to a split is read from the feature files' image names.
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``captioner train``."""
+    from captioner.presets import add_preset_option
     from captioner.training import SCHEDULES, TrainConfig
 
     d = TrainConfig("", "", "")
@@ -33,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder to create (or resume)")
+    add_preset_option(p)
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last finished epoch (optimizer "
                    "state included); --epochs may extend it; other options come from the run")
@@ -41,10 +43,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-features", metavar="H5", help="feature cache of the training images")
     p.add_argument("--val-features", metavar="H5",
                    help="feature cache of the validation images (val loss, BLEU-4, early stopping)")
-    p.add_argument("--decoder", metavar="KIND", default=d.decoder,
+    p.add_argument("--decoder", metavar="KIND", default=None,
                    help="merge (classic tutorial), inject (Show and Tell) or attention (Show, "
-                   "Attend and Tell; needs --layer conv features). Default: %(default)s")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="total epochs (default %(default)s)")
+                   "Attend and Tell; needs --layer conv features). Default: the preset's "
+                   "(attention for 'default', merge for 'classic')")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="total epochs (default: the preset's, 8 for 'default', 20 for 'classic')")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="captions per batch (default %(default)s)")
     p.add_argument("--embed-dim", type=int, default=d.embed_dim, help="word embedding size (default %(default)s)")
     p.add_argument("--units", type=int, default=d.units, help="LSTM units (default %(default)s)")
@@ -56,17 +60,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-count", type=int, default=d.min_count,
                    help="words seen fewer times in training captions become <unk> (default %(default)s)")
     p.add_argument("--max-length", type=int, default=None,
-                   help="cap on caption length in tokens incl. <start>/<end> (default: longest training caption)")
+                   help="cap on caption length in tokens incl. <start>/<end> (default: the "
+                   "preset's, 22 for 'default'; else the longest training caption)")
     p.add_argument("--learning-rate", type=float, default=d.learning_rate, help="Adam learning rate (default %(default)s)")
-    p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
+    p.add_argument("--schedule", choices=SCHEDULES, default=None,
                    help="learning-rate schedule: constant, cosine (with --warmup-epochs), or "
-                   "plateau (halve after --plateau-patience epochs without val-loss progress)")
+                   "plateau (halve after --plateau-patience epochs without val-loss progress); "
+                   "default: the preset's (plateau for 'default', constant for 'classic')")
     p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="cosine warm-up (default %(default)s)")
     p.add_argument("--plateau-patience", type=int, default=d.plateau_patience, help="(default %(default)s)")
     p.add_argument("--clipnorm", type=float, default=d.clipnorm, help="gradient clipping norm (default %(default)s)")
     p.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="(default %(default)s)")
-    p.add_argument("--patience", type=int, default=d.patience,
-                   help="early stopping: epochs without val-loss progress (0 disables; default %(default)s)")
+    p.add_argument("--patience", type=int, default=None,
+                   help="early stopping: epochs without val-loss progress (0 disables; default: "
+                   "the preset's, 3 for 'default', 5 for 'classic')")
     p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints,
                    help="per-epoch weight files to keep (default %(default)s)")
     p.add_argument("--val-bleu-images", type=int, default=d.val_bleu_images,
@@ -84,15 +91,28 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_train(args: argparse.Namespace) -> int:
     """Handler of ``captioner train``."""
     from captioner.errors import CaptionerError
-    from captioner.training import TrainConfig, train
+    from captioner.training import train
 
     if not args.resume and not (args.captions and args.train_features):
         raise CaptionerError("--captions and --train-features are required (unless --resume)")
-    fields = TrainConfig.__dataclass_fields__
-    values = {k: v for k, v in vars(args).items() if k in fields}
-    for required in ("captions", "train_features"):  # taken from the run when resuming
-        values[required] = values[required] or ""
-    config = TrainConfig(**values)
+    config = config_from_args(args)
     run = train(config, resume=args.resume, verbose=0 if args.quiet else 1)
     print(f"run folder: {run}")
     return 0
+
+
+def config_from_args(args: argparse.Namespace):
+    """The TrainConfig of the command line: options given, else the preset's, else the
+    TrainConfig defaults (with --resume, the run's own settings win later)."""
+    from captioner.presets import get_preset
+    from captioner.training import TrainConfig
+
+    preset = get_preset(args.preset)
+    fields = TrainConfig.__dataclass_fields__
+    values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    for key, value in {"decoder": preset.decoder, **preset.training}.items():
+        if getattr(args, key, None) is None:
+            values[key] = value
+    for required in ("captions", "train_features"):  # taken from the run when resuming
+        values[required] = values.get(required) or ""
+    return TrainConfig(**values)

@@ -1,0 +1,86 @@
+"""Named presets: the one place where the pipeline's defaults live.
+
+``captioner extract``, ``train`` and ``evaluate`` take ``--preset NAME``; every option left
+unset comes from it, so running the three with defaults gives one consistent pipeline:
+
+- ``classic``: the Flickr8k tutorial (Tasks 1-5): VGG16 ``fc2`` vectors, the merge decoder,
+  greedy search;
+- ``default``: the bundled model (``weights/default``, whose ``config.json`` names this
+  preset): MobileNetV2 (alpha 0.5) ``conv`` maps, the attention decoder, beam search of 3.
+
+Changing the bundled model's recipe is a change of the ``default`` entry below. Standard
+library only (the CLI reads it to print ``--help``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from captioner.errors import CaptionerError
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Encoder, feature layer, decoder, training settings and decoding of one pipeline."""
+
+    name: str
+    description: str
+    encoder: str
+    layer: str
+    decoder: str
+    training: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
+    beam_sizes: tuple[int, ...] = (3,)
+
+    def summary(self) -> str:
+        """One line for ``--help``: what the preset picks."""
+        beams = ", ".join("greedy" if k == 1 else f"beam {k}" for k in self.beam_sizes)
+        return f"{self.encoder} {self.layer} features, {self.decoder} decoder, {beams}"
+
+
+PRESETS: dict[str, Preset] = {
+    "classic": Preset(
+        "classic",
+        "the Flickr8k tutorial pipeline (Tasks 1-5)",
+        encoder="vgg16",
+        layer="fc2",
+        decoder="merge",
+        training={"epochs": 20, "schedule": "constant", "patience": 5},
+        beam_sizes=(1,),
+    ),
+    "default": Preset(
+        "default",
+        "the bundled model (weights/default)",
+        encoder="mobilenet_v2_0.5",
+        layer="conv",
+        decoder="attention",
+        training={"epochs": 8, "schedule": "plateau", "patience": 3, "max_length": 22},
+        beam_sizes=(3,),
+    ),
+}
+DEFAULT_PRESET = "default"
+
+
+def get_preset(name: str | None) -> Preset:
+    """The preset called ``name`` (None: :data:`DEFAULT_PRESET`)."""
+    name = name or DEFAULT_PRESET
+    if name not in PRESETS:
+        raise CaptionerError(f"unknown preset '{name}'; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def preset_help() -> str:
+    """The ``--preset`` help text, listing every preset."""
+    listed = "; ".join(f"{p.name}: {p.description}, {p.summary()}" for p in PRESETS.values())
+    return f"where unset options take their defaults from ({listed}). Default: {DEFAULT_PRESET}"
+
+
+PRESET_NOTE = (f"Options left unset take their values from --preset (default "
+               f"'{DEFAULT_PRESET}': {PRESETS[DEFAULT_PRESET].description}).")
+
+
+def add_preset_option(parser) -> None:
+    """Add ``--preset`` to an argparse parser and say so in its description."""
+    parser.description = f"{parser.description or ''}\n\n{PRESET_NOTE}".strip()
+    parser.add_argument("--preset", choices=list(PRESETS), default=DEFAULT_PRESET,
+                        help=preset_help())
