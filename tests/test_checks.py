@@ -37,7 +37,7 @@ def data(tmp_path):
 def _train(data, out, *extra):
     caps, train_h5, val_h5, _ = data
     return ["train", "--captions", str(caps), "--train-features", str(train_h5),
-            "--val-features", str(val_h5), "--out", str(out), "--batch-size", "4",
+            "--val-features", str(val_h5), "--out", str(out), "--decoder", "merge", "--batch-size", "4",
             "--embed-dim", "8", "--units", "8", "--min-count", "1", "--val-bleu-images", "2",
             "--quiet", *extra]
 
@@ -61,7 +61,7 @@ def test_train_numbers_out_of_range(tmp_path, data, capsys, option, value, needl
 
 def test_attention_decoder_with_pooled_features(tmp_path, data, capsys):
     out = tmp_path / "run"
-    _fails(capsys, _train(data, out, "--decoder", "attention"),
+    _fails(capsys, _train(data, out) + ["--decoder", "attention"],
            "needs spatial features", "--layer conv")
     assert not out.exists()
 
