@@ -149,7 +149,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         model = DEFAULT_RUN
     from captioner import checks
 
-    for k in args.beam_size:
+    for k in args.beam_size or ():  # None: the preset's
         checks.beam_size(k)
     checks.at_least("--batch-size", args.batch_size, 1)
     checks.at_least("--limit", args.limit, 1)
