@@ -36,13 +36,26 @@ class RunMonitor(keras.callbacks.Callback):
     monitor state of a resumed run.
     """
 
-    def __init__(self, settings: Any, run: Path, val_sample, tokenizer, state: dict,
-                 exporter: WeightsExporter):
+    def __init__(
+        self,
+        settings: Any,
+        run: Path,
+        val_sample,
+        tokenizer,
+        state: dict,
+        exporter: WeightsExporter,
+    ):
         super().__init__()
         self.settings, self.run, self.val_sample = settings, run, val_sample
         self.tokenizer, self.exporter = tokenizer, exporter
-        self.state = {"best_bleu": -1.0, "best_val_loss": math.inf, "wait": 0,
-                      "plateau_wait": 0, "plateau_best": math.inf, **state}
+        self.state = {
+            "best_bleu": -1.0,
+            "best_val_loss": math.inf,
+            "wait": 0,
+            "plateau_wait": 0,
+            "plateau_best": math.inf,
+            **state,
+        }
         self.rows = read_history(run / HISTORY)
         self.started = time.time()
         self._captioner = None
@@ -75,10 +88,16 @@ class RunMonitor(keras.callbacks.Callback):
         if bleu is not None:
             logs["val_bleu4"] = bleu
         lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-        row = {"epoch": epoch + 1, "loss": logs.get("loss"), "val_loss": logs.get("val_loss"),
-               "xent": logs.get(XENT), "val_xent": logs.get(f"val_{XENT}"),
-               "val_bleu4": bleu, "learning_rate": lr,
-               "seconds": round(time.time() - self.started, 2)}
+        row = {
+            "epoch": epoch + 1,
+            "loss": logs.get("loss"),
+            "val_loss": logs.get("val_loss"),
+            "xent": logs.get(XENT),
+            "val_xent": logs.get(f"val_{XENT}"),
+            "val_bleu4": bleu,
+            "learning_rate": lr,
+            "seconds": round(time.time() - self.started, 2),
+        }
         self.rows = [r for r in self.rows if r["epoch"] < epoch + 1] + [row]
         self._select_best(epoch, logs, bleu)
         self._plateau(logs)
@@ -122,7 +141,9 @@ class RunMonitor(keras.callbacks.Callback):
         keep = self.run / CHECKPOINTS_DIR
         keep.mkdir(exist_ok=True)
         self.exporter.save(self.model, keep / f"epoch-{epoch + 1:03d}.weights.h5")
-        for old in sorted(keep.glob("epoch-*.weights.h5"))[:-max(self.settings.keep_checkpoints, 1)]:
+        for old in sorted(keep.glob("epoch-*.weights.h5"))[
+            : -max(self.settings.keep_checkpoints, 1)
+        ]:
             old.unlink()
         write_history(self.run / HISTORY, self.rows)
         save_checkpoint(self.run / CHECKPOINT, self.model, epoch + 1, self.state)

@@ -159,13 +159,17 @@ class RunConfig:
             dec = data["decoder"]
             decoder = DecoderInfo(str(dec["kind"]), dict(dec["config"]))
             decoder.vocab_size, decoder.max_length  # noqa: B018  (present and integers)
-            sources = {k: FileRef(**_known(FileRef, v)) if v else None
-                       for k, v in (data.get("sources") or {}).items()}
+            sources = {
+                k: FileRef(**_known(FileRef, v)) if v else None
+                for k, v in (data.get("sources") or {}).items()
+            }
             rest = _known(cls, data, skip=("encoder", "decoder", "sources"))
             return cls(encoder=encoder, decoder=decoder, sources=sources, **rest)
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
-            raise CaptionerError(f"{source} is not a valid run config ({type(exc).__name__}: "
-                                 f"{exc}); retrain the run or restore its config.json") from None
+            raise CaptionerError(
+                f"{source} is not a valid run config ({type(exc).__name__}: "
+                f"{exc}); retrain the run or restore its config.json"
+            ) from None
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike) -> RunConfig:
@@ -204,13 +208,17 @@ def migrate(data: dict[str, Any], source: str = "config") -> dict[str, Any]:
     """
     version = data.get("version", 1)
     if not isinstance(version, int) or version > RUN_VERSION:
-        raise CaptionerError(f"{source} has run format version {version!r}; this captioner "
-                             f"reads up to {RUN_VERSION}. Upgrade captioner.")
+        raise CaptionerError(
+            f"{source} has run format version {version!r}; this captioner "
+            f"reads up to {RUN_VERSION}. Upgrade captioner."
+        )
     data = json.loads(json.dumps(data))  # a deep copy
     if version == 1:
         training = data.get("training") or {}
-        data["sources"] = {k: {"name": Path(training[k]).name, "path": training[k]}
-                           if training.get(k) else None for k in SOURCE_KEYS}
+        data["sources"] = {
+            k: {"name": Path(training[k]).name, "path": training[k]} if training.get(k) else None
+            for k in SOURCE_KEYS
+        }
         data["training"] = {k: v for k, v in training.items() if k not in (*SOURCE_KEYS, "out")}
         if isinstance(data.get("encoder"), dict):
             data["encoder"].setdefault("resample", DEFAULT_RESAMPLE)
@@ -242,8 +250,10 @@ def read_history(path: str | os.PathLike) -> list[dict[str, float | None]]:
     if not path.is_file():
         return []
     with open(path, newline="") as fh:
-        rows = [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()}
-                for row in csv.DictReader(fh)]
+        rows = [
+            {k: (float(v) if v not in ("", None) else None) for k, v in row.items()}
+            for row in csv.DictReader(fh)
+        ]
     for row in rows:
         row["epoch"] = int(row["epoch"])
     return rows
@@ -265,10 +275,19 @@ def versions() -> dict[str, str | None]:
 
     import keras
 
-    found: dict[str, str | None] = {"captioner": __version__, "python": platform.python_version(),
-                                    "keras": keras.__version__, "backend": keras.backend.backend()}
-    for name, dist in (("numpy", "numpy"), ("h5py", "h5py"), ("nltk", "nltk"),
-                       ("pillow", "pillow"), ("pycocoevalcap", "pycocoevalcap")):
+    found: dict[str, str | None] = {
+        "captioner": __version__,
+        "python": platform.python_version(),
+        "keras": keras.__version__,
+        "backend": keras.backend.backend(),
+    }
+    for name, dist in (
+        ("numpy", "numpy"),
+        ("h5py", "h5py"),
+        ("nltk", "nltk"),
+        ("pillow", "pillow"),
+        ("pycocoevalcap", "pycocoevalcap"),
+    ):
         try:
             found[name] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
