@@ -32,18 +32,26 @@ def run_once(checkout: Path, image: Path) -> dict[str, float]:
     wall = time.perf_counter() - start
     if status != 0:
         raise SystemExit(f"{' '.join(cmd)} (from {checkout}) failed with status {status}")
-    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
-            "peak_mib": usage.ru_maxrss / 1024}  # ru_maxrss is KiB on Linux
+    return {
+        "wall_s": wall,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "peak_mib": usage.ru_maxrss / 1024,
+    }  # ru_maxrss is KiB on Linux
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--baseline", type=Path, required=True, help="checkout to compare with")
     parser.add_argument("--image", type=Path, default=ROOT / "data" / "example.jpg")
     parser.add_argument("--runs", type=int, default=5, help="counted runs of each (default 5)")
-    parser.add_argument("--no-warmup", dest="warmup", action="store_false",
-                        help="skip the uncounted first run of each (smoke tests)")
+    parser.add_argument(
+        "--no-warmup",
+        dest="warmup",
+        action="store_false",
+        help="skip the uncounted first run of each (smoke tests)",
+    )
     args = parser.parse_args(argv)
     runs: dict[str, list[dict[str, float]]] = {"ours": [], "baseline": []}
     for checkout in (ROOT, args.baseline) if args.warmup else ():  # file cache, bytecode
@@ -59,8 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         ratios = [a[key] / b[key] for a, b in zip(runs["ours"], runs["baseline"], strict=True)]
         result[f"ratio_{key}"] = round(statistics.median(ratios), 3)
     for key in ("wall_s", "cpu_s", "peak_mib"):
-        print(f"{key:9s} ours {result[f'ours_{key}']:8.2f}  baseline "
-              f"{result[f'baseline_{key}']:8.2f}  ratio (median of pairs) {result[f'ratio_{key}']:.3f}")
+        print(
+            f"{key:9s} ours {result[f'ours_{key}']:8.2f}  baseline "
+            f"{result[f'baseline_{key}']:8.2f}  ratio (median of pairs) {result[f'ratio_{key}']:.3f}"
+        )
     print("RESULT " + json.dumps(result))
     return 0
 

@@ -22,8 +22,9 @@ def at_least(option: str, value: float | None, minimum: float, what: str = "") -
         raise CaptionerError(f"{option} must be at least {minimum}{what}, not {value}")
 
 
-def in_range(option: str, value: float | None, low: float, high: float,
-             high_open: bool = False) -> None:
+def in_range(
+    option: str, value: float | None, low: float, high: float, high_open: bool = False
+) -> None:
     """``low <= value <= high`` (``< high`` with ``high_open``), finite."""
     if value is None:
         return
@@ -42,8 +43,9 @@ def beam_size(value: int, option: str = "--beam-size") -> None:
         )
 
 
-def search_options(beam: int, n_best: int, alpha: float, block_ngram: int,
-                   max_length: int | None) -> None:
+def search_options(
+    beam: int, n_best: int, alpha: float, block_ngram: int, max_length: int | None
+) -> None:
     """The beam-search options of ``caption``, each on its own."""
     beam_size(beam)
     at_least("--n-best", n_best, 1)
@@ -60,8 +62,9 @@ def output_file(option: str, path: str | os.PathLike, example: str) -> None:
     """``path`` must name a file (not a folder) in a folder that exists or can be made."""
     target = Path(path)
     if target.is_dir() or str(path).endswith(("/", os.sep)):
-        raise CaptionerError(f"{option} {path} is a folder; give a file name, e.g. "
-                             f"{option} {target / example}")
+        raise CaptionerError(
+            f"{option} {path} is a folder; give a file name, e.g. {option} {target / example}"
+        )
     parent = target.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -80,11 +83,21 @@ def no_extra_sources(extra: Sequence[str], first: str) -> None:
 
 def train_config(config) -> None:
     """The numeric options of ``train`` (a TrainConfig), each on its own."""
-    for option, minimum in (("epochs", 1), ("batch_size", 1), ("embed_dim", 1), ("units", 1),
-                            ("attention_units", 1), ("min_count", 1), ("plateau_patience", 1),
-                            ("patience", 0), ("keep_checkpoints", 1), ("val_bleu_images", 0),
-                            ("max_train_images", 1), ("warmup_epochs", 0),
-                            ("attention_reg", 0)):
+    for option, minimum in (
+        ("epochs", 1),
+        ("batch_size", 1),
+        ("embed_dim", 1),
+        ("units", 1),
+        ("attention_units", 1),
+        ("min_count", 1),
+        ("plateau_patience", 1),
+        ("patience", 0),
+        ("keep_checkpoints", 1),
+        ("val_bleu_images", 0),
+        ("max_train_images", 1),
+        ("warmup_epochs", 0),
+        ("attention_reg", 0),
+    ):
         at_least("--" + option.replace("_", "-"), getattr(config, option, None), minimum)
     at_least("--max-length", config.max_length, 3, " tokens (<start>, one word, <end>)")
     in_range("--dropout", config.dropout, 0.0, 1.0, high_open=True)

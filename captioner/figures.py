@@ -59,8 +59,9 @@ def _gaussian_matrix(n: int, sigma: float) -> np.ndarray:
     return k / k.sum(axis=1, keepdims=True)
 
 
-def upsample_attention(weights: np.ndarray, size: tuple[int, int],
-                       smoothing: float = SMOOTHING, scale: bool = True) -> np.ndarray:
+def upsample_attention(
+    weights: np.ndarray, size: tuple[int, int], smoothing: float = SMOOTHING, scale: bool = True
+) -> np.ndarray:
     """One word's attention (h, w) as a smooth mask (H, W) = ``size``.
 
     Bicubic upsampling, then a Gaussian of ``smoothing`` grid cells; the mass of each cell is
@@ -91,17 +92,32 @@ def _grid_weights(weights: np.ndarray, grid: tuple[int, int] | None) -> np.ndarr
     return weights.reshape(len(weights), *grid)
 
 
-def _panel(ax, photo: np.ndarray, title: str, mask: np.ndarray | None = None,
-           peak: float = 1.0) -> None:
+def _panel(
+    ax, photo: np.ndarray, title: str, mask: np.ndarray | None = None, peak: float = 1.0
+) -> None:
     """The photo, with ``mask`` as a heat overlay stretched from its least to its most attended
     spot, titled with the word; below it ``peak``, the largest weight over an even spread's."""
     ax.imshow(photo, interpolation="bilinear")
     if mask is not None:
         low, high = float(mask.min()), float(mask.max())
-        ax.imshow(mask, cmap=HEAT_CMAP, alpha=HEAT_OPACITY, vmin=low,
-                  vmax=high if high > low else low + 1e-9, interpolation="bilinear")
-        ax.text(0.5, -0.02, f"peak {peak:.2f}x even", transform=ax.transAxes,
-                ha="center", va="top", fontsize=8, color="#555555")
+        ax.imshow(
+            mask,
+            cmap=HEAT_CMAP,
+            alpha=HEAT_OPACITY,
+            vmin=low,
+            vmax=high if high > low else low + 1e-9,
+            interpolation="bilinear",
+        )
+        ax.text(
+            0.5,
+            -0.02,
+            f"peak {peak:.2f}x even",
+            transform=ax.transAxes,
+            ha="center",
+            va="top",
+            fontsize=8,
+            color="#555555",
+        )
     ax.set_title(title, fontsize=12)
     ax.set_axis_off()
 
@@ -113,9 +129,14 @@ def _masks(photo: np.ndarray, alphas: np.ndarray) -> tuple[list[np.ndarray], lis
     return masks, [float(a.max()) * a.size for a in alphas]
 
 
-def attention_figure(image: Any, words: Sequence[str], weights: np.ndarray,
-                     grid: tuple[int, int] | None = None, caption: str | None = None,
-                     columns: int = COLUMNS):
+def attention_figure(
+    image: Any,
+    words: Sequence[str],
+    weights: np.ndarray,
+    grid: tuple[int, int] | None = None,
+    caption: str | None = None,
+    columns: int = COLUMNS,
+):
     """A matplotlib ``Figure``: the photo, then one heat overlay per word titled with the word.
 
     ``weights`` is (len(words), h, w) or (len(words), h*w). Each word's colours run from its
@@ -132,8 +153,9 @@ def attention_figure(image: Any, words: Sequence[str], weights: np.ndarray,
     columns = max(1, min(columns, len(panels)))
     rows = -(-len(panels) // columns)
     aspect = photo.shape[0] / photo.shape[1]
-    fig = Figure(figsize=(columns * PANEL_INCHES, rows * (PANEL_INCHES * aspect + LABEL_INCHES)),
-                 dpi=DPI)
+    fig = Figure(
+        figsize=(columns * PANEL_INCHES, rows * (PANEL_INCHES * aspect + LABEL_INCHES)), dpi=DPI
+    )
     for i, (title, mask, peak) in enumerate(panels):
         _panel(fig.add_subplot(rows, columns, i + 1), photo, title, mask, peak)
     if caption:
@@ -142,8 +164,7 @@ def attention_figure(image: Any, words: Sequence[str], weights: np.ndarray,
     return fig
 
 
-def word_overlay(image: Any, word: str, weights: np.ndarray,
-                 grid: tuple[int, int] | None = None):
+def word_overlay(image: Any, word: str, weights: np.ndarray, grid: tuple[int, int] | None = None):
     """A one-panel ``Figure``: one word's heat overlay (as in :func:`attention_figure`),
     titled with the word; ``weights`` is (h, w) or (h*w,)."""
     from matplotlib.figure import Figure
@@ -170,22 +191,33 @@ def png_bytes(fig) -> bytes:
     return image_bytes(fig, "png")
 
 
-def attention_strip_png(image: Any, words: Sequence[str], weights: np.ndarray,
-                        grid: tuple[int, int] | None = None, caption: str | None = None,
-                        columns: int = COLUMNS) -> bytes:
+def attention_strip_png(
+    image: Any,
+    words: Sequence[str],
+    weights: np.ndarray,
+    grid: tuple[int, int] | None = None,
+    caption: str | None = None,
+    columns: int = COLUMNS,
+) -> bytes:
     """PNG bytes of :func:`attention_figure` (the photo and one panel per word)."""
     return png_bytes(attention_figure(image, words, weights, grid, caption, columns))
 
 
-def word_overlay_png(image: Any, word: str, weights: np.ndarray,
-                     grid: tuple[int, int] | None = None) -> bytes:
+def word_overlay_png(
+    image: Any, word: str, weights: np.ndarray, grid: tuple[int, int] | None = None
+) -> bytes:
     """PNG bytes of :func:`word_overlay` (one word's heat overlay)."""
     return png_bytes(word_overlay(image, word, weights, grid))
 
 
-def save_attention_map(path: str | os.PathLike, image: Any, words: Sequence[str],
-                       weights: np.ndarray, grid: tuple[int, int] | None = None,
-                       caption: str | None = None) -> None:
+def save_attention_map(
+    path: str | os.PathLike,
+    image: Any,
+    words: Sequence[str],
+    weights: np.ndarray,
+    grid: tuple[int, int] | None = None,
+    caption: str | None = None,
+) -> None:
     """Write :func:`attention_figure` as a PNG file."""
     attention_figure(image, words, weights, grid, caption).savefig(path, format="png", dpi=DPI)
 
@@ -210,8 +242,9 @@ def _photo_or_grey(path: str | os.PathLike | None, size: int = PANEL_PIXELS) -> 
     return np.full((size, size, 3), 128, np.uint8)
 
 
-def thumbnail_jpeg(path: str | os.PathLike, size: int = THUMBNAIL_SIZE,
-                   quality: int = THUMBNAIL_QUALITY) -> bytes | None:
+def thumbnail_jpeg(
+    path: str | os.PathLike, size: int = THUMBNAIL_SIZE, quality: int = THUMBNAIL_QUALITY
+) -> bytes | None:
     """A JPEG of the image fitted into size x size (aspect kept); None if it cannot be read."""
     try:
         with Image.open(path) as im:
@@ -225,8 +258,12 @@ def thumbnail_jpeg(path: str | os.PathLike, size: int = THUMBNAIL_SIZE,
     return buf.getvalue()
 
 
-def attention_strip_jpeg(path: str | os.PathLike | None, words: Sequence[str],
-                         weights: np.ndarray, columns: int = REPORT_COLUMNS) -> bytes:
+def attention_strip_jpeg(
+    path: str | os.PathLike | None,
+    words: Sequence[str],
+    weights: np.ndarray,
+    columns: int = REPORT_COLUMNS,
+) -> bytes:
     """:func:`attention_figure` of an image file (grey when unreadable) as JPEG bytes, for
     report.html; ``weights`` is (len(words), h, w)."""
     figure = attention_figure(_photo_or_grey(path), words, weights, columns=columns)
@@ -293,12 +330,25 @@ def training_curves(rows: Sequence[Mapping[str, Any]]):
         bleu = [v * 100 for v in _column(rows, "val_bleu4")]
         bleu_ax.plot(epochs, bleu, "o-", color=VAL_COLOUR)
         best = int(np.nanargmax(bleu))
-        bleu_ax.plot([epochs[best]], [bleu[best]], "*", color="black", markersize=14,
-                     label=f"best: {bleu[best]:.1f} (epoch {epochs[best]})")
+        bleu_ax.plot(
+            [epochs[best]],
+            [bleu[best]],
+            "*",
+            color="black",
+            markersize=14,
+            label=f"best: {bleu[best]:.1f} (epoch {epochs[best]})",
+        )
         bleu_ax.legend(loc="lower right", fontsize=9)
     else:
-        bleu_ax.text(0.5, 0.5, "no validation BLEU-4", ha="center", va="center",
-                     transform=bleu_ax.transAxes, color="#888888")
+        bleu_ax.text(
+            0.5,
+            0.5,
+            "no validation BLEU-4",
+            ha="center",
+            va="center",
+            transform=bleu_ax.transAxes,
+            color="#888888",
+        )
     bleu_ax.set_title("validation BLEU-4 x100 (greedy)")
     for ax in (loss_ax, lr_ax, bleu_ax):
         ax.set_xlabel("epoch")

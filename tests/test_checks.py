@@ -36,23 +36,47 @@ def data(tmp_path):
 
 def _train(data, out, *extra):
     caps, train_h5, val_h5, _ = data
-    return ["train", "--captions", str(caps), "--train-features", str(train_h5),
-            "--val-features", str(val_h5), "--out", str(out), "--decoder", "merge", "--batch-size", "4",
-            "--embed-dim", "8", "--units", "8", "--min-count", "1", "--val-bleu-images", "2",
-            "--quiet", *extra]
+    return [
+        "train",
+        "--captions",
+        str(caps),
+        "--train-features",
+        str(train_h5),
+        "--val-features",
+        str(val_h5),
+        "--out",
+        str(out),
+        "--decoder",
+        "merge",
+        "--batch-size",
+        "4",
+        "--embed-dim",
+        "8",
+        "--units",
+        "8",
+        "--min-count",
+        "1",
+        "--val-bleu-images",
+        "2",
+        "--quiet",
+        *extra,
+    ]
 
 
 # --------------------------------------------------------------------------- train
 
 
-@pytest.mark.parametrize(("option", "value", "needle"), [
-    ("--epochs", "0", "--epochs must be at least 1, not 0"),
-    ("--epochs", "-3", "--epochs must be at least 1, not -3"),
-    ("--batch-size", "0", "--batch-size must be at least 1"),
-    ("--max-length", "2", "--max-length must be at least 3"),
-    ("--dropout", "1.0", "--dropout must be at least 0.0 and below 1.0"),
-    ("--learning-rate", "0", "--learning-rate must be above 0"),
-])
+@pytest.mark.parametrize(
+    ("option", "value", "needle"),
+    [
+        ("--epochs", "0", "--epochs must be at least 1, not 0"),
+        ("--epochs", "-3", "--epochs must be at least 1, not -3"),
+        ("--batch-size", "0", "--batch-size must be at least 1"),
+        ("--max-length", "2", "--max-length must be at least 3"),
+        ("--dropout", "1.0", "--dropout must be at least 0.0 and below 1.0"),
+        ("--learning-rate", "0", "--learning-rate must be above 0"),
+    ],
+)
 def test_train_numbers_out_of_range(tmp_path, data, capsys, option, value, needle):
     out = tmp_path / "run"
     _fails(capsys, _train(data, out, option, value), needle)
@@ -61,8 +85,12 @@ def test_train_numbers_out_of_range(tmp_path, data, capsys, option, value, needl
 
 def test_attention_decoder_with_pooled_features(tmp_path, data, capsys):
     out = tmp_path / "run"
-    _fails(capsys, _train(data, out) + ["--decoder", "attention"],
-           "needs spatial features", "--layer conv")
+    _fails(
+        capsys,
+        _train(data, out) + ["--decoder", "attention"],
+        "needs spatial features",
+        "--layer conv",
+    )
     assert not out.exists()
 
 
@@ -71,8 +99,19 @@ def test_conv_train_with_pooled_val_features(tmp_path, capsys):
     pooled = tmp_path / "val_pool.h5"
     write_cache(pooled, {n: np.ones(16, "float32") for n in list(refs)[:2]}, layer="pool")
     out = tmp_path / "run"
-    argv = ["train", "--captions", str(caps), "--train-features", str(train_h5),
-            "--val-features", str(pooled), "--decoder", "attention", "--out", str(out)]
+    argv = [
+        "train",
+        "--captions",
+        str(caps),
+        "--train-features",
+        str(train_h5),
+        "--val-features",
+        str(pooled),
+        "--decoder",
+        "attention",
+        "--out",
+        str(out),
+    ]
     _fails(capsys, argv, "--val-features", "layer", "feature_shape", "same --encoder, --layer")
     assert not out.exists()
 
@@ -82,8 +121,12 @@ def test_split_file_given_as_captions(tmp_path, data, capsys):
     split.write_text("img000.jpg\nimg001.jpg\n")
     caps, train_h5, val_h5, _ = data
     out = tmp_path / "run"
-    err = _fails(capsys, ["train", "--captions", str(split), "--train-features", str(train_h5),
-                          "--out", str(out)], "split file", "Flickr8k token file")
+    err = _fails(
+        capsys,
+        ["train", "--captions", str(split), "--train-features", str(train_h5), "--out", str(out)],
+        "split file",
+        "Flickr8k token file",
+    )
     assert "pass it explicitly" not in err and "--format" not in err
     assert not out.exists()
 
@@ -119,25 +162,33 @@ def test_ctrl_c_says_how_to_resume(monkeypatch, tmp_path, capsys):
 # --------------------------------------------------------------------------- caption
 
 
-@pytest.mark.parametrize(("argv", "needles"), [
-    (["--batch-size", "0"], ["--batch-size must be at least 1, not 0"]),
-    (["--beam-size", "0"], ["--beam-size must be at least 1 (greedy)", "not 0"]),
-    (["--beam-size", "1000"], [f"at most {MAX_BEAM_SIZE}, not 1000"]),
-    (["--beam-size", "2", "--n-best", "3"], ["--n-best 3 needs --beam-size of at least 3"]),
-    (["--max-length", "0"], ["--max-length must be at least 1"]),
-    (["--alpha", "-1"], ["--alpha must be at least 0.0"]),
-])
+@pytest.mark.parametrize(
+    ("argv", "needles"),
+    [
+        (["--batch-size", "0"], ["--batch-size must be at least 1, not 0"]),
+        (["--beam-size", "0"], ["--beam-size must be at least 1 (greedy)", "not 0"]),
+        (["--beam-size", "1000"], [f"at most {MAX_BEAM_SIZE}, not 1000"]),
+        (["--beam-size", "2", "--n-best", "3"], ["--n-best 3 needs --beam-size of at least 3"]),
+        (["--max-length", "0"], ["--max-length must be at least 1"]),
+        (["--alpha", "-1"], ["--alpha must be at least 0.0"]),
+    ],
+)
 def test_caption_options_are_checked_before_the_model_loads(tmp_path, capsys, argv, needles):
     # --model points nowhere: the check must fire before the model is even looked for
-    err = _fails(capsys, ["caption", "x.jpg", "--model", str(tmp_path / "nowhere"), *argv],
-                 *needles)
+    err = _fails(
+        capsys, ["caption", "x.jpg", "--model", str(tmp_path / "nowhere"), *argv], *needles
+    )
     if "0" in argv[1:2] and argv[0] == "--beam-size":
         assert "--n-best" not in err
 
 
 def test_attention_map_naming_a_folder(tmp_path, capsys):
-    _fails(capsys, ["caption", "x.jpg", "--attention-map", str(tmp_path)], "is a folder",
-           "attention.png")
+    _fails(
+        capsys,
+        ["caption", "x.jpg", "--attention-map", str(tmp_path)],
+        "is a folder",
+        "attention.png",
+    )
 
 
 def test_tiny_images_warn():
@@ -153,20 +204,43 @@ def test_tiny_images_warn():
 
 
 def test_extract_out_naming_a_folder(tmp_path, capsys):
-    _fails(capsys, ["extract", str(tmp_path), "--out", str(tmp_path)], "--out", "is a folder",
-           "features.h5")
+    _fails(
+        capsys,
+        ["extract", str(tmp_path), "--out", str(tmp_path)],
+        "--out",
+        "is a folder",
+        "features.h5",
+    )
 
 
 def test_extract_unquoted_glob(tmp_path, capsys):
-    _fails(capsys, ["extract", "a.jpg", "b.jpg", "c.jpg", "--out", str(tmp_path / "f.h5")],
-           "got 3 sources", "quote it")
+    _fails(
+        capsys,
+        ["extract", "a.jpg", "b.jpg", "c.jpg", "--out", str(tmp_path / "f.h5")],
+        "got 3 sources",
+        "quote it",
+    )
     assert not (tmp_path / "f.h5").exists()
 
 
 @pytest.mark.parametrize("beam", ["0", "1000"])
 def test_evaluate_beam_size(tmp_path, capsys, beam):
-    _fails(capsys, ["evaluate", "--captions", "c.txt", "--features", "f.h5", "--beam-size", "1",
-                    beam, "--report", str(tmp_path / "r")], "--beam-size must be at least 1 (greedy) and at most")
+    _fails(
+        capsys,
+        [
+            "evaluate",
+            "--captions",
+            "c.txt",
+            "--features",
+            "f.h5",
+            "--beam-size",
+            "1",
+            beam,
+            "--report",
+            str(tmp_path / "r"),
+        ],
+        "--beam-size must be at least 1 (greedy) and at most",
+    )
     assert not (tmp_path / "r").exists()
 
 

@@ -95,10 +95,17 @@ def test_attention_from_a_file_and_a_pil_image(tmp_path):
 
 
 HISTORY = [
-    {"epoch": e, "loss": 33 - e * 0.3, "val_loss": 3.3 - e * 0.05, "val_bleu4": b,
-     "learning_rate": 1e-3 * 0.5 ** (e // 3), "seconds": 400.0}
-    for e, b in zip(range(1, 9), (0.128, 0.117, 0.141, 0.158, 0.136, 0.141, 0.132, 0.133),
-                    strict=True)
+    {
+        "epoch": e,
+        "loss": 33 - e * 0.3,
+        "val_loss": 3.3 - e * 0.05,
+        "val_bleu4": b,
+        "learning_rate": 1e-3 * 0.5 ** (e // 3),
+        "seconds": 400.0,
+    }
+    for e, b in zip(
+        range(1, 9), (0.128, 0.117, 0.141, 0.158, 0.136, 0.141, 0.132, 0.133), strict=True
+    )
 ]
 
 
@@ -110,7 +117,9 @@ def _colour_pixels(pixels: np.ndarray, hex_colour: str) -> int:
 def test_training_curves_without_cross_entropy_use_separate_axes_and_say_why():
     fig = figures.training_curves(HISTORY)
     loss_ax = fig.axes[0]
-    assert loss_ax.get_ylabel() == "training loss" and fig.axes[-1].get_ylabel() == "validation loss"
+    assert (
+        loss_ax.get_ylabel() == "training loss" and fig.axes[-1].get_ylabel() == "validation loss"
+    )
     assert any(figures.CURVES_NOTE in t.get_text().replace("\n", " ") for t in fig.texts)
     assert fig.axes[1].get_yscale() == "linear"  # 1e-3 .. 1.25e-4 is under 10x
     legend = fig.axes[2].get_legend().get_texts()[0].get_text()
