@@ -76,9 +76,10 @@ class CaptionDecoder(keras.Model):
         }
 
     def build_for_inputs(self) -> CaptionDecoder:
-        """Create the weights by calling the model once on zeros."""
+        """Create the weights by calling the model once on zeros. One token is enough (no
+        weight depends on the length) and ~20x faster than a whole caption, eagerly."""
         feats = ops.zeros((1, *self.feature_shape))
-        tokens = ops.zeros((1, self.max_length - 1), dtype="int32")
+        tokens = ops.zeros((1, 1), dtype="int32")
         self((feats, tokens), training=False)
         return self
 

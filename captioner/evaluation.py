@@ -190,13 +190,10 @@ def attention_maps(
     captioner, feats: np.ndarray, captions: Sequence[Caption]
 ) -> list[AttentionMap]:
     """Attention weights of each generated caption, teacher-forced through the decoder."""
-    from captioner.heatmaps import grid_of, teacher_forced_attention
-
-    alphas = teacher_forced_attention(captioner, feats, [c.tokens for c in captions])
-    grid = grid_of(captioner.decoder.feature_shape)
+    alphas = captioner.attention(feats, [c.tokens for c in captions])  # each (T + 1, h, w)
     words = captioner.tokenizer.words
     return [
-        AttentionMap([words[t] for t in cap.tokens], a[: len(cap.tokens)].reshape(-1, *grid))
+        AttentionMap([words[t] for t in cap.tokens], a[: len(cap.tokens)])
         for cap, a in zip(captions, alphas, strict=True)
     ]
 

@@ -98,6 +98,53 @@ def load_image(
         return np.array(rgb, dtype=np.uint8)  # a copy, before the file is closed
 
 
+TINY_SIDE = 32  # pixels; smaller images are captioned with a warning
+
+
+def tiny_warning(width: int, height: int) -> str | None:
+    """A warning for an image too small to show anything, else None."""
+    if min(width, height) >= TINY_SIDE:
+        return None
+    return (f"only {width}x{height} pixels; the encoder sees it blown up to its input size, so "
+            "the caption is a guess")
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) from the file's header (EXIF rotation not applied)."""
+    _check_file(path)
+    with _open(path, DEFAULT_MAX_PIXELS) as im:
+        return im.size
+
+
+def pixels_of(
+    item, size: tuple[int, int], resample: str = "bilinear"
+) -> tuple[np.ndarray | None, str | None, str | None]:
+    """(pixels (H, W, 3) uint8 at ``size`` = (height, width), warning, error) for an image
+    file, a PIL image or an array (H, W), (H, W, 3) or (H, W, 4) with values in [0, 255]."""
+    try:
+        if isinstance(item, (str, os.PathLike)):
+            width, height = image_size(item)
+            return load_image(item, size, resample), tiny_warning(width, height), None
+        if isinstance(item, Image.Image):
+            im = to_rgb(item)
+        else:
+            im = _array_image(np.asarray(item))
+    except ImageError as exc:
+        return None, None, getattr(exc, "reason", None) or str(exc)
+    rgb = im.resize((size[1], size[0]), resample=RESAMPLE[resample])
+    return np.array(rgb, dtype=np.uint8), tiny_warning(*im.size), None
+
+
+def _array_image(array: np.ndarray) -> Image.Image:
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=-1)
+    if array.ndim != 3 or array.shape[-1] not in (3, 4) or 0 in array.shape:
+        raise image_error("<array>", f"array of shape {array.shape} is not an image "
+                          "(expected (H, W, 3) with values in [0, 255])")
+    pixels = np.clip(np.nan_to_num(array.astype(np.float64)), 0, 255).round().astype(np.uint8)
+    return to_rgb(Image.fromarray(pixels))
+
+
 def _check_file(path: str | os.PathLike) -> None:
     """Refuse missing, non-regular and zero-byte files with a precise reason."""
     try:

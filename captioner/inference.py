@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from captioner.compiled import compile_function, log_softmax_step, to_numpy
 from captioner.decoding import Caption, Hypothesis, NonFiniteError, beam_search, greedy_search
 from captioner.errors import CaptionerError
 from captioner.runs import (
@@ -36,38 +38,6 @@ class DecodingError(CaptionerError):
     """An image could not be captioned (its features or the decoder outputs are not finite)."""
 
 
-def compile_function(fn: Callable) -> Callable:
-    """Compile ``fn`` for the active Keras backend (inference only)."""
-    import keras
-
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf  # only reached with the TensorFlow backend
-
-        return tf.function(fn, reduce_retracing=True)
-    if backend == "jax":
-        import jax
-
-        return jax.jit(fn)
-    if backend == "torch":
-        import torch
-
-        def no_grad(*args):
-            with torch.no_grad():
-                return fn(*args)
-
-        return no_grad
-    return fn
-
-
-def _to_numpy(tree):
-    import keras
-
-    if isinstance(tree, dict):
-        return {k: _to_numpy(v) for k, v in tree.items()}
-    return keras.ops.convert_to_numpy(tree)
-
-
 class Captioner:
     """A decoder, its tokenizer and its run config: features or images in, captions out."""
 
@@ -75,10 +45,14 @@ class Captioner:
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.config = config
-        self._init = compile_function(lambda feats: decoder.init_state(feats))
-        self._step = compile_function(lambda tokens, state: _log_softmax_step(decoder, tokens, state))
+        self._eager_init = lambda feats: decoder.init_state(feats)
+        self._eager_step = lambda tokens, state: log_softmax_step(decoder, tokens, state)
+        self._init = compile_function(self._eager_init)
+        self._step = compile_function(self._eager_step)
+        self._searched = False  # whether a batch was searched yet
         self._encoder = None
         self.run_dir: Path | None = None  # set by from_run: the encoder weights may live there
+        self._encoded = False  # whether a batch went through the encoder yet
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike = DEFAULT_RUN, weights: str = "best") -> Captioner:
@@ -112,18 +86,29 @@ class Captioner:
 
     # ------------------------------------------------------------------ search
 
-    def step_function(self) -> Callable[[np.ndarray, Any], tuple[np.ndarray, Any]]:
-        """The numpy-in, numpy-out step the pure search drives."""
+    def step_function(self, eager: bool = False) -> Callable[[np.ndarray, Any], tuple[np.ndarray, Any]]:
+        """The numpy-in, numpy-out step the pure search drives (compiled unless ``eager``)."""
+        fn = self._eager_step if eager else self._step
 
         def step(tokens: np.ndarray, state):
-            log_probs, new_state = self._step(tokens.astype("int32"), state)
-            return _to_numpy(log_probs), _to_numpy(new_state)
+            log_probs, new_state = fn(tokens.astype("int32"), state)
+            return to_numpy(log_probs), to_numpy(new_state)
 
         return step
 
-    def initial_state(self, features: np.ndarray) -> dict[str, np.ndarray]:
+    def initial_state(self, features: np.ndarray, eager: bool = False) -> dict[str, np.ndarray]:
         """Decoder state for a batch of image features (B, *feature_shape)."""
-        return _to_numpy(self._init(np.asarray(features, dtype="float32")))
+        init = self._eager_init if eager else self._init
+        return to_numpy(init(np.asarray(features, dtype="float32")))
+
+    def _eager_first(self, batch: int) -> bool:
+        """A first batch of one or two images is searched eagerly: tracing the compiled step
+        (about a second on a CPU) costs more than it saves on so few images."""
+        import keras
+
+        eager = not self._searched and batch <= 2 and keras.backend.backend() != "torch"
+        self._searched = True
+        return eager
 
     def search(
         self,
@@ -136,13 +121,14 @@ class Captioner:
     ) -> list[list[Hypothesis]]:
         """Hypotheses for one batch of features: greedy when ``beam_size == 1``."""
         max_length = max_length or self.tokenizer.max_length - 1
-        state = self.initial_state(features)
+        eager = self._eager_first(len(features))
+        state = self.initial_state(features, eager)
         common = dict(start_id=START, end_id=END, max_length=max_length,
                       block_ngram=block_ngram, banned_ids=(PAD, START, UNK))
         if beam_size == 1 and n_best == 1:
-            hyps = greedy_search(self.step_function(), state, len(features), **common)
+            hyps = greedy_search(self.step_function(eager), state, len(features), **common)
             return [[h] for h in hyps]
-        return beam_search(self.step_function(), state, len(features), beam_size=beam_size,
+        return beam_search(self.step_function(eager), state, len(features), beam_size=beam_size,
                            alpha=alpha, n_best=n_best, **common)
 
     def search_rows(self, features: np.ndarray, **search) -> list[list[Hypothesis] | str]:
@@ -232,8 +218,19 @@ class Captioner:
         return self._encoder
 
     def encode_images(self, images: np.ndarray) -> np.ndarray:
-        """Features for decoded RGB images (B, H, W, 3) in [0, 255]."""
-        return np.asarray(self.encoder().predict_on_batch(images), dtype="float32")
+        """Features for decoded RGB images (B, H, W, 3) in [0, 255].
+
+        A first batch of one or two images runs eagerly: compiling ``predict_on_batch`` costs
+        more (about a second on a CPU) than it saves on such a batch; later batches use it."""
+        import keras
+
+        model = self.encoder()
+        if not self._encoded and len(images) <= 2:
+            self._encoded = True
+            features = model(keras.ops.convert_to_tensor(images, "float32"), training=False)
+            return np.asarray(keras.ops.convert_to_numpy(features), dtype="float32")
+        self._encoded = True
+        return np.asarray(model.predict_on_batch(images), dtype="float32")
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -259,6 +256,74 @@ class Captioner:
 
         load = partial(load_image, size=self.input_size, resample=self.resample)
         yield from encoded_batches(items, self.encode_images, load, batch_size)
+
+    # ------------------------------------------------------------------ attention
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """The (h, w) attention grid of the decoder's spatial features."""
+        return grid_of(self.decoder.feature_shape)
+
+    def attention(self, features: np.ndarray, captions: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """Attention weights (len(tokens) + 1, h, w) of each caption's words, then of its
+        ``<end>`` step, teacher-forced; ``features`` is (B, *feature_shape), one per caption."""
+        from keras import ops
+
+        if self.decoder.kind != "attention":
+            raise CaptionerError(f"this run's decoder is '{self.decoder.kind}', which has no "
+                                 "attention; use a run trained with --decoder attention")
+        longest = max((len(c) for c in captions), default=0)
+        inputs = np.zeros((len(captions), longest + 1), dtype="int32")  # <start> w1 .. wn, pad
+        inputs[:, 0] = START
+        for row, tokens in enumerate(captions):
+            inputs[row, 1:len(tokens) + 1] = tokens
+        alphas = ops.convert_to_numpy(self.decoder.attention_weights(features, inputs))  # (B, T, L)
+        return [np.asarray(alphas[row, :len(t) + 1], "float32").reshape(-1, *self.grid)
+                for row, t in enumerate(captions)]
+
+    # ------------------------------------------------------------------ any images
+
+    def caption(
+        self, images: Sequence[Any], *, batch_size: int = 16, attention: bool = False,
+        beam_size: int = 3, n_best: int = 1, alpha: float = 0.0, block_ngram: int = 0,
+        max_length: int | None = None,
+    ) -> list[ImageCaptions]:
+        """Captions of image files, arrays (H, W, 3) in [0, 255] and PIL images, in batches.
+
+        One :class:`ImageCaptions` per input, in order; an unreadable input gets ``error`` and
+        the others go on. ``attention=True`` (attention runs) adds the best caption's words
+        and their attention maps."""
+        from captioner.images import pixels_of
+
+        search = {"beam_size": beam_size, "n_best": n_best, "alpha": alpha,
+                  "block_ngram": block_ngram, "max_length": max_length}
+        out: list[ImageCaptions] = []
+        for start in range(0, len(images), batch_size):
+            chunk = [pixels_of(item, self.input_size, self.resample)
+                     for item in images[start:start + batch_size]]
+            good = [(i, px) for i, (px, _, err) in enumerate(chunk) if err is None]
+            results = [ImageCaptions(_name(images[start + i], start + i), [], err, warning=warn)
+                       for i, (_, warn, err) in enumerate(chunk)]
+            if good:
+                feats = self.encode_images(np.stack([px for _, px in good]))
+                for (i, _), hyps in zip(good, self.search_rows(feats, **search), strict=True):
+                    if isinstance(hyps, str):  # non-finite features or scores: this image only
+                        results[i].error = hyps
+                    else:
+                        results[i].captions = [self._caption(h) for h in hyps]
+                ok = [k for k, (i, _) in enumerate(good) if results[i].captions]
+                if attention and ok:
+                    best = [results[good[k][0]].captions[0].tokens for k in ok]
+                    maps = self.attention(feats[ok], best)
+                    for k, tokens, amap in zip(ok, best, maps, strict=True):
+                        results[good[k][0]].words = self.words(tokens)
+                        results[good[k][0]].attention = amap
+            out += results
+        return out
+
+    def words(self, tokens: Sequence[int]) -> list[str]:
+        """The words of a caption's tokens, then ``<end>`` (one per attention row)."""
+        return [self.tokenizer.decode([t]) or "<unk>" for t in tokens] + ["<end>"]
 
     def caption_images(
         self, paths: Sequence[str | os.PathLike], batch_size: int = 16, **search
@@ -286,8 +351,35 @@ def _build_decoder(kind: str, config: dict[str, Any], config_path: Path):
                              f"({' '.join(str(exc).split())[:200]})") from None
 
 
-def _log_softmax_step(decoder, tokens, state):
-    from keras import ops
+@dataclass
+class ImageCaptions:
+    """What :meth:`Captioner.caption` says about one image."""
 
-    logits, new_state = decoder.step(tokens, state)
-    return ops.log_softmax(ops.cast(logits, "float32"), axis=-1), new_state
+    image: Any  # the path as given, else the input's position in the list
+    captions: list[Caption]  # best first; empty when the image failed
+    error: str | None = None  # why the image could not be captioned
+    warning: str | None = None  # e.g. a tiny image, whose caption is a guess
+    words: list[str] | None = None  # best caption's words and "<end>" (attention=True)
+    attention: np.ndarray | None = None  # (len(words), h, w) weights, each row sums to 1
+
+    @property
+    def text(self) -> str | None:
+        """The best caption, or None when the image failed."""
+        return self.captions[0].text if self.captions else None
+
+    @property
+    def score(self) -> float | None:
+        """The best caption's search score (log-probability, length-normalised by alpha)."""
+        return self.captions[0].score if self.captions else None
+
+
+def _name(item: Any, index: int) -> Any:
+    return item if isinstance(item, (str, os.PathLike)) else index
+
+
+def grid_of(feature_shape: Sequence[int]) -> tuple[int, int]:
+    """The (h, w) attention grid of spatial features (H, W, D) or (L, D) with square L."""
+    if len(feature_shape) == 3:
+        return int(feature_shape[0]), int(feature_shape[1])
+    side = int(round(np.sqrt(feature_shape[0])))
+    return side, int(feature_shape[0]) // side

@@ -22,6 +22,7 @@ from captioner.runs import (
     CURVES,
     HISTORY,
     LAST_WEIGHTS,
+    XENT,
     read_history,
     write_history,
 )
@@ -91,6 +92,8 @@ class RunMonitor(keras.callbacks.Callback):
             "epoch": epoch + 1,
             "loss": logs.get("loss"),
             "val_loss": logs.get("val_loss"),
+            "xent": logs.get(XENT),
+            "val_xent": logs.get(f"val_{XENT}"),
             "val_bleu4": bleu,
             "learning_rate": lr,
             "seconds": round(time.time() - self.started, 2),
@@ -145,8 +148,8 @@ class RunMonitor(keras.callbacks.Callback):
         write_history(self.run / HISTORY, self.rows)
         save_checkpoint(self.run / CHECKPOINT, self.model, epoch + 1, self.state)
         try:
-            from captioner.plots import plot_history
+            from captioner.figures import save_training_curves
 
-            plot_history(self.rows, self.run / CURVES)
+            save_training_curves(self.rows, self.run / CURVES)
         except OSError:
             pass

@@ -137,12 +137,12 @@ def write_report(
 
 def write_curves(run_dir: Path, path: Path) -> bytes | None:
     """Plot the run's training history into ``path``; the PNG bytes, or None without history."""
-    from captioner.plots import plot_history
+    from captioner.figures import save_training_curves
 
     rows = [r for r in read_history(run_dir / HISTORY) if r.get("epoch") is not None]
     if not rows:
         return None
-    plot_history(rows, path)
+    save_training_curves(rows, path)
     return path.read_bytes()
 
 
@@ -156,6 +156,13 @@ def fmt(value: float | int | None, digits: int = 4) -> str:
     if isinstance(value, int):
         return str(value)
     return f"{value:.{digits}f}"
+
+
+def score(value: float | None) -> str:
+    """A score as the tables show it: x100 with one decimal (0.1877 -> ``18.8``)."""
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    return f"{100 * value:.1f}"
 
 
 def summary_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -176,7 +183,7 @@ def summary_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         rows.append(
             [
                 s["settings"]["label"],
-                *(fmt(m.get(k)) for k in METRIC_KEYS),
+                *(score(m.get(k)) for k in METRIC_KEYS),
                 f"{d['distinct_captions']} ({d['distinct_share']:.0%})",
                 str(d["vocabulary"]),
                 f"{d['mean_length']:.2f} (refs {d['mean_reference_length']:.2f})",
@@ -300,12 +307,12 @@ def _pycoco_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     rows = []
     for s in data["sections"]:
         p = s["pycocoevalcap_bleu"] or {}
-        diff = round(p["BLEU-4"] - s["metrics"]["BLEU-4"], 5) + 0.0 if p else None
+        diff = round(100 * (p["BLEU-4"] - s["metrics"]["BLEU-4"]), 3) + 0.0 if p else None
         rows.append(
             [
                 s["settings"]["label"],
-                *(fmt(p.get(k)) for k in BLEU_KEYS),
-                "n/a" if diff is None else f"{diff:+.5f}",
+                *(score(p.get(k)) for k in BLEU_KEYS),
+                "n/a" if diff is None else f"{diff:+.3f}",
             ]
         )
     return header, rows
@@ -332,7 +339,7 @@ def _card(index: int, name: str, data: dict[str, Any], per_section: list[dict[st
 
 
 def _gallery(data: dict[str, Any], image_paths: dict[str, Path], limit: int, size: int) -> dict:
-    from captioner.heatmaps import thumbnail_jpeg
+    from captioner.figures import thumbnail_jpeg
 
     per_section = [{im["image"]: im for im in s["images"]} for s in data["sections"]]
     names = [im["image"] for im in data["images"]][:limit]
@@ -352,7 +359,7 @@ def _gallery(data: dict[str, Any], image_paths: dict[str, Path], limit: int, siz
 
 
 def _attention_blocks(data: dict[str, Any], attention: dict, image_paths: dict[str, Path]) -> list:
-    from captioner.heatmaps import attention_strip_jpeg
+    from captioner.figures import attention_strip_jpeg
 
     captions = {im["image"]: im["caption"] for im in data["images"]}
     return [

@@ -43,7 +43,9 @@ CHECKPOINTS_DIR = "checkpoints"
 HISTORY = "history.csv"
 CURVES = "curves.png"
 LOGS_DIR = "logs"
-HISTORY_FIELDS = ("epoch", "loss", "val_loss", "val_bleu4", "learning_rate", "seconds")
+HISTORY_FIELDS = ("epoch", "loss", "val_loss", "xent", "val_xent", "val_bleu4", "learning_rate",
+                  "seconds")
+XENT = "xent"  # masked cross-entropy per real word, without regularisers: same on both splits
 SOURCE_KEYS = ("captions", "train_features", "val_features")  # inputs a run records
 DEFAULT_RESAMPLE = "bilinear"  # what every cache before the resize method was recorded used
 DEFAULT_RUN = Path(__file__).resolve().parent.parent / "weights" / "default"

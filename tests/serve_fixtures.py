@@ -69,6 +69,12 @@ class FakeEncoder:
         rows = np.rint(np.asarray(images)[:, 0, 0, 0] / 40.0).astype(int)
         return self.table[rows]
 
+    def __call__(self, images, training: bool = False) -> np.ndarray:
+        """Eager call (the Captioner's first small batch), as a Keras model."""
+        import keras
+
+        return self.predict_on_batch(keras.ops.convert_to_numpy(images))
+
 
 def tiny_engine(run: Path, table: np.ndarray) -> Engine:
     captioner = Captioner.from_run(run, weights="last")

@@ -12,7 +12,7 @@ from conftest import ROOT
 PACKAGE = ROOT / "captioner"
 # Bottom to top, as in docs/DESIGN.md.
 LAYERS = [
-    ("errors", "files", "progress", "records", "__init__"),
+    ("errors", "files", "progress", "records", "checks", "__init__"),
     ("runs", "presets", "runcheck"),
     ("images", "encoders", "layers", "weight_files", "encoder_weights"),
     ("cache", "cache_writer", "integrity"),
@@ -21,8 +21,8 @@ LAYERS = [
     ("data",),
     ("decoders",),
     ("checkpoints",),
-    ("decoding", "inference", "caption_lines"),
-    ("heatmaps", "plots"),
+    ("decoding", "compiled", "inference", "caption_lines"),
+    ("figures",),
     ("metrics", "evaluation"),
     ("report",),
     ("training", "monitor", "distributed"),

@@ -23,7 +23,7 @@ from PIL import Image  # noqa: E402
 from serve_fixtures import FakeEncoder, photo, tiny_attention_run, tiny_engine  # noqa: E402
 
 from captioner.cli import build_parser, main  # noqa: E402
-from captioner.heatmaps import TILE, teacher_forced_attention  # noqa: E402
+from captioner.figures import attention_figure  # noqa: E402
 from captioner.images import load_image  # noqa: E402
 from captioner.inference import Captioner  # noqa: E402
 from captioner.serve.app import Settings, create_app, render_page  # noqa: E402
@@ -117,27 +117,32 @@ def test_attention_grids_per_word(client, engine, tiny):
     assert weights.shape == (len(att["words"]), 2, 2)
     np.testing.assert_allclose(weights.sum(axis=(1, 2)), 1.0, atol=1e-3)  # softmax per word
     tokens = engine.captioner.search(table[[3]], beam_size=3)[0][0].tokens
-    direct = teacher_forced_attention(engine.captioner, table[[3]], [tokens])[0]
-    np.testing.assert_allclose(weights.reshape(len(att["words"]), 4), direct, atol=1e-4)
+    direct = engine.captioner.attention(table[[3]], [tokens])[0]  # (T, 2, 2)
+    np.testing.assert_allclose(weights, direct, atol=1e-4)
     [plain] = _post(client, ("a.png", photo(3))).json()["results"]
     assert "attention" not in plain
 
 
-def test_heatmap_is_the_cli_strip_of_the_encoder_input(client, engine, tiny, tmp_path):
-    _, _, expected = tiny
+def test_heatmap_is_the_cli_figure_of_the_encoder_input(client, engine, tiny, tmp_path):
+    _, table, expected = tiny
     [record] = _post(client, ("a.png", photo(3)), heatmap="true").json()["results"]
     assert "attention" not in record  # grids only when asked
     head, payload = record["heatmap"].split(",", 1)
     assert head == "data:image/jpeg;base64"
     strip = Image.open(io.BytesIO(base64.b64decode(payload)))
     words = expected[3].split() + ["<end>"]
-    assert strip.size == (6 * TILE, -(-(len(words) + 1) // 6) * (TILE + 18))  # image + words
+    figure = attention_figure(np.zeros((32, 32, 3), np.uint8), words, np.ones((len(words), 2, 2)))
+    assert strip.format == "JPEG" and strip.size == figure.canvas.get_width_height()  # photo + words
     path = tmp_path / "a.png"
     path.write_bytes(photo(3))
     pixels = load_image(path, engine.input_size, engine.resample)
     [both] = _post(client, ("a.png", photo(3)), heatmap="true", attention="true").json()["results"]
     att = both["attention"]
-    want = heatmap_image(pixels, att["words"], np.array(att["weights"]).reshape(len(words), 4), (2, 2))
+    assert att["words"] == words
+    tokens = engine.captioner.search(table[[3]], beam_size=3)[0][0].tokens
+    weights = engine.captioner.attention(table[[3]], [tokens])[0]  # unrounded, as the service
+    np.testing.assert_allclose(np.array(att["weights"]), weights, atol=1e-4)
+    want = heatmap_image(pixels, words, weights.reshape(len(words), 4), (2, 2))
     assert base64.b64decode(payload) == want[0] and both["heatmap"] == record["heatmap"]
     _one_error_line(_post(client, ("a.png", photo(3)), heatmap="yes please"), 400, "heatmap must be")
 

@@ -98,32 +98,52 @@ def _emit(image: str, captions, error: str | None, as_json: bool, file: str | No
             print(f"  {rank}. {c.text}  ({c.score:.3f})")
 
 
+def _check(args: argparse.Namespace) -> None:
+    """Every option, before the model is loaded."""
+    from captioner import checks
+    from captioner.errors import CaptionerError
+
+    checks.at_least("--batch-size", args.batch_size, 1)
+    checks.search_options(args.beam_size, args.n_best, args.alpha, args.block_ngram,
+                          args.max_length)
+    if args.attention_map:
+        checks.output_file("--attention-map", args.attention_map, "attention.png")
+        if args.features:
+            raise CaptionerError("--attention-map draws over the photos, so it needs image "
+                                 "files, not --features")
+
+
 def run_caption(args: argparse.Namespace) -> int:
     """Handler of ``captioner caption``."""
     from captioner.errors import CaptionerError
     from captioner.inference import Captioner
     from captioner.runs import DEFAULT_RUN
 
-    if args.n_best > args.beam_size:
-        raise CaptionerError(f"--n-best {args.n_best} needs --beam-size of at least {args.n_best}")
+    _check(args)
     model_dir = Path(args.model) if args.model else DEFAULT_RUN
     search = {"beam_size": args.beam_size, "n_best": args.n_best, "alpha": args.alpha,
               "block_ngram": args.block_ngram, "max_length": args.max_length}
     if args.out or args.engine == "ray":
         return _to_file(args, model_dir, search)
     captioner = Captioner.from_run(model_dir)
+    if args.attention_map and captioner.decoder.kind != "attention":
+        raise CaptionerError("--attention-map needs an attention model (this run's decoder is "
+                             f"'{captioner.decoder.kind}')")
     if args.features:
         results = _from_features(captioner, model_dir, args.features, args.images, search)
     else:
-        results = [(*r, None) for r in captioner.caption_images(
-            expand_images(args.images), batch_size=args.batch_size, **search)]
+        found = captioner.caption(expand_images(args.images), batch_size=args.batch_size,
+                                  attention=bool(args.attention_map), **search)
+        for r in found:
+            if r.warning:
+                print(f"{r.image}: warning: {r.warning}", file=sys.stderr)
+        results = [(r.image, r.captions or None, r.error, None) for r in found]
     failed = 0
     for image, captions, error, file in results:
         failed += error is not None
         _emit(str(image), captions, error, args.json, file if error else None)
-    results = [r[:3] for r in results]
     if args.attention_map:
-        _attention_maps(captioner, results, args.attention_map)
+        _attention_maps([r for r in found if r.error is None], args.attention_map)
     return 1 if failed else 0
 
 
@@ -166,17 +186,14 @@ def _from_features(captioner, model_dir: Path, path: str, names: list[str], sear
     return results
 
 
-def _attention_maps(captioner, results, out: str) -> None:
-    from captioner.errors import CaptionerError
-    from captioner.heatmaps import save_attention_map
+def _attention_maps(results, out: str) -> None:
+    """One PNG per captioned image: the photo, then one heat overlay per word."""
+    from captioner.figures import save_attention_map
 
-    if captioner.decoder.kind != "attention":
-        raise CaptionerError("--attention-map needs an attention model (this run's decoder is "
-                             f"'{captioner.decoder.kind}')")
-    good = [(Path(image), caps) for image, caps, error in results if error is None]
-    for image, caps in good:
+    for r in results:
         target = Path(out)
-        if len(good) > 1:
-            target = target.with_name(f"{target.stem}-{image.stem}{target.suffix or '.png'}")
-        save_attention_map(captioner, image, caps[0], target)
+        if len(results) > 1:
+            target = target.with_name(f"{target.stem}-{Path(r.image).stem}{target.suffix or '.png'}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        save_attention_map(target, r.image, r.words, r.attention, caption=r.text)
         print(f"attention map: {target}", file=sys.stderr)

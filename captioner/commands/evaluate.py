@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 EXAMPLE = """\
 examples:
@@ -158,6 +159,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
         if not (DEFAULT_RUN / CONFIG_FILE).is_file():
             raise CaptionerError(f"no bundled model in {DEFAULT_RUN}; pass --model RUN_DIR")
         model = DEFAULT_RUN
+    from captioner import checks
+
+    for k in args.beam_size or ():  # None: the preset's
+        checks.beam_size(k)
+    checks.at_least("--batch-size", args.batch_size, 1)
+    checks.at_least("--limit", args.limit, 1)
+    if Path(args.report).is_file():
+        raise CaptionerError(f"--report {args.report} is a file; give a folder for the report")
     for name in ("gallery", "thumbnail_size", "attention_images"):
         if getattr(args, name) < 0 or (name == "thumbnail_size" and args.thumbnail_size < 16):
             raise CaptionerError(f"--{name.replace('_', '-')} is too small: {getattr(args, name)}")

@@ -159,6 +159,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="use only the first N images of SOURCE (quick trials), e.g. --limit 100",
     )
     add_engine_options(p)
+    p.add_argument("more_sources", nargs="*", help=argparse.SUPPRESS)
     p.set_defaults(handler=run_extract)
 
 
@@ -179,17 +180,21 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
 
 def run_extract(args: argparse.Namespace) -> int:
     """Handler of ``captioner extract``; returns the exit status."""
+    from captioner import checks
     from captioner.errors import CaptionerError
     from captioner.images import list_images
 
     if args.verify:
-        if args.source is not None:
+        if args.source is not None or args.more_sources:
             raise CaptionerError("--verify CACHE takes no SOURCE; run the check and the extraction apart")
         return run_verify(args.verify, args.json)
     if args.source is None or args.out is None:
         raise CaptionerError("give SOURCE and --out FILE.h5 (or --verify CACHE to check a cache)")
-    if args.limit is not None and args.limit < 1:
-        raise CaptionerError(f"--limit must be at least 1, not {args.limit}.")
+    checks.no_extra_sources(args.more_sources, args.source)
+    checks.at_least("--limit", args.limit, 1)
+    checks.at_least("--batch-size", args.batch_size, 1)
+    checks.at_least("--workers", args.workers, 0)
+    checks.output_file("--out", args.out, "features.h5")
     preset = get_preset(args.preset)
     encoder = args.encoder or preset.encoder
     layer = args.layer or (preset.layer if encoder == preset.encoder else None)

@@ -100,7 +100,7 @@ def run_train(args: argparse.Namespace) -> int:
     if not args.resume and not (args.captions and args.train_features):
         raise CaptionerError("--captions and --train-features are required (unless --resume)")
     config = config_from_args(args)
-    run = train(config, resume=args.resume, verbose=0 if args.quiet else 2)
+    run = train(config, resume=args.resume, verbose=0 if args.quiet else 1)
     print(f"run folder: {run}")
     return 0
 

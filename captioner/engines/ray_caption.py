@@ -44,9 +44,9 @@ class CaptionActor:
         ]
         if len(ok):
             feats = self.captioner.encode_images(batch["pixels"][ok])
-            for i, caps in zip(ok, self.captioner.caption_features(feats, **self.search),
-                               strict=True):  # fmt: skip
-                records[i] = caption_record(str(batch["image"][i]), caps, None)
+            found = self.captioner.caption_rows(feats, **self.search)  # a non-finite row fails alone
+            for i, (caps, error) in zip(ok, found, strict=True):
+                records[i] = caption_record(str(batch["image"][i]), caps, error)
         return {"record": np.array([json.dumps(r) for r in records], dtype=object)}
 
 

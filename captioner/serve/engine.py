@@ -85,9 +85,7 @@ class Engine:
     @property
     def grid(self) -> tuple[int, int]:
         """(h, w) of the attention grid."""
-        from captioner.heatmaps import grid_of
-
-        return grid_of(self.captioner.decoder.feature_shape)
+        return self.captioner.grid
 
     def run(self, items: Sequence[Item]) -> list[Output]:
         """Captions for ``items``, in order: one encoder batch, one search batch per option group."""
@@ -124,11 +122,8 @@ class Engine:
 
     def _attention(self, features: np.ndarray, best: list[Any]) -> list[tuple[list[str], np.ndarray]]:
         """Words (``<end>`` last) and attention weights (T, h*w) of each best caption."""
-        from captioner.heatmaps import teacher_forced_attention
-
-        decode = self.captioner.tokenizer.decode
-        alphas = teacher_forced_attention(self.captioner, features, [c.tokens for c in best])
-        return [([decode([t]) or "<unk>" for t in c.tokens] + ["<end>"], a)
+        alphas = self.captioner.attention(features, [c.tokens for c in best])  # (T, h, w) each
+        return [(self.captioner.words(c.tokens), a.reshape(len(a), -1))
                 for c, a in zip(best, alphas, strict=True)]
 
     def warm_up(self) -> float:
