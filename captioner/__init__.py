@@ -8,3 +8,4 @@ them, and nothing requires TensorFlow when ``KERAS_BACKEND`` is ``jax`` or ``tor
 """
 
 __version__ = "0.1.0"
+

@@ -8,6 +8,8 @@ resampling) combination for a list of images. Layout::
     names     (N,)  fixed-length UTF-8 bytes, the image names (e.g. "1000268201_693b08cb0b.jpg")
     status    (N,)  uint8: 0 pending, 1 done, 2 failed
     errors    (N,)  fixed-length UTF-8 bytes: why an image failed ("truncated image", ...)
+    checksums (N,)  uint64: per-row checksum written with the row (format 2, see
+              :mod:`captioner.integrity`); readers verify every row they return
     attrs     encoder, layer, weights, input_size, preprocessing, resample, feature_shape,
               dtype, compute_dtype, backend, library versions, format_version
 
@@ -15,8 +17,8 @@ Crash safety: HDF5 files are corrupted when a process dies while HDF5 *metadata*
 So every piece of metadata is written once, when the file is created: all datasets are
 allocated at full size (``H5D_ALLOC_TIME_EARLY``, fixed-length strings, no filters), the file
 is built under a temporary name and ``os.replace``-d into place. Extraction then only
-overwrites raw data in place: a batch's feature rows, flush + fsync, then their status bytes,
-flush. A process killed at any instant (SIGKILL, OOM, Ctrl-C) leaves a file that opens and
+overwrites raw data in place: a batch's feature rows and checksums, flush + fsync, then
+their status bytes, flush. A process killed at any instant (SIGKILL, OOM, Ctrl-C) leaves a file that opens and
 whose ``status`` marks exactly the batches that were written; rerunning the same command
 resumes. ``status`` is written only after the rows it vouches for reached the disk, so a
 power cut cannot mark unwritten rows done either.
@@ -38,17 +40,25 @@ import h5py
 import numpy as np
 
 from captioner.errors import CacheMismatchError, CaptionerError
-from captioner.files import atomic_path, fsync_dir
+from captioner.integrity import (
+    BAD_STATUS,
+    DONE,
+    FAILED,
+    NOT_FINITE,
+    PENDING,
+    STATUS_NAMES,
+    VerifiedReads,
+)
 
-FORMAT_VERSION = 1
-PENDING, DONE, FAILED = 0, 1, 2
-STATUS_NAMES = {PENDING: "pending", DONE: "done", FAILED: "failed"}
+FORMAT_VERSION = 2  # 2: per-row checksums; 1 (captioner 0.1.0) still loads, unverified
+__all__ = ["DONE", "FAILED", "PENDING", "STATUS_NAMES"]  # re-exported status codes
 ERROR_BYTES = 200  # failure reasons are cut (on a UTF-8 boundary) to this many bytes
 CHUNK_BYTES = 1 << 16  # target size of one features chunk
 STATUS_CHUNK = 4096
 TEXT_CHUNK = 512
 COPY_ROWS = 1024  # rows per block when copying a cache into a bigger one
 DTYPES = ("float32", "float16")
+NON_FINITE_OUTPUT = f"encoder output: {NOT_FINITE}"
 
 
 class MissingFeaturesError(CaptionerError, KeyError):
@@ -56,6 +66,28 @@ class MissingFeaturesError(CaptionerError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class DamagedFeaturesError(CaptionerError):
+    """A stored row fails its checks (checksum, finite values, readable HDF5 chunk)."""
+
+
+def _open_problem(path: Path, exc: Exception) -> str:
+    """One line saying why ``path`` cannot be opened as a cache, and what to do."""
+    text = " ".join(str(exc).split())
+    rebuild = "delete it and rerun `captioner extract` to rebuild it"
+    if "truncated file" in text:
+        size = path.stat().st_size if path.exists() else 0
+        return (
+            f"{path} is not a readable HDF5 file: truncated ({size} bytes; an interrupted copy "
+            f"or a full disk cut it short); {rebuild}"
+        )
+    if "signature not found" in text:
+        return (
+            f"{path} is not a readable HDF5 file: it does not start like one; pass a feature "
+            "cache written by `captioner extract`"
+        )
+    return f"{path} is not a readable HDF5 file ({text[:160]}); {rebuild}"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -105,19 +137,15 @@ def _runs(indices: Sequence[int]) -> Iterator[tuple[int, int, int]]:
             start = k
 
 
-def _temp_path(path: Path, kind: str) -> Path:
-    return path.with_name(f".{path.stem}.{os.getpid()}.{kind}.h5.tmp")
-
-
 # --------------------------------------------------------------------------- reader
 
 
-class FeatureReader:
+class FeatureReader(VerifiedReads):
     """Read a feature cache. ``expect``: attributes the caller requires (else CacheMismatchError).
 
     ``names`` lists every image in the file (in row order); only *done* rows are readable:
     ``name in reader`` is True exactly when ``reader[name]`` works. The status is read once,
-    when the file is opened.
+    when the file is opened. Every row returned is verified (:mod:`captioner.integrity`).
     """
 
     def __init__(self, path: str | os.PathLike, expect: dict[str, Any] | None = None):
@@ -128,10 +156,19 @@ class FeatureReader:
             )
         try:  # no lock: the metadata never changes after creation, so reading is always safe
             self._file = h5py.File(self.path, "r", locking=False)
-        except OSError as exc:
-            raise CaptionerError(f"{self.path} is not a readable HDF5 file ({exc}).") from exc
+        except Exception as exc:
+            raise CaptionerError(_open_problem(self.path, exc)) from None
         try:
             self._load(expect)
+        except CaptionerError:
+            self._file.close()
+            raise
+        except Exception as exc:  # damaged HDF5 metadata: h5py raises many kinds
+            self._file.close()
+            raise CaptionerError(
+                f"{self.path} is damaged ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})"
+                "; delete it and rerun `captioner extract` to rebuild it"
+            ) from None
         except BaseException:
             self._file.close()
             raise
@@ -155,6 +192,12 @@ class FeatureReader:
         self._index = {n: i for i, n in enumerate(self.names)}
         self._status = np.asarray(f["status"][()])
         self._features = f["features"]
+        self._checksums = f["checksums"] if "checksums" in f else None
+        if not len(self.names) == len(self._status) == len(self._features):
+            raise CaptionerError(
+                f"{self.path} is damaged (its datasets differ in length); delete it and rerun "
+                "`captioner extract` to rebuild it"
+            )
 
     @property
     def feature_shape(self) -> tuple[int, ...]:
@@ -178,7 +221,7 @@ class FeatureReader:
     def status_of(self, name: str) -> str:
         """ "done", "pending", "failed" or "absent"."""
         i = self._index.get(name)
-        return "absent" if i is None else STATUS_NAMES[int(self._status[i])]
+        return "absent" if i is None else STATUS_NAMES.get(int(self._status[i]), "damaged")
 
     @property
     def done_names(self) -> list[str]:
@@ -200,17 +243,19 @@ class FeatureReader:
         return {STATUS_NAMES[s]: int(np.sum(self._status == s)) for s in STATUS_NAMES}
 
     def read(self, names: Sequence[str]) -> np.ndarray:
-        """Features of ``names`` as one array (len(names), *feature_shape), in the given order."""
+        """Verified features of ``names`` as one array (len(names), *feature_shape), in the
+        given order. :class:`MissingFeaturesError` for a name without features,
+        :class:`DamagedFeaturesError` (naming the image and this file) for a damaged row;
+        :meth:`read_valid` returns the others instead."""
         rows = np.fromiter((self._row(n) for n in names), dtype=np.int64, count=len(names))
-        if not len(rows):
-            return np.empty((0, *self.feature_shape), self.dtype)
-        unique, inverse = np.unique(rows, return_inverse=True)
-        lo, hi = int(unique[0]), int(unique[-1]) + 1
-        if hi - lo <= 4 * len(unique):  # dense request: one contiguous read is faster
-            block = self._features[lo:hi][unique - lo]
-        else:
-            block = self._features[unique]
-        return block[inverse.reshape(-1)]
+        block, problems = self._checked(list(names), rows)
+        for name, problem in zip(names, problems, strict=True):
+            if problem:
+                raise DamagedFeaturesError(
+                    f"image {name!r} in {self.path}: {problem}; rerun `captioner extract` over "
+                    "this cache to re-extract it"
+                )
+        return block
 
     def _row(self, name: str) -> int:
         i = self._index.get(name)
@@ -218,6 +263,11 @@ class FeatureReader:
             raise MissingFeaturesError(
                 f"image {name!r} is not in the feature cache {self.path} ({len(self)} images); "
                 "extract it first (`captioner extract ... --out` this file)."
+            )
+        if self._status[i] not in STATUS_NAMES:
+            raise MissingFeaturesError(
+                f"image {name!r} in {self.path}: {BAD_STATUS}; rerun `captioner extract` to "
+                "re-extract it"
             )
         if self._status[i] != DONE:
             why = (
@@ -247,153 +297,11 @@ def open_features(path: str | os.PathLike, expect: dict[str, Any] | None = None)
     return FeatureReader(path, expect)
 
 
-# --------------------------------------------------------------------------- writer
+def __getattr__(name: str) -> Any:
+    """``FeatureWriter`` and ``prepare`` live in :mod:`captioner.cache_writer` (imported on use,
+    so ``from captioner.cache import FeatureWriter`` keeps working without an import cycle)."""
+    if name in ("FeatureWriter", "prepare"):
+        from captioner import cache_writer
 
-
-def _create_dataset(
-    f: h5py.File, name: str, shape: tuple[int, ...], dtype, chunk_rows: int, fill: bool
-) -> None:
-    """A chunked, unfiltered dataset whose chunks are all allocated now (no later metadata)."""
-    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-    dcpl.set_chunk((max(1, min(chunk_rows, shape[0])), *shape[1:]))
-    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-    dcpl.set_fill_time(h5py.h5d.FILL_TIME_ALLOC if fill else h5py.h5d.FILL_TIME_NEVER)
-    tid = h5py.h5t.py_create(dtype, logical=True)
-    h5py.h5d.create(f.id, name.encode(), tid, h5py.h5s.create_simple(shape), dcpl=dcpl)
-
-
-class FeatureWriter:
-    """Fill an existing cache in place, writing raw data only (see the module docstring)."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        try:
-            self._file = h5py.File(self.path, "r+", locking="best-effort")
-        except OSError as exc:
-            raise CaptionerError(
-                f"cannot open {self.path} for writing ({exc}); is another `captioner extract` "
-                "writing to it? Wait for it, or use another --out file."
-            ) from exc
-        self._features = self._file["features"]
-        self._status = self._file["status"]
-        self._errors = self._file["errors"]
-        self._errors_dtype = self._errors.dtype
-
-    @staticmethod
-    def create(
-        path: str | os.PathLike,
-        names: Sequence[str],
-        feature_shape: tuple[int, ...],
-        dtype: str,
-        attrs: dict[str, Any],
-    ) -> Path:
-        """Write a new, all-pending cache at ``path`` (built under a temporary name)."""
-        path = Path(path)
-        if not names:
-            raise CaptionerError(f"no images to put in {path}.")
-        n = len(names)
-        encoded = [name.encode("utf-8") for name in names]
-        name_dtype = h5py.string_dtype("utf-8", max(1, max(map(len, encoded))))
-        error_dtype = h5py.string_dtype("utf-8", ERROR_BYTES)
-        row_bytes = int(np.prod(feature_shape)) * np.dtype(dtype).itemsize
-        feature_rows = CHUNK_BYTES // max(1, row_bytes)
-        # atomic_path flushes the file and its folder entry before and after the rename
-        with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:  # libver earliest: no flags
-            _create_dataset(f, "features", (n, *feature_shape), np.dtype(dtype), feature_rows,
-                            fill=False)
-            _create_dataset(f, "names", (n,), name_dtype, TEXT_CHUNK, fill=True)
-            _create_dataset(f, "status", (n,), np.dtype(np.uint8), STATUS_CHUNK, fill=True)
-            _create_dataset(f, "errors", (n,), error_dtype, TEXT_CHUNK, fill=True)
-            f["names"][:] = np.array(encoded, dtype=name_dtype)
-            for key, value in attrs.items():
-                f.attrs[key] = value
-        return path
-
-    def commit(self, rows: Sequence[int], features: np.ndarray, failed: dict[int, str]) -> None:
-        """Store ``features`` in ``rows`` and the ``failed`` reasons, then mark them all.
-
-        Order: data (features, reasons) → flush → fsync → status → flush. ``rows`` increase.
-        """
-        for start, stop, k in _runs(rows):
-            self._features[start:stop] = features[k : k + stop - start]
-        for row, reason in failed.items():
-            self._errors[row] = np.array(_fit_bytes(reason, ERROR_BYTES), dtype=self._errors_dtype)
-        self._file.flush()
-        self._sync()
-        self._set_status(rows, DONE)
-        self._set_status(sorted(failed), FAILED)
-        self._file.flush()
-
-    def _set_status(self, rows: Sequence[int], value: int) -> None:
-        for start, stop, _ in _runs(rows):
-            self._status[start:stop] = value
-
-    def _sync(self) -> None:
-        try:
-            os.fsync(self._file.id.get_vfd_handle())
-        except (OSError, ValueError, TypeError):  # a driver without a plain descriptor
-            pass
-
-    def copy_from(self, source: FeatureReader) -> None:
-        """Copy every row of ``source`` (same names in the same first rows) into this file."""
-        src = source._file
-        n = len(source)
-        for lo in range(0, n, COPY_ROWS):
-            hi = min(n, lo + COPY_ROWS)
-            self._features[lo:hi] = src["features"][lo:hi]
-            self._errors[lo:hi] = src["errors"][lo:hi]
-        self._file.flush()
-        self._sync()
-        self._status[:n] = src["status"][:n]
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
-
-    def __enter__(self) -> FeatureWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-# --------------------------------------------------------------------------- resume
-
-
-def prepare(
-    out: Path, names: list[str], compare: dict[str, Any]
-) -> tuple[dict[str, int], np.ndarray, dict[str, str], tuple[int, ...]] | None:
-    """Check an existing cache against ``compare`` and grow it to hold ``names`` (a new file
-    holding the union replaces it); None when there is no file yet.
-
-    Returns (row of each file name, status, failure reasons, feature shape).
-    """
-    if not out.exists():
-        return None
-    with FeatureReader(out) as reader:
-        if lines := differences(reader.attrs, compare):
-            raise mismatch(out, lines)
-        new = [n for n in names if n not in reader._index]
-        if new:
-            tmp = _temp_path(out, "union")
-            try:
-                FeatureWriter.create(
-                    tmp,
-                    reader.names + new,
-                    reader.feature_shape,
-                    str(reader.dtype),
-                    dict(reader._file.attrs),
-                )
-                with FeatureWriter(tmp) as writer:
-                    writer.copy_from(reader)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-        all_names = reader.names + new
-        status = np.concatenate([reader._status, np.zeros(len(new), np.uint8)])
-        failed = reader.failed
-        shape = reader.feature_shape
-    if new:
-        os.replace(tmp, out)
-        fsync_dir(out)
-    return {n: i for i, n in enumerate(all_names)}, status, failed, shape
+        return getattr(cache_writer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

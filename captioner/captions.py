@@ -77,8 +77,7 @@ def read_captions(path: str | Path, fmt: str = "auto") -> CaptionFile:
     reader(data, result)
     if not result.captions:
         raise CaptionerError(
-            f"{path}: no captions found (read as {fmt}); check the file, or pass the format "
-            f"explicitly ({', '.join(FORMATS[1:])})"
+            f"{path}: no captions found (read as {fmt}); {_looks_like(data)}"
         )
     return result
 
@@ -87,9 +86,14 @@ def load_captions(path: str | Path, fmt: str = "auto") -> dict[str, list[str]]:
     """Image file name -> raw captions (file order). Problems are logged as one warning;
     use :func:`read_captions` to get them as data."""
     result = read_captions(path, fmt)
-    if result.problems:
+    key = str(Path(path).resolve())
+    if result.problems and key not in _NOTIFIED:  # once per file and process
+        _NOTIFIED.add(key)
         log.warning("%s: %d problem(s), first: %s", path, len(result.problems), result.problems[0])
     return result.captions
+
+
+_NOTIFIED: set[str] = set()
 
 
 def detect_format(path: Path, data: bytes) -> str:
@@ -109,8 +113,23 @@ def detect_format(path: Path, data: bytes) -> str:
         return "csv"
     raise CaptionerError(
         f"{path}: cannot tell the caption format from the first line {first[:60]!r}; "
-        "pass it explicitly (flickr8k, csv or coco)"
+        f"{_looks_like(data)}"
     )
+
+
+CAPTION_FORMATS_HELP = ("a caption file is a Flickr8k token file (name#0<TAB>caption), a Kaggle "
+                        "captions.txt (image,caption) or COCO caption JSON")
+
+
+def _looks_like(data: bytes) -> str:
+    """What a file that is not a caption file seems to be, and what is expected."""
+    from captioner.images import is_image_name
+
+    lines = data[:4096].decode("utf-8", errors="replace").split()
+    if lines and all(is_image_name(w) for w in lines[:20]):
+        return ("it lists image names, like a split file (Flickr_8k.*Images.txt); give the "
+                f"captions instead: {CAPTION_FORMATS_HELP}")
+    return CAPTION_FORMATS_HELP
 
 
 def _read_bytes(path: Path) -> bytes:

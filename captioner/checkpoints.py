@@ -44,8 +44,10 @@ def variable_keys(variables, model_name: str, optimizer_name: str) -> list[str]:
             path = re.sub(rf"(^|/){re.escape(model_name)}(?=[/_])", r"\1model", path)
         keys.append(path.replace("/", "|"))
     if len(set(keys)) != len(keys):
-        raise CaptionerError(f"variables of {model_name} do not have unique paths; cannot "
-                             "write a checkpoint keyed by path")
+        raise CaptionerError(
+            f"variables of {model_name} do not have unique paths; cannot "
+            "write a checkpoint keyed by path"
+        )
     return keys
 
 

@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "train",
     "caption",
     "evaluate",
+    "serve",
 )
 
 DESCRIPTION = """\
@@ -35,6 +36,7 @@ Image captioning with Keras 3, stage by stage:
   train                train an LSTM decoder (merge, inject, attention) on cached features
   caption              caption images with a trained run folder (default: the bundled model)
   evaluate             BLEU-1..4, CIDEr-D, ROUGE-L reports on a test split
+  serve                web service: JSON API and a page to caption photos (the serve extra)
 
 Run `captioner COMMAND --help` for the options of each command.
 """
@@ -94,8 +96,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"captioner {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"captioner {args.command}: interrupted{resume_hint(args)}", file=sys.stderr)
         return 130
+
+
+def resume_hint(args: argparse.Namespace) -> str:
+    """How to pick up an interrupted command where it stopped."""
+    if args.command == "extract":
+        return (f"; the finished batches are saved in {args.out}: run the same command again "
+                "to resume")
+    if args.command == "train":
+        return (f"; finished epochs are saved in {args.out}: `captioner train --out {args.out} "
+                f"--resume --epochs {args.epochs}` continues the run")
+    return ""
 
 
 if __name__ == "__main__":

@@ -130,18 +130,22 @@ class CaptionDataset(keras.utils.PyDataset):
         seed: int = 0,
         in_memory: bool = False,
         bucket: bool = False,
+        pad_to: int = 1,
         **kwargs,
     ) -> None:
         """``captions``: image name -> cleaned captions. ``bucket``: batch captions of similar
         length together and trim each batch to its longest caption (rounded up to
-        ``LENGTH_STEP``), so no work is spent on padding. ``kwargs`` go to ``PyDataset``
-        (``workers``, ``use_multiprocessing``, ``max_queue_size``)."""
+        ``LENGTH_STEP``), so no work is spent on padding. ``pad_to``: every batch's size is
+        made a multiple of it (for data-parallel devices) by repeating its last sample with
+        weight 0. ``kwargs`` go to ``PyDataset`` (``workers``, ``use_multiprocessing``,
+        ``max_queue_size``)."""
         super().__init__(**kwargs)
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.features = features
         self.tokenizer = tokenizer
         self.batch_size = int(batch_size)
+        self.pad_to = max(1, int(pad_to))
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
         self.bucket = bool(bucket)
@@ -213,6 +217,9 @@ class CaptionDataset(keras.utils.PyDataset):
     def _make_batch(self, order: np.ndarray | None, index: int):
         start, stop = index * self.batch_size, min((index + 1) * self.batch_size, self.num_samples)
         rows = np.arange(start, stop) if order is None else order[start:stop]
+        real = len(rows)
+        if real % self.pad_to:  # repeat the last sample, with weight 0 below
+            rows = np.concatenate([rows, np.repeat(rows[-1:], self.pad_to - real % self.pad_to)])
         tokens = self.tokens[rows]
         if self.bucket:  # trim to the longest caption, rounded up to LENGTH_STEP steps + 1
             longest = int((tokens != 0).sum(axis=1).max())
@@ -221,6 +228,7 @@ class CaptionDataset(keras.utils.PyDataset):
         tokens_in = np.ascontiguousarray(tokens[:, :-1])
         tokens_out = np.ascontiguousarray(tokens[:, 1:])
         weights = (tokens_out != 0).astype(np.float32)
+        weights[real:] = 0.0
         return (self._batch_features(self.image_index[rows]), tokens_in), tokens_out, weights
 
     def set_epoch(self, epoch: int) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 import keras
 from keras import layers, ops
 
+from captioner.errors import CaptionerError
 from captioner.tokenizer import END
 
 
@@ -76,9 +77,10 @@ class CaptionDecoder(keras.Model):
         }
 
     def build_for_inputs(self) -> CaptionDecoder:
-        """Create the weights by calling the model once on zeros."""
+        """Create the weights by calling the model once on zeros. One token is enough (no
+        weight depends on the length) and ~20x faster than a whole caption, eagerly."""
         feats = ops.zeros((1, *self.feature_shape))
-        tokens = ops.zeros((1, self.max_length - 1), dtype="int32")
+        tokens = ops.zeros((1, 1), dtype="int32")
         self((feats, tokens), training=False)
         return self
 
@@ -343,3 +345,12 @@ class MaskedSparseCrossEntropy(keras.losses.Loss):
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "label_smoothing": self.label_smoothing}
+
+
+def build_checked_decoder(kind: str, config: dict[str, Any], config_path):
+    """The ``kind`` decoder of a (schema-checked) config; a failure names the file and field."""
+    try:
+        return build_decoder(kind, **config)
+    except Exception as exc:
+        raise CaptionerError(f"{config_path}: decoder.config: cannot build the {kind} decoder "
+                             f"({' '.join(str(exc).split())[:200]})") from None

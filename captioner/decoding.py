@@ -29,6 +29,10 @@ State = Any
 StepFn = Callable[[np.ndarray, State], tuple[np.ndarray, State]]
 
 NEG_INF = -np.inf
+
+
+class NonFiniteError(ValueError):
+    """A step returned NaN or +inf log-probabilities (damaged features or weights)."""
 # Sort key of a forced end token: below every finite score, above the -inf of invalid moves.
 _FORCED = float(np.finfo(np.float64).min)
 
@@ -145,8 +149,9 @@ def _log_probs(raw: np.ndarray, rows: int, end_id: int, banned: Sequence[int]) -
         raise ValueError(f"step must return log_probs of shape ({rows}, V), got {log_probs.shape}")
     if log_probs.shape[1] <= max([end_id, *banned]):
         raise ValueError(f"vocabulary size {log_probs.shape[1]} is too small for the token ids")
-    if np.isnan(log_probs).any():
-        raise ValueError("step returned NaN log-probs")
+    if np.isnan(log_probs).any() or np.isposinf(log_probs).any():
+        bad = np.flatnonzero(np.isnan(log_probs).any(axis=1) | np.isposinf(log_probs).any(axis=1))
+        raise NonFiniteError(f"step returned NaN or +inf log-probs (rows {bad.tolist()[:8]})")
     return log_probs
 
 

@@ -223,6 +223,13 @@ def _build_application(spec: EncoderSpec, include_top: bool, weights):
                 f"{KERAS_APPS_URL}{folder}/{fname} into {keras_cache_dir()}/, or set KERAS_HOME "
                 "to a folder whose models/ subfolder holds it."
             ) from exc
+    if Path(weights).name == imagenet_file_name(spec, include_top):
+        # the official file (e.g. carried by a run folder): Keras's own loader reads its
+        # legacy layer names, exactly as from its cache
+        try:
+            return app(weights=str(weights), **kwargs)
+        except Exception as exc:
+            raise WeightsError(f"{weights} does not fit {spec.name}: {exc}") from exc
     model = app(weights=None, **kwargs)
     load_weights_file(model, weights)
     return model

@@ -15,3 +15,11 @@ class CacheMismatchError(CaptionerError):
 
 class ImageError(CaptionerError):
     """An image cannot be read or converted."""
+
+
+class RequestError(CaptionerError):
+    """A bad request to ``captioner serve``; ``status`` is the HTTP status it answers."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status

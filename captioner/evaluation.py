@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # numpy and the search are imported where used: the CLI reads
 DEFAULT_BATCH_SIZE = 128
 ENCODER_BATCH = 16  # images per encoder call in images mode (VGG activations are large)
 ATTENTION_IMAGES = 24
+NO_REFERENCES = "no reference captions"
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ class EvaluationResult:
     attention: dict[str, AttentionMap] = field(default_factory=dict)
     features_seconds: float = 0.0
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    failed: dict[str, str] = field(default_factory=dict)  # image -> why captioning it failed
 
 
 # --------------------------------------------------------------------------- images to score
@@ -137,7 +139,7 @@ def select_images(
     for name in dict.fromkeys(names):
         if limit is not None and len(chosen) >= limit:
             break
-        reason = "no reference captions" if name not in captions else available(name)
+        reason = NO_REFERENCES if name not in captions else available(name)
         if reason:
             skipped[name] = reason
         else:
@@ -147,17 +149,18 @@ def select_images(
 
 def _cache_chunks(
     reader, names: list[str], batch_size: int
-) -> Iterator[tuple[list[str], np.ndarray]]:
+) -> Iterator[tuple[list[str], np.ndarray, dict[str, str]]]:
+    """Verified features in chunks; damaged rows come back as ``{name: reason}``."""
     import numpy as np
 
     for start in range(0, len(names), batch_size):
-        chunk = names[start : start + batch_size]
-        yield chunk, np.asarray(reader.read(chunk), dtype="float32")
+        good, feats, damaged = reader.read_valid(names[start : start + batch_size])
+        yield good, np.asarray(feats, dtype="float32"), damaged
 
 
 def _image_chunks(
     captioner, paths: dict[str, Path], batch_size: int, skipped: dict[str, str]
-) -> Iterator[tuple[list[str], np.ndarray]]:
+) -> Iterator[tuple[list[str], np.ndarray, dict[str, str]]]:
     """Encoded images in chunks of up to ``batch_size``; unreadable ones go to ``skipped``."""
     import numpy as np
 
@@ -171,27 +174,26 @@ def _image_chunks(
                 good += keys
                 feats.append(encoded)
         if good:
-            yield good, np.concatenate(feats).astype("float32")
+            yield good, np.concatenate(feats).astype("float32"), {}
 
 
 # --------------------------------------------------------------------------- captioning
 
 
-def _caption_chunk(captioner, feats: np.ndarray, decoding: Decoding) -> list[Caption]:
-    return [caps[0] for caps in captioner.search_captions(feats, **decoding.search_kwargs())]
+def _caption_chunk(captioner, feats: np.ndarray, decoding: Decoding) -> list[Caption | str]:
+    """The caption of each row, or the reason it has none (non-finite features or outputs)."""
+    rows = captioner.search_rows(feats, **decoding.search_kwargs())
+    return [h if isinstance(h, str) else captioner._caption(h[0]) for h in rows]
 
 
 def attention_maps(
     captioner, feats: np.ndarray, captions: Sequence[Caption]
 ) -> list[AttentionMap]:
     """Attention weights of each generated caption, teacher-forced through the decoder."""
-    from captioner.heatmaps import grid_of, teacher_forced_attention
-
-    alphas = teacher_forced_attention(captioner, feats, [c.tokens for c in captions])
-    grid = grid_of(captioner.decoder.feature_shape)
+    alphas = captioner.attention(feats, [c.tokens for c in captions])  # each (T + 1, h, w)
     words = captioner.tokenizer.words
     return [
-        AttentionMap([words[t] for t in cap.tokens], a[: len(cap.tokens)].reshape(-1, *grid))
+        AttentionMap([words[t] for t in cap.tokens], a[: len(cap.tokens)])
         for cap, a in zip(captions, alphas, strict=True)
     ]
 
@@ -237,6 +239,7 @@ def evaluate(
     attention_images: int = ATTENTION_IMAGES,
     progress: bool | None = None,
     ensemble: Sequence[str | os.PathLike] = (),
+    strict: bool = False,
 ) -> EvaluationResult:
     """Caption the split with every setting in ``decodings`` and score each against all references.
 
@@ -244,10 +247,12 @@ def evaluate(
     then only supplies pictures for the report. Without ``features``, ``images_dir`` and
     ``split`` are required and the run's encoder computes the features. ``ensemble``: more run
     folders decoded together with ``run_dir`` (their log-probabilities averaged per step).
+    Images whose features are damaged or whose captioning fails are left out and listed in
+    ``failed``; ``strict`` makes any such failure (or an unreadable image) an error.
     """
     from captioner.captions import load_captions
     from captioner.cleaning import CleaningRules, clean_captions
-    from captioner.inference import Captioner
+    from captioner.ensemble import load_captioner
 
     _check_options(decodings, batch_size, limit)
     if features is None and (images_dir is None or split is None):
@@ -264,7 +269,7 @@ def evaluate(
     reader = open_matching_cache(features, run_dir, config) if features is not None else None
     try:
         chosen, skipped = _choose(reader, folder, split, captions, limit)
-        captioner = Captioner.from_runs([run_dir, *ensemble], weights)
+        captioner = load_captioner([run_dir, *ensemble], weights)
         paths = {n: folder / n for n in chosen} if folder is not None else {}
         if reader is not None:
             chunks = _cache_chunks(reader, chosen, batch_size)
@@ -272,15 +277,15 @@ def evaluate(
             chunks = _image_chunks(captioner, paths, batch_size, skipped)
         sections = [Section(d) for d in decodings]
         keep = attention_images if config.decoder.kind == "attention" else 0
-        seconds, kept = _run_chunks(captioner, chunks, sections, len(chosen), progress, keep)
+        seconds, kept, failed = _run_chunks(captioner, chunks, sections, len(chosen), progress, keep)
     finally:
         if reader is not None:
             reader.close()
+    _check_failures(failed, skipped, strict, features if features is not None else folder)
     done = [n for n in chosen if n in sections[0].captions]
     if not done:
-        raise CaptionerError(
-            f"no image could be read from {folder}: {next(iter(skipped.values()))}"
-        )
+        why = next(iter({**skipped, **failed}.values()))
+        raise CaptionerError(f"no image could be captioned from {features or folder}: {why}")
     references = clean_captions({n: captions[n] for n in done}, rules)
     for section in sections:
         score_section(section, references)
@@ -299,10 +304,20 @@ def evaluate(
         references,
         sections,
         skipped,
+        failed=failed,
         image_paths={n: p for n, p in paths.items() if n in references},
         attention=_attention(captioner, kept, sections[0]),
         features_seconds=seconds,
     )
+
+
+def _check_failures(failed: dict[str, str], skipped: dict[str, str], strict: bool, source) -> None:
+    """With ``strict``, any failed or unreadable image is a :class:`CaptionerError`."""
+    bad = {**failed, **{n: r for n, r in skipped.items() if r != NO_REFERENCES}}
+    if strict and bad:
+        shown = "; ".join(f"{n}: {r}" for n, r in list(bad.items())[:3])
+        raise CaptionerError(f"--strict: {len(bad)} image(s) of {source} could not be evaluated "
+                             f"({shown}); rerun `captioner extract` to repair them, or drop --strict")
 
 
 def _attention(captioner, kept: dict[str, np.ndarray], section: Section) -> dict[str, AttentionMap]:
@@ -344,33 +359,38 @@ def _choose(
 
 def _run_chunks(
     captioner,
-    chunks: Iterator[tuple[list[str], np.ndarray]],
+    chunks: Iterator[tuple[list[str], np.ndarray, dict[str, str]]],
     sections: list[Section],
     total: int,
     progress: bool | None,
     keep: int,
-) -> tuple[float, dict[str, np.ndarray]]:
-    """Caption every chunk with every setting. Returns the seconds spent getting features and
-    the features of the first ``keep`` images (for attention maps)."""
+) -> tuple[float, dict[str, np.ndarray], dict[str, str]]:
+    """Caption every chunk with every setting. Returns the seconds spent getting features,
+    the features of the first ``keep`` images (for attention maps) and the images that failed
+    (damaged features, non-finite decoder outputs): those are in no section."""
     from captioner.progress import progress as bar
 
-    features_seconds, kept = 0.0, {}
+    features_seconds, kept, failed = 0.0, {}, {}
     with bar(total=total, desc="evaluating", unit="img", enabled=progress) as pbar:
         while True:
             start = time.perf_counter()
             item = next(chunks, None)
             features_seconds += time.perf_counter() - start
             if item is None:
-                return features_seconds, kept
-            names, feats = item
+                return features_seconds, kept, failed
+            names, feats, damaged = item
+            failed.update(damaged)
             for section in sections:
                 start = time.perf_counter()
                 generated = _caption_chunk(captioner, feats, section.decoding)
-                section.captions.update(zip(names, generated, strict=True))
+                for name, caption in zip(names, generated, strict=True):  # str: why it failed
+                    (failed if isinstance(caption, str) else section.captions)[name] = caption
                 section.caption_seconds += time.perf_counter() - start
-            for name, row in zip(names[: max(0, keep - len(kept))], feats, strict=False):
-                kept[name] = row
-            pbar.update(len(names))
+            for section in sections:  # an image failing under one setting is in none
+                section.captions = {n: c for n, c in section.captions.items() if n not in failed}
+            good = [(n, row) for n, row in zip(names, feats, strict=True) if n not in failed]
+            kept |= dict(good[: max(0, keep - len(kept))])
+            pbar.update(len(names) + len(damaged))
 
 
 def _str(value: str | os.PathLike | None) -> str | None:

@@ -16,7 +16,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from functools import partial
 from itertools import islice
 from pathlib import Path
@@ -26,8 +25,9 @@ import h5py
 import numpy as np
 
 from captioner import __version__
-from captioner.cache import DONE, DTYPES, FAILED, FORMAT_VERSION, FeatureWriter, mismatch, prepare
+from captioner.cache_writer import FeatureWriter
 from captioner.errors import CaptionerError, ImageError
+from captioner.extract_plan import ExtractSummary, Item, finish_extract, plan_extract
 from captioner.images import DEFAULT_MAX_PIXELS, load_image
 from captioner.progress import progress as progress_bar
 
@@ -37,40 +37,6 @@ PREFETCH_BATCHES = 2  # decoded batches kept ready while the model runs
 # --------------------------------------------------------------------------- extraction
 
 
-@dataclass
-class ExtractSummary:
-    """What one :func:`extract` run did."""
-
-    out: Path
-    requested: int
-    done: int = 0  # extracted by this run
-    skipped: int = 0  # already done before this run
-    failed: dict[str, str] = field(default_factory=dict)  # name -> reason, after this run
-    previously_failed: int = 0  # failed earlier and not retried (see --retry-failed)
-    seconds: float = 0.0
-
-    @property
-    def images_per_s(self) -> float:
-        return self.done / self.seconds if self.seconds > 0 else 0.0
-
-    def line(self) -> str:
-        """One-line human summary."""
-        text = (
-            f"extracted {self.done}, skipped {self.skipped} (already in the cache), "
-            f"failed {len(self.failed)}"
-        )
-        if self.previously_failed:
-            text += f" ({self.previously_failed} in an earlier run; --retry-failed retries them)"
-        return text + f" in {self.seconds:.1f} s ({self.images_per_s:.1f} images/s) -> {self.out}"
-
-
-@dataclass(frozen=True)
-class _Item:
-    row: int
-    name: str
-    path: Path
-
-
 def _feature_shape(model) -> tuple[int, ...]:
     shape = tuple(model.output.shape[1:])
     if not all(isinstance(d, int) for d in shape):
@@ -78,17 +44,6 @@ def _feature_shape(model) -> tuple[int, ...]:
             f"model {model.name} has an output of unknown shape {shape}; give it a fixed input size."
         )
     return shape
-
-
-def _check_names(names: Sequence[str]) -> None:
-    seen: dict[str, int] = {}
-    for i, name in enumerate(names):
-        if name in seen:
-            raise CaptionerError(
-                f"image name {name!r} appears twice (items {seen[name] + 1} and {i + 1}); "
-                "names identify rows of the cache, so they must be unique."
-            )
-        seen[name] = i
 
 
 def _safe_load(
@@ -214,70 +169,21 @@ def extract(
     :class:`ImageError` at the end if any requested image has no features.
     """
     start = time.perf_counter()
-    out = Path(out)
-    paths = [Path(p) for p in paths]
-    names = [p.name for p in paths] if names is None else list(names)
-    if len(names) != len(paths):
-        raise ValueError("names and paths must have the same length")
-    if not paths:
-        raise CaptionerError("no images to extract.")
-    if dtype not in DTYPES:
-        raise CaptionerError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}.")
-    if batch_size < 1:
-        raise CaptionerError(f"--batch-size must be at least 1, not {batch_size}.")
-    _check_names(names)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    settings = {
-        "format_version": FORMAT_VERSION,
-        "input_size": tuple(int(v) for v in input_size),
-        "resample": resample,
-        "jpeg_draft": True,
-        "dtype": dtype,
-    }
-    compare = {**identity, **settings}
-    state = prepare(out, names, compare)
-    if state is None:
-        rows, status, old_failed = (
-            {n: i for i, n in enumerate(names)},
-            np.zeros(len(names), np.uint8),
-            {},
-        )
-    else:
-        rows, status, old_failed, _ = state
-    summary = ExtractSummary(out=out, requested=len(names))
-    todo: list[_Item] = []
-    for name, path in zip(names, paths, strict=True):
-        row = rows[name]
-        if status[row] == DONE:
-            summary.skipped += 1
-        elif status[row] == FAILED and not retry_failed:
-            summary.previously_failed += 1
-            summary.failed[name] = old_failed.get(name, "")
-        else:
-            todo.append(_Item(row, name, path))
-    todo.sort(key=lambda item: item.row)
-    if todo:
+    plan = plan_extract(
+        paths, out, identity=identity, input_size=input_size, names=names,
+        batch_size=batch_size, dtype=dtype, resample=resample, retry_failed=retry_failed,
+    )  # fmt: skip
+    if plan.todo:
         model = model if hasattr(model, "predict_on_batch") else model()
-        shape = _feature_shape(model)
-        if state is None:
-            attrs = {**_environment(), **compare, "feature_shape": shape}
-            FeatureWriter.create(out, names, shape, dtype, attrs)
-        elif state[3] != shape:
-            raise mismatch(out, [f"feature_shape: file has {state[3]}, expected {shape}"])
-        load = partial(
-            load_image, size=settings["input_size"], resample=resample, max_pixels=max_pixels
-        )
-        with FeatureWriter(out) as writer:
-            _run(todo, writer, model, load, batch_size, workers, dtype, summary, progress)
-    summary.seconds = time.perf_counter() - start
-    if strict and summary.failed:
-        shown = "; ".join(f"{n}: {r}" for n, r in islice(summary.failed.items(), 5))
-        raise ImageError(f"{len(summary.failed)} image(s) have no features in {out} ({shown}).")
-    return summary
+        plan.ensure_file(_feature_shape(model), _environment())
+        load = partial(load_image, size=plan.input_size, resample=resample, max_pixels=max_pixels)
+        with FeatureWriter(plan.out) as writer:
+            _run(plan.todo, writer, model, load, batch_size, workers, dtype, plan.summary, progress)
+    return finish_extract(plan, start, strict)
 
 
 def _run(
-    todo: list[_Item],
+    todo: list[Item],
     writer: FeatureWriter,
     model: Any,
     load: Callable[[Path], np.ndarray],
@@ -299,9 +205,13 @@ def _run(
         for done, feats, failed in encoded_batches(
             items, model.predict_on_batch, load, batch_size, workers=workers, pad=True
         ):
-            rows = np.empty((0,), dtype) if feats is None else feats.astype(dtype)
-            writer.commit([it.row for it in done], rows, {it.row: r for it, r in failed.items()})
-            summary.done += len(done)
+            with np.errstate(over="ignore"):  # float16 overflow -> inf -> refused by commit
+                rows = np.empty((0,), dtype) if feats is None else feats.astype(dtype)
+            refused = writer.commit(
+                [it.row for it in done], rows, {it.row: r for it, r in failed.items()}
+            )
+            failed |= {it: refused[it.row] for it in done if it.row in refused}
+            summary.done += len(done) - len(refused)
             summary.failed.update({it.name: r for it, r in failed.items()})
             bar.update(len(done) + len(failed))
             if summary.failed:
@@ -329,23 +239,23 @@ def _environment() -> dict[str, Any]:
 MIXED_PRECISION = ("float16", "bfloat16")
 
 
-def extract_with_spec(
-    paths: Sequence[str | os.PathLike],
-    out: str | os.PathLike,
-    encoder: str = "vgg16",
-    layer: str | None = None,
-    weights: str | os.PathLike | None = "imagenet",
-    *,
-    mixed_precision: str | None = None,
-    **kwargs: Any,
-) -> ExtractSummary:
-    """:func:`extract` with a named encoder (see ``captioner.encoders.SPECS``).
+def build_feature_model(spec: Any, layer: str, weights: Any, policy: str) -> Any:
+    """The feature model of an encoder spec, built under the dtype ``policy``."""
+    import keras
 
-    The model (``spec.feature_model(layer, weights)``, preprocessing included) is only built
-    when some image still needs features. ``mixed_precision`` ("float16" or "bfloat16") builds
-    it under the ``mixed_*`` dtype policy (for GPUs); features are still stored as ``dtype``.
-    Other keyword arguments go to :func:`extract`.
-    """
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        return spec.feature_model(layer, weights)
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def encoder_setup(
+    encoder: str, layer: str | None, weights: Any, mixed_precision: str | None
+) -> tuple[dict[str, Any], Callable[[], Any], tuple[int, int]]:
+    """(cache identity, zero-argument model builder, input size) of a named encoder. The
+    builder is a ``partial`` of a module-level function: it can be sent to Ray actors."""
     from captioner.encoders import get_spec
 
     spec = get_spec(encoder)
@@ -363,15 +273,25 @@ def extract_with_spec(
         "preprocessing": spec.preprocessing,
         "compute_dtype": policy,
     }
+    return identity, partial(build_feature_model, spec, layer, weights, policy), spec.input_size
 
-    def build() -> Any:
-        import keras
 
-        previous = keras.config.dtype_policy()
-        keras.config.set_dtype_policy(policy)
-        try:
-            return spec.feature_model(layer, weights)
-        finally:
-            keras.config.set_dtype_policy(previous)
+def extract_with_spec(
+    paths: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    encoder: str = "vgg16",
+    layer: str | None = None,
+    weights: str | os.PathLike | None = "imagenet",
+    *,
+    mixed_precision: str | None = None,
+    **kwargs: Any,
+) -> ExtractSummary:
+    """:func:`extract` with a named encoder (see ``captioner.encoders.SPECS``).
 
-    return extract(paths, out, model=build, identity=identity, input_size=spec.input_size, **kwargs)
+    The model (``spec.feature_model(layer, weights)``, preprocessing included) is only built
+    when some image still needs features. ``mixed_precision`` ("float16" or "bfloat16") builds
+    it under the ``mixed_*`` dtype policy (for GPUs); features are still stored as ``dtype``.
+    Other keyword arguments go to :func:`extract`.
+    """
+    identity, build, input_size = encoder_setup(encoder, layer, weights, mixed_precision)
+    return extract(paths, out, model=build, identity=identity, input_size=input_size, **kwargs)

@@ -98,6 +98,53 @@ def load_image(
         return np.array(rgb, dtype=np.uint8)  # a copy, before the file is closed
 
 
+TINY_SIDE = 32  # pixels; smaller images are captioned with a warning
+
+
+def tiny_warning(width: int, height: int) -> str | None:
+    """A warning for an image too small to show anything, else None."""
+    if min(width, height) >= TINY_SIDE:
+        return None
+    return (f"only {width}x{height} pixels; the encoder sees it blown up to its input size, so "
+            "the caption is a guess")
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) from the file's header (EXIF rotation not applied)."""
+    _check_file(path)
+    with _open(path, DEFAULT_MAX_PIXELS) as im:
+        return im.size
+
+
+def pixels_of(
+    item, size: tuple[int, int], resample: str = "bilinear"
+) -> tuple[np.ndarray | None, str | None, str | None]:
+    """(pixels (H, W, 3) uint8 at ``size`` = (height, width), warning, error) for an image
+    file, a PIL image or an array (H, W), (H, W, 3) or (H, W, 4) with values in [0, 255]."""
+    try:
+        if isinstance(item, (str, os.PathLike)):
+            width, height = image_size(item)
+            return load_image(item, size, resample), tiny_warning(width, height), None
+        if isinstance(item, Image.Image):
+            im = to_rgb(item)
+        else:
+            im = _array_image(np.asarray(item))
+    except ImageError as exc:
+        return None, None, getattr(exc, "reason", None) or str(exc)
+    rgb = im.resize((size[1], size[0]), resample=RESAMPLE[resample])
+    return np.array(rgb, dtype=np.uint8), tiny_warning(*im.size), None
+
+
+def _array_image(array: np.ndarray) -> Image.Image:
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=-1)
+    if array.ndim != 3 or array.shape[-1] not in (3, 4) or 0 in array.shape:
+        raise image_error("<array>", f"array of shape {array.shape} is not an image "
+                          "(expected (H, W, 3) with values in [0, 255])")
+    pixels = np.clip(np.nan_to_num(array.astype(np.float64)), 0, 255).round().astype(np.uint8)
+    return to_rgb(Image.fromarray(pixels))
+
+
 def _check_file(path: str | os.PathLike) -> None:
     """Refuse missing, non-regular and zero-byte files with a precise reason."""
     try:
@@ -123,7 +170,7 @@ def _open(path: str | os.PathLike, max_pixels: int) -> Image.Image:
         pixels = f"{found.group(1)} pixels" if found else "too many pixels"
         raise image_error(path, f"too large ({pixels})") from None
     except UnidentifiedImageError:
-        raise image_error(path, "not an image (cannot identify)") from None
+        raise image_error(path, _unidentified(path)) from None
     except PermissionError as exc:
         raise image_error(path, f"unreadable file ({exc.strerror})") from None
     except Exception as exc:  # plugins raise OSError, SyntaxError, ValueError, struct.error
@@ -133,6 +180,32 @@ def _open(path: str | os.PathLike, max_pixels: int) -> Image.Image:
         im.close()
         raise image_error(path, f"too large ({w}×{h} pixels)")
     return im
+
+
+# Leading bytes of the formats PIL reads; a file that starts like one but cannot be identified
+# was cut short (a partial download or copy), not "not an image".
+SIGNATURES = (
+    b"\xff\xd8\xff",  # JPEG
+    b"\x89PNG\r\n\x1a\n",
+    b"GIF87a",
+    b"GIF89a",
+    b"BM",
+    b"II*\x00",  # TIFF, little-endian
+    b"MM\x00*",  # TIFF, big-endian
+)
+
+
+def _unidentified(path: str | os.PathLike) -> str:
+    """Reason for a file PIL cannot identify: "truncated image" when it starts like one."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        head = b""
+    webp = head[:4] == b"RIFF" and head[8:12] == b"WEBP"
+    if webp or any(head.startswith(sig) for sig in SIGNATURES):
+        return "truncated image"
+    return "not an image (cannot identify)"
 
 
 def _orientation(im: Image.Image) -> int | None:
@@ -222,7 +295,9 @@ def list_images(
         return _from_glob(text)
     path = Path(source)
     if path.is_dir():
-        paths = sorted(p for p in path.iterdir() if p.is_file() and is_image_name(p))
+        # an entry with an image name that is not a file (a folder "x.jpg", a broken link) is
+        # kept, so it fails with its own reason instead of vanishing
+        paths = sorted(p for p in path.iterdir() if is_image_name(p))
         if not paths:
             raise CaptionerError(
                 f"folder {path} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})."
@@ -242,7 +317,7 @@ def _from_glob(pattern: str) -> tuple[list[Path], list[str]]:
     fixed = next(i for i, part in enumerate(parts) if GLOB_CHARS & set(part))
     base = Path(*parts[:fixed]) if fixed else Path(".")
     rest = str(Path(*parts[fixed:]))
-    paths = sorted(p for p in base.glob(rest) if p.is_file())
+    paths = sorted(p for p in base.glob(rest) if p.is_file() or is_image_name(p))
     if not paths:
         raise CaptionerError(f"no files match {pattern!r}.")
     return paths, [p.relative_to(base).as_posix() for p in paths]

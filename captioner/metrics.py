@@ -355,8 +355,10 @@ BLEU_NOTE = (
     "which gives numbers that cannot be compared with these."
 )
 SCALE_NOTE = (
-    "BLEU-1..4, ROUGE-L (LCS F-measure, beta 1.2) and METEOR are fractions in [0, 1]. CIDEr-D "
-    "is on the usual pycocoevalcap scale (x10, so it can exceed 1), with document frequencies "
+    "Every score in the tables is x100 (BLEU-4 18.8 means 0.188), as in papers and the README; "
+    "report.json keeps the fractions. BLEU-1..4, ROUGE-L (LCS F-measure, beta 1.2) and METEOR "
+    "are fractions in [0, 1]. CIDEr-D is on the usual pycocoevalcap scale (0.442, shown as "
+    "44.2; it can exceed 1), with document frequencies "
     "taken over the references of the evaluated images."
 )
 PER_IMAGE_NOTE = (

@@ -22,6 +22,7 @@ from captioner.runs import (
     CURVES,
     HISTORY,
     LAST_WEIGHTS,
+    XENT,
     read_history,
     write_history,
 )
@@ -55,13 +56,26 @@ class RunMonitor(keras.callbacks.Callback):
     monitor state of a resumed run.
     """
 
-    def __init__(self, settings: Any, run: Path, val_sample, tokenizer, state: dict,
-                 exporter: WeightsExporter):
+    def __init__(
+        self,
+        settings: Any,
+        run: Path,
+        val_sample,
+        tokenizer,
+        state: dict,
+        exporter: WeightsExporter,
+    ):
         super().__init__()
         self.settings, self.run, self.val_sample = settings, run, val_sample
         self.tokenizer, self.exporter = tokenizer, exporter
-        self.state = {"best_bleu": -1.0, "best_val_loss": math.inf, "wait": 0,
-                      "plateau_wait": 0, "plateau_best": math.inf, **state}
+        self.state = {
+            "best_bleu": -1.0,
+            "best_val_loss": math.inf,
+            "wait": 0,
+            "plateau_wait": 0,
+            "plateau_best": math.inf,
+            **state,
+        }
         self.rows = read_history(run / HISTORY)
         self.started = time.time()
         self._captioner = None
@@ -85,9 +99,17 @@ class RunMonitor(keras.callbacks.Callback):
         if bleu is not None:
             logs["val_bleu4"], logs["val_cider"] = bleu, cider
         lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-        row = {"epoch": epoch + 1, "loss": logs.get("loss"), "val_loss": logs.get("val_loss"),
-               "val_bleu4": bleu, "val_cider": cider, "learning_rate": lr,
-               "seconds": round(time.time() - self.started, 2)}
+        row = {
+            "epoch": epoch + 1,
+            "loss": logs.get("loss"),
+            "val_loss": logs.get("val_loss"),
+            "xent": logs.get(XENT),
+            "val_xent": logs.get(f"val_{XENT}"),
+            "val_bleu4": bleu,
+            "val_cider": cider,
+            "learning_rate": lr,
+            "seconds": round(time.time() - self.started, 2),
+        }
         self.rows = [r for r in self.rows if r["epoch"] < epoch + 1] + [row]
         select_on = getattr(self.settings, "select_on", "bleu4")
         self._select_best(epoch, logs, selection_score(select_on, bleu, cider))
@@ -132,13 +154,15 @@ class RunMonitor(keras.callbacks.Callback):
         keep = self.run / CHECKPOINTS_DIR
         keep.mkdir(exist_ok=True)
         self.exporter.save(self.model, keep / f"epoch-{epoch + 1:03d}.weights.h5")
-        for old in sorted(keep.glob("epoch-*.weights.h5"))[:-max(self.settings.keep_checkpoints, 1)]:
+        for old in sorted(keep.glob("epoch-*.weights.h5"))[
+            : -max(self.settings.keep_checkpoints, 1)
+        ]:
             old.unlink()
         write_history(self.run / HISTORY, self.rows)
         save_checkpoint(self.run / CHECKPOINT, self.model, epoch + 1, self.state)
         try:
-            from captioner.plots import plot_history
+            from captioner.figures import save_training_curves
 
-            plot_history(self.rows, self.run / CURVES)
+            save_training_curves(self.rows, self.run / CURVES)
         except OSError:
             pass

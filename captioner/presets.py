@@ -79,12 +79,15 @@ def preset_help() -> str:
     return f"where unset options take their defaults from ({listed}). Default: {DEFAULT_PRESET}"
 
 
-PRESET_NOTE = (f"Options left unset take their values from --preset (default "
-               f"'{DEFAULT_PRESET}': {PRESETS[DEFAULT_PRESET].description}).")
+PRESET_NOTE = (
+    f"Options left unset take their values from --preset (default "
+    f"'{DEFAULT_PRESET}': {PRESETS[DEFAULT_PRESET].description})."
+)
 
 
 def add_preset_option(parser) -> None:
     """Add ``--preset`` to an argparse parser and say so in its description."""
     parser.description = f"{parser.description or ''}\n\n{PRESET_NOTE}".strip()
-    parser.add_argument("--preset", choices=list(PRESETS), default=DEFAULT_PRESET,
-                        help=preset_help())
+    parser.add_argument(
+        "--preset", choices=list(PRESETS), default=DEFAULT_PRESET, help=preset_help()
+    )

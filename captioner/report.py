@@ -81,6 +81,7 @@ def build_payload(result: EvaluationResult) -> dict[str, Any]:
         "sources": result.sources,
         "n_images": len(result.references),
         "skipped": result.skipped,
+        "failed": result.failed,
         "settings": first["settings"],
         "metrics": first["metrics"],
         "pycocoevalcap_bleu": first["pycocoevalcap_bleu"],
@@ -136,12 +137,12 @@ def write_report(
 
 def write_curves(run_dir: Path, path: Path) -> bytes | None:
     """Plot the run's training history into ``path``; the PNG bytes, or None without history."""
-    from captioner.plots import plot_history
+    from captioner.figures import save_training_curves
 
     rows = [r for r in read_history(run_dir / HISTORY) if r.get("epoch") is not None]
     if not rows:
         return None
-    plot_history(rows, path)
+    save_training_curves(rows, path)
     return path.read_bytes()
 
 
@@ -155,6 +156,13 @@ def fmt(value: float | int | None, digits: int = 4) -> str:
     if isinstance(value, int):
         return str(value)
     return f"{value:.{digits}f}"
+
+
+def score(value: float | None) -> str:
+    """A score as the tables show it: x100 with one decimal (0.1877 -> ``18.8``)."""
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    return f"{100 * value:.1f}"
 
 
 def summary_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -175,7 +183,7 @@ def summary_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         rows.append(
             [
                 s["settings"]["label"],
-                *(fmt(m.get(k)) for k in METRIC_KEYS),
+                *(score(m.get(k)) for k in METRIC_KEYS),
                 f"{d['distinct_captions']} ({d['distinct_share']:.0%})",
                 str(d["vocabulary"]),
                 f"{d['mean_length']:.2f} (refs {d['mean_reference_length']:.2f})",
@@ -255,13 +263,17 @@ def render_markdown(data: dict[str, Any]) -> str:
     text = _templates("md").get_template("report.md.j2").render(
         run=data["run"], overview=_overview(data), scores=tables["all"], pycoco=tables["pycoco"],
         notes=list(data["notes"].values()), ranked=ranked, skipped=_skipped(data),
+        failed=_skipped(data, key="failed"),
     )
     return text.rstrip("\n") + "\n"
 
 
-def _skipped(data: dict[str, Any], n: int = SKIPPED_SHOWN) -> list[tuple[str, str]]:
-    """The first ``n`` skipped images with their reasons, plus a "more" line."""
-    items = list(data["skipped"].items())
+def _skipped(
+    data: dict[str, Any], n: int = SKIPPED_SHOWN, key: str = "skipped"
+) -> list[tuple[str, str]]:
+    """The first ``n`` skipped (or ``key="failed"``) images with their reasons, plus a "more"
+    line."""
+    items = list((data.get(key) or {}).items())
     shown = items[:n]
     if len(items) > n:
         shown.append(("...", f"{len(items) - n} more in report.json"))
@@ -276,6 +288,7 @@ def _overview(data: dict[str, Any]) -> list[tuple[str, str]]:
         ("encoder", f"{enc.get('name')} (layer {enc.get('layer')})"),
         ("images evaluated", str(data["n_images"])),
         ("images skipped", str(len(data["skipped"]))),
+        ("images failed", str(len(data.get("failed") or {}))),
         ("captions", str(src.get("captions"))),
     ]
     items += [
@@ -294,12 +307,12 @@ def _pycoco_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     rows = []
     for s in data["sections"]:
         p = s["pycocoevalcap_bleu"] or {}
-        diff = round(p["BLEU-4"] - s["metrics"]["BLEU-4"], 5) + 0.0 if p else None
+        diff = round(100 * (p["BLEU-4"] - s["metrics"]["BLEU-4"]), 3) + 0.0 if p else None
         rows.append(
             [
                 s["settings"]["label"],
-                *(fmt(p.get(k)) for k in BLEU_KEYS),
-                "n/a" if diff is None else f"{diff:+.5f}",
+                *(score(p.get(k)) for k in BLEU_KEYS),
+                "n/a" if diff is None else f"{diff:+.3f}",
             ]
         )
     return header, rows
@@ -326,7 +339,7 @@ def _card(index: int, name: str, data: dict[str, Any], per_section: list[dict[st
 
 
 def _gallery(data: dict[str, Any], image_paths: dict[str, Path], limit: int, size: int) -> dict:
-    from captioner.heatmaps import thumbnail_jpeg
+    from captioner.figures import thumbnail_jpeg
 
     per_section = [{im["image"]: im for im in s["images"]} for s in data["sections"]]
     names = [im["image"] for im in data["images"]][:limit]
@@ -346,7 +359,7 @@ def _gallery(data: dict[str, Any], image_paths: dict[str, Path], limit: int, siz
 
 
 def _attention_blocks(data: dict[str, Any], attention: dict, image_paths: dict[str, Path]) -> list:
-    from captioner.heatmaps import attention_strip_jpeg
+    from captioner.figures import attention_strip_jpeg
 
     captions = {im["image"]: im["caption"] for im in data["images"]}
     return [
@@ -377,6 +390,7 @@ def render_html(
         pycoco=tables["pycoco"],
         notes=list(data["notes"].values()),
         skipped=_skipped(data),
+        failed=_skipped(data, key="failed"),
         curves=data_uri(curves, "image/png") if curves else None,
         attention=_attention_blocks(data, attention or {}, image_paths),
         label=data["sections"][0]["settings"]["label"],

@@ -43,8 +43,9 @@ CHECKPOINTS_DIR = "checkpoints"
 HISTORY = "history.csv"
 CURVES = "curves.png"
 LOGS_DIR = "logs"
-HISTORY_FIELDS = ("epoch", "loss", "val_loss", "val_bleu4", "val_cider", "learning_rate",
-                  "seconds")
+HISTORY_FIELDS = ("epoch", "loss", "val_loss", "xent", "val_xent", "val_bleu4", "val_cider",
+                  "learning_rate", "seconds")
+XENT = "xent"  # masked cross-entropy per real word, without regularisers: same on both splits
 SOURCE_KEYS = ("captions", "train_features", "val_features")  # inputs a run records
 DEFAULT_RESAMPLE = "bilinear"  # what every cache before the resize method was recorded used
 DEFAULT_RUN = Path(__file__).resolve().parent.parent / "weights" / "default"
@@ -87,6 +88,7 @@ class EncoderInfo:
     resample: str = DEFAULT_RESAMPLE
     preprocessing: str | None = None
     feature_shape: tuple[int, ...] = ()
+    weights_source: dict[str, str] | None = None  # weights in the run folder or a package
 
     @classmethod
     def from_cache(cls, attrs: dict[str, Any]) -> EncoderInfo:
@@ -141,6 +143,7 @@ class RunConfig:
     seed: int = 0
     versions: dict[str, Any] = field(default_factory=dict)
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> size, sha256
 
     def to_dict(self) -> dict[str, Any]:
         """The ``config.json`` payload."""
@@ -148,9 +151,13 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> RunConfig:
-        """Validate (and migrate) a parsed ``config.json``; errors name ``source``."""
-        data = migrate(data, source)
+        """Validate (and migrate) a parsed ``config.json``; errors name ``source`` and the
+        field (schema: :func:`captioner.runcheck.check_config`)."""
+        from captioner.runcheck import check_config
+
+        data = check_config(data, source)
         try:
+            data = check_config(migrate(data, source), source)
             enc = dict(data["encoder"])
             enc["input_size"] = _ints(enc.get("input_size", (224, 224)))
             enc["feature_shape"] = _ints(enc.get("feature_shape", ()))
@@ -158,13 +165,17 @@ class RunConfig:
             dec = data["decoder"]
             decoder = DecoderInfo(str(dec["kind"]), dict(dec["config"]))
             decoder.vocab_size, decoder.max_length  # noqa: B018  (present and integers)
-            sources = {k: FileRef(**_known(FileRef, v)) if v else None
-                       for k, v in (data.get("sources") or {}).items()}
+            sources = {
+                k: FileRef(**_known(FileRef, v)) if v else None
+                for k, v in (data.get("sources") or {}).items()
+            }
             rest = _known(cls, data, skip=("encoder", "decoder", "sources"))
             return cls(encoder=encoder, decoder=decoder, sources=sources, **rest)
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
-            raise CaptionerError(f"{source} is not a valid run config ({type(exc).__name__}: "
-                                 f"{exc}); retrain the run or restore its config.json") from None
+            raise CaptionerError(
+                f"{source} is not a valid run config ({type(exc).__name__}: "
+                f"{exc}); retrain the run or restore its config.json"
+            ) from None
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike) -> RunConfig:
@@ -186,11 +197,14 @@ def read_config_json(run_dir: str | os.PathLike) -> dict[str, Any]:
         )
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CaptionerError(f"{path} is not valid JSON: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CaptionerError(f"{path}: cannot read it ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise CaptionerError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
     if not isinstance(config, dict) or config.get("format") != RUN_FORMAT:
         found = config.get("format") if isinstance(config, dict) else type(config).__name__
-        raise CaptionerError(f"{path} is not a captioner run config (format {found!r})")
+        raise CaptionerError(f"{path} is not a captioner run config: format: {found!r}, "
+                             f"expected {RUN_FORMAT!r}")
     return config
 
 
@@ -203,13 +217,17 @@ def migrate(data: dict[str, Any], source: str = "config") -> dict[str, Any]:
     """
     version = data.get("version", 1)
     if not isinstance(version, int) or version > RUN_VERSION:
-        raise CaptionerError(f"{source} has run format version {version!r}; this captioner "
-                             f"reads up to {RUN_VERSION}. Upgrade captioner.")
+        raise CaptionerError(
+            f"{source} has run format version {version!r}; this captioner "
+            f"reads up to {RUN_VERSION}. Upgrade captioner."
+        )
     data = json.loads(json.dumps(data))  # a deep copy
     if version == 1:
         training = data.get("training") or {}
-        data["sources"] = {k: {"name": Path(training[k]).name, "path": training[k]}
-                           if training.get(k) else None for k in SOURCE_KEYS}
+        data["sources"] = {
+            k: {"name": Path(training[k]).name, "path": training[k]} if training.get(k) else None
+            for k in SOURCE_KEYS
+        }
         data["training"] = {k: v for k, v in training.items() if k not in (*SOURCE_KEYS, "out")}
         if isinstance(data.get("encoder"), dict):
             data["encoder"].setdefault("resample", DEFAULT_RESAMPLE)
@@ -241,8 +259,10 @@ def read_history(path: str | os.PathLike) -> list[dict[str, float | None]]:
     if not path.is_file():
         return []
     with open(path, newline="") as fh:
-        rows = [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()}
-                for row in csv.DictReader(fh)]
+        rows = [
+            {k: (float(v) if v not in ("", None) else None) for k, v in row.items()}
+            for row in csv.DictReader(fh)
+        ]
     for row in rows:
         row["epoch"] = int(row["epoch"])
     return rows
@@ -265,10 +285,19 @@ def versions() -> dict[str, str | None]:
 
     import keras
 
-    found: dict[str, str | None] = {"captioner": __version__, "python": platform.python_version(),
-                                    "keras": keras.__version__, "backend": keras.backend.backend()}
-    for name, dist in (("numpy", "numpy"), ("h5py", "h5py"), ("nltk", "nltk"),
-                       ("pillow", "pillow"), ("pycocoevalcap", "pycocoevalcap")):
+    found: dict[str, str | None] = {
+        "captioner": __version__,
+        "python": platform.python_version(),
+        "keras": keras.__version__,
+        "backend": keras.backend.backend(),
+    }
+    for name, dist in (
+        ("numpy", "numpy"),
+        ("h5py", "h5py"),
+        ("nltk", "nltk"),
+        ("pillow", "pillow"),
+        ("pycocoevalcap", "pycocoevalcap"),
+    ):
         try:
             found[name] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:

@@ -10,16 +10,20 @@ Keras and numpy are imported inside functions, so the CLI can read the defaults 
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from captioner import checks
 from captioner.errors import CaptionerError
 from captioner.runs import (
     CHECKPOINT,
     CONFIG_FILE,
+    HISTORY,
     LOGS_DIR,
     SOURCE_KEYS,
     TOKENIZER_FILE,
+    XENT,
     DecoderInfo,
     EncoderInfo,
     FileRef,
@@ -69,6 +73,7 @@ class TrainConfig:
     in_memory: bool = True
     max_train_images: int | None = None
     preset: str | None = None
+    distribute: bool = False
 
     def decoder_config(self, vocab_size: int, max_length: int, feature_shape: tuple[int, ...]) -> dict:
         """Constructor arguments of the decoder (its Keras config; the registry in
@@ -127,16 +132,28 @@ def learning_rate(config: TrainConfig, steps_per_epoch: int):
 
 
 def _prepare_run(config: TrainConfig, resume: bool) -> tuple[Path, TrainConfig, RunConfig | None]:
+    """The run folder, the config to run and the saved one; creates nothing."""
     run = Path(config.out)
     if resume:
         saved = RunConfig.load(run)
         return run, _resumed(config, saved, run), saved
-    if (run / CONFIG_FILE).exists():
+    if run.exists() and not run.is_dir():
+        raise CaptionerError(f"--out {run} is a file; give a folder for the run")
+    if (run / CONFIG_FILE).exists() and (run / CHECKPOINT).exists():
         raise CaptionerError(
             f"{run} already holds a run; pass --resume to continue it or choose another --out"
         )
-    run.mkdir(parents=True, exist_ok=True)
     return run, config, None
+
+
+def _create_run(run: Path, saved: RunConfig | None) -> None:
+    """Make the run folder, only once every check passed. A folder left by an attempt that
+    never finished an epoch (a config but no checkpoint) is started again, not refused."""
+    if saved is None and (run / CONFIG_FILE).exists():
+        print(f"note: {run} holds no finished epoch; starting it again", file=sys.stderr)
+        for name in (CONFIG_FILE, TOKENIZER_FILE, HISTORY):
+            (run / name).unlink(missing_ok=True)
+    run.mkdir(parents=True, exist_ok=True)
 
 
 def _resumed(config: TrainConfig, saved: RunConfig, run: Path) -> TrainConfig:
@@ -153,6 +170,7 @@ def _resumed(config: TrainConfig, saved: RunConfig, run: Path) -> TrainConfig:
                                  f"{ref.path}; pass --{key.replace('_', '-')} to resume")
     merged = TrainConfig(**paths, **{k: v for k, v in saved.training.items() if k in fields})
     merged.epochs = config.epochs
+    merged.distribute = config.distribute  # how to run, not what to train
     return merged
 
 
@@ -170,19 +188,24 @@ def _val_sample(config: TrainConfig):
     return reader, caps, (feats, {n: caps[n] for n in sample})
 
 
-def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto") -> Path:
-    """Train (or resume) a run; returns the run folder. With ``mixed_precision`` the float16
-    policy holds for this call only."""
+def train(config: TrainConfig, resume: bool = False, verbose: int = 1) -> Path:
+    """Train (or resume) a run; returns the run folder. ``verbose``: 0 silent, else a bar inside
+    every epoch (on a terminal) and one line per epoch. With ``mixed_precision`` the float16
+    policy holds for this call only; ``distribute``: data-parallel over all local devices
+    (JAX; see :mod:`captioner.distributed`)."""
     import keras
+
+    from captioner.distributed import data_parallel
 
     previous = keras.config.dtype_policy()
     try:
-        return _train(config, resume, verbose)
+        with data_parallel(config.distribute) as devices:
+            return _train(config, resume, verbose, devices)
     finally:
         keras.config.set_dtype_policy(previous)
 
 
-def _train(config: TrainConfig, resume: bool, verbose: int | str) -> Path:
+def _train(config: TrainConfig, resume: bool, verbose: int, devices: int) -> Path:
     import keras
 
     from captioner.checkpoints import WeightsExporter, load_checkpoint
@@ -197,11 +220,15 @@ def _train(config: TrainConfig, resume: bool, verbose: int | str) -> Path:
     if config.select_on not in SELECT_ON:
         raise CaptionerError(f"unknown --select-on '{config.select_on}'; choose one of {SELECT_ON}")
     run, config, saved = _prepare_run(config, resume)
+    checks.train_config(config)
+    train_reader, train_caps = _load_split(config.captions, config.train_features,
+                                           config.max_train_images)
+    val_reader, val_caps, val_sample = _val_sample(config)
+    checks.features_fit(config.decoder, train_reader, val_reader)
+    _create_run(run, saved)  # only now, when every check passed
     keras.utils.set_random_seed(config.seed)
     if config.mixed_precision:
         keras.config.set_dtype_policy("mixed_float16")
-    train_reader, train_caps = _load_split(config.captions, config.train_features,
-                                           config.max_train_images)
     if saved is None:
         texts = [c for caps in train_caps.values() for c in caps]
         tokenizer = Tokenizer.build(texts, min_count=config.min_count, max_length=config.max_length)
@@ -210,18 +237,18 @@ def _train(config: TrainConfig, resume: bool, verbose: int | str) -> Path:
         tokenizer = Tokenizer.load(run / TOKENIZER_FILE)
     train_ds = CaptionDataset(train_reader, train_caps, tokenizer, batch_size=config.batch_size,
                               shuffle=True, seed=config.seed, in_memory=config.in_memory,
-                              bucket=config.bucket)
-    val_reader, val_caps, val_sample = _val_sample(config)
+                              pad_to=devices, bucket=config.bucket)
     val_ds = None
     if val_reader is not None:
         val_ds = CaptionDataset(val_reader, val_caps, tokenizer, batch_size=config.batch_size,
-                                shuffle=False, in_memory=config.in_memory, bucket=config.bucket)
+                                shuffle=False, in_memory=config.in_memory, pad_to=devices, bucket=config.bucket)
     dec_config = config.decoder_config(tokenizer.vocab_size, tokenizer.max_length,
                                        tuple(train_reader.feature_shape))
     model = build_decoder(config.decoder, **dec_config)
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate(config, len(train_ds)), clipnorm=config.clipnorm),
         loss=MaskedSparseCrossEntropy(config.label_smoothing),
+        weighted_metrics=[keras.metrics.SparseCategoricalCrossentropy(name=XENT, from_logits=True)],
     )
     if saved is None:
         run_config(run, config, dec_config, train_reader.attrs, len(train_caps)).save(run)
@@ -234,8 +261,12 @@ def _train(config: TrainConfig, resume: bool, verbose: int | str) -> Path:
     exporter = WeightsExporter(config.decoder, dec_config)
     callbacks = [RunMonitor(config, run, val_sample, tokenizer, monitor_state, exporter)]
     callbacks += _tensorboard(run)
+    if verbose:
+        from captioner.progress import epoch_progress
+
+        callbacks.append(epoch_progress(config.epochs, len(train_ds)))
     model.fit(stream, steps_per_epoch=len(train_ds), shuffle=False, validation_data=val_ds,
-              epochs=config.epochs, initial_epoch=initial_epoch, callbacks=callbacks, verbose=verbose)
+              epochs=config.epochs, initial_epoch=initial_epoch, callbacks=callbacks, verbose=0)
     return run
 
 

@@ -49,3 +49,25 @@ needs_mobilenet = pytest.mark.skipif(
     not (Path(os.environ.get("KERAS_HOME", "~/.keras")).expanduser() / "models" / MOBILENET_FILE).is_file(),
     reason="MobileNetV2 alpha=0.5 ImageNet weights are not in the Keras cache (../shared/weights)",
 )
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray (2 CPUs) for every Ray test of the session, shut down afterwards.
+
+    Its workers see the tests folder (for the tiny encoder); its temporary folder is a fresh
+    one under the system's (short: Ray's socket paths have a length limit) and is removed."""
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    temp = Path(tempfile.mkdtemp(prefix="rt"))
+    path = os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning",
+             _temp_dir=str(temp), runtime_env={"env_vars": {"PYTHONPATH": path}})
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)

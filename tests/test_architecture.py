@@ -12,20 +12,23 @@ from conftest import ROOT
 PACKAGE = ROOT / "captioner"
 # Bottom to top, as in docs/DESIGN.md.
 LAYERS = [
-    ("errors", "files", "progress", "__init__"),
-    ("runs", "presets"),
-    ("images", "encoders", "layers", "weight_files", "efficientnet", "torch_weights"),
-    ("cache",),
-    ("extraction",),
+    ("errors", "files", "progress", "records", "checks", "__init__"),
+    ("runs", "presets", "runcheck"),
+    ("images", "encoders", "layers", "weight_files", "encoder_weights", "efficientnet",
+     "torch_weights"),
+    ("cache", "cache_writer", "integrity"),
+    ("extraction", "extract_plan"),
     ("captions", "cleaning", "tokenizer"),
     ("data",),
     ("decoders",),
     ("checkpoints",),
-    ("decoding", "inference", "sampling"),
-    ("heatmaps", "plots"),
+    ("decoding", "compiled", "inference", "caption_lines", "sampling", "ensemble"),
+    ("figures",),
     ("metrics", "evaluation"),
     ("report",),
-    ("training", "monitor", "scst"),
+    ("training", "monitor", "distributed", "scst"),
+    ("engines",),
+    ("serve",),
     ("cli", "commands"),
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}

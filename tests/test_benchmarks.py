@@ -6,11 +6,12 @@ import json
 import sys
 
 import pytest
-from conftest import FLICKR_TEXT, ROOT
+from conftest import FLICKR_TEXT, ROOT, needs_mobilenet
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_decode  # noqa: E402
+import bench_first_caption  # noqa: E402
 import bench_train  # noqa: E402
 
 TRAIN_KEYS = {"ratio", "ours_captions_s", "classic_captions_s", "ours_peak_rss_mb",
@@ -55,3 +56,11 @@ def test_bench_decode_smoke(capsys, tmp_path, monkeypatch, data):
     # same model, same greedy rule: the classic loop and ours produce the same captions
     assert result["agree"] == result["n_classic"] == bench_decode.SMOKE["n"]
     assert result["agree_batched"] == result["n_ours"]
+
+
+@pytest.mark.shared
+@needs_mobilenet
+def test_bench_first_caption_smoke(capsys):
+    assert bench_first_caption.main(["--baseline", str(ROOT), "--runs", "1", "--no-warmup"]) == 0
+    result = _result(capsys.readouterr().out)
+    assert result["runs"] == 1 and result["ours_peak_mib"] > 100 and result["ratio_wall_s"] > 0

@@ -11,6 +11,7 @@ from conftest import needs_flickr, needs_mobilenet
 from helpers import toy_dataset
 from PIL import Image
 
+from captioner import figures
 from captioner.cache import open_features
 from captioner.cli import main
 from captioner.inference import Captioner
@@ -133,8 +134,15 @@ def test_attention_map_is_written_for_attention_models(tmp_path, monkeypatch, ca
                  "--beam-size", "1", "--json"]) == 0
     words = json.loads(capsys.readouterr().out)["caption"].split()
     sheet = Image.open(out)
-    tiles = 1 + len(words) + 1  # the image, each word, <end>
-    assert sheet.size[1] == -(-tiles // 6) * (160 + 18)
+    panels = 1 + len(words) + 1  # the photo, each word, <end>
+    columns = min(panels, figures.COLUMNS)
+    rows = -(-panels // columns)
+    aspect = 10 / 12  # the photo is 12 x 10 pixels
+    assert sheet.format == "PNG" and sheet.size == (
+        round(columns * figures.PANEL_INCHES * figures.DPI),
+        round(rows * (figures.PANEL_INCHES * aspect + figures.LABEL_INCHES) * figures.DPI))
+    pixels = np.asarray(sheet.convert("RGB"), dtype=float)
+    assert pixels.std() > 20  # drawn, not blank
 
 
 @pytest.mark.shared

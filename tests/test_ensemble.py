@@ -10,8 +10,9 @@ import pytest
 from helpers import toy_dataset
 
 from captioner.cache import open_features
+from captioner.ensemble import EnsembleCaptioner, load_captioner
 from captioner.errors import CaptionerError
-from captioner.inference import Captioner, EnsembleCaptioner
+from captioner.inference import Captioner
 from captioner.training import TrainConfig, train
 
 
@@ -34,7 +35,7 @@ def test_ensemble_of_a_model_with_itself_decodes_like_the_model(runs):
     reader = open_features(cache)
     feats = reader.read(reader.names)
     single = Captioner.from_run(run).caption_features(feats, beam_size=3)
-    double = Captioner.from_runs([run, run]).caption_features(feats, beam_size=3)
+    double = load_captioner([run, run]).caption_features(feats, beam_size=3)
     assert [c[0].text for c in double] == [c[0].text for c in single]
     np.testing.assert_allclose([c[0].score for c in double], [c[0].score for c in single], atol=1e-5)
 
@@ -43,7 +44,7 @@ def test_ensemble_step_averages_the_members_log_probs(runs):
     (a, b), cache = runs
     reader = open_features(cache)
     feats = reader.read(reader.names[:3])
-    ens = Captioner.from_runs([a, b])
+    ens = load_captioner([a, b])
     assert isinstance(ens, EnsembleCaptioner)
     tokens = np.full(3, 2)
     log_probs, _ = ens.step_function()(tokens, ens.initial_state(feats))
@@ -59,4 +60,4 @@ def test_ensemble_refuses_members_with_other_features(runs, tmp_path):
     config["encoder"]["feature_shape"] = [99]
     (other / "config.json").write_text(json.dumps(config))
     with pytest.raises(CaptionerError, match="same image features"):
-        Captioner.from_runs([a, other])
+        load_captioner([a, other])

@@ -367,7 +367,7 @@ def test_cli_prints_the_summary_table(toy, tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:3] == ["decoding", "BLEU-1", "BLEU-2"]
     data = json.loads((tmp_path / "r" / "report.json").read_text())
-    assert lines[2].split()[:2] == ["greedy", f"{data['metrics']['BLEU-1']:.4f}"]
+    assert lines[2].split()[:2] == ["greedy", f"{100 * data['metrics']['BLEU-1']:.1f}"]  # x100
     assert data["n_images"] == 3
 
 

@@ -129,7 +129,8 @@ def test_layout_and_attributes(tmp_path, tiny_model):
     assert (summary.done, summary.skipped, summary.failed) == (12, 0, {})
     assert summary.requested == 12 and summary.images_per_s > 0
     with h5py.File(tmp_path / "f.h5", "r") as f:
-        assert set(f) == {"features", "names", "status", "errors"}
+        assert set(f) == {"features", "names", "status", "errors", "checksums"}
+        assert f["checksums"].dtype == np.uint64 and (f["checksums"][()] > 2**32).all()
         feats = f["features"]
         assert feats.shape == (12, 4, 4, 8) and feats.dtype == np.float32
         assert feats.chunks is not None and feats.compression is None
@@ -145,7 +146,7 @@ def test_layout_and_attributes(tmp_path, tiny_model):
     assert attrs["encoder"] == "tiny" and attrs["layer"] == "conv"
     assert list(attrs["input_size"]) == [32, 32] and list(attrs["feature_shape"]) == [4, 4, 8]
     assert attrs["dtype"] == "float32" and attrs["resample"] == "bilinear"
-    assert attrs["format_version"] == 1
+    assert attrs["format_version"] == 2
     with FeatureReader(tmp_path / "f.h5") as reader:
         np.testing.assert_allclose(
             reader.read([p.name for p in paths]), direct(tiny_model, paths), atol=1e-6

@@ -35,8 +35,9 @@ def test_bundled_model_was_trained_with_the_default_preset():
 
 
 def _train_args(*extra):
-    return build_parser().parse_args(["train", "--out", "r", "--captions", "c",
-                                      "--train-features", "t", *extra])
+    return build_parser().parse_args(
+        ["train", "--out", "r", "--captions", "c", "--train-features", "t", *extra]
+    )
 
 
 def test_train_takes_unset_options_from_the_preset():
@@ -59,14 +60,17 @@ def test_extract_and_evaluate_take_the_preset(monkeypatch, tmp_path):
 
     monkeypatch.setattr("captioner.extraction.extract_with_spec", fake_extract)
     (tmp_path / "a.jpg").write_bytes(b"")
-    for argv, expected in ((["--preset", "classic"], ("vgg16", "fc2")),
-                           ([], ("mobilenet_v2_0.5", "conv")),
-                           (["--encoder", "resnet50"], ("resnet50", None))):
+    for argv, expected in (
+        (["--preset", "classic"], ("vgg16", "fc2")),
+        ([], ("mobilenet_v2_0.5", "conv")),
+        (["--encoder", "resnet50"], ("resnet50", None)),
+    ):
         with pytest.raises(SystemExit):
             main(["extract", str(tmp_path / "a.jpg"), "--out", str(tmp_path / "f.h5"), *argv])
         assert (seen["encoder"], seen["layer"]) == expected
-    args = build_parser().parse_args(["evaluate", "--captions", "c", "--report", "r",
-                                      "--preset", "classic"])
+    args = build_parser().parse_args(
+        ["evaluate", "--captions", "c", "--report", "r", "--preset", "classic"]
+    )
     assert args.beam_size is None and presets.get_preset(args.preset).beam_sizes == (1,)
 
 

@@ -225,8 +225,11 @@ def test_markdown_has_the_summary_table_notes_and_ranked_examples(tmp_path):
     header = lines.index(next(line for line in lines if line.startswith("| decoding | BLEU-1")))
     greedy, beam = lines[header + 2], lines[header + 3]
     bleu = corpus_bleu_scores(REFS, GREEDY)
-    assert greedy.startswith(f"| greedy | {bleu['BLEU-1']:.4f} | {bleu['BLEU-2']:.4f} |")
-    assert f"| {cider_d(REFS, GREEDY)[0]:.4f} |" in greedy and "| n/a |" in greedy
+    # tables show every score x100 with one decimal; report.json keeps the fractions
+    assert greedy.startswith(
+        f"| greedy | {100 * bleu['BLEU-1']:.1f} | {100 * bleu['BLEU-2']:.1f} |")
+    assert f"| {100 * cider_d(REFS, GREEDY)[0]:.1f} |" in greedy and "| n/a |" in greedy
+    assert "Every score in the tables is x100" in md
     assert beam.startswith("| beam 3 | ")
     assert "BLEU-3" in md and "(0.3, 0.3, 0.3, 0)" in md  # the weights note
     assert METEOR_UNAVAILABLE_NOTE.replace("`", "\\`") in md
@@ -258,7 +261,7 @@ def test_meteor_value_replaces_the_note(tmp_path):
     )
     assert data["metrics"]["METEOR"] == 0.25 and "meteor" not in data["notes"]
     md = render_markdown(data)
-    assert "| 0.2500 |" in md and "METEOR was skipped" not in md
+    assert "| 25.0 |" in md and "METEOR was skipped" not in md  # x100
 
 
 def test_stdout_table():
@@ -296,13 +299,13 @@ def test_stdout_table():
         "CIDEr-D",
     ]
     assert lines[2].split() == [
-        "greedy",
-        "0.5000",
-        "0.2500",
-        "0.1250",
-        "0.0625",
-        "1.2500",
-        "0.5000",
+        "greedy",  # scores x100, one decimal
+        "50.0",
+        "25.0",
+        "12.5",
+        "6.2",
+        "125.0",
+        "50.0",
         "n/a",
         "3",
         "(75%)",
@@ -343,7 +346,9 @@ def test_html_is_self_contained_with_tables_gallery_and_sort_script(tmp_path):
     assert "sortCards" in "".join(page.scripts)
     assert len(page.find("div", cls="nopic")) == 3  # no images dir: gallery without pictures
     curves = page.find("img", id="curves")[0]["src"]
-    assert _decode_data_uri(curves).size == (900, 340)
+    picture = _decode_data_uri(curves)
+    assert picture.size == (1300, 420)  # matplotlib, 13 x 4.2 inches at 100 dpi
+    assert np.asarray(picture.convert("RGB"), dtype=float).std() > 20  # not blank
     assert (tmp_path / "out" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -399,11 +404,17 @@ def test_attention_heatmap_strips(tmp_path):
     assert len(page.find("div", id="attention")) == 1
     strips = [a for a in page.find("img") if (a.get("alt") or "").startswith("attention of")]
     assert [a["alt"] for a in strips] == ["attention of a.jpg"]  # empty captions get no strip
-    strip = _decode_data_uri(strips[0]["src"]).convert("RGB")
-    assert strip.size == (3 * 100, 96 + 18)
-    first_word = np.asarray(strip)[:96, 100:196].astype(float)
-    # the word "a" looked at the top-left cell: bright there, darkened bottom-right
-    assert first_word[10, 10].mean() > 200 and first_word[85, 85].mean() < 150
+    strip = _decode_data_uri(strips[0]["src"])
+    assert strip.format == "JPEG" and strip.size == (3 * 240, 240 + 60)  # photo + 2 words
+    pixels = np.asarray(strip.convert("RGB"), dtype=float)
+    first_word = pixels[:, 240:480]
+    drawn = (first_word < 245).any(-1)  # the panel's photo: rows/columns mostly not white
+    rows, cols = np.nonzero(drawn.mean(1) > 0.5)[0], np.nonzero(drawn.mean(0) > 0.5)[0]
+    panel = first_word[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    h, w = panel.shape[:2]
+    red = panel[..., 0] - panel[..., 2]
+    # the word "a" looked at the top-left cell: red (hot) there, blue bottom-right
+    assert red[: h // 4, : w // 4].mean() > 60 and red[-h // 4 :, -w // 4 :].mean() < -60
 
 
 def test_no_attention_section_without_maps(tmp_path):

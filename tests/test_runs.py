@@ -28,14 +28,26 @@ def _v1_config() -> dict:
     return {
         "format": "captioner.run",
         "version": 1,
-        "decoder": {"kind": "attention", "config": {"vocab_size": 30, "max_length": 9,
-                                                    "feature_shape": [7, 7, 8]}},
-        "encoder": {"name": "mobilenet_v2_0.5", "layer": "conv", "weights": "imagenet",
-                    "input_size": [224, 224], "feature_shape": [7, 7, 8]},
+        "decoder": {
+            "kind": "attention",
+            "config": {"vocab_size": 30, "max_length": 9, "feature_shape": [7, 7, 8]},
+        },
+        "encoder": {
+            "name": "mobilenet_v2_0.5",
+            "layer": "conv",
+            "weights": "imagenet",
+            "input_size": [224, 224],
+            "feature_shape": [7, 7, 8],
+        },
         "cleaning": {"lowercase": True},
-        "training": {"captions": "/old/machine/Flickr8k.token.txt",
-                     "train_features": "/old/cache/train.h5", "out": "/old/runs/a",
-                     "val_features": None, "decoder": "attention", "epochs": 8},
+        "training": {
+            "captions": "/old/machine/Flickr8k.token.txt",
+            "train_features": "/old/cache/train.h5",
+            "out": "/old/runs/a",
+            "val_features": None,
+            "decoder": "attention",
+            "epochs": 8,
+        },
         "seed": 0,
         "versions": {"keras": "3.15.1"},
         "created": "2026-11-22T18:00:01+0000",
@@ -60,8 +72,14 @@ def test_migrate_leaves_its_input_alone_and_refuses_future_versions():
         RunConfig.from_dict({**data, "version": 99})
 
 
-@pytest.mark.parametrize("broken", [{"decoder": {"kind": "merge"}}, {"encoder": None},
-                                    {"decoder": {"kind": "merge", "config": {"vocab_size": "x"}}}])
+@pytest.mark.parametrize(
+    "broken",
+    [
+        {"decoder": {"kind": "merge"}},
+        {"encoder": None},
+        {"decoder": {"kind": "merge", "config": {"vocab_size": "x"}}},
+    ],
+)
 def test_invalid_config_is_one_clear_error(broken):
     with pytest.raises(CaptionerError, match="not a valid run config"):
         RunConfig.from_dict({**_v1_config(), **broken}, "run/config.json")
@@ -85,9 +103,12 @@ def test_round_trip_and_provenance_without_absolute_paths(tmp_path):
     ref = FileRef.of(src, run)
     assert ref.name == "caps.txt" and ref.size == src.stat().st_size and len(ref.sha256) == 64
     assert ref.path == "../../data/caps.txt" and ref.locate(run) == run / "../../data/caps.txt"
-    config = RunConfig(EncoderInfo("tiny", "pool", resample="bicubic"),
-                       DecoderInfo("merge", {"vocab_size": 9, "max_length": 5}),
-                       sources={"captions": ref}, preset="classic")
+    config = RunConfig(
+        EncoderInfo("tiny", "pool", resample="bicubic"),
+        DecoderInfo("merge", {"vocab_size": 9, "max_length": 5}),
+        sources={"captions": ref},
+        preset="classic",
+    )
     config.save(run)
     again = RunConfig.load(run)
     assert again == config
@@ -162,8 +183,14 @@ def test_resize_method_travels_from_cache_to_run_to_captioning(tmp_path, monkeyp
     from captioner.inference import Captioner
     from captioner.tokenizer import Tokenizer
 
-    attrs = {"encoder": "tiny", "layer": "pool", "weights": "random", "input_size": [8, 8],
-             "resample": "bicubic", "feature_shape": [4]}
+    attrs = {
+        "encoder": "tiny",
+        "layer": "pool",
+        "weights": "random",
+        "input_size": [8, 8],
+        "resample": "bicubic",
+        "feature_shape": [4],
+    }
     encoder = EncoderInfo.from_cache(attrs)
     assert encoder.resample == "bicubic" and encoder.input_size == (8, 8)
     tok = Tokenizer.build(["a dog"], min_count=1)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+
+from captioner.commands.extract import add_engine_options
 
 EXAMPLE = """\
 examples:
@@ -13,6 +14,7 @@ examples:
   captioner caption photos/ "more/*.jpg" --beam-size 5 --n-best 3
   captioner caption photo.jpg --model runs/attention --attention-map attention.png
   captioner caption 1000268201_693b08cb0b.jpg --features test.h5 --json
+  captioner caption archive/ --out captions.jsonl --engine ray --ray-address auto --actors 8
 
 Exit status: 0 when every image was captioned, 1 when some failed (each failure prints one
 line and the others go on), 2 on a usage or model error.
@@ -54,6 +56,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--attention-map", metavar="OUT.png",
                    help="attention models: save per-word attention heatmaps (several images: "
                    "OUT-<image>.png)")
+    p.add_argument("--out", metavar="FILE.jsonl",
+                   help="write JSON lines (as --json) to this file; a rerun captions only the "
+                   "images it lacks, e.g. --out captions.jsonl")
+    add_engine_options(p)
     p.set_defaults(handler=run_caption)
 
 
@@ -73,18 +79,18 @@ def expand_images(args: list[str]) -> list[Path]:
     return paths
 
 
-def _emit(image: str, captions, error: str | None, as_json: bool) -> None:
+def _emit(image: str, captions, error: str | None, as_json: bool, file: str | None = None) -> None:
+    from captioner import records
+
     if as_json:
-        record = {"image": image}
         if error:
-            record |= {"caption": None, "score": None, "error": error}
+            record = records.caption_error_record(image, error, file)
         else:
-            record |= {"caption": captions[0].text, "score": round(captions[0].score, 6),
-                       "finished": captions[0].finished,
-                       "captions": [{"caption": c.text, "score": round(c.score, 6)} for c in captions]}
-        print(json.dumps(record), flush=True)
+            record = records.caption_record(image, captions)
+        print(records.dumps(record), flush=True)
     elif error:
-        print(f"{image}: error: {error}", file=sys.stderr, flush=True)
+        where = f" (in {file})" if file else ""
+        print(f"{image}: error: {error}{where}", file=sys.stderr, flush=True)
     elif len(captions) == 1:
         print(f"{image}: {captions[0].text}", flush=True)
     else:
@@ -93,62 +99,102 @@ def _emit(image: str, captions, error: str | None, as_json: bool) -> None:
             print(f"  {rank}. {c.text}  ({c.score:.3f})")
 
 
+def _check(args: argparse.Namespace) -> None:
+    """Every option, before the model is loaded."""
+    from captioner import checks
+    from captioner.errors import CaptionerError
+
+    checks.at_least("--batch-size", args.batch_size, 1)
+    checks.search_options(args.beam_size, args.n_best, args.alpha, args.block_ngram,
+                          args.max_length)
+    if args.attention_map:
+        checks.output_file("--attention-map", args.attention_map, "attention.png")
+        if args.features:
+            raise CaptionerError("--attention-map draws over the photos, so it needs image "
+                                 "files, not --features")
+
+
 def run_caption(args: argparse.Namespace) -> int:
     """Handler of ``captioner caption``."""
+    from captioner.ensemble import load_captioner
     from captioner.errors import CaptionerError
-    from captioner.inference import Captioner
     from captioner.runs import DEFAULT_RUN
 
-    if args.n_best > args.beam_size:
-        raise CaptionerError(f"--n-best {args.n_best} needs --beam-size of at least {args.n_best}")
+    _check(args)
     model_dir = Path(args.model[0]) if args.model else DEFAULT_RUN
-    captioner = Captioner.from_runs(args.model or [DEFAULT_RUN])
     search = {"beam_size": args.beam_size, "n_best": args.n_best, "alpha": args.alpha,
               "block_ngram": args.block_ngram, "max_length": args.max_length}
+    if args.out or args.engine == "ray":
+        return _to_file(args, model_dir, search)
+    captioner = load_captioner(args.model or [DEFAULT_RUN])
+    if args.attention_map and captioner.decoder.kind != "attention":
+        raise CaptionerError("--attention-map needs an attention model (this run's decoder is "
+                             f"'{captioner.decoder.kind}')")
     if args.features:
         results = _from_features(captioner, model_dir, args.features, args.images, search)
     else:
-        results = captioner.caption_images(expand_images(args.images), batch_size=args.batch_size,
-                                           **search)
+        found = captioner.caption(expand_images(args.images), batch_size=args.batch_size,
+                                  attention=bool(args.attention_map), **search)
+        for r in found:
+            if r.warning:
+                print(f"{r.image}: warning: {r.warning}", file=sys.stderr)
+        results = [(r.image, r.captions or None, r.error, None) for r in found]
     failed = 0
-    for image, captions, error in results:
+    for image, captions, error, file in results:
         failed += error is not None
-        _emit(str(image), captions, error, args.json)
+        _emit(str(image), captions, error, args.json, file if error else None)
     if args.attention_map:
-        _attention_maps(captioner, results, args.attention_map)
+        _attention_maps([r for r in found if r.error is None], args.attention_map)
     return 1 if failed else 0
 
 
+def _to_file(args: argparse.Namespace, model_dir: Path, search: dict) -> int:
+    """``--out FILE.jsonl`` (either engine): resumable JSON lines, a summary line on stdout."""
+    from captioner.errors import CaptionerError
+
+    if not args.out:
+        raise CaptionerError("--engine ray writes its captions to a file: add --out FILE.jsonl")
+    if args.features or args.attention_map:
+        raise CaptionerError("--out captions images; it does not go with --features or --attention-map")
+    paths = expand_images(args.images)
+    if args.engine == "ray":
+        from captioner.engines.ray_caption import caption_ray
+
+        summary = caption_ray(model_dir, paths, Path(args.out), batch_size=args.batch_size,
+                              address=args.ray_address, actors=args.actors,
+                              gpus_per_actor=args.gpus_per_actor, **search)
+    else:
+        from captioner.caption_lines import caption_to_file
+        from captioner.inference import Captioner
+
+        summary = caption_to_file(Captioner.from_run(model_dir), paths, Path(args.out),
+                                  args.batch_size, **search)
+    print(summary.line())
+    return 1 if summary.failed else 0
+
+
 def _from_features(captioner, model_dir: Path, path: str, names: list[str], search: dict):
+    """(name, captions, error, file) per name: a missing or damaged row fails alone."""
     from captioner.evaluation import open_matching_cache
 
-    reader = open_matching_cache(path, model_dir, captioner.config)
+    with open_matching_cache(path, model_dir, captioner.config) as reader:
+        good, feats, bad = reader.read_valid(list(dict.fromkeys(names)))
+    by_name = dict(zip(good, captioner.caption_rows(feats, **search), strict=True)) if good else {}
     results = []
-    good = [n for n in names if n in reader]
-    by_name = {}
-    if good:
-        for name, caps in zip(good, captioner.caption_features(reader.read(good), **search), strict=True):
-            by_name[name] = caps
     for name in names:
-        if name in by_name:
-            results.append((name, by_name[name], None))
-        else:
-            reason = reader.failed.get(name, "not in the feature cache")
-            results.append((name, None, reason))
+        caps, error = by_name.get(name, (None, bad.get(name)))
+        results.append((name, caps, error, path))
     return results
 
 
-def _attention_maps(captioner, results, out: str) -> None:
-    from captioner.errors import CaptionerError
-    from captioner.heatmaps import save_attention_map
+def _attention_maps(results, out: str) -> None:
+    """One PNG per captioned image: the photo, then one heat overlay per word."""
+    from captioner.figures import save_attention_map
 
-    if captioner.decoder.kind != "attention":
-        raise CaptionerError("--attention-map needs an attention model (this run's decoder is "
-                             f"'{captioner.decoder.kind}')")
-    good = [(Path(image), caps) for image, caps, error in results if error is None]
-    for image, caps in good:
+    for r in results:
         target = Path(out)
-        if len(good) > 1:
-            target = target.with_name(f"{target.stem}-{image.stem}{target.suffix or '.png'}")
-        save_attention_map(captioner, image, caps[0], target)
+        if len(results) > 1:
+            target = target.with_name(f"{target.stem}-{Path(r.image).stem}{target.suffix or '.png'}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        save_attention_map(target, r.image, r.words, r.attention, caption=r.text)
         print(f"attention map: {target}", file=sys.stderr)

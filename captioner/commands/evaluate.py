@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 EXAMPLE = """\
 examples:
@@ -133,6 +134,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="folder for report.json, report.md, report.html and curves.png",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar and no table")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="fail (exit 2) if any image could not be evaluated: damaged features, a failed "
+        "captioning, an unreadable image (default: they are left out, counted and listed)",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="JSON lines instead of the table: one object per image and decoding (image, "
+        "decoding, caption, references, metrics) or per failure (image, error), then a summary",
+    )
     p.set_defaults(handler=run_evaluate)
 
 
@@ -150,6 +163,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
         if not (DEFAULT_RUN / CONFIG_FILE).is_file():
             raise CaptionerError(f"no bundled model in {DEFAULT_RUN}; pass --model RUN_DIR")
         model = DEFAULT_RUN
+    from captioner import checks
+
+    for k in args.beam_size or ():  # None: the preset's
+        checks.beam_size(k)
+    checks.at_least("--batch-size", args.batch_size, 1)
+    checks.at_least("--limit", args.limit, 1)
+    if Path(args.report).is_file():
+        raise CaptionerError(f"--report {args.report} is a file; give a folder for the report")
     for name in ("gallery", "thumbnail_size", "attention_images"):
         if getattr(args, name) < 0 or (name == "thumbnail_size" and args.thumbnail_size < 16):
             raise CaptionerError(f"--{name.replace('_', '-')} is too small: {getattr(args, name)}")
@@ -166,15 +187,56 @@ def run_evaluate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         weights=args.weights,
         attention_images=args.attention_images,
-        progress=False if args.quiet else None,
+        progress=False if args.quiet or args.json else None,
+        strict=args.strict,
         ensemble=models[1:],
     )
     paths = write_report(
         args.report, result, gallery=args.gallery, thumbnail_size=args.thumbnail_size
     )
+    if args.json:
+        _print_json(result, paths["html"])
+        return 0
     if not args.quiet:
         print(format_table(build_payload(result)))
         if result.skipped:
             print(f"{len(result.skipped)} image(s) skipped (see report.json 'skipped')")
+    if result.failed:
+        print(f"{len(result.failed)} image(s) failed and were not scored (see report.json "
+              "'failed'; --strict makes this an error):", file=sys.stderr)
+        for name, why in list(result.failed.items())[:10]:
+            print(f"failed: {name}: {why}", file=sys.stderr)
     print(f"report: {paths['html']}", file=sys.stdout)
     return 0
+
+
+def _print_json(result, report_path) -> None:
+    """One line per image and decoding, one per failure, then the summary."""
+    from captioner import records
+    from captioner.report import build_payload
+
+    payload = build_payload(result)
+    for section, data in zip(result.sections, payload["sections"], strict=True):
+        for row in data["images"]:
+            metrics = {k: row[k] for k in ("BLEU-4", "CIDEr-D", "ROUGE-L") if k in row}
+            record = {
+                records.IMAGE: row["image"],
+                records.DECODING: data["settings"]["label"],
+                records.CAPTION: row["caption"],
+                records.SCORE: section.captions[row["image"]].score,
+                records.FINISHED: row["finished"],
+                records.REFERENCES: row["references"],
+                records.METRICS: metrics,
+            }
+            print(records.dumps(record))
+    for name, why in {**result.skipped, **result.failed}.items():
+        print(records.dumps(records.error_record(name, why)))
+    summary = records.summary_record(
+        command="evaluate",
+        images=payload["n_images"],
+        skipped=len(result.skipped),
+        failed=len(result.failed),
+        metrics={s["settings"]["label"]: s["metrics"] for s in payload["sections"]},
+        report=str(report_path),
+    )
+    print(records.dumps(summary))

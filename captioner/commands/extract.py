@@ -35,6 +35,9 @@ examples:
   captioner extract 'photos/*.jpg' --encoder resnet50 --layer conv --dtype float16 \\
       --mixed-precision --batch-size 128 --out resnet_conv.h5     # on a GPU
   captioner extract photos/ --encoder mobilenet_v2_0.5 --out m.h5 --retry-failed --strict
+  captioner extract --verify m.h5          # check every row; rerun the extract to repair
+  captioner extract photos/ --encoder vgg16 --out f.h5 --engine ray --ray-address auto \\
+      --actors 8 --gpus-per-actor 1      # on a Ray cluster (`ray start --head` first)
 
 Extracting another list into the same --out file adds its images to the cache (the file then
 holds both lists). A file made with another encoder, layer, weights, input size, resampling or
@@ -54,9 +57,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "source",
         metavar="SOURCE",
+        nargs="?",
         help="folder, quoted glob, image file, or text file of image names (see below)",
     )
     add_preset_option(p)
+    p.add_argument(
+        "--verify",
+        metavar="CACHE",
+        help="check every row of a cache (checksums, finite values, status) and print a "
+        "one-line summary; exit 1 if a row is damaged. e.g. --verify features/train.h5",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="JSON lines: one object per failed or damaged image (image, error, file), then a "
+        "summary object (see the README's 'JSON lines')",
+    )
     p.add_argument(
         "--encoder",
         default=None,
@@ -73,7 +89,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--out",
-        required=True,
         metavar="FILE.h5",
         help="the feature cache to create or resume, e.g. --out features/vgg16_fc2.h5",
     )
@@ -143,24 +158,61 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="use only the first N images of SOURCE (quick trials), e.g. --limit 100",
     )
+    add_engine_options(p)
+    p.add_argument("more_sources", nargs="*", help=argparse.SUPPRESS)
     p.set_defaults(handler=run_extract)
+
+
+def add_engine_options(p: argparse.ArgumentParser) -> None:
+    """--engine local|ray and the Ray options (shared by extract and caption)."""
+    g = p.add_argument_group("scaling out (Ray; `pip install \"captioner[ray]\"`)")
+    g.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: this process (default); ray: a Ray Data pipeline, decoding in "
+                   "tasks and running the model in an actor pool, e.g. --engine ray")
+    g.add_argument("--ray-address", metavar="ADDRESS", default=None,
+                   help="join this Ray cluster ('auto': the one `ray start --head` runs here); "
+                   "default: start a local Ray for this command")
+    g.add_argument("--actors", type=int, default=1, metavar="N",
+                   help="model actors (one model each; default 1), e.g. --actors 4")
+    g.add_argument("--gpus-per-actor", type=float, default=0.0, metavar="G",
+                   help="GPUs each actor reserves (default 0; 0.5 puts two actors on a GPU)")  # fmt: skip
 
 
 def run_extract(args: argparse.Namespace) -> int:
     """Handler of ``captioner extract``; returns the exit status."""
+    from captioner import checks
     from captioner.errors import CaptionerError
-    from captioner.extraction import extract_with_spec
     from captioner.images import list_images
 
-    if args.limit is not None and args.limit < 1:
-        raise CaptionerError(f"--limit must be at least 1, not {args.limit}.")
+    if args.verify:
+        if args.source is not None or args.more_sources:
+            raise CaptionerError("--verify CACHE takes no SOURCE; run the check and the extraction apart")
+        return run_verify(args.verify, args.json)
+    if args.source is None or args.out is None:
+        raise CaptionerError("give SOURCE and --out FILE.h5 (or --verify CACHE to check a cache)")
+    checks.no_extra_sources(args.more_sources, args.source)
+    checks.at_least("--limit", args.limit, 1)
+    checks.at_least("--batch-size", args.batch_size, 1)
+    checks.at_least("--workers", args.workers, 0)
+    checks.output_file("--out", args.out, "features.h5")
     preset = get_preset(args.preset)
     encoder = args.encoder or preset.encoder
     layer = args.layer or (preset.layer if encoder == preset.encoder else None)
     paths, names = list_images(args.source, args.images_dir)
     if args.limit is not None:
         paths, names = paths[: args.limit], names[: args.limit]
-    summary = extract_with_spec(
+    if args.engine == "ray":
+        from captioner.engines.ray_extract import extract_ray_with_spec as run
+        from captioner.engines.ray_runtime import check_options
+
+        check_options(args.actors, args.gpus_per_actor, args.batch_size)
+        engine = {"address": args.ray_address, "actors": args.actors,
+                  "gpus_per_actor": args.gpus_per_actor}  # fmt: skip
+    else:
+        from captioner.extraction import extract_with_spec as run
+
+        engine = {"workers": args.workers}
+    summary = run(
         paths,
         args.out,
         encoder=encoder,
@@ -169,14 +221,65 @@ def run_extract(args: argparse.Namespace) -> int:
         mixed_precision=args.mixed_precision,
         names=names,
         batch_size=args.batch_size,
-        workers=args.workers,
         dtype=args.dtype,
         resample=args.resample,
         retry_failed=args.retry_failed,
+        progress=not args.json,
+        **engine,
     )
-    for name, reason in list(summary.failed.items())[:10]:
-        print(f"failed: {name}: {reason}", file=sys.stderr)
-    if len(summary.failed) > 10:
-        print(f"... and {len(summary.failed) - 10} more failures", file=sys.stderr)
-    print(summary.line())
+    if args.json:
+        _print_json(summary)
+    else:
+        for name, reason in list(summary.failed.items())[:10]:
+            print(f"failed: {name}: {reason}", file=sys.stderr)
+        if len(summary.failed) > 10:
+            print(f"... and {len(summary.failed) - 10} more failures", file=sys.stderr)
+        print(summary.line())
     return 1 if args.strict and summary.failed else 0
+
+
+def _print_json(summary) -> None:
+    from captioner import records
+
+    for name, reason in summary.failed.items():
+        print(records.dumps(records.error_record(name, reason)))
+    print(
+        records.dumps(
+            records.summary_record(
+                command="extract",
+                file=str(summary.out),
+                requested=summary.requested,
+                done=summary.done,
+                skipped=summary.skipped,
+                failed=len(summary.failed),
+                repaired=summary.repaired,
+                seconds=round(summary.seconds, 3),
+            )
+        )
+    )
+
+
+def run_verify(path: str, as_json: bool) -> int:
+    """``captioner extract --verify CACHE``: 0 when no row is damaged, else 1."""
+    from captioner import records
+    from captioner.cache import FeatureReader
+    from captioner.files import remove_stale
+
+    remove_stale(path)
+    with FeatureReader(path) as reader:
+        report = reader.verify()
+    if as_json:
+        for name, why in report.damaged.items():
+            print(records.dumps(records.error_record(name, f"damaged row: {why}", str(path))))
+        fields = {k: getattr(report, k) for k in ("rows", "done", "pending", "failed")}
+        fields |= {"verified": report.verified, "unverified": report.unverified}
+        print(
+            records.dumps(
+                records.summary_record(
+                    command="verify", file=str(path), **fields, damaged=len(report.damaged)
+                )
+            )
+        )
+    else:
+        print(report.line())
+    return 0 if report.ok else 1

@@ -13,6 +13,7 @@ example:
   captioner train --captions Flickr8k.token.txt --train-features train.h5 \\
       --val-features dev.h5 --decoder merge --epochs 20 --out runs/merge
   captioner train --out runs/merge --resume --epochs 30     # continue / extend a run
+  KERAS_BACKEND=jax captioner train ... --batch-size 256 --distribute   # all local GPUs
 
 Which images belong to a split is read from the feature files' image names.
 """
@@ -98,6 +99,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-in-memory", dest="in_memory", action="store_false",
                    help="read features from the HDF5 file per batch instead of loading them once")
     p.add_argument("--max-train-images", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--distribute", action="store_true",
+                   help="data-parallel over all local devices (GPUs, else CPU devices) with "
+                   "keras.distribution; needs KERAS_BACKEND=jax; --batch-size is the global batch")
     p.add_argument("--quiet", action="store_true", help="no per-epoch progress output")
     g = p.add_argument_group("self-critical fine-tuning (SCST, CIDEr-D reward)")
     g.add_argument("--scst", action="store_true",
@@ -121,7 +125,7 @@ def run_train(args: argparse.Namespace) -> int:
     if not args.resume and not (args.captions and args.train_features):
         raise CaptionerError("--captions and --train-features are required (unless --resume)")
     config = config_from_args(args)
-    run = train(config, resume=args.resume, verbose=0 if args.quiet else 2)
+    run = train(config, resume=args.resume, verbose=0 if args.quiet else 1)
     print(f"run folder: {run}")
     return 0
 

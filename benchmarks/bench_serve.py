@@ -1,0 +1,229 @@
+"""Load test of ``captioner serve`` on localhost: one-at-a-time vs concurrent clients.
+
+Starts ``captioner serve`` (``--model``, default weights/default) as a subprocess on a free
+localhost port, waits for ``GET /healthz``, sends a few untimed warm-up requests, then:
+
+(a) **one at a time**: one client sends ``--sequential`` requests, each waiting for the last
+    (one image per request) — what a caller gets without concurrency;
+(b) **concurrent**: ``--clients`` threads share ``--requests`` requests (one image each, the
+    photos taken round-robin), so the service batches images of different requests. An
+    untimed concurrent round of ``--warmup`` × ``--clients`` requests comes first, so every
+    batch size has been compiled before the memory is measured.
+
+Reported: p50/p95/p99 latency per request, images/s of (a) and (b) and their ratio, the
+errors (any answer but 200, or no answer; must be 0), the batches the server formed (from
+``/healthz``), and the server's resident memory (psutil) before (b) and after each quarter of
+it (``--requests 1000`` by default). The last line is
+``RESULT {json}``.
+
+Photos: the first ``--n-images`` JPEGs (sorted) of ``--images-dir`` (default
+../shared/flickr8k/Flicker8k_Dataset), else synthetic 320×240 pictures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGES = ROOT.parent / "shared" / "flickr8k" / "Flicker8k_Dataset"
+SMOKE = {"clients": 2, "requests": 8, "sequential": 4, "n_images": 4, "warmup": 2}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=ROOT / "weights" / "default",
+                   help="run folder to serve (default: weights/default)")
+    p.add_argument("--images-dir", type=Path, default=IMAGES, help="photos to send")
+    p.add_argument("--n-images", type=int, default=20, help="distinct photos (default %(default)s)")
+    p.add_argument("--clients", type=int, default=8, help="concurrent clients in (b) (default %(default)s)")
+    p.add_argument("--requests", type=int, default=1000, help="requests in (b) (default %(default)s)")
+    p.add_argument("--sequential", type=int, default=50, help="requests in (a) (default %(default)s)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed requests first (default %(default)s)")
+    p.add_argument("--beam-size", type=int, default=3, help="beam_size of every request (default %(default)s)")
+    p.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch (default %(default)s)")
+    p.add_argument("--max-queue", type=int, default=64, help="the server's --max-queue (default %(default)s)")
+    p.add_argument("--smoke", action="store_true", help="tiny counts (a check that it runs)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        for key, value in SMOKE.items():
+            setattr(args, key, value)
+    return args
+
+
+def load_photos(folder: Path, n: int) -> list[tuple[str, bytes]]:
+    """(name, JPEG bytes) of the first ``n`` photos of ``folder``, else synthetic ones."""
+    if folder.is_dir():
+        paths = sorted(folder.glob("*.jpg"))[:n]
+        if paths:
+            return [(p.name, p.read_bytes()) for p in paths]
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    photos = []
+    for k in range(n):
+        out = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)).save(out, "JPEG")
+        photos.append((f"synthetic{k}.jpg", out.getvalue()))
+    return photos
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
+    command = [sys.executable, "-m", "captioner.cli", "serve", "--model", str(args.model),
+               "--port", str(port), "--log-level", "warning", "--beam-size", str(args.beam_size),
+               "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    log = tempfile.TemporaryFile("w+")  # the server's stderr, shown if it dies
+    server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    server.log = log
+    return server
+
+
+def wait_ready(client, url: str, server: subprocess.Popen, timeout: float = 600) -> float:
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout:
+        if server.poll() is not None:
+            server.log.seek(0)
+            raise SystemExit(f"the server exited ({server.returncode}): {server.log.read()[-2000:]}")
+        try:
+            if client.get(url + "/healthz").status_code == 200:
+                return time.perf_counter() - start
+        except Exception:  # not listening yet
+            pass
+        time.sleep(0.25)
+    raise SystemExit("the server did not answer /healthz in time")
+
+
+def run_requests(url: str, photos: list, count: int, clients: int, beam: int,
+                 pid: int | None = None) -> dict:
+    """``count`` one-image requests from ``clients`` threads; latencies and errors, and with
+    ``pid`` the server's RSS after each quarter of the requests."""
+    import httpx
+
+    marks = {round(count * q / 4) for q in (1, 2, 3, 4)} if pid else set()
+    rss_track: list[float] = []
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    counter = iter(range(count))
+
+    def worker() -> None:
+        with httpx.Client(timeout=120) as http:
+            while True:
+                with lock:
+                    k = next(counter, None)
+                if k is None:
+                    return
+                name, data = photos[k % len(photos)]
+                start = time.perf_counter()
+                try:
+                    r = http.post(url + "/v1/captions", files=[("images", (name, data, "image/jpeg"))],
+                                  data={"beam_size": str(beam)})
+                    ok = r.status_code == 200 and "error" not in r.json()["results"][0]
+                    why = None if ok else f"{r.status_code} {r.text[:200]}"
+                except Exception as exc:
+                    why = f"{type(exc).__name__}: {exc}"
+                with lock:
+                    latencies.append(time.perf_counter() - start)
+                    if why:
+                        errors.append(why)
+                    if len(latencies) in marks:
+                        rss_track.append(rss_mb(pid))
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    return {"requests": count, "clients": clients, "wall_s": round(wall, 3),
+            "images_per_s": round(count / wall, 2), "errors": len(errors),
+            "first_errors": errors[:3], **percentiles(latencies),
+            **({"rss_mb_by_quarter": rss_track} if pid else {})}
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    """p50/p95/p99 and mean latency in milliseconds."""
+    if len(values) < 2:
+        return {"p50_ms": round(1000 * values[0], 1) if values else None}
+    cuts = statistics.quantiles(values, n=100, method="inclusive")
+    return {"p50_ms": round(1000 * cuts[49], 1), "p95_ms": round(1000 * cuts[94], 1),
+            "p99_ms": round(1000 * cuts[98], 1), "mean_ms": round(1000 * statistics.fmean(values), 1)}
+
+
+def rss_mb(pid: int) -> float:
+    import psutil
+
+    return round(psutil.Process(pid).memory_info().rss / 2**20, 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import httpx
+
+    args = parse_args(argv)
+    photos = load_photos(args.images_dir, args.n_images)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = start_server(args, port)
+    try:
+        with httpx.Client(timeout=60) as http:
+            ready_s = wait_ready(http, url, server)
+            print(f"server ready after {ready_s:.1f} s (load + warm-up); {len(photos)} photos")
+            run_requests(url, photos, args.warmup, 1, args.beam_size)
+            one = run_requests(url, photos, args.sequential, 1, args.beam_size)
+            print(f"(a) one at a time: {one}")
+            # untimed: every batch size the clients can form is traced before RSS is taken
+            run_requests(url, photos, args.warmup * args.clients, args.clients, args.beam_size)
+            before = rss_mb(server.pid)
+            health0 = http.get(url + "/healthz").json()
+            many = run_requests(url, photos, args.requests, args.clients, args.beam_size, server.pid)
+            after = rss_mb(server.pid)
+            health = http.get(url + "/healthz").json()
+            model = http.get(url + "/v1/model").json()
+        print(f"(b) {args.clients} concurrent clients: {many}")
+        batches = health["batches"] - health0["batches"]
+        images = health["images"] - health0["images"]
+        result = {
+            "ratio": round(many["images_per_s"] / one["images_per_s"], 2),
+            "sequential": one, "concurrent": many,
+            "errors": one["errors"] + many["errors"],
+            "batches": batches, "mean_batch": round(images / max(batches, 1), 2),
+            "largest_batch": health["largest_batch"], "rejected_503": health["rejected"],
+            "rss_mb_before": before, "rss_mb_after": after,
+            "rss_growth_mb": round(after - before, 1),
+            "model": model["run"], "encoder": model["encoder"]["name"],
+            "decoder": model["decoder"]["kind"], "beam_size": args.beam_size,
+            "ready_s": round(ready_s, 1), "cpus": os.cpu_count(),
+        }
+        print(f"server RSS {before} MB before (b), {after} MB after {args.requests} requests")
+        print("RESULT " + json.dumps(result))
+        return 0 if result["errors"] == 0 else 1
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""Stage 2: writing the feature cache of :mod:`captioner.cache`: creating a file (every dataset
+allocated at once), committing rows with their checksums, and growing a file into the union of
+its names and new ones (``prepare``, which also finds the damaged rows a run must redo).
+
+Only raw data is written after creation (see :mod:`captioner.cache` for why). No Keras here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from captioner.cache import (
+    CHUNK_BYTES,
+    COPY_ROWS,
+    ERROR_BYTES,
+    FORMAT_VERSION,
+    NON_FINITE_OUTPUT,
+    STATUS_CHUNK,
+    TEXT_CHUNK,
+    FeatureReader,
+    _fit_bytes,
+    _runs,
+    differences,
+    mismatch,
+)
+from captioner.errors import CaptionerError
+from captioner.files import atomic_path, fsync_dir, temp_path
+from captioner.integrity import (
+    DONE,
+    FAILED,
+    NO_CHECKSUM,
+    PENDING,
+    STATUS_NAMES,
+    UNVERIFIED,
+    checksums,
+    finite_rows,
+)
+
+# --------------------------------------------------------------------------- writer
+
+
+def _create_dataset(
+    f: h5py.File, name: str, shape: tuple[int, ...], dtype, chunk_rows: int, fill: bool
+) -> None:
+    """A chunked, unfiltered dataset whose chunks are all allocated now (no later metadata)."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_chunk((max(1, min(chunk_rows, shape[0])), *shape[1:]))
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_ALLOC if fill else h5py.h5d.FILL_TIME_NEVER)
+    tid = h5py.h5t.py_create(dtype, logical=True)
+    h5py.h5d.create(f.id, name.encode(), tid, h5py.h5s.create_simple(shape), dcpl=dcpl)
+
+
+def _fill_new(
+    f: h5py.File,
+    n: int,
+    feature_shape: tuple[int, ...],
+    dtype: str,
+    encoded: list[bytes],
+    attrs: dict[str, Any],
+) -> None:
+    """Every dataset and attribute of a new, all-pending cache of ``n`` rows."""
+    name_dtype = h5py.string_dtype("utf-8", max(1, max(map(len, encoded))))
+    row_bytes = int(np.prod(feature_shape)) * np.dtype(dtype).itemsize
+    feature_rows = CHUNK_BYTES // max(1, row_bytes)
+    _create_dataset(f, "features", (n, *feature_shape), np.dtype(dtype), feature_rows, fill=False)
+    _create_dataset(f, "names", (n,), name_dtype, TEXT_CHUNK, fill=True)
+    _create_dataset(f, "status", (n,), np.dtype(np.uint8), STATUS_CHUNK, fill=True)
+    error_dtype = h5py.string_dtype("utf-8", ERROR_BYTES)
+    _create_dataset(f, "errors", (n,), error_dtype, TEXT_CHUNK, fill=True)
+    _create_dataset(f, "checksums", (n,), np.dtype(np.uint64), STATUS_CHUNK, fill=True)
+    f["names"][:] = np.array(encoded, dtype=name_dtype)
+    for key, value in {**attrs, "format_version": FORMAT_VERSION}.items():
+        f.attrs[key] = value
+
+
+class FeatureWriter:
+    """Fill an existing cache in place, writing raw data only (see the module docstring)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            self._file = h5py.File(self.path, "r+", locking="best-effort")
+        except OSError as exc:
+            raise CaptionerError(
+                f"cannot open {self.path} for writing ({exc}); is another `captioner extract` "
+                "writing to it? Wait for it, or use another --out file."
+            ) from exc
+        self._features = self._file["features"]
+        self._status = self._file["status"]
+        self._errors = self._file["errors"]
+        self._errors_dtype = self._errors.dtype
+        f = self._file
+        self._checksums = f["checksums"] if "checksums" in f else None  # None: format 1
+        self._names = [n.decode("utf-8") for n in f["names"][()]] if self._checksums else []
+
+    @staticmethod
+    def create(
+        path: str | os.PathLike,
+        names: Sequence[str],
+        feature_shape: tuple[int, ...],
+        dtype: str,
+        attrs: dict[str, Any],
+        staged: bool = True,
+    ) -> Path:
+        """Write a new, all-pending cache at ``path``: built under a temporary name and renamed
+        into place, or (``staged=False``, for a path that is itself temporary) directly."""
+        path = Path(path)
+        if not names:
+            raise CaptionerError(f"no images to put in {path}.")
+        n = len(names)
+        encoded = [name.encode("utf-8") for name in names]
+        # atomic_path flushes the file and its folder entry before and after the rename
+        if not staged:
+            with h5py.File(path, "w") as f:
+                _fill_new(f, n, feature_shape, dtype, encoded, attrs)
+            return path
+        with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:  # libver earliest: no flags
+            _fill_new(f, n, feature_shape, dtype, encoded, attrs)
+        return path
+
+    def commit(
+        self, rows: Sequence[int], features: np.ndarray, failed: dict[int, str]
+    ) -> dict[int, str]:
+        """Store ``features`` in ``rows`` with their checksums and the ``failed`` reasons, then
+        mark them all. Rows whose features are not finite (in the stored dtype) are recorded
+        as failed instead, and returned as ``{row: reason}``.
+
+        Order: data (features, checksums, reasons) → flush → fsync → status → flush.
+        ``rows`` increase.
+        """
+        rows = list(rows)
+        with np.errstate(over="ignore", invalid="ignore"):
+            features = np.asarray(features).astype(self._features.dtype, copy=False)
+        finite = finite_rows(features) if rows else np.ones(0, bool)
+        refused = {row: NON_FINITE_OUTPUT for row, ok in zip(rows, finite, strict=True) if not ok}
+        failed = {**failed, **refused}
+        for start, stop, k in _runs(rows):
+            self._features[start:stop] = features[k : k + stop - start]
+        if self._checksums is not None and rows:
+            sums = checksums([self._names[r] for r in rows], features)
+            sums[~finite] = NO_CHECKSUM
+            for start, stop, k in _runs(rows):
+                self._checksums[start:stop] = sums[k : k + stop - start]
+        rows = [row for row in rows if row not in refused]
+        for row, reason in failed.items():
+            self._errors[row] = np.array(_fit_bytes(reason, ERROR_BYTES), dtype=self._errors_dtype)
+        self._file.flush()
+        self._sync()
+        self._set_status(rows, DONE)
+        self._set_status(sorted(failed), FAILED)
+        self._file.flush()
+        return refused
+
+    def _set_status(self, rows: Sequence[int], value: int) -> None:
+        for start, stop, _ in _runs(rows):
+            self._status[start:stop] = value
+
+    def _sync(self) -> None:
+        try:
+            os.fsync(self._file.id.get_vfd_handle())
+        except (OSError, ValueError, TypeError):  # a driver without a plain descriptor
+            pass
+
+    def copy_from(self, source: FeatureReader) -> None:
+        """Copy every row of ``source`` (same names in the same first rows) into this file."""
+        src = source._file
+        n = len(source)
+        for lo in range(0, n, COPY_ROWS):
+            hi = min(n, lo + COPY_ROWS)
+            self._features[lo:hi] = src["features"][lo:hi]
+            self._errors[lo:hi] = src["errors"][lo:hi]
+            if self._checksums is None:
+                continue
+            if "checksums" in src:
+                self._checksums[lo:hi] = src["checksums"][lo:hi]
+            else:  # format 1 had none: its done rows stay unverified, never blessed
+                done = src["status"][lo:hi] == DONE
+                self._checksums[lo:hi] = np.where(done, UNVERIFIED, NO_CHECKSUM).astype(np.uint64)
+        self._file.flush()
+        self._sync()
+        self._status[:n] = src["status"][:n]
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> FeatureWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def prepare(
+    out: Path, names: list[str], compare: dict[str, Any]
+) -> tuple[dict[str, int], np.ndarray, dict[str, str], tuple[int, ...], dict[str, str]] | None:
+    """Check an existing cache against ``compare`` and grow it to hold ``names`` (a new file
+    holding the union replaces it); None when there is no file yet.
+
+    Returns (row of each file name, status, failure reasons, feature shape, damaged rows among
+    ``names`` with why). Damaged rows and rows with a damaged status byte come back *pending*,
+    so the run re-extracts exactly them.
+    """
+    if not out.exists():
+        return None
+    with FeatureReader(out) as reader:
+        if lines := differences(reader.attrs, compare):
+            raise mismatch(out, lines)
+        damaged = reader.damaged([n for n in names if n in reader])
+        status = reader._status.copy()
+        status[~np.isin(status, list(STATUS_NAMES))] = PENDING
+        status[[reader._index[n] for n in damaged]] = PENDING
+        new = [n for n in names if n not in reader._index]
+        all_names = reader.names + new
+        status = np.concatenate([status, np.zeros(len(new), np.uint8)])
+        failed = reader.failed
+        shape = reader.feature_shape
+        if new:
+            tmp = temp_path(out, "union")
+            try:
+                FeatureWriter.create(
+                    tmp, all_names, shape, str(reader.dtype), dict(reader._file.attrs), staged=False
+                )
+                with FeatureWriter(tmp) as writer:
+                    writer.copy_from(reader)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+    if new:
+        os.replace(tmp, out)
+        fsync_dir(out)
+    return {n: i for i, n in enumerate(all_names)}, status, failed, shape, damaged

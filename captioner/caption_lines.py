@@ -1,0 +1,116 @@
+"""Captions of a large collection as a resumable JSON-lines file (``caption --out``).
+
+One object per image, one line each: ``image`` (the path as given), ``caption``, ``score``,
+``finished`` and ``captions`` (the n-best list), or ``caption: null`` and ``error`` for an
+image that could not be read. Lines are appended and flushed batch by batch; a rerun reads
+the file, drops a torn last line (a killed run), and captions only the images it lacks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from captioner import records
+from captioner.errors import CaptionerError
+
+
+def caption_record(image: str, captions: Sequence[Any] | None, error: str | None) -> dict:
+    """The JSON object of one image (``captions``: n-best list of ``Caption``, best first),
+    in the one format of :mod:`captioner.records`."""
+    if error:
+        return records.caption_error_record(image, error)
+    return records.caption_record(image, captions)
+
+
+def read_done(path: Path) -> set[str]:
+    """Images already in the JSON-lines file ``path``; a torn last line is cut off."""
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    keep = data.rfind(b"\n") + 1  # a last line without its newline was cut by a crash
+    if keep < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+    done = set()
+    for number, line in enumerate(data[:keep].splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            done.add(json.loads(line)["image"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CaptionerError(
+                f"{path} line {number} is not a caption record ({exc}); use another --out "
+                "file, or delete this one to start over."
+            ) from exc
+    return done
+
+
+@dataclass
+class CaptionSummary:
+    """What one ``caption --out`` run did."""
+
+    out: Path
+    captioned: int = 0
+    skipped: int = 0
+    failed: int = 0
+
+    def line(self) -> str:
+        return (f"captioned {self.captioned}, skipped {self.skipped} (already in {self.out.name}), "
+                f"failed {self.failed} -> {self.out}")  # fmt: skip
+
+
+class LineWriter:
+    """Append records to a JSON-lines file; each :meth:`write` reaches the disk whole."""
+
+    def __init__(self, path: Path, summary: CaptionSummary):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        self.summary = summary
+
+    def write(self, lines: Iterable[dict]) -> None:
+        for record in lines:
+            self._file.write(records.dumps(record) + "\n")
+            self.summary.failed += record.get("error") is not None
+            self.summary.captioned += record.get("error") is None
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> LineWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def pending(paths: Sequence[Path], out: Path) -> tuple[list[Path], CaptionSummary]:
+    """The images of ``paths`` that ``out`` lacks, and a summary counting the others."""
+    done = read_done(out)
+    summary = CaptionSummary(out=out, skipped=sum(str(p) in done for p in paths))
+    seen: set[str] = set()
+    todo = []
+    for p in paths:
+        if str(p) not in done and str(p) not in seen:
+            seen.add(str(p))
+            todo.append(p)
+    return todo, summary
+
+
+def caption_to_file(
+    captioner: Any, paths: Sequence[Path], out: Path, batch_size: int, **search: Any
+) -> CaptionSummary:
+    """Caption ``paths`` into ``out`` in this process, skipping the images already there."""
+    todo, summary = pending(paths, out)
+    with LineWriter(out, summary) as writer:
+        for lo in range(0, len(todo), batch_size):
+            chunk = todo[lo : lo + batch_size]
+            results = captioner.caption_images(chunk, batch_size=batch_size, **search)
+            writer.write(caption_record(str(p), caps, err) for p, caps, err in results)
+    return summary

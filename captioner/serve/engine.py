@@ -1,0 +1,183 @@
+"""The model side of ``captioner serve``: decoded images in, captions (and attention) out.
+
+:meth:`Engine.run` takes the images of several requests at once: all of them go through the
+encoder as one batch, then each group of images asking for the same search (beam size, n-best)
+is decoded as one batch, and the attention of every best caption that asked for it is computed
+in one teacher-forced pass. Nothing here knows about HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ATTENTION = "attention"  # the per-image key added to the caption record when asked
+WEIGHT_DIGITS = 4
+DEFAULT_BEAM = 3
+MAX_BEAM = 10
+REPORT_FILE = "report.json"
+
+
+@dataclass(frozen=True)
+class Options:
+    """Per-request decoding options (checked by :func:`captioner.serve.uploads.parse_options`)."""
+
+    beam_size: int = DEFAULT_BEAM
+    n_best: int = 1
+    attention: bool = False  # answer the attention grids
+    heatmap: bool = False  # answer the heat map image (the page asks for it)
+
+
+@dataclass
+class Item:
+    """One image of a request: RGB pixels at the encoder's input size and its options."""
+
+    pixels: np.ndarray  # (H, W, 3) uint8
+    options: Options
+
+
+@dataclass
+class Output:
+    """Captions of one image, best first, and the attention of the best one when asked."""
+
+    captions: list[Any]  # captioner.decoding.Caption, best first; empty when ``error``
+    attention: tuple[list[str], np.ndarray] | None = None  # words, weights (len(words), h*w)
+    error: str | None = None  # non-finite features or decoder outputs: this image fails alone
+
+
+class Engine:
+    """A loaded :class:`~captioner.inference.Captioner` and what the service says about it."""
+
+    def __init__(self, captioner, run_dir: str | os.PathLike | None = None):
+        self.captioner = captioner
+        self.run_dir = Path(run_dir) if run_dir else None
+
+    @classmethod
+    def from_run(cls, run_dir: str | os.PathLike) -> Engine:
+        """Load the run folder's decoder, tokenizer and encoder."""
+        from captioner.inference import Captioner
+
+        captioner = Captioner.from_run(run_dir)
+        captioner.encoder()  # built now, not on the first request
+        return cls(captioner, run_dir)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(height, width) the encoder takes; uploads are resized to it when decoded."""
+        return tuple(self.captioner.input_size)
+
+    @property
+    def resample(self) -> str:
+        """The resize filter the run's features were made with."""
+        return getattr(self.captioner, "resample", "bilinear")
+
+    @property
+    def has_attention(self) -> bool:
+        return getattr(self.captioner.decoder, "kind", None) == "attention"
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(h, w) of the attention grid."""
+        return self.captioner.grid
+
+    def run(self, items: Sequence[Item]) -> list[Output]:
+        """Captions for ``items``, in order: one encoder batch, one search batch per option group."""
+        if not items:
+            return []
+        features = self._encode(np.stack([i.pixels for i in items]))  # (B, *feature_shape)
+        captions: list[list[Any]] = [[] for _ in items]
+        errors: list[str | None] = [None] * len(items)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for k, item in enumerate(items):
+            groups.setdefault((item.options.beam_size, item.options.n_best), []).append(k)
+        for (beam_size, n_best), rows in groups.items():
+            found = self.captioner.search_rows(features[rows], beam_size=beam_size, n_best=n_best)
+            for k, hyps in zip(rows, found, strict=True):  # hypotheses, or why the row failed
+                if isinstance(hyps, str):
+                    errors[k] = hyps
+                else:
+                    captions[k] = [self.captioner._caption(h) for h in hyps]
+        outputs = [Output(c, error=e) for c, e in zip(captions, errors, strict=True)]
+        wanted = [k for k, item in enumerate(items) if errors[k] is None
+                  and (item.options.attention or item.options.heatmap) and self.has_attention]
+        if wanted:
+            for k, attention in zip(wanted, self._attention(features[wanted], [captions[k][0] for k in wanted]),
+                                    strict=True):
+                outputs[k].attention = attention
+        return outputs
+
+    def _encode(self, pixels: np.ndarray) -> np.ndarray:
+        """Features of (B, H, W, 3) pixels, run as a batch of :func:`bucket` (B) images (the
+        last one repeated), so the encoder is compiled for a few batch sizes only."""
+        n = len(pixels)
+        padded = np.concatenate([pixels, np.repeat(pixels[-1:], bucket(n) - n, axis=0)])
+        return self.captioner.encode_images(padded)[:n]
+
+    def _attention(self, features: np.ndarray, best: list[Any]) -> list[tuple[list[str], np.ndarray]]:
+        """Words (``<end>`` last) and attention weights (T, h*w) of each best caption."""
+        alphas = self.captioner.attention(features, [c.tokens for c in best])  # (T, h, w) each
+        return [(self.captioner.words(c.tokens), a.reshape(len(a), -1))
+                for c, a in zip(best, alphas, strict=True)]
+
+    def warm_up(self) -> float:
+        """Run every compiled path once (batches of 1 and 2, greedy and beam, attention);
+        returns the seconds it took."""
+        start = time.perf_counter()
+        blank = np.full((*self.input_size, 3), 127, dtype=np.uint8)
+        self.run([Item(blank, Options(beam_size=1))])
+        self.run([Item(blank, Options(attention=True)), Item(blank, Options(beam_size=1))])
+        return time.perf_counter() - start
+
+    def describe(self) -> dict[str, Any]:
+        """Encoder, decoder, vocabulary size and the test scores found in the run folder."""
+        config = self.captioner.config
+        encoder, decoder = config.encoder, config.decoder
+        return {
+            "run": self.run_dir.name if self.run_dir else None,
+            "preset": config.preset,
+            "encoder": {"name": encoder.name, "layer": encoder.layer,
+                        "input_size": list(self.input_size),
+                        "feature_shape": list(encoder.feature_shape)},
+            "decoder": {"kind": decoder.kind, **decoder.config},
+            "vocabulary_size": self.captioner.tokenizer.vocab_size,
+            "attention": self.has_attention,
+            "attention_grid": list(self.grid) if self.has_attention else None,
+            "test_scores": read_test_scores(self.run_dir) if self.run_dir else None,
+            "created": config.created,
+        }
+
+
+def bucket(n: int) -> int:
+    """The batch size ``n`` images run as: the next power of two (1, 2, 4, 8, 16, ...)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def read_test_scores(run_dir: Path) -> dict[str, Any] | None:
+    """Metrics per decoding setting from the ``captioner evaluate`` report kept in the run
+    folder (``report.json`` or ``*/report.json``); None when the folder has none."""
+    candidates = [run_dir / REPORT_FILE, *sorted(run_dir.glob(f"*/{REPORT_FILE}"))]
+    for path in candidates:
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text())
+            sections = {s["settings"]["label"]: s["metrics"] for s in data["sections"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not an evaluate report: look further
+        return {"report": str(path.relative_to(run_dir)), "sections": sections}
+    return None
+
+
+def attention_record(words: Sequence[str], weights: np.ndarray, grid: tuple[int, int]) -> dict[str, Any]:
+    """``{"grid": [h, w], "words": [...], "weights": [[[...]]]}``: one (h, w) grid of attention
+    weights per word of the best caption, ``<end>`` last. ``weights`` is (len(words), h*w)."""
+    h, w = grid
+    cells = np.asarray(weights, dtype="float64").reshape(len(words), h, w)  # (T, h, w)
+    return {"grid": [h, w], "words": list(words), "weights": np.round(cells, WEIGHT_DIGITS).tolist()}

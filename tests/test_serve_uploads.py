@@ -1,0 +1,64 @@
+"""Upload names, content types and option parsing of ``captioner serve`` (no web framework)."""
+
+from __future__ import annotations
+
+import io
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from captioner.errors import RequestError
+from captioner.serve.engine import Options
+from captioner.serve.uploads import (
+    Limits,
+    check_content_type,
+    decode_upload,
+    parse_options,
+    safe_name,
+)
+
+
+def test_safe_name_keeps_only_a_printable_base_name():
+    assert safe_name("../../etc/passwd", 0) == "passwd"
+    assert safe_name("C:\\Users\\me\\photo.jpg", 0) == "photo.jpg"
+    assert safe_name("a\x00b\nc.png", 0) == "abc.png"
+    assert safe_name("", 2) == safe_name(None, 2) == "image3"
+    assert len(safe_name("x" * 1000 + ".jpg", 0)) == 200
+
+
+@pytest.mark.parametrize("kind, ok", [
+    ("image/jpeg", True), ("image/png; charset=binary", True), ("IMAGE/WEBP", True),
+    ("application/octet-stream", True), ("", True), (None, True),
+    ("text/plain", False), ("application/pdf", False), ("multipart/mixed", False)])
+def test_content_types(kind, ok):
+    failure = check_content_type(kind)
+    assert (failure is None) == ok
+    if failure:
+        assert failure.status == 415 and "not an image upload" in failure.reason
+
+
+def test_options_defaults_and_ranges():
+    limits = Limits()
+    assert parse_options({}, True, limits, 3) == Options(beam_size=3, n_best=1)
+    assert parse_options({"beam_size": ["5"], "n_best": ["5"], "attention": ["on"],
+                          "heatmap": ["0"]}, True, limits, 3) == Options(5, 5, True, False)
+    assert parse_options({"beam_size": [""]}, False, limits, 2).beam_size == 2
+    for fields in ({"beam_size": ["1.5"]}, {"beam_size": ["1e3"]}, {"n_best": ["0"]},
+                   {"beam_size": ["99999999"]}, {"attention": ["2"]}):
+        with pytest.raises(RequestError) as err:
+            parse_options(fields, True, limits, 3)
+        assert err.value.status == 400 and "\n" not in str(err.value)
+
+
+def test_upload_larger_than_the_limit_is_not_copied_past_it(tmp_path):
+    data = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(data, "PNG")
+    upload = SimpleNamespace(filename="noise.png", content_type="image/png", file=data)
+    name, pixels, failure = decode_upload(upload, 0, tmp_path, (8, 8), Limits(max_bytes=1000))
+    assert (name, pixels, failure.status) == ("noise.png", None, 413)
+    assert list(tmp_path.iterdir()) == []  # the partial copy is gone too
+    name, pixels, failure = decode_upload(upload, 0, tmp_path, (8, 8), Limits())
+    assert failure is None and pixels.shape == (8, 8, 3) and pixels.dtype == np.uint8
+    assert list(tmp_path.iterdir()) == []
