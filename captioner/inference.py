@@ -1,10 +1,6 @@
-"""Captioning with a trained run folder: compiled per-token steps driven by :mod:`decoding`.
-
-The decoder's ``step`` runs as one compiled function per backend (``tf.function``, ``jax.jit``,
-or eager PyTorch under ``no_grad``) with the LSTM state and the precomputed image terms passed
-explicitly, so each token costs one small call instead of a ``model.predict`` on the growing
-prefix.
-"""
+"""Captioning with a trained run folder: compiled per-token steps driven by :mod:`decoding`
+(one compiled ``step`` per backend, the LSTM state and image terms passed explicitly, so each
+token costs one small call instead of a ``model.predict`` on the growing prefix)."""
 
 from __future__ import annotations
 
