@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import numpy as np
 import pytest
 from helpers import toy_dataset
@@ -52,12 +49,12 @@ def test_ensemble_step_averages_the_members_log_probs(runs):
     np.testing.assert_allclose(log_probs, (parts[0] + parts[1]) / 2, atol=1e-6)
 
 
-def test_ensemble_refuses_members_with_other_features(runs, tmp_path):
+def test_ensemble_refuses_members_with_other_features(runs):
     (a, b), _ = runs
-    other = tmp_path / "other"
-    shutil.copytree(b, other)
-    config = json.loads((other / "config.json").read_text())
-    config["encoder"]["feature_shape"] = [99]
-    (other / "config.json").write_text(json.dumps(config))
+    other = Captioner.from_run(b)
+    other.config.encoder.layer = "another_layer"
     with pytest.raises(CaptionerError, match="same image features"):
-        load_captioner([a, other])
+        EnsembleCaptioner([Captioner.from_run(a), other])
+    other.tokenizer.words = [*other.tokenizer.words, "extra"]
+    with pytest.raises(CaptionerError, match="another vocabulary"):
+        EnsembleCaptioner([Captioner.from_run(a), other])
