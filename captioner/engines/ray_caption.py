@@ -44,7 +44,8 @@ class CaptionActor:
         ]
         if len(ok):
             feats = self.captioner.encode_images(batch["pixels"][ok])
-            found = self.captioner.caption_rows(feats, **self.search)  # a non-finite row fails alone
+            # (captions, None) or (None, reason) per row: a non-finite row fails alone
+            found = self.captioner.caption_rows(feats, **self.search)
             for i, (caps, error) in zip(ok, found, strict=True):
                 records[i] = caption_record(str(batch["image"][i]), caps, error)
         return {"record": np.array([json.dumps(r) for r in records], dtype=object)}
