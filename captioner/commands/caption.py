@@ -23,6 +23,9 @@ line and the others go on), 2 on a usage or model error.
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``captioner caption``."""
+    from captioner.presets import get_preset
+
+    decoding = get_preset(None)  # the bundled model's decoding settings
     p = sub.add_parser(
         "caption",
         help="caption images (default: the bundled model)",
@@ -42,10 +45,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="beam width; 1 = greedy (default %(default)s)")
     p.add_argument("--n-best", type=int, default=1,
                    help="captions per image, best first (at most --beam-size; default %(default)s)")
-    p.add_argument("--alpha", type=float, default=0.0,
-                   help="length normalisation: score = log-prob / length**alpha (default %(default)s)")
-    p.add_argument("--block-ngram", type=int, default=0, metavar="N",
-                   help="forbid repeating any N-gram within a caption (0 = off; default %(default)s)")
+    p.add_argument("--alpha", type=float, default=decoding.alpha,
+                   help="length normalisation: score = log-prob / length**alpha (default "
+                   "%(default)s, the bundled model's)")
+    p.add_argument("--block-ngram", type=int, default=decoding.block_ngram, metavar="N",
+                   help="forbid repeating any N-gram within a caption (0 = off; default "
+                   "%(default)s, the bundled model's)")
     p.add_argument("--max-length", type=int, default=None,
                    help="most tokens to generate (default: the model's maximum)")
     p.add_argument("--features", metavar="H5",

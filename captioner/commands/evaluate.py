@@ -87,15 +87,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--alpha",
         type=float,
-        default=0.0,
-        help="beam length normalisation: score = log-prob / length**alpha (default %(default)s)",
+        default=None,
+        help="beam length normalisation: score = log-prob / length**alpha (default: the "
+        "preset's, 0.7 for 'default', 0 for 'classic')",
     )
     p.add_argument(
         "--block-ngram",
         type=int,
-        default=0,
+        default=None,
         metavar="N",
-        help="forbid repeating any N-gram within a caption (0 = off; default %(default)s)",
+        help="forbid repeating any N-gram within a caption (0 = off; default: the preset's, 2 "
+        "for 'default', 0 for 'classic')",
     )
     p.add_argument(
         "--limit", type=int, default=None, metavar="N", help="evaluate only the first N images"
@@ -174,7 +176,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     for name in ("gallery", "thumbnail_size", "attention_images"):
         if getattr(args, name) < 0 or (name == "thumbnail_size" and args.thumbnail_size < 16):
             raise CaptionerError(f"--{name.replace('_', '-')} is too small: {getattr(args, name)}")
-    beams = args.beam_size or get_preset(args.preset).beam_sizes
+    preset = get_preset(args.preset)
+    beams = args.beam_size or preset.beam_sizes
+    args.alpha = preset.alpha if args.alpha is None else args.alpha
+    args.block_ngram = preset.block_ngram if args.block_ngram is None else args.block_ngram
     decodings = [Decoding(k, args.alpha, args.block_ngram) for k in dict.fromkeys(beams)]
     result = evaluate(
         model,
