@@ -338,6 +338,9 @@ def training_curves(rows: Sequence[Mapping[str, Any]]):
             markersize=14,
             label=f"best: {bleu[best]:.1f} (epoch {epochs[best]})",
         )
+        if _has(rows, "val_cider"):
+            cider = [v * 100 for v in _column(rows, "val_cider")]
+            bleu_ax.plot(epochs, cider, "^--", color=OTHER_COLOUR, label="CIDEr-D x100")
         bleu_ax.legend(loc="lower right", fontsize=9)
     else:
         bleu_ax.text(
@@ -349,7 +352,7 @@ def training_curves(rows: Sequence[Mapping[str, Any]]):
             transform=bleu_ax.transAxes,
             color="#888888",
         )
-    bleu_ax.set_title("validation BLEU-4 x100 (greedy)")
+    bleu_ax.set_title("validation scores x100")
     for ax in (loss_ax, lr_ax, bleu_ax):
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

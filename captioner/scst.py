@@ -248,11 +248,22 @@ def train_scst(config: ScstConfig, resume: bool = False, verbose: bool = True) -
             exporter.save(model, run / BEST_WEIGHTS)
         exporter.save(model, run / LAST_WEIGHTS)
         write_history(run / HISTORY, rows, SCST_HISTORY_FIELDS)
+        _curves(rows, run)
         save_checkpoint(run / CHECKPOINT, model, epoch, state)
         if verbose:
             print(f"scst epoch {epoch}: reward {rows[-1]['reward']:.4f}, dev BLEU-4 "
                   f"{_pct(bleu)}, CIDEr-D {_pct(cider)}", flush=True)
     return run
+
+
+def _curves(rows: list[dict], run: Path) -> None:
+    from captioner.figures import save_training_curves
+    from captioner.runs import CURVES
+
+    try:
+        save_training_curves(rows, run / CURVES)
+    except OSError:
+        pass
 
 
 def _pct(value: float | None) -> str:
