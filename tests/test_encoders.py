@@ -233,6 +233,7 @@ def test_spec_names_and_defaults():
     assert list(E.SPECS) == [
         "vgg16", "vgg19", "resnet50", "mobilenet_v2_0.35", "mobilenet_v2_0.5",
         "mobilenet_v2_0.75", "mobilenet_v2", "mobilenet_v2_1.3", "mobilenet_v2_1.4",
+        "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
     ]
     assert E.DEFAULT_ENCODER == "vgg16"
     vgg = E.get_spec("vgg16")

@@ -42,7 +42,9 @@ def _train_args(*extra):
 
 def test_train_takes_unset_options_from_the_preset():
     default = config_from_args(_train_args())
-    assert (default.decoder, default.epochs, default.schedule) == ("attention", 8, "plateau")
+    assert (default.decoder, default.epochs, default.schedule) == ("attention", 8, "cosine")
+    assert (default.label_smoothing, default.val_beam_size, default.select_on) == (
+        0.1, 3, "bleu4+cider")
     assert default.preset == "default" and default.max_length == 22
     classic = config_from_args(_train_args("--preset", "classic", "--epochs", "3"))
     assert (classic.decoder, classic.epochs, classic.schedule) == ("merge", 3, "constant")
@@ -62,7 +64,7 @@ def test_extract_and_evaluate_take_the_preset(monkeypatch, tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"")
     for argv, expected in (
         (["--preset", "classic"], ("vgg16", "fc2")),
-        ([], ("mobilenet_v2_0.5", "conv")),
+        ([], ("efficientnet_lite2", "conv")),
         (["--encoder", "resnet50"], ("resnet50", None)),
     ):
         with pytest.raises(SystemExit):

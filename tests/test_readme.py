@@ -50,6 +50,6 @@ def test_readme_python_api_example_runs(tmp_path):
         == lines[3].split(": ", 1)[1].split(" (score")[0]
     )
     assert any(line.startswith("missing.jpg: cannot caption it: missing file") for line in lines)
-    assert lines[-1].startswith("['a', 'man'") and lines[-1].endswith(", 7, 7)")
+    assert lines[-1].startswith("['a', 'man'") and lines[-1].endswith(", 9, 9)")  # 9x9 grid
     heat = np.asarray(Image.open(tmp_path / "attention.png").convert("RGB"), dtype=float)
     assert heat.std() > 20  # drawn, not blank

@@ -200,6 +200,8 @@ def test_json_images_list_scored_strings_and_per_image_scores(tmp_path):
         "vocabulary": 10,
         "mean_length": 16 / 3,
         "mean_reference_length": 5.5,
+        "repeated_pair_share": 0.0,
+        "reference_repeated_pair_share": 0.0,
     }
 
 

@@ -87,7 +87,7 @@ def test_invalid_config_is_one_clear_error(broken):
 
 def test_bundled_model_config_loads_and_names_its_preset():
     config = RunConfig.load(BUNDLED)
-    assert config.decoder.kind == "attention" and config.encoder.name == "mobilenet_v2_0.5"
+    assert config.decoder.kind == "attention" and config.encoder.name == "efficientnet_lite2"
     assert config.encoder.layer == "conv" and config.encoder.resample == "bilinear"
     assert config.preset == "default"
     raw = json.loads((BUNDLED / "config.json").read_text())
@@ -127,7 +127,8 @@ def test_old_run_folder_still_captions(tmp_path):
     v1["encoder"].pop("resample", None)
     (run / "config.json").write_text(json.dumps(v1))
     captioner = Captioner.from_run(run)
-    feats = np.random.default_rng(0).uniform(0, 1, (1, 7, 7, 1280)).astype("float32")
+    shape = tuple(current["encoder"]["feature_shape"])
+    feats = np.random.default_rng(0).uniform(0, 1, (1, *shape)).astype("float32")
     assert captioner.caption_features(feats)[0][0].text
 
 

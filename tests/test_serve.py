@@ -91,7 +91,10 @@ def test_records_match_captioner_caption_json(client, tiny, tmp_path, monkeypatc
     path = tmp_path / "p4.png"
     path.write_bytes(photo(4))
     monkeypatch.setattr(Captioner, "encoder", lambda self: FakeEncoder(table))
-    assert main(["caption", str(path), "--model", str(run), "--json", "--n-best", "2"]) == 0
+    # the service decodes without length normalisation or n-gram blocking
+    argv = ["caption", str(path), "--model", str(run), "--json", "--n-best", "2",
+            "--alpha", "0", "--block-ngram", "0"]
+    assert main(argv) == 0
     cli = json.loads(capsys.readouterr().out)
     [api] = _post(client, ("p4.png", photo(4)), n_best=2).json()["results"]
     assert api == cli | {"image": "p4.png"}
