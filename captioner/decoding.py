@@ -181,12 +181,14 @@ def greedy_search(
     max_length: int,
     block_ngram: int = 0,
     banned_ids: Sequence[int] = (),
+    choose: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> list[Hypothesis]:
     """Most likely next token at each position, for ``batch_size`` rows at once.
 
     One step call per position for the whole batch; finished rows are fed the end token and
     ignored. Stops when every row has finished or after ``max_length`` generated tokens (end
     token included); rows without an end token by then come back with ``finished=False``.
+    ``choose`` replaces the argmax: masked log-probs (R, V) in, one token id per row out.
     """
     banned = tuple(int(i) for i in banned_ids)
     _check_args(batch_size, end_id, max_length, block_ngram, banned)
@@ -201,7 +203,7 @@ def greedy_search(
         raw, state = step(tokens, state)
         log_probs = _log_probs(raw, batch_size, end_id, banned)
         _mask(log_probs, banned, history[:, :t], block_ngram)
-        choice = np.argmax(log_probs, axis=1)
+        choice = np.argmax(log_probs, axis=1) if choose is None else choose(log_probs)
         choice[log_probs[rows, choice] == NEG_INF] = end_id  # nothing allowed: close the row
         live = ~done
         total[live] += log_probs[rows, choice][live]

@@ -18,8 +18,15 @@ import shutil
 from pathlib import Path
 
 from captioner.files import sha256sum
-from captioner.runs import (BEST_WEIGHTS, CURVES, HISTORY, LAST_WEIGHTS, TOKENIZER_FILE, FileRef,
-                            RunConfig)
+from captioner.runs import (
+    BEST_WEIGHTS,
+    CURVES,
+    HISTORY,
+    LAST_WEIGHTS,
+    TOKENIZER_FILE,
+    FileRef,
+    RunConfig,
+)
 
 PACKAGED = {  # encoder -> (distribution, file inside it, sha256)
     "efficientnet_lite2": (
