@@ -10,7 +10,6 @@ Keras layer names mirror the PyTorch keys (``_blocks.3._expand_conv`` → ``bloc
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import math
 import os
@@ -180,23 +179,13 @@ def get_variant(name: str) -> LiteVariant:
     return VARIANTS[name]
 
 
-def sha256sum(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def check_sha256(path: Path, expected: str) -> None:
     """Refuse a weights file that is missing or whose sha256 differs from ``expected``."""
+    from captioner.encoder_weights import check_sha256 as check
+
     if not path.is_file():
         raise WeightsError(f"weights file {path} is missing; reinstall its package")
-    actual = sha256sum(path)
-    if actual != expected:
-        raise WeightsError(
-            f"{path} has sha256 {actual}, expected {expected}: the file is damaged; reinstall its package"
-        )
+    check(path, expected, "reinstall its package")
 
 
 def _torch_key(keras_name: str) -> str:

@@ -166,7 +166,12 @@ def write_json(path: str | os.PathLike, payload: Any) -> Path:
 
 def sha256sum(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """The sha256 hex digest of a file."""
-    digest = hashlib.sha256()
+    return file_digest(path, "sha256", chunk)
+
+
+def file_digest(path: str | os.PathLike, algorithm: str, chunk: int = 1 << 20) -> str:
+    """The hex digest of a file by ``hashlib`` algorithm name, read in chunks."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
             digest.update(block)

@@ -6,13 +6,13 @@ Keras and h5py are imported inside functions.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from captioner.errors import WeightsError
+from captioner.files import file_digest
 
 if TYPE_CHECKING:
     import numpy as np
@@ -56,11 +56,7 @@ VGG_WEIGHTS: dict[tuple[str, bool], WeightsFile] = {
 
 def md5sum(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """The md5 hex digest of a file."""
-    digest = hashlib.md5()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_digest(path, "md5", chunk)
 
 
 def keras_cache_dir() -> Path:
