@@ -113,3 +113,26 @@ class WeightsExporter:
         self._twin.set_weights(model.get_weights())
         with atomic_path(path, sync=False, suffix=".weights.h5") as tmp:
             self._twin.save_weights(tmp)
+
+
+def weights_as_float16(src: Path, dst: Path) -> int:
+    """Copy the Keras weights file ``src`` to ``dst`` with its float32 variables stored as
+    float16 (half the size; Keras casts them back to the model's dtype on load). Returns the
+    number of variables converted."""
+    import h5py
+
+    converted = 0
+    with h5py.File(src, "r") as fin, atomic_path(dst) as tmp, h5py.File(tmp, "w") as fout:
+        def copy(name: str, obj) -> None:
+            nonlocal converted
+            if isinstance(obj, h5py.Group):
+                fout.require_group(name).attrs.update(obj.attrs)
+                return
+            data = obj[()]
+            if data.dtype == np.float32:
+                data, converted = data.astype(np.float16), converted + 1
+            fout.create_dataset(name, data=data).attrs.update(obj.attrs)
+
+        fout.attrs.update(fin.attrs)
+        fin.visititems(copy)
+    return converted

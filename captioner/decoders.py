@@ -354,3 +354,18 @@ def build_checked_decoder(kind: str, config: dict[str, Any], config_path):
     except Exception as exc:
         raise CaptionerError(f"{config_path}: decoder.config: cannot build the {kind} decoder "
                              f"({' '.join(str(exc).split())[:200]})") from None
+
+
+def load_checked_decoder(kind: str, config: dict[str, Any], weights, config_path):
+    """The ``kind`` decoder of ``config`` with the weights file ``weights`` (a Path), checked
+    layer by layer first (:func:`captioner.runcheck.check_weights`); failures name the files."""
+    from captioner.runcheck import check_weights
+
+    decoder = build_checked_decoder(kind, config, config_path)
+    check_weights(decoder, weights, config_path)
+    try:
+        decoder.load_weights(weights)
+    except Exception as exc:
+        raise CaptionerError(f"{weights} does not fit the decoder in {config_path}: "
+                             f"{' '.join(str(exc).split())[:200]}") from None
+    return decoder

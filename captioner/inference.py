@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,9 @@ import numpy as np
 
 from captioner.compiled import compile_function, log_softmax_step, to_numpy
 from captioner.decoding import Caption, Hypothesis, NonFiniteError, beam_search, greedy_search
+from captioner.ensemble import check_compatible, mean_step
 from captioner.errors import CaptionerError
+from captioner.image_captions import ImageCaptions, grid_of, image_name
 from captioner.runs import (
     BEST_WEIGHTS,
     CONFIG_FILE,
@@ -56,34 +57,37 @@ class Captioner:
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike = DEFAULT_RUN, weights: str = "best") -> Captioner:
         """Rebuild the model from its run folder alone (config, tokenizer, weights), each file
-        checked against the others first (:mod:`captioner.runcheck`)."""
+        checked against the others first (:mod:`captioner.runcheck`). A folder listing
+        ``members`` is an ensemble of its weight files (:class:`EnsembleCaptioner`)."""
         from captioner import runcheck
 
         run_dir = Path(run_dir)
         config = RunConfig.load(run_dir)  # schema-checked
         config_path = run_dir / CONFIG_FILE
         runcheck.check_files(run_dir, config.files, config_path,
-                             [TOKENIZER_FILE, BEST_WEIGHTS, LAST_WEIGHTS])
+                             [TOKENIZER_FILE, BEST_WEIGHTS, LAST_WEIGHTS, *config.members])
         tokenizer = Tokenizer.load(run_dir / TOKENIZER_FILE)
         runcheck.check_tokenizer(tokenizer, config.decoder.config, run_dir / TOKENIZER_FILE,
                                  config_path)
-        from captioner.decoders import build_checked_decoder
-
-        decoder = build_checked_decoder(config.decoder.kind, config.decoder.config, config_path)
         path = run_dir / (BEST_WEIGHTS if weights == "best" else LAST_WEIGHTS)
         if not path.is_file() and weights == "best":
             path = run_dir / LAST_WEIGHTS
         if not path.is_file():
             raise CaptionerError(f"{run_dir} has no weights ({BEST_WEIGHTS} or {LAST_WEIGHTS})")
-        runcheck.check_weights(decoder, path, config_path)
-        try:
-            decoder.load_weights(path)
-        except Exception as exc:
-            raise CaptionerError(f"{path} does not fit the decoder in {config_path}: "
-                                 f"{' '.join(str(exc).split())[:200]}") from None
-        captioner = cls(decoder, tokenizer, config)
-        captioner.run_dir = run_dir
-        return captioner
+        from captioner.decoders import load_checked_decoder
+
+        members = [path] + [run_dir / name for name in config.members if weights == "best"]
+        if missing := [m for m in members if not m.is_file()]:
+            raise CaptionerError(f"{missing[0]} is missing: {config_path} lists it among the "
+                                 "ensemble's members; restore it or remove it from members")
+        dec = config.decoder
+        loaded = [cls(load_checked_decoder(dec.kind, dec.config, m, config_path), tokenizer, config)
+                  for m in members]
+        for captioner in loaded:  # the encoder weights may live there
+            captioner.run_dir = run_dir
+        if len(loaded) == 1:
+            return loaded[0]
+        return EnsembleCaptioner(loaded, [m.name for m in members])
 
     # ------------------------------------------------------------------ search
 
@@ -324,7 +328,7 @@ class Captioner:
             chunk = [pixels_of(item, self.input_size, self.resample)
                      for item in images[start:start + batch_size]]
             good = [(i, px) for i, (px, _, err) in enumerate(chunk) if err is None]
-            results = [ImageCaptions(_name(images[start + i], start + i), [], err, warning=warn)
+            results = [ImageCaptions(image_name(images[start + i], start + i), [], err, warning=warn)
                        for i, (_, warn, err) in enumerate(chunk)]
             if good:
                 feats = self.encode_images(np.stack([px for _, px in good]))
@@ -362,35 +366,34 @@ class Captioner:
         return [results[i] for i in range(len(paths))]
 
 
-@dataclass
-class ImageCaptions:
-    """What :meth:`Captioner.caption` says about one image."""
-
-    image: Any  # the path as given, else the input's position in the list
-    captions: list[Caption]  # best first; empty when the image failed
-    error: str | None = None  # why the image could not be captioned
-    warning: str | None = None  # e.g. a tiny image, whose caption is a guess
-    words: list[str] | None = None  # best caption's words and "<end>" (attention=True)
-    attention: np.ndarray | None = None  # (len(words), h, w) weights, each row sums to 1
-
-    @property
-    def text(self) -> str | None:
-        """The best caption, or None when the image failed."""
-        return self.captions[0].text if self.captions else None
-
-    @property
-    def score(self) -> float | None:
-        """The best caption's search score (log-probability, length-normalised by alpha)."""
-        return self.captions[0].score if self.captions else None
+def load_captioner(run_dirs: Sequence[str | os.PathLike], weights: str = "best") -> Captioner:
+    """One run folder as :meth:`Captioner.from_run`; several as an :class:`EnsembleCaptioner`."""
+    if len(run_dirs) == 1:
+        return Captioner.from_run(run_dirs[0], weights)
+    return EnsembleCaptioner([Captioner.from_run(r, weights) for r in run_dirs], list(run_dirs))
 
 
-def _name(item: Any, index: int) -> Any:
-    return item if isinstance(item, (str, os.PathLike)) else index
+class EnsembleCaptioner(Captioner):
+    """Several decoders over one encoder and vocabulary decoded as one model (mean per-step
+    log-probabilities, :mod:`captioner.ensemble`); encoder and attention maps: the first's."""
 
+    def __init__(self, members: list[Captioner], names: Sequence[Any] = ()):
+        first = members[0]
+        labels = list(names) if len(names) == len(members) else list(range(len(members)))
+        for label, member in zip(labels[1:], members[1:], strict=True):
+            check_compatible(first, member, label)
+        self.members = members
+        self.decoder, self.tokenizer, self.config = first.decoder, first.tokenizer, first.config
+        self.run_dir, self._searched = first.run_dir, True
+        self._encoder, self._encoded = None, False
 
-def grid_of(feature_shape: Sequence[int]) -> tuple[int, int]:
-    """The (h, w) attention grid of spatial features (H, W, D) or (L, D) with square L."""
-    if len(feature_shape) == 3:
-        return int(feature_shape[0]), int(feature_shape[1])
-    side = int(round(np.sqrt(feature_shape[0])))
-    return side, int(feature_shape[0]) // side
+    def initial_state(self, features: np.ndarray, eager: bool = False) -> list[dict]:
+        return [m.initial_state(features, eager) for m in self.members]
+
+    def prepare(self, features: np.ndarray, repeat: int = 1,
+                eager: bool = False) -> tuple[Any, Callable]:
+        parts = [m.prepare(features, repeat, eager) for m in self.members]
+        return [p[0] for p in parts], mean_step([p[1] for p in parts])
+
+    def step_function(self, eager: bool = False) -> Callable[[np.ndarray, Any], tuple]:
+        return mean_step([m.step_function(eager) for m in self.members])

@@ -12,7 +12,9 @@ the field.
 * when ``config.json`` lists ``files`` (``{name: {"size", "sha256"}}``, the bundled run does),
   each listed file present in the folder must have that size and sha256
   (:func:`check_files`): a flipped byte in a tokenizer or weights file is then refused instead
-  of giving garbled captions.
+  of giving garbled captions;
+* ``members`` (a bundled ensemble's further weight files) must be distinct plain
+  ``*.weights.h5`` names of the folder; each is checked like ``best.weights.h5``.
 
 Standard library here (h5py inside :func:`check_weights`); the caller builds the decoder.
 """
@@ -111,7 +113,25 @@ def check_config(config: Any, path: str | os.PathLike) -> dict[str, Any]:
         )
     _check_decoder_config(path, kind, _object(path, "decoder.config", decoder.get("config")))
     _check_encoder(path, config, decoder["config"])
+    _check_members(path, config.get("members"))
     return config
+
+
+def _check_members(path: Path, members: Any) -> None:
+    """``members``: distinct plain ``*.weights.h5`` file names of the folder (an ensemble)."""
+    if members is None:
+        return
+    if not isinstance(members, list):
+        raise _schema(path, "members", f"must be a list of file names, not {type(members).__name__}")
+    for i, name in enumerate(members):
+        ok = (isinstance(name, str) and name.endswith(".weights.h5") and "/" not in name
+              and "\\" not in name and not name.startswith(".")
+              and name not in ("best.weights.h5", "last.weights.h5"))
+        if not ok:
+            raise _schema(path, f"members[{i}]", f"{name!r} is not a weights file name of the "
+                          "folder (NAME.weights.h5, no folders, not best/last.weights.h5)")
+    if len(set(members)) != len(members):
+        raise _schema(path, "members", "lists a file twice")
 
 
 def _check_decoder_config(path: Path, kind: str, dec: dict[str, Any]) -> None:

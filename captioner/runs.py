@@ -7,6 +7,7 @@ A run folder holds everything needed to rebuild a trained model and to continue 
                             settings, preset, provenance of its inputs, library versions
     tokenizer.json          the vocabulary (captioner.tokenizer)
     best.weights.h5         decoder weights of the best epoch (Keras weights file)
+    member*.weights.h5      a bundled ensemble's further decoders (``members`` in config.json)
     last.weights.h5         decoder weights after the last finished epoch
     checkpoint.h5           model + optimizer variables keyed by variable path, for --resume
     checkpoints/            the last few per-epoch weight files
@@ -144,6 +145,9 @@ class RunConfig:
     versions: dict[str, Any] = field(default_factory=dict)
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> size, sha256
+    # Further weight files in the folder for the same decoder config and tokenizer: the folder
+    # is then an ensemble (best.weights.h5 first) whose per-step log-probabilities are averaged.
+    members: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """The ``config.json`` payload."""

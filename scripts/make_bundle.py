@@ -1,13 +1,17 @@
-"""Turn a trained run folder into the bundled model (``weights/default``).
+"""Turn trained run folders into the bundled model (``weights/default``).
 
-    python scripts/make_bundle.py RUN_DIR [--out weights/default] [--report REPORT_DIR]
+    python scripts/make_bundle.py RUN_DIR [MEMBER_RUN ...] [--out weights/default]
+                                  [--report REPORT_DIR] [--float16]
 
 Copies the decoder weights (``best.weights.h5``), tokenizer, history and curves; rewrites
 ``config.json`` in the current format with the ``default`` preset, provenance as file names
 with sizes and sha256 (never absolute paths), the encoder weights' source (a file installed by a
 pip package, sha256-checked) and the sizes and sha256 of the files the folder carries. With
 ``--report``, the test report's ``report.json`` is kept too, so ``captioner serve`` can show
-the model's test scores.
+the model's test scores. Further run folders (same decoder config and vocabulary, e.g. other
+seeds or an SCST fine-tune) become an ensemble: their best weights are carried as
+``member1.weights.h5``, ... and listed in ``members``; ``Captioner.from_run`` then averages
+their per-step log-probabilities. ``--float16`` stores the weights as float16 (half the size).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import dataclasses
 import shutil
 from pathlib import Path
 
+from captioner.checkpoints import weights_as_float16
+from captioner.errors import CaptionerError
 from captioner.files import sha256sum
 from captioner.runs import (
     BEST_WEIGHTS,
@@ -48,10 +54,23 @@ def provenance(ref: FileRef | None) -> FileRef | None:
     return FileRef(ref.name, ref.size, ref.sha256, None)
 
 
+def check_member(config: RunConfig, first: Path, run: Path) -> None:
+    """CaptionerError unless ``run`` has ``first``'s decoder and vocabulary."""
+    other = RunConfig.load(run)
+    if (other.decoder.kind, other.decoder.config) != (config.decoder.kind, config.decoder.config):
+        raise CaptionerError(f"{run}: its decoder differs from {first}'s; members need one config")
+    if (run / TOKENIZER_FILE).read_text() != (first / TOKENIZER_FILE).read_text():
+        raise CaptionerError(f"{run}: its tokenizer.json differs from {first}'s")
+    if other.encoder.cache_expectation() != config.encoder.cache_expectation():
+        raise CaptionerError(f"{run}: its encoder features differ from {first}'s")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", type=Path)
+    p.add_argument("members", type=Path, nargs="*", help="further runs: an ensemble")
+    p.add_argument("--float16", action="store_true", help="store the weights as float16")
     p.add_argument("--out", type=Path, default=Path("weights/default"))
     p.add_argument("--report", type=Path, default=None)
     args = p.parse_args(argv)
@@ -60,9 +79,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.out.exists():
         shutil.rmtree(args.out)
     args.out.mkdir(parents=True)
-    weights = args.run / BEST_WEIGHTS
-    shutil.copyfile(weights if weights.is_file() else args.run / LAST_WEIGHTS,
-                    args.out / BEST_WEIGHTS)
+    names = [f"member{i}.weights.h5" for i in range(1, len(args.members) + 1)]
+    for run, name in zip([args.run, *args.members], [BEST_WEIGHTS, *names], strict=True):
+        check_member(config, args.run, run)
+        weights = run / BEST_WEIGHTS
+        weights = weights if weights.is_file() else run / LAST_WEIGHTS
+        if args.float16:
+            weights_as_float16(weights, args.out / name)
+        else:
+            shutil.copyfile(weights, args.out / name)
     for name in (TOKENIZER_FILE, HISTORY, CURVES):
         if (args.run / name).is_file():
             shutil.copyfile(args.run / name, args.out / name)
@@ -74,9 +99,9 @@ def main(argv: list[str] | None = None) -> None:
         encoder = dataclasses.replace(
             encoder, weights_source={"package": dist, "file": file, "sha256": sha})
     files = {n: {"size": (args.out / n).stat().st_size, "sha256": sha256sum(args.out / n)}
-             for n in CARRIED}
+             for n in (*CARRIED, *names)}
     bundled = dataclasses.replace(
-        config, encoder=encoder, preset="default", files=files,
+        config, encoder=encoder, preset="default", files=files, members=names,
         sources={k: provenance(v) for k, v in config.sources.items()})
     bundled.save(args.out)
     print(f"bundled {args.run} -> {args.out}")

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 from helpers import toy_dataset
 
 from captioner.cache import open_features
-from captioner.ensemble import EnsembleCaptioner, load_captioner
 from captioner.errors import CaptionerError
-from captioner.inference import Captioner
+from captioner.inference import Captioner, EnsembleCaptioner, load_captioner
+from captioner.runs import RunConfig
 from captioner.training import TrainConfig, train
 
 
@@ -58,3 +61,106 @@ def test_ensemble_refuses_members_with_other_features(runs):
     other.tokenizer.words = [*other.tokenizer.words, "extra"]
     with pytest.raises(CaptionerError, match="another vocabulary"):
         EnsembleCaptioner([Captioner.from_run(a), other])
+
+
+def _make_bundle():
+    """scripts/make_bundle.py as a module."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("make_bundle", ROOT / "scripts" / "make_bundle.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bundled(runs, tmp_path_factory):
+    """A folder bundling run a with run b as a member (float32, then float16)."""
+    (a, b), _ = runs
+    tmp = tmp_path_factory.mktemp("bundle")
+    _make_bundle().main([str(a), str(b), "--out", str(tmp / "f32")])
+    _make_bundle().main([str(a), str(b), "--out", str(tmp / "f16"), "--float16"])
+    return tmp / "f32", tmp / "f16"
+
+
+def test_a_folder_listing_members_loads_as_their_ensemble(runs, bundled):
+    (a, b), cache = runs
+    reader = open_features(cache)
+    feats = reader.read(reader.names)
+    folder = Captioner.from_run(bundled[0])
+    assert isinstance(folder, EnsembleCaptioner) and len(folder.members) == 2
+    assert RunConfig.load(bundled[0]).members == ["member1.weights.h5"]
+    pair = load_captioner([a, b]).caption_features(feats, beam_size=3)
+    got = folder.caption_features(feats, beam_size=3)
+    assert [c[0].text for c in got] == [c[0].text for c in pair]
+    np.testing.assert_allclose([c[0].score for c in got], [c[0].score for c in pair], atol=1e-5)
+
+
+def test_float16_bundle_halves_the_weights_and_keeps_the_log_probs(runs, bundled):
+    _, cache = runs
+    f32, f16 = bundled
+    for name in ("best.weights.h5", "member1.weights.h5"):
+        ratio = _stored_bytes(f16 / name) / _stored_bytes(f32 / name)
+        assert ratio == 0.5, f"{name}: float16 variables take {ratio:.2f} of the float32 ones"
+    reader = open_features(cache)
+    feats = reader.read(reader.names[:4])
+    tokens = np.full(4, 2)
+    out = []
+    for folder in (f32, f16):
+        ens = Captioner.from_run(folder)
+        out.append(ens.step_function()(tokens, ens.initial_state(feats))[0])
+    assert np.abs(out[0] - out[1]).max() < 0.02
+    assert not np.array_equal(out[0], out[1])  # really stored at lower precision
+
+
+def _stored_bytes(path) -> int:
+    import h5py
+
+    sizes = []
+    with h5py.File(path) as h5:
+        h5.visititems(lambda _, obj: sizes.append(obj.nbytes) if isinstance(obj, h5py.Dataset) else None)
+    return sum(sizes)
+
+
+def test_a_missing_or_altered_member_is_named(bundled, tmp_path):
+    folder = tmp_path / "b"
+    shutil.copytree(bundled[0], folder)
+    member = folder / "member1.weights.h5"
+    data = bytearray(member.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    member.write_bytes(bytes(data))
+    with pytest.raises(CaptionerError, match=r"member1\.weights\.h5.*sha256"):
+        Captioner.from_run(folder)
+    member.unlink()
+    with pytest.raises(CaptionerError, match=r"member1\.weights\.h5 is missing.*members"):
+        Captioner.from_run(folder)
+
+
+@pytest.mark.parametrize("members, message", [
+    ("member1.weights.h5", "must be a list"),
+    (["../other/best.weights.h5"], r"members\[0\]"),
+    (["best.weights.h5"], r"members\[0\]"),
+    (["m.h5"], r"members\[0\]"),
+    (["a.weights.h5", "a.weights.h5"], "twice"),
+])
+def test_bad_members_entries_are_refused(bundled, tmp_path, members, message):
+    folder = tmp_path / "b"
+    shutil.copytree(bundled[0], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["members"] = members
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CaptionerError, match=message):
+        Captioner.from_run(folder)
+
+
+def test_bundling_refuses_a_member_with_another_vocabulary(runs, tmp_path):
+    (a, b), _ = runs
+    other = tmp_path / "other"
+    shutil.copytree(b, other)
+    tok = json.loads((other / "tokenizer.json").read_text())
+    tok["words"] = [*tok["words"][:-1], "zzz"]
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(CaptionerError, match="tokenizer.json differs"):
+        _make_bundle().main([str(a), str(other), "--out", str(tmp_path / "out")])

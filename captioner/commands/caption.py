@@ -121,8 +121,8 @@ def _check(args: argparse.Namespace) -> None:
 
 def run_caption(args: argparse.Namespace) -> int:
     """Handler of ``captioner caption``."""
-    from captioner.ensemble import load_captioner
     from captioner.errors import CaptionerError
+    from captioner.inference import load_captioner
     from captioner.runs import DEFAULT_RUN
 
     _check(args)
