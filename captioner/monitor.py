@@ -81,12 +81,7 @@ class RunMonitor(keras.callbacks.Callback):
         self._captioner = None
 
     def _get_captioner(self):
-        from captioner.inference import Captioner
-
-        # JAX bakes variable values into a jitted step, so it is rebuilt every epoch there;
-        # tf.function and eager torch read the live variables.
-        if self._captioner is None or keras.backend.backend() == "jax":
-            self._captioner = Captioner(self.model, self.tokenizer)
+        self._captioner = live_captioner(self._captioner, self.model, self.tokenizer)
         return self._captioner
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -166,3 +161,14 @@ class RunMonitor(keras.callbacks.Callback):
             save_training_curves(self.rows, self.run / CURVES)
         except OSError:
             pass
+
+
+def live_captioner(current, model, tokenizer):
+    """A Captioner over ``model``'s current weights: ``current`` when there is one, except on
+    JAX, whose jitted step bakes the variable values in, so it is rebuilt after updates
+    (tf.function and eager torch read the live variables)."""
+    from captioner.inference import Captioner
+
+    if current is None or keras.backend.backend() == "jax":
+        return Captioner(model, tokenizer)
+    return current

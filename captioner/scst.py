@@ -77,6 +77,9 @@ def _prepare(config: ScstConfig, resume: bool):
     if (run / CONFIG_FILE).exists():
         raise CaptionerError(f"{run} already holds a run; pass --resume or choose another --out")
     base = RunConfig.load(init)
+    if base.members:
+        raise CaptionerError(f"{init} is an ensemble of {len(base.members) + 1} decoders; --init "
+                             "takes one run folder (e.g. one of the runs it was bundled from)")
     for key in SOURCE_KEYS:
         setattr(config, key, _located(base, key, init, getattr(config, key)))
     run.mkdir(parents=True, exist_ok=True)
@@ -87,7 +90,7 @@ def _prepare(config: ScstConfig, resume: bool):
                 if k not in (*SOURCE_KEYS, "out")}
     settings["init"] = init.name
     saved = dataclasses.replace(
-        base, training={**base.training, "scst": settings},
+        base, training={**base.training, "scst": settings}, files={},  # not the init's files
         sources={k: FileRef.of(getattr(config, k), run) if getattr(config, k) else None
                  for k in SOURCE_KEYS},
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
@@ -157,14 +160,10 @@ class _Step:
         self._captioner = None
 
     def captioner(self):
-        """The sampling model; tf.function and torch read the live weights, but a JAX jit
-        bakes them in, so there it is rebuilt after every update."""
-        import keras
+        """The sampling model over the live weights (rebuilt after every update on JAX)."""
+        from captioner.monitor import live_captioner
 
-        from captioner.inference import Captioner
-
-        if self._captioner is None or keras.backend.backend() == "jax":
-            self._captioner = Captioner(self.model, self.tokenizer)
+        self._captioner = live_captioner(self._captioner, self.model, self.tokenizer)
         return self._captioner
 
     def __call__(self, names: list[str], feats: np.ndarray, rng: np.random.Generator):

@@ -108,3 +108,28 @@ def test_scst_refuses_one_sample_and_an_existing_folder(ce_run):
         train_scst(ScstConfig(init=str(ce), out=str(tmp_path / "x"), samples=1), verbose=False)
     with pytest.raises(CaptionerError, match="already holds a run"):
         train_scst(ScstConfig(init=str(ce), out=str(ce)), verbose=False)
+
+
+def test_scst_from_a_folder_with_a_file_manifest_and_not_from_an_ensemble(ce_run):
+    """A bundled-style folder (``files`` manifest) is a valid --init: the fine-tune does not
+    inherit the manifest (its weights differ); an ensemble folder is refused in one line."""
+    import json
+    import shutil
+
+    from captioner.files import sha256sum
+
+    ce, tmp_path = ce_run
+    bundle = tmp_path / "bundle"
+    shutil.copytree(ce, bundle)
+    config = json.loads((bundle / "config.json").read_text())
+    config["files"] = {n: {"size": (bundle / n).stat().st_size, "sha256": sha256sum(bundle / n)}
+                       for n in ("tokenizer.json", "best.weights.h5")}
+    (bundle / "config.json").write_text(json.dumps(config))
+    run = train_scst(ScstConfig(init=str(bundle), out=str(tmp_path / "from_bundle"), epochs=1,
+                                samples=2, batch_images=4, val_images=2), verbose=False)
+    assert Captioner.from_run(run).config.files == {}
+    shutil.copyfile(bundle / "best.weights.h5", bundle / "member1.weights.h5")
+    config["members"] = ["member1.weights.h5"]
+    (bundle / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CaptionerError, match="ensemble of 2 decoders; --init takes one run"):
+        train_scst(ScstConfig(init=str(bundle), out=str(tmp_path / "y")), verbose=False)
