@@ -283,6 +283,7 @@ def test_model_healthz_and_page(client, tiny):
     assert model["encoder"]["name"] == "tiny" and model["decoder"]["kind"] == "attention"
     assert model["vocabulary_size"] == 16 and model["attention_grid"] == [2, 2]
     assert model["test_scores"] is None and model["limits"]["max_images"] == 16
+    assert model["ensemble_size"] == 1
     health = client.get("/healthz").json()
     assert health["status"] == "ok" and health["queued"] == 0
     page = client.get("/")
@@ -308,6 +309,9 @@ def test_page_shows_test_scores_and_escapes_run_names(engine):
                         "sections": {"beam 3": {"BLEU-4": 0.188, "CIDEr-D": 0.442}}}}
     page = render_page(model, Settings())
     assert "beam 3: BLEU-4 18.8, CIDEr-D 44.2" in page
+    assert "attention decoder on tiny" in page
+    assert "ensemble of 3 attention decoders on tiny" in render_page(model | {"ensemble_size": 3},
+                                                                      Settings())
     assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
 
 

@@ -146,6 +146,7 @@ class Engine:
                         "input_size": list(self.input_size),
                         "feature_shape": list(encoder.feature_shape)},
             "decoder": {"kind": decoder.kind, **decoder.config},
+            "ensemble_size": len(getattr(self.captioner, "members", [self.captioner])),
             "vocabulary_size": self.captioner.tokenizer.vocab_size,
             "attention": self.has_attention,
             "attention_grid": list(self.grid) if self.has_attention else None,
