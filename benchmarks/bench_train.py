@@ -202,7 +202,7 @@ def feature_names(path: Path) -> set[str]:
 
 def write_synthetic(path: Path, names: list[str], dim: int, seed: int = 0) -> Path:
     """A complete feature cache of random non-negative (ReLU-like) pooled features."""
-    from captioner.cache import FeatureWriter
+    from captioner.cache_writer import FeatureWriter
 
     rng = np.random.default_rng(seed)
     feats = np.maximum(rng.normal(0.0, 1.0, (len(names), dim)), 0).astype(np.float32)

@@ -296,12 +296,3 @@ def open_features(path: str | os.PathLike, expect: dict[str, Any] | None = None)
     """Open a feature cache for reading, checking ``expect`` (see :class:`FeatureReader`)."""
     return FeatureReader(path, expect)
 
-
-def __getattr__(name: str) -> Any:
-    """``FeatureWriter`` and ``prepare`` live in :mod:`captioner.cache_writer` (imported on use,
-    so ``from captioner.cache import FeatureWriter`` keeps working without an import cycle)."""
-    if name in ("FeatureWriter", "prepare"):
-        from captioner import cache_writer
-
-        return getattr(cache_writer, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

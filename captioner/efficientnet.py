@@ -181,7 +181,7 @@ def get_variant(name: str) -> LiteVariant:
 
 def check_sha256(path: Path, expected: str) -> None:
     """Refuse a weights file that is missing or whose sha256 differs from ``expected``."""
-    from captioner.encoder_weights import check_sha256 as check
+    from captioner.weight_files import check_sha256 as check
 
     if not path.is_file():
         raise WeightsError(f"weights file {path} is missing; reinstall its package")

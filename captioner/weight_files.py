@@ -1,4 +1,4 @@
-"""Weights files: the official Keras downloads (where to find them, md5 checks) and the
+"""Weights files: the official Keras downloads (where to find them, md5 and sha256 checks) and the
 legacy Keras ``.h5`` layout (one group per layer) that the VGG builders load by layer name.
 
 Keras and h5py are imported inside functions.
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from captioner.errors import WeightsError
-from captioner.files import file_digest
+from captioner.files import file_digest, sha256sum
 
 if TYPE_CHECKING:
     import numpy as np
@@ -218,3 +218,13 @@ def load_weights_file(model, weights: str | os.PathLike) -> None:
             raise WeightsError(f"{path} does not fit {model.name}: {exc}") from exc
         return
     load_weights_by_name(model, path)
+
+
+def check_sha256(path: Path, expected: str | None, hint: str) -> Path:
+    """``path`` when its sha256 is ``expected`` (or nothing is expected), else WeightsError."""
+    if expected and (actual := sha256sum(path)) != expected.lower():
+        raise WeightsError(
+            f"encoder weights {path} have sha256 {actual}, expected {expected}: the file is "
+            f"damaged or another file; {hint}"
+        )
+    return path

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from captioner.cache import FeatureReader, FeatureWriter
+from captioner.cache import FeatureReader
+from captioner.cache_writer import FeatureWriter
 
 WORDS = ["dog", "cat", "runs", "sits", "on", "grass", "the", "red", "ball", "blue", "sofa", "jumps"]
 

@@ -22,10 +22,10 @@ from captioner.cache import (
     FAILED,
     PENDING,
     FeatureReader,
-    FeatureWriter,
     MissingFeaturesError,
     open_features,
 )
+from captioner.cache_writer import FeatureWriter
 from captioner.cli import main as cli_main
 from captioner.encoders import EncoderSpec, FeatureLayer
 from captioner.errors import CacheMismatchError, CaptionerError, ImageError
@@ -446,7 +446,7 @@ KILLABLE = """
 import sys, time
 sys.path.insert(0, {tests!r})
 from test_features import register_tiny
-from captioner.cache import FeatureWriter
+from captioner.cache_writer import FeatureWriter
 
 register_tiny()
 delay = float(sys.argv[1])

@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 from test_features import IDENTITY, make_images, run_tiny, tiny_encoder, tiny_model  # noqa: F401
 
-from captioner.cache import DamagedFeaturesError, FeatureReader, FeatureWriter
+from captioner.cache import DamagedFeaturesError, FeatureReader
+from captioner.cache_writer import FeatureWriter
 from captioner.cli import main
 from captioner.errors import CaptionerError
 from captioner.files import _HOST, remove_stale, temp_path

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from PIL import Image
 from runfolder import make_run
 
-from captioner.cache import FeatureReader, FeatureWriter
+from captioner.cache import FeatureReader
+from captioner.cache_writer import FeatureWriter
 from captioner.captions import read_captions
 from captioner.errors import CaptionerError, ImageError
 from captioner.extraction import encoded_batches

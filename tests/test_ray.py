@@ -116,7 +116,7 @@ import sys, time
 import ray.cloudpickle
 import test_features
 from test_features import register_tiny
-from captioner.cache import FeatureWriter
+from captioner.cache_writer import FeatureWriter
 
 ray.cloudpickle.register_pickle_by_value(test_features)  # workers of a joined cluster lack tests/
 register_tiny()

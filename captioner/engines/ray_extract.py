@@ -2,7 +2,7 @@
 
 Ray Data reads the rows the cache still lacks, decodes them in tasks (fractional CPUs), runs
 the encoder in an actor pool (one model per actor) and streams the features back; only the
-driver writes, through the same crash-safe :class:`~captioner.cache.FeatureWriter` as the
+driver writes, through the same crash-safe :class:`~captioner.cache_writer.FeatureWriter` as the
 local engine, so the file, its statuses and error texts, and resuming after a crash are
 identical. Nothing to do: Ray is not started.
 """
