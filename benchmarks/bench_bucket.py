@@ -41,7 +41,8 @@ class RandomFeatures:
 
 
 def load(args: argparse.Namespace):
-    from captioner.captions import clean_captions, load_captions, load_split
+    from captioner.captions import load_captions, load_split
+    from captioner.cleaning import clean_captions
     from captioner.tokenizer import Tokenizer
 
     captions = load_captions(TEXT / "Flickr8k.token.txt")
@@ -96,7 +97,10 @@ def main(argv: list[str] | None = None) -> dict:
                               epochs=1, verbose=0)
             side["times"].append(time.perf_counter() - start)
     n = sides["padded"]["ds"].num_samples
-    result = {"captions": n, "batch_size": args.batch_size, "feature_shape": list(shape)}
+    from bench_extract import device_name
+
+    result = {"captions": n, "batch_size": args.batch_size, "feature_shape": list(shape),
+              "device": device_name()}
     for name, side in sides.items():
         best = float(np.median(side["times"]))
         result[name] = {"epoch_s": round(best, 2), "captions_s": round(n / best, 1),

@@ -2,7 +2,7 @@
 
 Both run in one process, on the same N images, with the same encoder and weights:
 
-(a) classic: ``keras.utils.load_img(target_size)`` + ``img_to_array`` + the encoder's numpy
+(a) classic: ``keras.utils.load_img(target_size)`` (bilinear) + ``img_to_array`` + the encoder's numpy
     preprocessing + ``model.predict(one_image, verbose=0)``, one image at a time;
 (b) ours: ``extract()`` into a temporary HDF5 cache (threaded decoding, prefetching, fixed-size
     batches through ``predict_on_batch``, preprocessing inside the model), file writes included.
@@ -100,7 +100,8 @@ def run_classic(model, spec, paths: list[Path]) -> np.ndarray:
 
     rows = []
     for path in paths:
-        img = keras.utils.load_img(path, target_size=spec.input_size)
+        # the resize filter extract() uses (bilinear), so both sides see the same pixels
+        img = keras.utils.load_img(path, target_size=spec.input_size, interpolation="bilinear")
         x = spec.preprocess(keras.utils.img_to_array(img)[None])
         rows.append(model.predict(x, verbose=0)[0])
     return np.stack(rows)

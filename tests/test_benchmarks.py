@@ -10,6 +10,7 @@ from conftest import FLICKR_TEXT, ROOT, needs_mobilenet
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import bench_bucket  # noqa: E402
 import bench_decode  # noqa: E402
 import bench_first_caption  # noqa: E402
 import bench_train  # noqa: E402
@@ -64,3 +65,13 @@ def test_bench_first_caption_smoke(capsys):
     assert bench_first_caption.main(["--baseline", str(ROOT), "--runs", "1", "--no-warmup"]) == 0
     result = _result(capsys.readouterr().out)
     assert result["runs"] == 1 and result["ours_peak_mib"] > 100 and result["ratio_wall_s"] > 0
+
+
+@pytest.mark.shared
+@have_captions
+def test_bench_bucket_smoke(capsys):
+    result = bench_bucket.main(["--images", "12", "--rounds", "1", "--feature-shape", "2,2,8",
+                                "--batch-size", "8"])
+    assert _result(capsys.readouterr().out) == result
+    assert result["captions"] == 60 and result["speedup"] > 0 and result["device"]
+    assert 0 < result["bucketed"]["decoder_steps"] < result["padded"]["decoder_steps"]
