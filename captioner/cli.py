@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -73,6 +74,9 @@ def _quiet_keras_import() -> None:
                 import keras
 
                 keras.ops.convert_to_numpy(keras.ops.zeros(1))  # device probing happens here
+                # tf.function's retracing advice: an ensemble's members trace the same step
+                # functions once each, which it reads as retracing in a loop
+                logging.getLogger("tensorflow").setLevel(logging.ERROR)
             except ImportError:
                 pass  # reported by the command that needs it
     finally:
