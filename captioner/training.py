@@ -226,6 +226,8 @@ def _train(config: TrainConfig, resume: bool, verbose: int, devices: int) -> Pat
     val_reader, val_caps, val_sample = _val_sample(config)
     checks.features_fit(config.decoder, train_reader, val_reader)
     _create_run(run, saved)  # only now, when every check passed
+    if saved is not None and saved.training.get("epochs") != config.epochs:  # --epochs changed it
+        dataclasses.replace(saved, training={**saved.training, "epochs": config.epochs}).save(run)
     keras.utils.set_random_seed(config.seed)
     if config.mixed_precision:
         keras.config.set_dtype_policy("mixed_float16")

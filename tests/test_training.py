@@ -20,6 +20,7 @@ from captioner.cache import open_features
 from captioner.cli import main
 from captioner.errors import CaptionerError
 from captioner.inference import Captioner
+from captioner.runs import RunConfig
 from captioner.training import TrainConfig, train
 
 TINY = dict(batch_size=8, embed_dim=16, units=32, dropout=0.0, min_count=1, learning_rate=0.02,
@@ -103,6 +104,7 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, data):
         np.testing.assert_allclose(a, b, atol=1e-5)
     rows = list(csv.DictReader(open(part / "history.csv")))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    assert RunConfig.load(part).training["epochs"] == 4  # the run records its new length
 
 
 def test_existing_run_needs_resume(tmp_path, data):
