@@ -228,6 +228,7 @@ def load_torch_weights(model, path: str | os.PathLike) -> None:
             arrays = _convert(layer, state, key)
         except KeyError as exc:
             raise WeightsError(f"{path} has no tensor {exc} for layer '{layer.name}'") from exc
+        _check_values(path, layer.name, arrays)
         expected = [tuple(w.shape) for w in layer.weights]
         if [a.shape for a in arrays] != expected:
             raise WeightsError(
@@ -235,3 +236,13 @@ def load_torch_weights(model, path: str | os.PathLike) -> None:
                 f"{[a.shape for a in arrays]}"
             )
         layer.set_weights(arrays)
+
+
+def _check_values(path, layer: str, arrays: list[np.ndarray]) -> None:
+    """Refuse integer, boolean or non-finite tensors where a layer needs real weights."""
+    for a in arrays:
+        if a.dtype.kind != "f":
+            raise WeightsError(f"{path}: layer '{layer}' needs floating-point weights, the file "
+                               f"has {a.dtype}")
+        if not np.isfinite(a).all():
+            raise WeightsError(f"{path}: layer '{layer}' has NaN or infinite weights in the file")

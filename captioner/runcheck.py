@@ -21,6 +21,7 @@ Standard library here (h5py inside :func:`check_weights`); the caller builds the
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,8 @@ ATTENTION_FIELDS: dict[str, tuple[type, float, float | None]] = {
     "attention_reg": (float, 0.0, None),
 }
 REQUIRED = ("vocab_size", "max_length")
+MAX_PARAMETERS = 1 << 28  # ~1 GB of float32: far above any captioning decoder, far below a crash
+MAX_H5_OBJECTS = 10_000  # groups and datasets in a decoder's weights file
 
 
 class RunFolderError(CaptionerError):
@@ -151,11 +154,26 @@ def _check_decoder_config(path: Path, kind: str, dec: dict[str, Any]) -> None:
     if "feature_shape" not in dec:
         return  # building the decoder reports it, naming decoder.config
     shape = _shape(path, "decoder.config.feature_shape", dec["feature_shape"])
+    _check_size(path, dec, shape)
     if kind == "attention" and len(shape) != 3:
         raise _schema(
             path, "decoder.config.feature_shape",
             f"an attention decoder needs spatial features (height, width, channels), not {list(shape)}",
         )  # fmt: skip
+
+
+def _check_size(path: Path, dec: dict[str, Any], feature_shape: tuple[int, ...]) -> None:
+    """Refuse a config whose decoder would be absurdly large before anything is allocated."""
+    vocab, units = dec["vocab_size"], dec.get("units", 256)
+    embed, attention = dec.get("embed_dim", 256), dec.get("attention_units", units)
+    channels = feature_shape[-1] if len(feature_shape) == 3 else math.prod(feature_shape)
+    # embedding + output layer, the LSTM's four gates, feature/attention projections
+    estimate = (vocab * (embed + units) + 4 * units * (embed + units + channels)
+                + (channels + units) * (attention + units))
+    if estimate > MAX_PARAMETERS:
+        raise _schema(path, "decoder.config", f"describes a decoder of about {estimate:,} "
+                      f"parameters, more than this captioner loads ({MAX_PARAMETERS:,}); the "
+                      "file was altered or does not come from captioner")
 
 
 def _check_encoder(path: Path, config: dict[str, Any], dec: dict[str, Any]) -> None:
@@ -232,12 +250,42 @@ def _file_shapes(path: Path) -> dict[str, list[tuple[int, ...]]]:
 
     try:
         with h5py.File(path, "r") as f:
+            _check_h5_objects(path, f)
             f.visititems(visit)
     except OSError as exc:
         raise _problem(
             path, "(file)", f"not a readable weights file ({' '.join(str(exc).split())[:120]})"
         ) from None
     return found
+
+
+def _check_h5_objects(path: Path, f) -> None:
+    """Only plain groups and datasets of real numbers, inside the file itself: no links to other
+    files or places, no virtual or external datasets (they would read other files on this disk),
+    and a bounded number of objects."""
+    import h5py
+
+    pending, seen = [f], 0
+    while pending:
+        group = pending.pop()
+        for key in group:
+            seen += 1
+            if seen > MAX_H5_OBJECTS:
+                raise _problem(path, "(file)", f"more than {MAX_H5_OBJECTS} objects: not a "
+                               "decoder's weights file")
+            link = group.get(key, getlink=True)
+            where = f"{group.name.rstrip('/')}/{key}"
+            if not isinstance(link, h5py.HardLink):
+                raise _problem(path, where, f"is a {type(link).__name__}; a weights file holds "
+                               "only its own groups and datasets")
+            obj = group[key]
+            if isinstance(obj, h5py.Group):
+                pending.append(obj)
+            elif obj.is_virtual or obj.external:
+                raise _problem(path, where, "reads its values from other files; refused")
+            elif obj.dtype.kind != "f":
+                raise _problem(path, where, f"holds {obj.dtype} values; decoder weights are "
+                               "floating-point numbers")
 
 
 def _model_shapes(decoder) -> dict[str, list[tuple[int, ...]]]:

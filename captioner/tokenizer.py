@@ -25,6 +25,7 @@ PAD, UNK, START, END = 0, 1, 2, 3
 RESERVED = ("<pad>", "<unk>", "<start>", "<end>")
 FORMAT = "captioner.tokenizer"
 VERSION = 1
+MAX_LENGTH = 10_000  # tokens per caption: bounds what a file's number can make us allocate
 
 
 class Tokenizer:
@@ -41,8 +42,10 @@ class Tokenizer:
         counts. ``max_length``: tokens per encoded caption, ``<start>`` and ``<end>`` included."""
         if len(words) != len(counts):
             raise ValueError("words and counts differ in length")
-        if max_length < 2:
-            raise ValueError("max_length must be at least 2 (<start> and <end>)")
+        if not 2 <= max_length <= MAX_LENGTH:
+            raise ValueError(f"max_length must be between 2 (<start> and <end>) and {MAX_LENGTH}")
+        if not all(isinstance(w, str) and w and not any(c.isspace() for c in w) for w in words):
+            raise ValueError("every word must be a non-empty string without spaces")
         self.words: list[str] = list(RESERVED) + list(words)
         self.counts: list[int] = [0] * len(RESERVED) + [int(c) for c in counts]
         self.index: dict[str, int] = {w: i for i, w in enumerate(self.words)}
