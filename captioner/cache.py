@@ -174,12 +174,15 @@ class FeatureReader(VerifiedReads):
             raise
 
     def _load(self, expect: dict[str, Any] | None) -> None:
+        from captioner.runcheck import check_h5_objects
+
         f = self._file
         missing = [k for k in ("features", "names", "status", "errors") if k not in f]
         if missing or "format_version" not in f.attrs:
             raise CaptionerError(
                 f"{self.path} is not a captioner feature cache (missing {missing or 'attributes'})."
             )
+        check_h5_objects(self.path, f, float_only=False)  # no reads from other files
         self.attrs: dict[str, Any] = {k: _plain(v) for k, v in f.attrs.items()}
         if self.attrs["format_version"] > FORMAT_VERSION:
             raise CaptionerError(

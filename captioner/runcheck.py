@@ -250,7 +250,7 @@ def _file_shapes(path: Path) -> dict[str, list[tuple[int, ...]]]:
 
     try:
         with h5py.File(path, "r") as f:
-            _check_h5_objects(path, f)
+            check_h5_objects(path, f)
             f.visititems(visit)
     except OSError as exc:
         raise _problem(
@@ -259,10 +259,11 @@ def _file_shapes(path: Path) -> dict[str, list[tuple[int, ...]]]:
     return found
 
 
-def _check_h5_objects(path: Path, f) -> None:
-    """Only plain groups and datasets of real numbers, inside the file itself: no links to other
-    files or places, no virtual or external datasets (they would read other files on this disk),
-    and a bounded number of objects."""
+def check_h5_objects(path: Path, f, float_only: bool = True) -> None:
+    """Only plain groups and datasets inside the file itself: no links to other files or places,
+    no virtual or external datasets (they would read other files on this disk), a bounded number
+    of objects and, with ``float_only`` (a decoder's weights), only floating-point datasets.
+    RunFolderError naming the file and the object otherwise."""
     import h5py
 
     pending, seen = [f], 0
@@ -271,19 +272,18 @@ def _check_h5_objects(path: Path, f) -> None:
         for key in group:
             seen += 1
             if seen > MAX_H5_OBJECTS:
-                raise _problem(path, "(file)", f"more than {MAX_H5_OBJECTS} objects: not a "
-                               "decoder's weights file")
+                raise _problem(path, "(file)", f"more than {MAX_H5_OBJECTS} objects; refused")
             link = group.get(key, getlink=True)
             where = f"{group.name.rstrip('/')}/{key}"
             if not isinstance(link, h5py.HardLink):
-                raise _problem(path, where, f"is a {type(link).__name__}; a weights file holds "
+                raise _problem(path, where, f"is a {type(link).__name__}; a captioner file holds "
                                "only its own groups and datasets")
             obj = group[key]
             if isinstance(obj, h5py.Group):
                 pending.append(obj)
             elif obj.is_virtual or obj.external:
                 raise _problem(path, where, "reads its values from other files; refused")
-            elif obj.dtype.kind != "f":
+            elif float_only and obj.dtype.kind != "f":
                 raise _problem(path, where, f"holds {obj.dtype} values; decoder weights are "
                                "floating-point numbers")
 

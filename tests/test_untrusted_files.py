@@ -83,3 +83,16 @@ def test_a_tokenizer_file_cannot_ask_for_unbounded_arrays(tmp_path, edit, says):
     (tmp_path / "tokenizer.json").write_text(json.dumps(tok))
     with pytest.raises(CaptionerError, match=f"tokenizer.json: invalid tokenizer.*{says}"):
         Tokenizer.load(tmp_path / "tokenizer.json")
+
+
+def test_a_feature_cache_cannot_read_other_files(tmp_path):
+    from helpers import write_cache
+
+    from captioner.cache import FeatureReader
+
+    path = write_cache(tmp_path / "feats.h5", {"a.jpg": np.ones(4, np.float32)})
+    FeatureReader(path).close()  # the cache as written loads
+    with h5py.File(path, "a") as f:
+        f["extra"] = h5py.ExternalLink(str(tmp_path / "secret.h5"), "/data")
+    with pytest.raises(CaptionerError, match=r"feats\.h5: /extra: is a ExternalLink"):
+        FeatureReader(path)
