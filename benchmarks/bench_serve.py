@@ -113,7 +113,7 @@ def wait_ready(client, url: str, server: subprocess.Popen, timeout: float = 600)
 
 
 def run_requests(url: str, photos: list, count: int, clients: int, beam: int,
-                 pid: int | None = None) -> dict:
+                 pid: int | None = None, headers: dict | None = None) -> dict:
     """``count`` one-image requests from ``clients`` threads; latencies and errors, and with
     ``pid`` the server's RSS after each quarter of the requests."""
     import httpx
@@ -126,7 +126,7 @@ def run_requests(url: str, photos: list, count: int, clients: int, beam: int,
     counter = iter(range(count))
 
     def worker() -> None:
-        with httpx.Client(timeout=120) as http:
+        with httpx.Client(timeout=120, headers=headers) as http:
             while True:
                 with lock:
                     k = next(counter, None)

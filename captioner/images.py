@@ -98,6 +98,13 @@ def load_image(
         return np.array(rgb, dtype=np.uint8)  # a copy, before the file is closed
 
 
+def upright_size(path: str | os.PathLike) -> tuple[int, int]:
+    """``(width, height)`` of an image as it is shown (EXIF rotation applied), from its header."""
+    with _open(path, DEFAULT_MAX_PIXELS) as im:
+        w, h = im.size
+        return (h, w) if _orientation(im) in ROTATING_ORIENTATIONS else (w, h)
+
+
 TINY_SIDE = 32  # pixels; smaller images are captioned with a warning
 
 

@@ -126,7 +126,8 @@ def test_attention_grids_per_word(client, engine, tiny):
     assert "attention" not in plain
 
 
-def test_heatmap_is_the_cli_figure_of_the_encoder_input(client, engine, tiny, tmp_path):
+def test_heatmap_is_the_cli_figure_of_the_encoder_input_at_the_photos_aspect(client, engine,
+                                                                             tiny, tmp_path):
     _, table, expected = tiny
     [record] = _post(client, ("a.png", photo(3)), heatmap="true").json()["results"]
     assert "attention" not in record  # grids only when asked
@@ -134,7 +135,8 @@ def test_heatmap_is_the_cli_figure_of_the_encoder_input(client, engine, tiny, tm
     assert head == "data:image/jpeg;base64"
     strip = Image.open(io.BytesIO(base64.b64decode(payload)))
     words = expected[3].split() + ["<end>"]
-    figure = attention_figure(np.zeros((32, 32, 3), np.uint8), words, np.ones((len(words), 2, 2)))
+    # photo(3) is 40 x 30: the panels keep that 4:3 shape (the encoder's input is square)
+    figure = attention_figure(np.zeros((30, 40, 3), np.uint8), words, np.ones((len(words), 2, 2)))
     assert strip.format == "JPEG" and strip.size == figure.canvas.get_width_height()  # photo + words
     path = tmp_path / "a.png"
     path.write_bytes(photo(3))
@@ -145,7 +147,7 @@ def test_heatmap_is_the_cli_figure_of_the_encoder_input(client, engine, tiny, tm
     tokens = engine.captioner.search(table[[3]], beam_size=3)[0][0].tokens
     weights = engine.captioner.attention(table[[3]], [tokens])[0]  # unrounded, as the service
     np.testing.assert_allclose(np.array(att["weights"]), weights, atol=1e-4)
-    want = heatmap_image(pixels, words, weights.reshape(len(words), 4), (2, 2))
+    want = heatmap_image(pixels, words, weights.reshape(len(words), 4), (2, 2), aspect=40 / 30)
     assert base64.b64decode(payload) == want[0] and both["heatmap"] == record["heatmap"]
     _one_error_line(_post(client, ("a.png", photo(3)), heatmap="yes please"), 400, "heatmap must be")
 

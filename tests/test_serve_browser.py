@@ -19,7 +19,8 @@ webdriver = pytest.importorskip("selenium.webdriver")
 
 from serve_fixtures import photo, tiny_attention_run, tiny_engine  # noqa: E402
 
-from captioner.serve.app import create_app  # noqa: E402
+from captioner.serve.app import Settings, create_app  # noqa: E402
+from captioner.serve.auth import ApiKeys  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -35,15 +36,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+KEY = "browser-test-key-0123456789"
+
+
+def _serve(tmp_path_factory, settings: Settings):
     """The service on a free localhost port, in a thread of this process."""
     import uvicorn
 
     run, table, expected = tiny_attention_run(tmp_path_factory.mktemp("browser"))
     port = _free_port()
-    config = uvicorn.Config(create_app(tiny_engine(run, table)), host="127.0.0.1", port=port,
-                            log_level="warning")
+    config = uvicorn.Config(create_app(tiny_engine(run, table), settings), host="127.0.0.1",
+                            port=port, log_level="warning")
     uv = uvicorn.Server(config)
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
@@ -54,6 +57,16 @@ def server(tmp_path_factory):
     yield f"http://127.0.0.1:{port}", expected
     uv.should_exit = True
     thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    yield from _serve(tmp_path_factory, Settings())
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tmp_path_factory):
+    yield from _serve(tmp_path_factory, Settings(api_keys=ApiKeys([KEY])))
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +111,31 @@ def test_page_captions_a_photo_with_heat_maps(server, browser, tmp_path):
     assert browser.find_element(By.ID, "status").text == "1 captioned, 1 failed"
     shot = os.environ.get("CAPTIONER_SCREENSHOT") or str(tmp_path / "page.png")
     assert browser.save_screenshot(shot)
+
+
+def test_page_with_a_key_and_photos_at_their_own_aspect_ratio(keyed_server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, expected = keyed_server
+    path = tmp_path / "wide.png"
+    path.write_bytes(photo(2, size=(320, 160)))
+    browser.get(url + "/")
+    browser.execute_script("sessionStorage.clear()")
+    browser.get(url + "/")
+    browser.find_element(By.ID, "heatmap").click()  # plain photos this time
+    browser.find_element(By.ID, "files").send_keys(str(path))
+    WebDriverWait(browser, 60).until(lambda d: "API key" in d.find_element(By.ID, "status").text)
+    key = browser.find_element(By.ID, "api_key")
+    key.send_keys(KEY, Keys.TAB)  # the change event stores it for this tab
+    assert browser.execute_script("return sessionStorage.getItem('captioner-api-key')") == KEY
+    browser.find_element(By.ID, "files").send_keys(str(path))
+    WebDriverWait(browser, 60).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, ".result[data-ready=true]"))
+    card = browser.find_element(By.CSS_SELECTOR, ".result:not(.failed)")
+    assert card.find_element(By.CSS_SELECTOR, ".caption").text == expected[2]
+    img = card.find_element(By.CSS_SELECTOR, "img.photo")
+    width, height = browser.execute_script(
+        "const r = arguments[0].getBoundingClientRect(); return [r.width, r.height];", img)
+    assert abs(width / height - 2.0) < 0.05  # shown 2:1, as the photo is, not squashed

@@ -56,9 +56,18 @@ def test_upload_larger_than_the_limit_is_not_copied_past_it(tmp_path):
     data = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(data, "PNG")
     upload = SimpleNamespace(filename="noise.png", content_type="image/png", file=data)
-    name, pixels, failure = decode_upload(upload, 0, tmp_path, (8, 8), Limits(max_bytes=1000))
-    assert (name, pixels, failure.status) == ("noise.png", None, 413)
+    refused = decode_upload(upload, 0, tmp_path, (8, 8), Limits(max_bytes=1000))
+    assert (refused.name, refused.pixels, refused.failure.status) == ("noise.png", None, 413)
     assert list(tmp_path.iterdir()) == []  # the partial copy is gone too
-    name, pixels, failure = decode_upload(upload, 0, tmp_path, (8, 8), Limits())
-    assert failure is None and pixels.shape == (8, 8, 3) and pixels.dtype == np.uint8
+    decoded = decode_upload(upload, 0, tmp_path, (8, 8), Limits())
+    assert decoded.failure is None and decoded.pixels.shape == (8, 8, 3)
+    assert decoded.pixels.dtype == np.uint8
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_upload_keeps_its_own_aspect_ratio_for_the_heat_map(tmp_path):
+    data = io.BytesIO()
+    Image.new("RGB", (120, 40), (200, 10, 10)).save(data, "PNG")
+    upload = SimpleNamespace(filename="wide.png", content_type="image/png", file=data)
+    decoded = decode_upload(upload, 0, tmp_path, (8, 8), Limits())
+    assert decoded.pixels.shape == (8, 8, 3) and decoded.aspect == pytest.approx(3.0)

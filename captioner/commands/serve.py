@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import sys
 from pathlib import Path
 
@@ -13,8 +14,14 @@ examples:
   captioner serve --model runs/attention --port 8080
   curl -F images=@photo.jpg -F beam_size=3 http://127.0.0.1:8000/v1/captions
 
-Needs the serve extra: pip install -e ".[serve]". The default address is localhost only; give
---host 0.0.0.0 to listen on every interface (there is no authentication).
+  captioner serve --host 0.0.0.0 --api-key-file keys.txt   # beyond localhost: keys needed
+  curl -H "Authorization: Bearer $KEY" -F images=@photo.jpg http://HOST:8000/v1/captions
+
+Needs the serve extra: pip install -e ".[serve]". The default address is localhost only. Any
+other address needs API keys (--api-key-file, or the CAPTIONER_API_KEY_FILE environment
+variable: one key per line) or an explicit --insecure-no-auth. GET /metrics gives Prometheus
+metrics; each request is one access-log line on stderr (--log-format json for JSON). SIGTERM or
+Ctrl-C drains: new requests get 503, accepted ones finish, then the service exits 0.
 """
 
 
@@ -47,6 +54,23 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="largest image file in MB (default %(default)s)")
     p.add_argument("--max-pixels", type=int, default=25_000_000,
                    help="largest image in pixels, checked before decoding (default %(default)s)")
+    p.add_argument("--api-key-file", metavar="PATH", default=None,
+                   help="require 'Authorization: Bearer KEY' with one of the keys of PATH (one "
+                   "per line) on every route but /healthz and the page (default: the file "
+                   "named by $CAPTIONER_API_KEY_FILE, else no keys)")
+    p.add_argument("--insecure-no-auth", action="store_true",
+                   help="allow a non-loopback --host without API keys")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM/SIGINT, seconds to finish accepted requests before exiting "
+                   "(default %(default)s)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a request may take to send its body; slower gets 408 "
+                   "(default %(default)s)")
+    p.add_argument("--max-uploads", type=int, default=32,
+                   help="requests whose uploads are read at once; more get 503 (default "
+                   "%(default)s)")
+    p.add_argument("--log-format", default="text", choices=("text", "json"),
+                   help="access log on stderr, one line per request (default %(default)s)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="uvicorn log level (default %(default)s)")
     p.set_defaults(handler=run_serve)
@@ -62,14 +86,34 @@ def settings_from(args: argparse.Namespace):
     checks = [("--port", args.port, 0, 65535), ("--beam-size", args.beam_size, 1, MAX_BEAM),
               ("--max-batch", args.max_batch, 1, 1024), ("--max-queue", args.max_queue, 1, 1 << 20),
               ("--max-images", args.max_images, 1, 1024), ("--max-wait-ms", args.max_wait_ms, 0, 1000),
-              ("--max-mb", args.max_mb, 0.001, 1024), ("--max-pixels", args.max_pixels, 1, 1 << 31)]
+              ("--max-mb", args.max_mb, 0.001, 1024), ("--max-pixels", args.max_pixels, 1, 1 << 31),
+              ("--drain-timeout", args.drain_timeout, 0, 3600),
+              ("--body-timeout", args.body_timeout, 0.1, 3600),
+              ("--max-uploads", args.max_uploads, 1, 1 << 16)]
     for flag, value, low, high in checks:
         if not low <= value <= high:
             raise CaptionerError(f"{flag} must be from {low} to {high}, not {value}")
     limits = Limits(max_images=args.max_images, max_bytes=int(args.max_mb * 2**20),
                     max_pixels=args.max_pixels)
     return Settings(limits=limits, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                    max_queue=max(args.max_queue, args.max_images), default_beam=args.beam_size)
+                    max_queue=max(args.max_queue, args.max_images), default_beam=args.beam_size,
+                    api_keys=_api_keys(args), body_timeout=args.body_timeout,
+                    max_uploads=args.max_uploads, log_format=args.log_format)
+
+
+def _api_keys(args: argparse.Namespace):
+    """The keys of --api-key-file (or $CAPTIONER_API_KEY_FILE); a non-loopback --host without
+    keys is refused unless --insecure-no-auth."""
+    from captioner.errors import CaptionerError
+    from captioner.serve.auth import KEY_FILE_ENV, load_keys
+
+    path = args.api_key_file or os.environ.get(KEY_FILE_ENV)
+    keys = load_keys(path) if path else None
+    if keys is None and not _is_loopback(args.host) and not args.insecure_no_auth:
+        raise CaptionerError(
+            f"refusing to listen on {args.host} without API keys: give --api-key-file PATH (one "
+            f"key per line, or set {KEY_FILE_ENV}), or --insecure-no-auth to serve anyone")
+    return keys
 
 
 def _is_loopback(host: str) -> bool:
@@ -87,7 +131,8 @@ def run_serve(args: argparse.Namespace) -> int:
         import fastapi  # noqa: F401
         import jinja2  # noqa: F401
         import multipart  # noqa: F401  (python-multipart)
-        import uvicorn
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
     except ImportError as exc:
         raise CaptionerError(f"captioner serve needs the serve extra ({exc.name} is missing): "
                              'pip install -e ".[serve]"') from None
@@ -95,14 +140,15 @@ def run_serve(args: argparse.Namespace) -> int:
     from captioner.serve.app import create_app
     from captioner.serve.engine import Engine
 
-    settings = settings_from(args)
+    settings = settings_from(args)  # before the model loads: a bad option costs nothing
     model_dir = Path(args.model) if args.model else DEFAULT_RUN
     print(f"loading {model_dir} ...", file=sys.stderr, flush=True)
     engine = Engine.from_run(model_dir)
     print(f"warm-up: {engine.warm_up():.1f} s", file=sys.stderr, flush=True)
-    if not _is_loopback(args.host):
-        print(f"warning: listening on {args.host}, not only on this machine; the service has no "
-              "authentication", file=sys.stderr)
-    uvicorn.run(create_app(engine, settings), host=args.host, port=args.port,
-                log_level=args.log_level)
-    return 0
+    if settings.api_keys is None and not _is_loopback(args.host):
+        print(f"warning: listening on {args.host} without API keys (--insecure-no-auth)",
+              file=sys.stderr)
+    from captioner.serve.server import run_server
+
+    return run_server(create_app(engine, settings), args.host, args.port, args.drain_timeout,
+                      args.log_level)

@@ -1,9 +1,11 @@
 """The FastAPI application of ``captioner serve``.
 
 Routes: ``POST /v1/captions`` (multipart ``images`` + ``beam_size``, ``n_best``, ``attention``,
-``heatmap``), ``GET /`` (the page), ``GET /v1/model``, ``GET /healthz`` and ``/static/*`` (the
-page's script and style). Every error answer is ``{"error": "<one line>"}`` with a 4xx/5xx status; a request
-whose images all fail also carries the per-image ``results``.
+``heatmap``), ``GET /`` (the page), ``GET /v1/model``, ``GET /healthz``, ``GET /metrics``
+(Prometheus) and ``/static/*`` (the page's script and style). Every request passes
+:class:`~captioner.serve.frontdoor.Frontdoor` first (request ID, drain, API key, body limits,
+metrics, access log). Every error answer is ``{"error": "<one line>"}`` with a 4xx/5xx status; a
+request whose images all fail also carries the per-image ``results``.
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the route signatures' annotations,
@@ -17,6 +19,7 @@ from typing import Any
 
 from captioner.errors import RequestError
 from captioner.records import caption_error_record, caption_record
+from captioner.serve.auth import ApiKeys
 from captioner.serve.batcher import Batcher, QueueFull
 from captioner.serve.engine import (
     ATTENTION,
@@ -27,10 +30,21 @@ from captioner.serve.engine import (
     Output,
     attention_record,
 )
+from captioner.serve.frontdoor import (
+    RECORD_KEY,
+    BodyTimeout,
+    BodyTooLarge,
+    DoorSettings,
+    Frontdoor,
+    ServiceState,
+    too_large,
+)
 from captioner.serve.heatmap import data_url, heatmap_image
+from captioner.serve.telemetry import AccessLog, Metrics
 from captioner.serve.uploads import (
     IMAGE_FIELD,
     OPTION_FIELDS,
+    Decoded,
     Failure,
     Limits,
     decode_upload,
@@ -51,54 +65,27 @@ class Settings:
     max_wait_ms: float = 5.0
     max_queue: int = 64
     default_beam: int = DEFAULT_BEAM
+    api_keys: ApiKeys | None = field(default=None, repr=False)  # None: no authentication
+    body_timeout: float = 30.0  # seconds for a whole request body to arrive
+    max_uploads: int = 32  # requests whose bodies are being read at once
+    log_format: str = "text"  # the access log: text or json
 
 
-class BodyTooLarge(Exception):
-    """The request body went past the limit while it was being read."""
-
-
-class BodyLimit:
-    """ASGI middleware: 413 for a declared ``Content-Length`` over ``limit``; a body that
-    turns out longer while streaming raises :class:`BodyTooLarge` in the route."""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.limit:
-            from starlette.responses import JSONResponse
-
-            response = JSONResponse({"error": _too_large(self.limit)}, status_code=413)
-            return await response(scope, receive, send)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise BodyTooLarge
-            return message
-
-        return await self.app(scope, limited, send)
-
-
-def _too_large(limit: int) -> str:
-    return f"request too large (over {limit / 2**20:.1f} MB); send fewer or smaller images"
+FAILURE_REASONS = {413: "image_too_large", 415: "not_an_image", 422: "unreadable_image"}
 
 
 def create_app(engine: Engine, settings: Settings | None = None):
     """The ASGI application around a loaded ``engine`` (warm it up before serving)."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import HTMLResponse, JSONResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
     from fastapi.staticfiles import StaticFiles
 
     settings = settings or Settings()
     limits = settings.limits
+    state = ServiceState()
     batcher = Batcher(engine.run, settings.max_batch, settings.max_wait_ms / 1000, settings.max_queue)
+    metrics = Metrics(queue_depth=lambda: batcher.pending, in_flight=lambda: state.in_flight)
+    batcher.on_batch = metrics.batch
     model = engine.describe()
     page = render_page(model, settings)
 
@@ -114,7 +101,10 @@ def create_app(engine: Engine, settings: Settings | None = None):
 
     app = FastAPI(title="captioner", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.batcher, app.state.engine, app.state.settings = batcher, engine, settings
-    app.add_middleware(BodyLimit, limit=limits.max_body)
+    app.state.service, app.state.metrics = state, metrics
+    door = DoorSettings(limits.max_body, settings.body_timeout, settings.max_uploads)
+    app.add_middleware(Frontdoor, state=state, door=door, metrics=metrics,
+                       log=AccessLog(settings.log_format), keys=settings.api_keys)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     _error_handlers(app)
 
@@ -123,11 +113,17 @@ def create_app(engine: Engine, settings: Settings | None = None):
         return HTMLResponse(page)
 
     @app.get("/healthz")
-    async def healthz() -> dict[str, Any]:
+    async def healthz():
         stats = batcher.stats
-        return {"status": "ok", "queued": batcher.pending, "batches": stats.batches,
-                "images": stats.items, "largest_batch": stats.largest_batch,
-                "rejected": stats.rejected}
+        body = {"status": "draining" if state.draining else "ok", "queued": batcher.pending,
+                "in_flight": state.in_flight, "batches": stats.batches, "images": stats.items,
+                "largest_batch": stats.largest_batch, "rejected": stats.rejected}
+        return JSONResponse(body, status_code=503 if state.draining else 200)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
 
     @app.get("/v1/model")
     async def model_info() -> dict[str, Any]:
@@ -152,16 +148,24 @@ def create_app(engine: Engine, settings: Settings | None = None):
                 for k, upload in enumerate(uploads)))
         finally:
             await form.close()
-        good = [k for k, (_, pixels, _) in enumerate(decoded) if pixels is not None]
-        outputs = await batcher.submit([Item(decoded[k][1], options) for k in good]) if good else []
+        good = [k for k, upload in enumerate(decoded) if upload.pixels is not None]
+        _count_failures(metrics, [u.failure for u in decoded if u.failure])
+        log = request.scope.get(RECORD_KEY)
+        if log is not None:
+            log.images = len(decoded)
+        outputs, log_batch = [], None
+        if good:
+            outputs, log_batch = await batcher.submit_sized([Item(decoded[k].pixels, options)
+                                                             for k in good])
+        if log is not None:
+            log.batch = log_batch
         by_index = dict(zip(good, outputs, strict=True))
         records = await asyncio.gather(*(
-            _answer(name, pixels, by_index.get(k), failure, options, engine)
-            for k, (name, pixels, failure) in enumerate(decoded)))
+            _answer(upload, by_index.get(k), options, engine) for k, upload in enumerate(decoded)))
         if not good:
-            name, _, failure = decoded[0]
-            return JSONResponse({"error": f"{name}: {failure.reason}", "results": records},
-                                status_code=failure.status)
+            first = decoded[0]
+            return JSONResponse({"error": f"{first.name}: {first.failure.reason}",
+                                 "results": records}, status_code=first.failure.status)
         return {"results": records}
 
     return app
@@ -188,21 +192,27 @@ def _split_form(form) -> tuple[list[Any], dict[str, list[str]]]:
     return uploads, fields
 
 
-async def _answer(name: str, pixels, output: Output | None, failure: Failure | None,
-                  options: Options, engine: Engine) -> dict[str, Any]:
+def _count_failures(metrics: Metrics, failures: list[Failure]) -> None:
+    for failure in failures:
+        metrics.rejected.labels(FAILURE_REASONS.get(failure.status, "bad_image")).inc()
+
+
+async def _answer(upload: Decoded, output: Output | None, options: Options,
+                  engine: Engine) -> dict[str, Any]:
     """The per-image answer: the keys of ``captioner caption --json``, plus ``attention``
-    (grids) and ``heatmap`` (an image data URL) when asked."""
+    (grids) and ``heatmap`` (an image data URL, at the photo's own aspect ratio) when asked."""
     if output is None:
-        return caption_error_record(name, failure.reason)
+        return caption_error_record(upload.name, upload.failure.reason)
     if output.error is not None:
-        return caption_error_record(name, output.error)
-    record = caption_record(name, output.captions)
+        return caption_error_record(upload.name, output.error)
+    record = caption_record(upload.name, output.captions)
     if output.attention is not None:
         words, weights = output.attention
         if options.attention:
             record[ATTENTION] = attention_record(words, weights, engine.grid)
         if options.heatmap:
-            image = await asyncio.to_thread(heatmap_image, pixels, words, weights, engine.grid)
+            image = await asyncio.to_thread(heatmap_image, upload.pixels, words, weights,
+                                            engine.grid, upload.aspect)
             record[HEATMAP] = data_url(*image)
     return record
 
@@ -213,13 +223,17 @@ def _error_handlers(app) -> None:
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException
 
-    def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    def error(status: int, message: str, headers: dict | None = None, request=None,
+              reason: str | None = None) -> JSONResponse:
+        record = request.scope.get(RECORD_KEY) if request is not None else None
+        if record is not None and reason:
+            record.reason = reason
         return JSONResponse({"error": " ".join(str(message).split())}, status_code=status,
                             headers=headers)
 
     @app.exception_handler(RequestError)
     async def request_error(request, exc: RequestError):
-        return error(exc.status, str(exc))
+        return error(exc.status, str(exc), request=request, reason="bad_request")
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException):
@@ -230,15 +244,24 @@ def _error_handlers(app) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc: RequestValidationError):
-        return error(400, f"bad request: {exc.errors()[0].get('msg', exc)}")
+        return error(400, f"bad request: {exc.errors()[0].get('msg', exc)}", request=request,
+                     reason="bad_request")
 
     @app.exception_handler(BodyTooLarge)
-    async def too_large(request, exc: BodyTooLarge):
-        return error(413, _too_large(app.state.settings.limits.max_body))
+    async def body_too_large(request, exc: BodyTooLarge):
+        return error(413, too_large(app.state.settings.limits.max_body), request=request,
+                     reason="too_large")
+
+    @app.exception_handler(BodyTimeout)
+    async def body_timeout(request, exc: BodyTimeout):
+        seconds = app.state.settings.body_timeout
+        return error(408, f"the request body did not arrive within {seconds:g} s; send it "
+                     "again", {"Connection": "close"}, request=request, reason="body_timeout")
 
     @app.exception_handler(QueueFull)
     async def busy(request, exc: QueueFull):
-        return error(503, str(exc), {"Retry-After": str(exc.retry_after)})
+        return error(503, str(exc), {"Retry-After": str(exc.retry_after)}, request=request,
+                     reason="queue_full")
 
     @app.exception_handler(Exception)
     async def internal(request, exc: Exception):
@@ -252,4 +275,5 @@ def render_page(model: dict[str, Any], settings: Settings) -> str:
     env = Environment(loader=FileSystemLoader(HERE / "templates"),
                       autoescape=select_autoescape(["html"]))
     return env.get_template("index.html").render(model=model, limits=settings.limits,
-                                                 default_beam=settings.default_beam)
+                                                 default_beam=settings.default_beam,
+                                                 auth=settings.api_keys is not None)

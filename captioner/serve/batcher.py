@@ -62,6 +62,7 @@ class Batcher:
         self.run_batch = run_batch
         self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait, max_queue
         self.stats = Stats()
+        self.on_batch: Callable[[int, float], None] | None = None  # (size, seconds) per batch
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -94,6 +95,10 @@ class Batcher:
     async def submit(self, items: Sequence[Any]) -> list[Any]:
         """Results of ``items`` once their batch(es) ran; :class:`QueueFull` when they do not
         fit in the queue now (nothing of them is queued then)."""
+        return (await self.submit_sized(items))[0]
+
+    async def submit_sized(self, items: Sequence[Any]) -> tuple[list[Any], int]:
+        """:meth:`submit`, plus the size of the largest batch the items ran in."""
         if self._task is None or self._task.done():
             raise RuntimeError("the batcher is not running")
         if self.pending + len(items) > self.max_queue:
@@ -103,7 +108,8 @@ class Batcher:
         futures = [loop.create_future() for _ in items]
         for item, future in zip(items, futures, strict=True):
             self._queue.put_nowait((item, future))
-        return list(await asyncio.gather(*futures))
+        done = await asyncio.gather(*futures)  # (result, batch size) each
+        return [result for result, _ in done], max(size for _, size in done)
 
     def _retry_after(self) -> int:
         """Seconds until the queue has likely drained (at least 1)."""
@@ -143,7 +149,10 @@ class Batcher:
                     if not future.done():
                         future.set_exception(exc)
                 continue
-            self.stats.record(len(items), time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            self.stats.record(len(items), seconds)
+            if self.on_batch is not None:
+                self.on_batch(len(items), seconds)
             for (_, future), result in zip(batch, results, strict=True):
                 if not future.done():
-                    future.set_result(result)
+                    future.set_result((result, len(items)))

@@ -46,6 +46,17 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class Decoded:
+    """One upload: its name, then its pixels at the model's input size and the photo's own
+    width/height ratio (for the heat map), or why it failed."""
+
+    name: str
+    pixels: np.ndarray | None = None
+    failure: Failure | None = None
+    aspect: float = 1.0
+
+
+@dataclass(frozen=True)
 class Failure:
     """Why one image was not captioned, and the HTTP status it would get on its own."""
 
@@ -112,10 +123,9 @@ def check_content_type(content_type: str | None) -> Failure | None:
 
 
 def decode_upload(upload: Any, index: int, folder: Path, size: tuple[int, int],
-                  limits: Limits, resample: str = "bilinear"
-                  ) -> tuple[str, np.ndarray | None, Failure | None]:
-    """``(name, pixels (H, W, 3) uint8 at ``size``, None)`` or ``(name, None, failure)``;
-    ``resample`` is the run's resize method (as ``captioner caption`` resizes).
+                  limits: Limits, resample: str = "bilinear") -> Decoded:
+    """The upload decoded: pixels (H, W, 3) uint8 at ``size``, resized with the run's
+    ``resample`` method (as ``captioner caption`` resizes), or its failure.
 
     ``upload`` has ``filename``, ``content_type`` and a binary ``file`` (Starlette's
     ``UploadFile``). Runs on a worker thread.
@@ -123,19 +133,22 @@ def decode_upload(upload: Any, index: int, folder: Path, size: tuple[int, int],
     name = safe_name(upload.filename, index)
     failure = check_content_type(upload.content_type)
     if failure:
-        return name, None, failure
+        return Decoded(name, failure=failure)
     suffix = Path(name).suffix.lower()
     path = folder / f"{uuid.uuid4().hex}{suffix if suffix in IMAGE_SUFFIXES else '.img'}"
     try:
         if not _copy_limited(upload.file, path, limits.max_bytes):
             mb = limits.max_bytes / 2**20
-            return name, None, Failure(f"too large (over {mb:g} MB); send a smaller file", 413)
-        from captioner.images import load_image
+            return Decoded(name, failure=Failure(f"too large (over {mb:g} MB); send a smaller "
+                                                 "file", 413))
+        from captioner.images import load_image, upright_size
 
-        return name, load_image(path, size, resample, max_pixels=limits.max_pixels), None
+        pixels = load_image(path, size, resample, max_pixels=limits.max_pixels)
+        width, height = upright_size(path)
+        return Decoded(name, pixels, aspect=width / height)
     except ImageError as exc:
         reason = getattr(exc, "reason", None) or str(exc)
-        return name, None, Failure(reason, 413 if reason.startswith("too large") else 422)
+        return Decoded(name, failure=Failure(reason, 413 if reason.startswith("too large") else 422))
     finally:
         path.unlink(missing_ok=True)
 

@@ -3,6 +3,8 @@
 "use strict";
 
 const $ = (selector) => document.querySelector(selector);
+// The API key (when the service asks for one) lives in this tab's session storage only.
+const KEY_ITEM = "captioner-api-key";
 
 function el(tag, className, text) {
   const node = document.createElement(tag);
@@ -53,7 +55,11 @@ async function send(files) {
   body.append("n_best", $("#n_best").value);
   const heatmap = $("#heatmap");
   body.append("heatmap", heatmap && heatmap.checked ? "true" : "false");
-  const response = await fetch("/v1/captions", { method: "POST", body });
+  const headers = {};
+  const key = sessionStorage.getItem(KEY_ITEM);
+  if (key) headers.Authorization = `Bearer ${key}`;
+  const response = await fetch("/v1/captions", { method: "POST", body, headers });
+  if (response.status === 401) throw new Error("this service needs an API key: enter it above");
   let data;
   try {
     data = await response.json();
@@ -98,3 +104,9 @@ drop.addEventListener("drop", (event) => {
   event.preventDefault();
   caption(event.dataTransfer.files);
 });
+
+const keyField = $("#api_key");
+if (keyField) {
+  keyField.value = sessionStorage.getItem(KEY_ITEM) || "";
+  keyField.addEventListener("change", () => sessionStorage.setItem(KEY_ITEM, keyField.value.trim()));
+}
