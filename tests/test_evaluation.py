@@ -377,6 +377,9 @@ def test_cli_prints_the_summary_table(toy, tmp_path, capsys):
     data = json.loads((tmp_path / "r" / "report.json").read_text())
     assert lines[2].split()[:2] == ["greedy", f"{100 * data['metrics']['BLEU-1']:.1f}"]  # x100
     assert data["n_images"] == 3
+    # no Java (the fixture): the table says n/a, then one line says why and what adds it
+    assert lines[2].split()[7] == "n/a" and lines[3] == data["notes"]["meteor"]
+    assert lines[3].startswith("METEOR n/a: ") and lines[4].startswith("report: ")
 
 
 @pytest.mark.parametrize(
