@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from captioner.errors import CacheMismatchError, CaptionerError
-from captioner.metrics import METRIC_KEYS
+from captioner.meteor import MeteorJar, meteor
+from captioner.metrics import METRIC_KEYS, References
 from captioner.runs import RunConfig
 
 if TYPE_CHECKING:  # numpy and the search are imported where used: the CLI reads defaults here
@@ -53,11 +54,8 @@ class Decoding:
         return {"beam_size": self.beam_size, "alpha": self.alpha, "block_ngram": self.block_ngram}
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            **self.search_kwargs(),
-            "search": "greedy" if self.beam_size == 1 else "beam",
-            "label": self.label,
-        }
+        search = "greedy" if self.beam_size == 1 else "beam"
+        return {**self.search_kwargs(), "search": search, "label": self.label}
 
 
 @dataclass
@@ -198,13 +196,15 @@ def attention_maps(
     ]
 
 
-def score_section(section: Section, references: dict[str, list[str]]) -> None:
-    """Fill ``section``'s scores (every metric, pycocoevalcap's BLEU) and scoring time."""
+def score_section(section: Section, references: References, jar: MeteorJar | None = None) -> None:
+    """Fill ``section``'s scores (every metric, pycocoevalcap's BLEU) and scoring time; METEOR
+    1.5 through ``jar`` (a :class:`~captioner.meteor.MeteorJar`; None: one for this call)."""
     from captioner.metrics import evaluate_all, pycocoevalcap_bleu
 
     start = time.perf_counter()
     hyps = {name: section.captions[name].text for name in references}
     section.scores = evaluate_all(references, hyps)
+    (meteor if jar is None else jar.score)(references, hyps).add_to(section.scores)
     section.pycoco_bleu = pycocoevalcap_bleu(references, hyps)
     section.score_seconds = time.perf_counter() - start
 
@@ -287,8 +287,9 @@ def evaluate(
         why = next(iter({**skipped, **failed}.values()))
         raise CaptionerError(f"no image could be captioned from {features or folder}: {why}")
     references = clean_captions({n: captions[n] for n in done}, rules)
-    for section in sections:
-        score_section(section, references)
+    with MeteorJar() as jar:  # one java process for every section
+        for section in sections:
+            score_section(section, references, jar)
     sources = {
         "captions": str(captions_path),
         "features": _str(features),

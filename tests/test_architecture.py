@@ -25,7 +25,7 @@ LAYERS = [
     ("decoding", "compiled", "inference", "caption_lines", "sampling", "ensemble",
      "image_captions"),
     ("figures",),
-    ("metrics", "evaluation"),
+    ("metrics", "evaluation", "meteor"),
     ("report",),
     ("training", "monitor", "distributed", "scst"),
     ("engines",),

@@ -13,7 +13,7 @@ from conftest import HAVE_PYCOCO, needs_mobilenet
 from helpers import WORDS, toy_dataset, write_cache
 from PIL import Image
 
-from captioner import metrics
+from captioner import meteor, metrics
 from captioner.cache import open_features
 from captioner.cli import main
 from captioner.errors import CaptionerError
@@ -35,9 +35,9 @@ TINY = dict(
 
 
 @pytest.fixture(autouse=True)
-def no_wordnet(monkeypatch):
-    """METEOR needs WordNet; make its absence certain so the numbers do not depend on it."""
-    monkeypatch.setattr(metrics, "wordnet_available", lambda: False)
+def no_java(monkeypatch):
+    """No Java here: no jar starts (METEOR 1.5 itself is tested in tests/test_meteor.py)."""
+    monkeypatch.setattr(meteor, "find_java", lambda: None)
 
 
 def _write_images(folder: Path, names, broken=()) -> Path:
@@ -133,7 +133,7 @@ def test_references_equal_to_the_captions_score_one(toy, tmp_path):
         **section.scores["per_image"][toy.names[0]],
     }
     assert data["metrics"]["METEOR"] is None
-    assert data["notes"]["meteor"] == metrics.METEOR_UNAVAILABLE_NOTE
+    assert data["notes"]["meteor"] == (meteor.NO_JAVA if HAVE_PYCOCO else meteor.NO_PYCOCO)
 
 
 def test_one_extra_reference_word_gives_the_hand_computed_brevity_penalty(toy, tmp_path):
@@ -377,6 +377,9 @@ def test_cli_prints_the_summary_table(toy, tmp_path, capsys):
     data = json.loads((tmp_path / "r" / "report.json").read_text())
     assert lines[2].split()[:2] == ["greedy", f"{100 * data['metrics']['BLEU-1']:.1f}"]  # x100
     assert data["n_images"] == 3
+    # no Java (the fixture): the table says n/a, then one line says why and what adds it
+    assert lines[2].split()[7] == "n/a" and lines[3] == data["notes"]["meteor"]
+    assert lines[3].startswith("METEOR n/a: ") and lines[4].startswith("report: ")
 
 
 @pytest.mark.parametrize(

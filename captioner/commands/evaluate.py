@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "evaluate",
-        help="score a run on a test split (BLEU-1..4, CIDEr-D, ROUGE-L) into a report",
+        help="score a run on a test split (BLEU-1..4, CIDEr-D, ROUGE-L, METEOR 1.5) into a report",
         description="Caption every image of a split with a run folder and score the captions "
         "against all reference captions (cleaned with the run's own rules).",
         epilog=EXAMPLE,
@@ -155,6 +155,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     """Evaluate, write the report, print the summary table."""
     from captioner.errors import CaptionerError
     from captioner.evaluation import Decoding, evaluate
+    from captioner.meteor import missing_line
     from captioner.presets import get_preset
     from captioner.report import build_payload, format_table, write_report
     from captioner.runs import CONFIG_FILE, DEFAULT_RUN
@@ -199,11 +200,16 @@ def run_evaluate(args: argparse.Namespace) -> int:
     paths = write_report(
         args.report, result, gallery=args.gallery, thumbnail_size=args.thumbnail_size
     )
+    meteor_missing = missing_line(s.scores for s in result.sections)  # why, and how to add it
     if args.json:
         _print_json(result, paths["html"])
+        if meteor_missing:
+            print(meteor_missing, file=sys.stderr)
         return 0
     if not args.quiet:
         print(format_table(build_payload(result)))
+        if meteor_missing:
+            print(meteor_missing)
         if result.skipped:
             print(f"{len(result.skipped)} image(s) skipped (see report.json 'skipped')")
     if result.failed:
@@ -223,7 +229,7 @@ def _print_json(result, report_path) -> None:
     payload = build_payload(result)
     for section, data in zip(result.sections, payload["sections"], strict=True):
         for row in data["images"]:
-            metrics = {k: row[k] for k in ("BLEU-4", "CIDEr-D", "ROUGE-L") if k in row}
+            metrics = {k: row[k] for k in ("BLEU-4", "CIDEr-D", "ROUGE-L", "METEOR") if k in row}
             record = {
                 records.IMAGE: row["image"],
                 records.DECODING: data["settings"]["label"],
