@@ -34,12 +34,6 @@ TINY = dict(
 )
 
 
-@pytest.fixture(autouse=True)
-def no_java(monkeypatch):
-    """No Java here: no jar starts (METEOR 1.5 itself is tested in tests/test_meteor.py)."""
-    monkeypatch.setattr(meteor, "find_java", lambda: None)
-
-
 def _write_images(folder: Path, names, broken=()) -> Path:
     """Solid-colour JPEGs whose red value is 10 * index (read back by the fake encoder)."""
     folder.mkdir(exist_ok=True)

@@ -16,6 +16,8 @@ from captioner import meteor as meteor_module
 from captioner.cli import main
 from captioner.meteor import NO_JAVA, NO_PYCOCO, MeteorJar, jar_text, meteor
 
+pytestmark = pytest.mark.meteor  # the jar may start here (conftest hides Java elsewhere)
+
 needs_jar = pytest.mark.skipif(
     shutil.which("java") is None or meteor_module.missing_reason() is not None,
     reason="METEOR 1.5 needs Java and pycocoevalcap",
