@@ -1,0 +1,229 @@
+"""`captioner fit`: checks, splits, dry run, the whole pipeline, and resuming after an interruption."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import FLICKR_IMAGES, FLICKR_TEXT, needs_flickr, needs_mobilenet
+from test_features import TINY, make_images
+
+from captioner import encoders
+from captioner.cli import main
+from captioner.fit import seeded_splits
+
+WORDS = ["dog", "cat", "bird", "runs", "sits", "jumps", "grass", "sofa", "snow"]
+TINY_ARGS = ["--preset", "classic", "--encoder", "tiny", "--layer", "pool", "--weights",
+             "random", "--epochs", "3", "--batch-size", "4", "--quiet"]  # fmt: skip
+
+
+@pytest.fixture
+def tiny_encoder(monkeypatch):
+    monkeypatch.setitem(encoders.SPECS, "tiny", TINY)
+
+
+def photos_and_csv(tmp: Path, n: int = 24) -> tuple[Path, Path]:
+    """``n`` random photos and a Kaggle CSV with two captions each."""
+    paths = make_images(tmp / "photos", n)
+    rows = ["image,caption"]
+    for i, path in enumerate(paths):
+        a, b, c = WORDS[i % 3], WORDS[3 + i % 3], WORDS[6 + i % 3]
+        rows += [f"{path.name},a {a} {b} on the {c}", f"{path.name},the {a} {b} in {c}"]
+    (tmp / "captions.csv").write_text("\n".join(rows) + "\n")
+    return tmp / "captions.csv", tmp / "photos"
+
+
+# --------------------------------------------------------------------------- splits and checks
+
+
+def test_seeded_split_is_deterministic_and_independent_of_order():
+    names = [f"p{i:03d}.jpg" for i in range(50)]
+    a = seeded_splits(names, 0, 0.1, 0.1)
+    assert {k: len(v) for k, v in a.items()} == {"train": 40, "dev": 5, "test": 5}
+    assert a == seeded_splits(list(reversed(names)), 0, 0.1, 0.1)
+    assert a != seeded_splits(names, 1, 0.1, 0.1)
+    assert sorted(sum(a.values(), [])) == names  # disjoint and complete
+    assert seeded_splits(names[:2], 0, 0.1, 0.1) == {"train": names[:2], "dev": [], "test": []}
+
+
+def test_checks_report_counts_and_names_and_strict_stops(tmp_path, tiny_encoder, capsys):
+    captions, photos = photos_and_csv(tmp_path, 12)
+    with captions.open("a") as f:
+        f.write("gone1.png,a dog\ngone2.png,a cat\nempty.png,a bird\n")
+    (photos / "empty.png").write_bytes(b"")
+    (photos / "extra.png").write_bytes((photos / "img00.png").read_bytes())
+    args = ["fit", "--captions", str(captions), "--images-dir", str(photos)]
+    assert main([*args, "--out", str(tmp_path / "run"), "--strict", *TINY_ARGS]) == 2
+    err = capsys.readouterr().err
+    assert "check: 2 captioned photos missing from" in err and "gone1.png, gone2.png" in err
+    assert "check: 1 photos without captions (not used): extra.png" in err
+    assert "check: 1 unreadable photos (empty or not an image; dropped): empty.png" in err
+    assert "check: 1 dev photos only (fewer than 5" in err
+    assert "check: 1 test photos only (fewer than 5" in err
+    assert "--strict: 5 check(s) failed" in err
+    assert not (tmp_path / "run").exists()  # nothing done before the checks
+
+    assert main([*args, "--out", str(tmp_path / "run"), "--dry-run", *TINY_ARGS]) == 0
+    out = capsys.readouterr().out
+    # 12 usable photos: 10 train, 1 dev, 1 test; pool features of 8 float32 = 32 B per photo
+    assert "train      10 photos   features     320 B" in out
+    assert "dev         1 photos" in out and "test        1 photos" in out
+    assert "32 B per photo, 384 B in all" in out
+    assert "extraction: measured" in out and "photos/s" in out
+    assert not (tmp_path / "run").exists()  # a dry run writes nothing
+
+
+def test_bad_options_are_one_line_errors(tmp_path, tiny_encoder, capsys):
+    captions, photos = photos_and_csv(tmp_path, 6)
+    base = ["fit", "--captions", str(captions), "--out", str(tmp_path / "run")]
+    assert main([*base, "--images-dir", str(tmp_path / "nowhere"), *TINY_ARGS]) == 2
+    assert "--images-dir" in capsys.readouterr().err
+    assert main([*base, "--images-dir", str(photos), "--dev-fraction", "0.7", *TINY_ARGS]) == 2
+    assert "--dev-fraction must be above 0 and below 0.5, not 0.7" in capsys.readouterr().err
+    assert main([*base, "--images-dir", str(tmp_path), *TINY_ARGS]) == 2  # no photo there
+    assert "no training photo" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- interrupted runs
+
+
+def fit_args(captions: Path, photos: Path, out: Path) -> list[str]:
+    return ["fit", "--captions", str(captions), "--images-dir", str(photos), "--out", str(out),
+            "--dev-fraction", "0.2", "--test-fraction", "0.2", *TINY_ARGS]  # fmt: skip
+
+
+def interrupt_after(monkeypatch, owner, method: str, calls: int) -> None:
+    """Make ``owner.method`` raise KeyboardInterrupt right after its ``calls``-th call."""
+    original = getattr(owner, method)
+    count = {"n": 0}
+
+    def wrapped(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        count["n"] += 1
+        if count["n"] == calls:
+            raise KeyboardInterrupt
+        return result
+
+    monkeypatch.setattr(owner, method, wrapped)
+
+
+def files_of(folder: Path) -> set[str]:
+    """Relative paths of the files in ``folder``; TensorBoard's event files (named by time,
+    host and process, one more per resumed session) are left out."""
+    found = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    return {p for p in found if not p.startswith("logs/")}
+
+
+def test_interrupted_in_extraction_and_in_training_resumes_to_the_same_folder(
+    tmp_path, tiny_encoder, capsys
+):
+    from captioner.cache_writer import FeatureWriter
+    from captioner.monitor import RunMonitor
+
+    captions, photos = photos_and_csv(tmp_path, 20)
+    out, clean = tmp_path / "resumed", tmp_path / "clean"
+    with pytest.MonkeyPatch.context() as mp:  # killed after 2 of the 3 train batches
+        interrupt_after(mp, FeatureWriter, "commit", 2)
+        assert main(fit_args(captions, photos, out)) == 130
+    assert "run the same command again to resume" in capsys.readouterr().err
+    with h5py.File(out / "features" / "train.h5", "r", locking=False) as f:
+        assert int((f["status"][()] == 1).sum()) == 8  # two batches of 4 kept
+    assert not (out / "config.json").exists()
+    with pytest.MonkeyPatch.context() as mp:  # killed after epoch 2 of 3
+        interrupt_after(mp, RunMonitor, "on_epoch_end", 2)
+        assert main(fit_args(captions, photos, out)) == 130
+    assert len((out / "history.csv").read_text().splitlines()) == 3  # header + 2 epochs
+    assert not (out / "report").exists()
+    assert main(fit_args(captions, photos, out)) == 0
+    assert main(fit_args(captions, photos, clean)) == 0
+    capsys.readouterr()
+
+    assert files_of(out) == files_of(clean)
+    assert {"splits/train.txt", "features/dev.h5", "report/report.html", "best.weights.h5",
+            "fit.json", "config.json", "history.csv"} <= files_of(out)  # fmt: skip
+    for name in ("splits/train.txt", "splits/dev.txt", "splits/test.txt", "fit.json",
+                 "tokenizer.json"):  # fmt: skip
+        assert (out / name).read_text() == (clean / name).read_text(), name
+    for split in ("train", "dev", "test"):
+        with (h5py.File(out / f"features/{split}.h5", "r", locking=False) as a,
+              h5py.File(clean / f"features/{split}.h5", "r", locking=False) as b):
+            assert list(a["names"][()]) == list(b["names"][()])
+            np.testing.assert_array_equal(a["features"][()], b["features"][()])
+    rows = [list(csv.DictReader(open(f / "history.csv"))) for f in (out, clean)]
+    assert len(rows[0]) == len(rows[1]) == 3
+    for a, b in zip(*rows, strict=True):
+        assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-4)
+    with h5py.File(out / "best.weights.h5") as a, h5py.File(clean / "best.weights.h5") as b:
+        keys = []
+        a.visit(lambda k: keys.append(k) if isinstance(a[k], h5py.Dataset) else None)
+        for key in keys:
+            np.testing.assert_allclose(a[key][()], b[key][()], atol=1e-5)
+    reports = [json.loads((f / "report" / "report.json").read_text()) for f in (out, clean)]
+    assert reports[0]["sections"][0]["metrics"] == pytest.approx(reports[1]["sections"][0]["metrics"], abs=1e-6)
+
+
+def test_rerun_after_the_end_does_nothing_and_other_splits_are_refused(
+    tmp_path, tiny_encoder, capsys
+):
+    captions, photos = photos_and_csv(tmp_path, 10)
+    out = tmp_path / "run"
+    assert main(fit_args(captions, photos, out)) == 0
+    before = {p: (out / p).stat().st_mtime_ns for p in files_of(out)}
+    capsys.readouterr()
+    assert main(fit_args(captions, photos, out)) == 0
+    assert "[evaluate] done before" in capsys.readouterr().out
+    assert {p: (out / p).stat().st_mtime_ns for p in ("best.weights.h5", "features/train.h5",
+            "report/report.json")} == {p: before[p] for p in ("best.weights.h5",  # fmt: skip
+            "features/train.h5", "report/report.json")}  # fmt: skip
+    assert main([*fit_args(captions, photos, out), "--seed", "7"]) == 2
+    assert "was started with another" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- real photos
+
+
+def karpathy_file(path: Path, n: int = 30) -> Path:
+    """A Karpathy split file of the first ``n`` Flickr8k training photos (20 train, 5 val,
+    5 test) with their five captions each."""
+    from captioner.captions import load_captions, load_split
+
+    names = load_split(FLICKR_TEXT / "Flickr_8k.trainImages.txt")[:n]
+    captions = load_captions(FLICKR_TEXT / "Flickr8k.token.txt")
+    images = [{"filename": name, "split": "train" if i < n - 10 else "val" if i < n - 5 else "test",
+               "sentences": [{"raw": c, "tokens": c.lower().split()} for c in captions[name]]}
+              for i, name in enumerate(names)]  # fmt: skip
+    path.write_text(json.dumps({"images": images, "dataset": "flickr8k"}))
+    return path
+
+
+@pytest.mark.shared
+@needs_flickr
+@needs_mobilenet
+def test_fit_a_karpathy_file_end_to_end_then_caption(tmp_path, capsys):
+    data = karpathy_file(tmp_path / "dataset_tiny.json")
+    out = tmp_path / "mine"
+    argv = ["fit", "--captions", str(data), "--images-dir", str(FLICKR_IMAGES), "--out", str(out),
+            "--preset", "classic", "--encoder", "mobilenet_v2_0.5", "--layer", "pool",
+            "--epochs", "8", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "splits from the splits of" in printed
+    sizes = json.loads((out / "fit.json").read_text())["sizes"]
+    assert sizes == {"train": 20, "dev": 5, "test": 5}
+    config = json.loads((out / "config.json").read_text())
+    assert config["preset"] == "classic" and config["decoder"]["kind"] == "merge"
+    assert config["encoder"]["name"] == "mobilenet_v2_0.5" and config["train_images"] == 20
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert report["n_images"] == 5
+    photo = FLICKR_IMAGES / (out / "splits" / "test.txt").read_text().split()[0]
+    assert main(["caption", str(photo), "--model", str(out), "--json"]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    from captioner.tokenizer import Tokenizer
+
+    words = set(Tokenizer.load(out / "tokenizer.json").words)
+    assert record["image"].endswith(photo.name) and record["caption"]
+    assert set(record["caption"].split()) <= words
