@@ -25,7 +25,7 @@ KNOWN_SPLITS = (*SPLITS, "restval")  # restval: COCO's extra training images, us
 
 
 def looks_like_karpathy(data: bytes) -> bool:
-    """True for a JSON file with image entries holding ``sentences`` and no COCO annotations."""
+    """True for JSON whose image entries hold ``sentences`` and no COCO ``annotations``."""
     return b'"sentences"' in data and b'"annotations"' not in data
 
 

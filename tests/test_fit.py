@@ -149,8 +149,10 @@ def test_interrupted_in_extraction_and_in_training_resumes_to_the_same_folder(
                  "tokenizer.json"):  # fmt: skip
         assert (out / name).read_text() == (clean / name).read_text(), name
     for split in ("train", "dev", "test"):
-        with (h5py.File(out / f"features/{split}.h5", "r", locking=False) as a,
-              h5py.File(clean / f"features/{split}.h5", "r", locking=False) as b):
+        with (
+            h5py.File(out / f"features/{split}.h5", "r", locking=False) as a,
+            h5py.File(clean / f"features/{split}.h5", "r", locking=False) as b,
+        ):
             assert list(a["names"][()]) == list(b["names"][()])
             np.testing.assert_array_equal(a["features"][()], b["features"][()])
     rows = [list(csv.DictReader(open(f / "history.csv"))) for f in (out, clean)]
@@ -163,7 +165,9 @@ def test_interrupted_in_extraction_and_in_training_resumes_to_the_same_folder(
         for key in keys:
             np.testing.assert_allclose(a[key][()], b[key][()], atol=1e-5)
     reports = [json.loads((f / "report" / "report.json").read_text()) for f in (out, clean)]
-    assert reports[0]["sections"][0]["metrics"] == pytest.approx(reports[1]["sections"][0]["metrics"], abs=1e-6)
+    assert reports[0]["sections"][0]["metrics"] == pytest.approx(
+        reports[1]["sections"][0]["metrics"], abs=1e-6
+    )
 
 
 def test_rerun_after_the_end_does_nothing_and_other_splits_are_refused(
@@ -227,3 +231,56 @@ def test_fit_a_karpathy_file_end_to_end_then_caption(tmp_path, capsys):
     words = set(Tokenizer.load(out / "tokenizer.json").words)
     assert record["image"].endswith(photo.name) and record["caption"]
     assert set(record["caption"].split()) <= words
+
+
+# --------------------------------------------------------------------------- several files
+
+
+def karpathy_part(path: Path, entries: list[tuple[str, str, str]]) -> Path:
+    """A Karpathy file of ``(name under set/, split, caption)`` entries."""
+    images = [{"filepath": "set", "filename": name, "split": split,
+               "sentences": [{"raw": caption}, {"raw": f"the {caption}"}]}
+              for name, split, caption in entries]  # fmt: skip
+    path.write_text(json.dumps({"images": images}))
+    return path
+
+
+def test_two_caption_files_in_fit_evaluate_and_train_with_a_karpathy_split(
+    tmp_path, tiny_encoder, capsys, caplog
+):
+    paths = make_images(tmp_path / "photos" / "set", 12)
+    caption = [f"{WORDS[i % 3]} {WORDS[3 + i % 3]} on {WORDS[6 + i % 3]}" for i in range(12)]
+    first = karpathy_part(
+        tmp_path / "part1.json", [(p.name, "train", caption[i]) for i, p in enumerate(paths[:8])]
+    )
+    second = karpathy_part(tmp_path / "part2.json", [
+        (paths[0].name, "test", "a clash"),
+        *[(p.name, "val" if i < 2 else "test", caption[8 + i]) for i, p in enumerate(paths[8:])],
+    ])  # fmt: skip
+    photos, out = tmp_path / "photos", tmp_path / "run"
+    captions = [str(first), str(second)]
+    assert main(["fit", "--captions", *captions, "--images-dir", str(photos), "--out", str(out),
+                 *TINY_ARGS]) == 0  # fmt: skip
+    assert "1 image name(s) also in an earlier caption file" in caplog.text
+    assert json.loads((out / "fit.json").read_text())["sizes"] == {"train": 8, "dev": 2, "test": 2}
+    assert (out / "splits" / "test.txt").read_text() == "set/img10.png\nset/img11.png\n"
+    merged = json.loads((out / "config.json").read_text())["sources"]["captions"]
+    assert merged["name"].startswith("captions-merged-") and (out / merged["path"]).is_file()
+    own = json.loads((out / "report" / "report.json").read_text())
+    capsys.readouterr()
+
+    report = tmp_path / "report"
+    assert main(["evaluate", "--model", str(out), "--captions", *captions, "--images-dir",
+                 str(photos), "--split", "test", "--preset", "classic", "--report", str(report),
+                 "--quiet"]) == 0  # fmt: skip
+    assert (report / "split-test.txt").read_text() == "set/img10.png\nset/img11.png\n"
+    again = json.loads((report / "report.json").read_text())
+    assert again["n_images"] == own["n_images"] == 2
+    assert again["sections"][0]["metrics"] == pytest.approx(own["sections"][0]["metrics"])
+
+    run = tmp_path / "train"
+    assert main(["train", "--captions", *captions, "--train-features", str(out / "features/train.h5"),
+                 "--out", str(run), "--preset", "classic", "--epochs", "1", "--units", "8",
+                 "--embed-dim", "8", "--min-count", "1", "--quiet"]) == 0  # fmt: skip
+    sources = json.loads((run / "config.json").read_text())["sources"]
+    assert sources["captions"]["sha256"] == merged["sha256"]  # the same merged file
