@@ -86,6 +86,14 @@ def make_plan(options: FitOptions) -> FitPlan:
     from captioner.encoders import get_spec
     from captioner.presets import get_preset
 
+    out = Path(options.out)
+    if out.exists() and not out.is_dir():
+        raise CaptionerError(f"--out {out} is a file; give a folder for the run")
+    if (out / "config.json").is_file() and not (out / FIT_FILE).is_file():
+        raise CaptionerError(
+            f"--out {out} holds a run not made by `captioner fit`; choose "
+            "another --out (`captioner train --resume` continues that run)"
+        )
     images_dir = Path(options.images_dir)
     if not images_dir.is_dir():
         raise CaptionerError(f"--images-dir {images_dir} is not a folder; give the photos' folder")
@@ -126,7 +134,7 @@ def _karpathy_splits(source, usable: list[str]) -> tuple[dict[str, list[str]], s
     splits = {s: [n for n, v in source.splits.items() if split_of(v) == k and n in ok]
               for s, k in KARPATHY_NAMES.items()}  # fmt: skip
     restval = sum(1 for n, v in source.splits.items() if v == "restval" and n in ok)
-    origin = f"the splits of {source.path}"
+    origin = f"the Karpathy splits of {source.path}"
     if restval:
         origin += f" ({restval} restval photos counted as train)"
     return splits, origin
@@ -161,7 +169,7 @@ def report_findings(plan: FitPlan) -> None:
 
 def describe(plan: FitPlan) -> list[str]:
     """The plan as lines: photos per split, where the splits come from, cache sizes."""
-    lines = [f"splits from {plan.origin}:"]
+    lines = [f"splits: {plan.origin}"]
     for split in STAGE_SPLITS:
         lines.append(
             f"  {split:<5} {len(plan.splits[split]):>7} photos   features "
@@ -196,7 +204,7 @@ def write_plan(plan: FitPlan) -> None:
     folder = plan.out / SPLITS_DIR
     for split in STAGE_SPLITS:
         path = folder / f"{split}.txt"
-        if path.is_file() and path.read_text().split() != plan.splits[split]:
+        if path.is_file() and path.read_text().splitlines() != plan.splits[split]:
             raise CaptionerError(
                 f"{plan.out} was started with another {split} split ({path}): other photos, "
                 "captions or --seed; run with those again, or choose another --out"
@@ -261,6 +269,9 @@ def run_fit(plan: FitPlan, say=print) -> Path:
     write_plan(plan)
     captions = _caption_file(plan)
     for split in STAGE_SPLITS:
+        if not plan.splits[split]:
+            say(f"[extract {split}] no photos: skipped")
+            continue
         say(f"[extract {split}] {len(plan.splits[split])} photos -> {plan.cache(split)}")
         summary = _extract(plan, split)
         say(f"[extract {split}] {summary.line()}")

@@ -86,6 +86,18 @@ def test_bad_options_are_one_line_errors(tmp_path, tiny_encoder, capsys):
     assert "--dev-fraction must be above 0 and below 0.5, not 0.7" in capsys.readouterr().err
     assert main([*base, "--images-dir", str(tmp_path), *TINY_ARGS]) == 2  # no photo there
     assert "no training photo" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    base[-1] = str(tmp_path / "file")
+    assert main([*base, "--images-dir", str(photos), *TINY_ARGS]) == 2
+    assert "is a file; give a folder" in capsys.readouterr().err
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text("{}")
+    base[-1] = str(tmp_path / "other")
+    assert main([*base, "--images-dir", str(photos), *TINY_ARGS]) == 2
+    assert "holds a run not made by `captioner fit`" in capsys.readouterr().err
+    base[-1] = str(tmp_path / "r")
+    assert main([*base, "--images-dir", str(photos), *TINY_ARGS, "--epochs", "0"]) == 2
+    assert "--epochs must be at least 1, not 0" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- interrupted runs
@@ -215,7 +227,7 @@ def test_fit_a_karpathy_file_end_to_end_then_caption(tmp_path, capsys):
             "--epochs", "8", "--quiet"]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "splits from the splits of" in printed
+    assert f"splits: the Karpathy splits of {data}" in printed
     sizes = json.loads((out / "fit.json").read_text())["sizes"]
     assert sizes == {"train": 20, "dev": 5, "test": 5}
     config = json.loads((out / "config.json").read_text())
@@ -284,3 +296,14 @@ def test_two_caption_files_in_fit_evaluate_and_train_with_a_karpathy_split(
                  "--embed-dim", "8", "--min-count", "1", "--quiet"]) == 0  # fmt: skip
     sources = json.loads((run / "config.json").read_text())["sources"]
     assert sources["captions"]["sha256"] == merged["sha256"]  # the same merged file
+
+
+def test_two_photos_train_without_dev_and_test(tmp_path, tiny_encoder, capsys):
+    captions, photos = photos_and_csv(tmp_path, 2)
+    out = tmp_path / "run"
+    assert main(fit_args(captions, photos, out)) == 0
+    printed = capsys.readouterr().out
+    assert "[extract dev] no photos: skipped" in printed and "no test photos: skipped" in printed
+    assert json.loads((out / "fit.json").read_text())["sizes"] == {"train": 2, "dev": 0, "test": 0}
+    assert not (out / "features" / "dev.h5").exists() and not (out / "report").exists()
+    assert (out / "last.weights.h5").is_file()  # no dev to select on: caption uses the last
