@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from conftest import FLICKR_IMAGES, FLICKR_TEXT, needs_flickr, needs_mobilenet
+from conftest import FLICKR_IMAGES, FLICKR_TEXT, ROOT, needs_flickr, needs_mobilenet
 from test_features import TINY, make_images
 
 from captioner import encoders
@@ -130,6 +136,47 @@ def files_of(folder: Path) -> set[str]:
     return {p for p in found if not p.startswith("logs/")}
 
 
+def assert_same_run(out: Path, clean: Path) -> None:
+    """``out`` (interrupted and resumed) holds what ``clean`` (one go) holds: the same files,
+    identical splits, plan, tokenizer and features; config.json equal but for its creation
+    time and the caches' sha256 (each cache file records when it was made); losses, weights
+    and test scores equal up to float rounding."""
+    assert files_of(out) == files_of(clean)
+    assert {"splits/train.txt", "features/dev.h5", "report/report.html", "best.weights.h5",
+            "fit.json", "config.json", "history.csv"} <= files_of(out)  # fmt: skip
+    for name in ("splits/train.txt", "splits/dev.txt", "splits/test.txt", "fit.json",
+                 "tokenizer.json"):  # fmt: skip
+        assert (out / name).read_text() == (clean / name).read_text(), name
+    for split in ("train", "dev", "test"):
+        with (
+            h5py.File(out / f"features/{split}.h5", "r", locking=False) as a,
+            h5py.File(clean / f"features/{split}.h5", "r", locking=False) as b,
+        ):
+            for key in ("names", "status", "checksums", "features"):
+                np.testing.assert_array_equal(a[key][()], b[key][()])
+            attrs = [{k: str(v) for k, v in f.attrs.items() if k != "created"} for f in (a, b)]
+            assert attrs[0] == attrs[1]
+    rows = [list(csv.DictReader(open(f / "history.csv"))) for f in (out, clean)]
+    assert len(rows[0]) == len(rows[1]) == 3
+    for a, b in zip(*rows, strict=True):
+        assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-4)
+    with h5py.File(out / "best.weights.h5") as a, h5py.File(clean / "best.weights.h5") as b:
+        keys = []
+        a.visit(lambda k: keys.append(k) if isinstance(a[k], h5py.Dataset) else None)
+        for key in keys:
+            np.testing.assert_allclose(a[key][()], b[key][()], atol=1e-5)
+    reports = [json.loads((f / "report" / "report.json").read_text()) for f in (out, clean)]
+    assert reports[0]["sections"][0]["metrics"] == pytest.approx(
+        reports[1]["sections"][0]["metrics"], abs=1e-6
+    )
+    configs = [json.loads((f / "config.json").read_text()) for f in (out, clean)]
+    for config in configs:  # the caches' bytes differ (their creation time), not their rows
+        config.pop("created")
+        for key in ("train_features", "val_features"):
+            config["sources"][key].pop("sha256")
+    assert configs[0] == configs[1]
+
+
 def test_interrupted_in_extraction_and_in_training_resumes_to_the_same_folder(
     tmp_path, tiny_encoder, capsys
 ):
@@ -154,32 +201,7 @@ def test_interrupted_in_extraction_and_in_training_resumes_to_the_same_folder(
     assert main(fit_args(captions, photos, clean)) == 0
     capsys.readouterr()
 
-    assert files_of(out) == files_of(clean)
-    assert {"splits/train.txt", "features/dev.h5", "report/report.html", "best.weights.h5",
-            "fit.json", "config.json", "history.csv"} <= files_of(out)  # fmt: skip
-    for name in ("splits/train.txt", "splits/dev.txt", "splits/test.txt", "fit.json",
-                 "tokenizer.json"):  # fmt: skip
-        assert (out / name).read_text() == (clean / name).read_text(), name
-    for split in ("train", "dev", "test"):
-        with (
-            h5py.File(out / f"features/{split}.h5", "r", locking=False) as a,
-            h5py.File(clean / f"features/{split}.h5", "r", locking=False) as b,
-        ):
-            assert list(a["names"][()]) == list(b["names"][()])
-            np.testing.assert_array_equal(a["features"][()], b["features"][()])
-    rows = [list(csv.DictReader(open(f / "history.csv"))) for f in (out, clean)]
-    assert len(rows[0]) == len(rows[1]) == 3
-    for a, b in zip(*rows, strict=True):
-        assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-4)
-    with h5py.File(out / "best.weights.h5") as a, h5py.File(clean / "best.weights.h5") as b:
-        keys = []
-        a.visit(lambda k: keys.append(k) if isinstance(a[k], h5py.Dataset) else None)
-        for key in keys:
-            np.testing.assert_allclose(a[key][()], b[key][()], atol=1e-5)
-    reports = [json.loads((f / "report" / "report.json").read_text()) for f in (out, clean)]
-    assert reports[0]["sections"][0]["metrics"] == pytest.approx(
-        reports[1]["sections"][0]["metrics"], abs=1e-6
-    )
+    assert_same_run(out, clean)
 
 
 def test_rerun_after_the_end_does_nothing_and_other_splits_are_refused(
@@ -307,3 +329,82 @@ def test_two_photos_train_without_dev_and_test(tmp_path, tiny_encoder, capsys):
     assert json.loads((out / "fit.json").read_text())["sizes"] == {"train": 2, "dev": 0, "test": 0}
     assert not (out / "features" / "dev.h5").exists() and not (out / "report").exists()
     assert (out / "last.weights.h5").is_file()  # no dev to select on: caption uses the last
+
+
+KILLABLE = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from test_features import register_tiny
+from captioner.cache_writer import FeatureWriter
+from captioner.monitor import RunMonitor
+
+register_tiny()
+delay = float(sys.argv[1])
+set_status, epoch_end = FeatureWriter._set_status, RunMonitor.on_epoch_end
+
+def slow_status(self, rows, value):  # a window for the kill inside each extraction batch
+    if rows:
+        time.sleep(delay)
+    set_status(self, rows, value)
+
+def slow_epoch(self, epoch, logs=None):  # and after each epoch's checkpoint
+    epoch_end(self, epoch, logs)
+    time.sleep(delay)
+
+FeatureWriter._set_status, RunMonitor.on_epoch_end = slow_status, slow_epoch
+from captioner.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def fit_process(delay: float, argv: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    script = KILLABLE.format(tests=str(ROOT / "tests"))
+    return subprocess.Popen([sys.executable, "-c", script, str(delay), *argv], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def kill_when(proc: subprocess.Popen, ready) -> str:
+    """SIGKILL ``proc`` as soon as ``ready()``; returns its output."""
+    deadline = time.monotonic() + 240
+    while not ready():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the stage never got going"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    out, _ = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    return out
+
+
+def test_sigkill_in_extraction_then_in_training_resumes_to_the_same_folder(
+    tmp_path, tiny_encoder, capsys
+):
+    from captioner.cache import FeatureReader
+
+    captions, photos = photos_and_csv(tmp_path, 20)
+    out, clean = tmp_path / "killed", tmp_path / "clean"
+    argv = fit_args(captions, photos, out)
+    train_h5, history = out / "features" / "train.h5", out / "history.csv"
+
+    def extracted() -> int:
+        if not train_h5.exists():
+            return 0
+        with FeatureReader(train_h5) as reader:
+            return reader.counts()["done"]
+
+    kill_when(fit_process(0.3, argv), lambda: extracted() >= 4)
+    assert 4 <= extracted() < 12 and not (out / "config.json").exists()
+    printed = kill_when(fit_process(1.0, argv),
+                        lambda: history.exists() and len(history.read_text().splitlines()) >= 2)  # fmt: skip
+    found = re.search(r"\[extract train\] extracted (\d+), skipped (\d+)", printed)
+    assert found and int(found[2]) >= 4 and int(found[1]) + int(found[2]) == 12  # resumed
+    assert not (out / "report").exists()
+    last = fit_process(0, argv)
+    stdout, stderr = last.communicate(timeout=600)
+    assert last.returncode == 0, stderr[-2000:]
+    assert "[extract train] extracted 0, skipped 12" in stdout
+    assert "[evaluate] 4 test photos" in stdout
+    assert main(fit_args(captions, photos, clean)) == 0
+    capsys.readouterr()
+    assert_same_run(out, clean)
