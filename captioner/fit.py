@@ -85,11 +85,12 @@ def make_plan(options: FitOptions) -> FitPlan:
     from captioner.captions import merge_files
     from captioner.encoders import get_spec
     from captioner.presets import get_preset
+    from captioner.runs import CONFIG_FILE
 
     out = Path(options.out)
     if out.exists() and not out.is_dir():
         raise CaptionerError(f"--out {out} is a file; give a folder for the run")
-    if (out / "config.json").is_file() and not (out / FIT_FILE).is_file():
+    if (out / CONFIG_FILE).is_file() and not (out / FIT_FILE).is_file():
         raise CaptionerError(
             f"--out {out} holds a run not made by `captioner fit`; choose "
             "another --out (`captioner train --resume` continues that run)"
@@ -124,6 +125,9 @@ def make_plan(options: FitOptions) -> FitPlan:
             f"{source.path} is a readable photo in {images_dir}"
         )
     findings = inputs.findings + split_findings(splits)
+    unsplit = [n for n in inputs.usable if source.splits and n not in source.splits]
+    if unsplit:
+        findings.append(Finding("captioned photos in no Karpathy split (not used)", unsplit))
     return FitPlan(options, encoder, layer, shape, splits, origin, findings)
 
 

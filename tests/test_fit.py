@@ -270,7 +270,7 @@ def test_fit_a_karpathy_file_end_to_end_then_caption(tmp_path, capsys):
 # --------------------------------------------------------------------------- several files
 
 
-def karpathy_part(path: Path, entries: list[tuple[str, str, str]]) -> Path:
+def karpathy_part(path: Path, entries: list[tuple[str, str | None, str]]) -> Path:
     """A Karpathy file of ``(name under set/, split, caption)`` entries."""
     images = [{"filepath": "set", "filename": name, "split": split,
                "sentences": [{"raw": caption}, {"raw": f"the {caption}"}]}
@@ -283,12 +283,14 @@ def test_two_caption_files_in_fit_evaluate_and_train_with_a_karpathy_split(
     tmp_path, tiny_encoder, capsys, caplog
 ):
     paths = make_images(tmp_path / "photos" / "set", 12)
+    (tmp_path / "photos" / "set" / "extra.png").write_bytes(paths[0].read_bytes())
     caption = [f"{WORDS[i % 3]} {WORDS[3 + i % 3]} on {WORDS[6 + i % 3]}" for i in range(12)]
     first = karpathy_part(
         tmp_path / "part1.json", [(p.name, "train", caption[i]) for i, p in enumerate(paths[:8])]
     )
     second = karpathy_part(tmp_path / "part2.json", [
         (paths[0].name, "test", "a clash"),
+        ("extra.png", None, "a photo in no split"),
         *[(p.name, "val" if i < 2 else "test", caption[8 + i]) for i, p in enumerate(paths[8:])],
     ])  # fmt: skip
     photos, out = tmp_path / "photos", tmp_path / "run"
@@ -296,6 +298,9 @@ def test_two_caption_files_in_fit_evaluate_and_train_with_a_karpathy_split(
     assert main(["fit", "--captions", *captions, "--images-dir", str(photos), "--out", str(out),
                  *TINY_ARGS]) == 0  # fmt: skip
     assert "1 image name(s) also in an earlier caption file" in caplog.text
+    assert "check: 1 captioned photos in no Karpathy split (not used): set/extra.png" in (
+        capsys.readouterr().err
+    )
     assert json.loads((out / "fit.json").read_text())["sizes"] == {"train": 8, "dev": 2, "test": 2}
     assert (out / "splits" / "test.txt").read_text() == "set/img10.png\nset/img11.png\n"
     merged = json.loads((out / "config.json").read_text())["sources"]["captions"]
