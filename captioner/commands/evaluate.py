@@ -55,7 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--captions",
         required=True,
         metavar="FILE",
-        help="caption file holding the references (Flickr8k token file, Kaggle CSV or COCO JSON)",
+        nargs="+",
+        help="caption file holding the references (Flickr8k token file, Kaggle CSV, COCO JSON "
+        "or Karpathy dataset_*.json); several files are merged",
     )
     p.add_argument(
         "--features",
@@ -70,9 +72,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--split",
-        metavar="FILE",
-        help="image names to evaluate, one a line (default with --features: every "
-        "image in the cache)",
+        metavar="FILE|test",
+        help="image names to evaluate, one a line, or a split of a Karpathy caption file "
+        "(train, val, test) (default with --features: every image in the cache)",
     )
     add_preset_option(p)
     p.add_argument(
@@ -153,6 +155,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """Evaluate, write the report, print the summary table."""
+    from captioner.captions import caption_inputs
     from captioner.errors import CaptionerError
     from captioner.evaluation import Decoding, evaluate
     from captioner.meteor import missing_line
@@ -177,6 +180,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     for name in ("gallery", "thumbnail_size", "attention_images"):
         if getattr(args, name) < 0 or (name == "thumbnail_size" and args.thumbnail_size < 16):
             raise CaptionerError(f"--{name.replace('_', '-')} is too small: {getattr(args, name)}")
+    args.captions, args.split = caption_inputs(args.captions, args.report, args.split)
     preset = get_preset(args.preset)
     beams = args.beam_size or preset.beam_sizes
     args.alpha = preset.alpha if args.alpha is None else args.alpha
