@@ -108,7 +108,8 @@ def test_usage_errors(toy_run, tmp_path, capsys):
     assert main(["caption", "a.jpg", "--model", str(run), "--n-best", "3", "--beam-size", "2"]) == 2
     assert main(["caption", "a.jpg", "--model", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "--n-best 3 needs --beam-size" in err and "not a captioner run folder" in err
+    assert "--n-best must be from 1 to 2 (at most the beam size), not 3" in err
+    assert "not a captioner run folder" in err
 
 
 def test_attention_map_needs_attention_model(toy_run, fake_encoder, tmp_path, capsys):
