@@ -29,7 +29,7 @@ from captioner.figures import attention_figure  # noqa: E402
 from captioner.images import load_image  # noqa: E402
 from captioner.inference import Captioner  # noqa: E402
 from captioner.serve.app import Settings, create_app, render_page  # noqa: E402
-from captioner.serve.engine import Item, Options, bucket, read_test_scores  # noqa: E402
+from captioner.serve.engine import Engine, Item, Options, bucket, read_test_scores  # noqa: E402
 from captioner.serve.heatmap import heatmap_image  # noqa: E402
 from captioner.serve.uploads import Limits  # noqa: E402
 
@@ -473,3 +473,27 @@ def test_help_does_not_import_the_web_stack():
                             timeout=120, env={**os.environ})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "127.0.0.1" in result.stdout and result.stdout.strip().endswith("[]")
+
+
+@pytest.mark.shared
+def test_bundled_model_serves_what_caption_json_prints(tmp_path, capsys):
+    """data/example.jpg and 8 Flickr8k test photos (when ../shared has them): the service's
+    default answer is `captioner caption --json`'s caption and score, and beam_size=1 is
+    `caption --beam-size 1`."""
+    from conftest import FLICKR_IMAGES, FLICKR_TEXT, ROOT
+
+    from captioner.runs import DEFAULT_RUN
+
+    paths = [ROOT / "data" / "example.jpg"]
+    split = FLICKR_TEXT / "Flickr_8k.testImages.txt"
+    if split.is_file():
+        paths += [FLICKR_IMAGES / n for n in split.read_text().split()[:8]]
+    engine = Engine.from_run(DEFAULT_RUN)
+    with _client(engine) as client:
+        for flags, fields in (([], {}), (["--beam-size", "1"], {"beam_size": 1})):
+            assert main(["caption", *map(str, paths), "--json", *flags]) == 0
+            cli = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+            answer = _post(client, *[(p.name, p.read_bytes(), "image/jpeg") for p in paths],
+                           **fields).json()["results"]
+            assert [(a["caption"], a["score"]) for a in answer] == [
+                (c["caption"], c["score"]) for c in cli], flags
