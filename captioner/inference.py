@@ -242,10 +242,13 @@ class Captioner(ImageEncoding):
     # ------------------------------------------------------------------ the one caption call
 
     def is_features(self, inputs: Any) -> bool:
-        """Whether ``inputs`` is an array of precomputed features (N, *feature_shape)."""
-        shape = getattr(self.decoder, "feature_shape", None)
-        return (isinstance(inputs, np.ndarray) and shape is not None
-                and inputs.shape[1:] == tuple(shape))
+        """Whether ``inputs`` is an array of precomputed features (N, *feature_shape), maps
+        (H, W, D) also as (N, H*W, D)."""
+        shape = tuple(getattr(self.decoder, "feature_shape", None) or ())
+        if not isinstance(inputs, np.ndarray) or not shape:
+            return False
+        flat = (int(np.prod(shape[:-1])), shape[-1]) if len(shape) == 3 else shape
+        return inputs.shape[1:] in (shape, flat)
 
     def caption(
         self, inputs: Any, decoding: DecodingConfig | None = None, *, attention: bool = False,
@@ -259,7 +262,7 @@ class Captioner(ImageEncoding):
         :class:`ImageCaptions` per input, in order (``image``: the path as given, else the
         position); an unreadable input or a non-finite row gets ``error`` and the others go
         on. ``attention=True`` (attention runs) adds the best caption's words and their
-        attention maps."""
+        attention maps; ``progress=True``: a bar on a terminal."""
         from captioner.progress import progress as bar
 
         settings = self.decoding_for(decoding, **overrides)
@@ -267,7 +270,7 @@ class Captioner(ImageEncoding):
             inputs = [inputs]
         features = self.is_features(inputs)
         out: list[ImageCaptions] = []
-        with bar(total=len(inputs), desc="captioning", unit="img", enabled=progress or None) as pbar:
+        with bar(total=len(inputs), desc="captioning", unit="img", enabled=progress and None) as pbar:
             for start in range(0, len(inputs), batch_size):
                 chunk = inputs[start:start + batch_size]
                 if features:
