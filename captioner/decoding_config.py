@@ -54,7 +54,9 @@ class DecodingConfig:
     def replace(self, **overrides: Any) -> DecodingConfig:
         """A copy with the given fields changed; ``None`` values leave a field as it is."""
         if unknown := sorted(set(overrides) - set(FIELDS)):
-            raise DecodingError(unknown[0], f"is not a decoding setting (known: {', '.join(FIELDS)})")
+            raise DecodingError(
+                unknown[0], f"is not a decoding setting (known: {', '.join(FIELDS)})"
+            )
         given = {k: v for k, v in overrides.items() if v is not None}
         return dataclasses.replace(self, **given) if given else self
 
@@ -67,13 +69,16 @@ class DecodingConfig:
         """Read a ``"decoding"`` object (missing keys take the defaults); a bad value is one
         :class:`CaptionerError` line naming ``source`` and the field."""
         if not isinstance(data, dict):
-            raise CaptionerError(f"{source}: decoding: must be an object, not "
-                                 f"{type(data).__name__}")
+            raise CaptionerError(
+                f"{source}: decoding: must be an object, not {type(data).__name__}"
+            )
         try:
             return cls().replace(**{k: _required(k, v) for k, v in data.items()})
         except DecodingError as exc:
-            raise CaptionerError(f"{source}: decoding.{exc.field}: {exc.text}; fix it or remove "
-                                 "the key (the default is used then)") from None
+            raise CaptionerError(
+                f"{source}: decoding.{exc.field}: {exc.text}; fix it or remove "
+                "the key (the default is used then)"
+            ) from None
 
     def search_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :meth:`captioner.inference.Captioner.search`."""
@@ -91,8 +96,13 @@ class DecodingConfig:
 
     def to_json(self) -> dict[str, Any]:
         """The report's ``settings`` of a section."""
-        return {"beam_size": self.beam_size, "alpha": self.alpha, "block_ngram": self.block_ngram,
-                "search": "greedy" if self.beam_size == 1 else "beam", "label": self.label}
+        return {
+            "beam_size": self.beam_size,
+            "alpha": self.alpha,
+            "block_ngram": self.block_ngram,
+            "search": "greedy" if self.beam_size == 1 else "beam",
+            "label": self.label,
+        }
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(DecodingConfig))

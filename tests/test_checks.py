@@ -13,8 +13,8 @@ from helpers import toy_dataset, write_cache
 import captioner.commands.extract as extract_cmd
 import captioner.commands.train as train_cmd
 from captioner.captions import load_captions
-from captioner.decoding_config import MAX_BEAM_SIZE
 from captioner.cli import main
+from captioner.decoding_config import MAX_BEAM_SIZE
 from captioner.images import pixels_of
 from captioner.inference import CONFIG_FILE
 

@@ -497,3 +497,12 @@ def test_bundled_model_serves_what_caption_json_prints(tmp_path, capsys):
                            **fields).json()["results"]
             assert [(a["caption"], a["score"]) for a in answer] == [
                 (c["caption"], c["score"]) for c in cli], flags
+
+
+def test_serve_takes_the_caption_decoding_options_and_several_models(capsys):
+    args = build_parser().parse_args(["serve", "--model", "a", "b", "--alpha", "0.5",
+                                      "--block-ngram", "0"])
+    assert args.model == ["a", "b"] and (args.alpha, args.block_ngram, args.beam_size) == (
+        0.5, 0, None)  # unset: the model's stored decoding
+    assert main(["serve", "--beam-size", "0"]) == 2
+    assert "--beam-size must be from 1 to" in capsys.readouterr().err
