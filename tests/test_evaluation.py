@@ -380,7 +380,8 @@ def test_cli_prints_the_summary_table(toy, tmp_path, capsys):
     "extra, message",
     [
         (["--images-dir", "."], "--split FILE"),
-        (["--features", "F", "--beam-size", "0"], "--beam-size must be at least 1"),
+        (["--features", "F", "--beam-size", "0"], "--beam-size must be from 1 to"),
+        (["--features", "F", "--alpha", "-1"], "--alpha must be from 0 to"),
         (["--features", "F", "--batch-size", "0"], "--batch-size must be at least 1"),
         (["--features", "missing.h5"], "missing.h5 does not exist"),
     ],

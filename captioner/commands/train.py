@@ -144,8 +144,10 @@ def config_from_args(args: argparse.Namespace):
     fields = TrainConfig.__dataclass_fields__
     values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     for key, value in {"decoder": preset.decoder, **preset.training}.items():
-        if getattr(args, key, None) is None:
-            values[key] = value
+        if getattr(args, key, None) is None and not (args.resume and key == "epochs"):
+            values[key] = value  # resuming: the run's own epochs unless --epochs is given
+    if args.resume and args.epochs is None:
+        values["epochs"] = None  # the run's own schedule
     for required in ("captions", "train_features"):  # taken from the run when resuming
         values[required] = values.get(required) or ""
     return TrainConfig(**values)

@@ -1,6 +1,7 @@
 """The FastAPI application of ``captioner serve``.
 
-Routes: ``POST /v1/captions`` (multipart ``images`` + ``beam_size``, ``n_best``, ``attention``,
+Routes: ``POST /v1/captions`` (multipart ``images`` + ``beam_size``, ``n_best``, ``alpha``,
+``block_ngram``, ``max_length`` (default: the model's stored decoding), ``attention``,
 ``heatmap``), ``GET /`` (the page), ``GET /v1/model``, ``GET /healthz`` and ``/static/*`` (the
 page's script and style). Every error answer is ``{"error": "<one line>"}`` with a 4xx/5xx status; a request
 whose images all fail also carries the per-image ``results``.
@@ -15,12 +16,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from captioner.decoding_config import MAX_BEAM_SIZE, DecodingConfig
 from captioner.errors import RequestError
 from captioner.records import caption_error_record, caption_record
 from captioner.serve.batcher import Batcher, QueueFull
 from captioner.serve.engine import (
     ATTENTION,
-    DEFAULT_BEAM,
     Engine,
     Item,
     Options,
@@ -50,7 +51,7 @@ class Settings:
     max_batch: int = 16
     max_wait_ms: float = 5.0
     max_queue: int = 64
-    default_beam: int = DEFAULT_BEAM
+    decoding: DecodingConfig | None = None  # a request's defaults; None: the model's stored one
 
 
 class BodyTooLarge(Exception):
@@ -98,9 +99,10 @@ def create_app(engine: Engine, settings: Settings | None = None):
 
     settings = settings or Settings()
     limits = settings.limits
+    decoding = settings.decoding or engine.decoding
     batcher = Batcher(engine.run, settings.max_batch, settings.max_wait_ms / 1000, settings.max_queue)
     model = engine.describe()
-    page = render_page(model, settings)
+    page = render_page(model, settings, decoding)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -131,7 +133,8 @@ def create_app(engine: Engine, settings: Settings | None = None):
 
     @app.get("/v1/model")
     async def model_info() -> dict[str, Any]:
-        return {**model, "limits": asdict(limits), "default_beam_size": settings.default_beam,
+        return {**model, "limits": {**asdict(limits), "max_beam_size": MAX_BEAM_SIZE},
+                "decoding": decoding.to_dict(),
                 "batching": {"max_batch": settings.max_batch, "max_wait_ms": settings.max_wait_ms,
                              "max_queue": settings.max_queue}}
 
@@ -145,7 +148,7 @@ def create_app(engine: Engine, settings: Settings | None = None):
                                   max_part_size=1024)
         try:
             uploads, fields = _split_form(form)
-            options = parse_options(fields, engine.has_attention, limits, settings.default_beam)
+            options = parse_options(fields, engine.has_attention, decoding)
             decoded = await asyncio.gather(*(
                 asyncio.to_thread(decode_upload, upload, k, request.app.state.uploads,
                                   engine.input_size, limits, engine.resample)
@@ -245,11 +248,13 @@ def _error_handlers(app) -> None:
         return error(500, f"internal error ({type(exc).__name__}: {exc})")
 
 
-def render_page(model: dict[str, Any], settings: Settings) -> str:
-    """The try-it page (Jinja2, autoescaped)."""
+def render_page(model: dict[str, Any], settings: Settings,
+                decoding: DecodingConfig | None = None) -> str:
+    """The try-it page (Jinja2, autoescaped); ``decoding``: the form's defaults."""
     from jinja2 import Environment, FileSystemLoader, select_autoescape
 
     env = Environment(loader=FileSystemLoader(HERE / "templates"),
                       autoescape=select_autoescape(["html"]))
+    decoding = decoding or settings.decoding or DecodingConfig()
     return env.get_template("index.html").render(model=model, limits=settings.limits,
-                                                 default_beam=settings.default_beam)
+                                                 decoding=decoding, max_beam=MAX_BEAM_SIZE)
