@@ -1,9 +1,12 @@
 """Captions of a large collection as a resumable JSON-lines file (``caption --out``).
 
-One object per image, one line each: ``image`` (the path as given), ``caption``, ``score``,
-``finished`` and ``captions`` (the n-best list), or ``caption: null`` and ``error`` for an
-image that could not be read. Lines are appended and flushed batch by batch; a rerun reads
-the file, drops a torn last line (a killed run), and captions only the images it lacks.
+The first line records what the file is made with: ``{"made_with": {"model": [run folders],
+"decoding": {...}}}``; then one object per image, one line each: ``image`` (the path as given),
+``caption``, ``score``, ``finished`` and ``captions`` (the n-best list), or ``caption: null``
+and ``error`` for an image that could not be read. Lines are appended and flushed batch by
+batch; a rerun reads the file, drops a torn last line (a killed run), refuses a file made with
+another model or decoding (one line, like a feature cache made another way) and captions
+only the images it lacks. Files written before the first line existed are continued as-is.
 """
 
 from __future__ import annotations
@@ -27,6 +30,38 @@ def caption_record(image: str, captions: Sequence[Any] | None, error: str | None
     return records.caption_record(image, captions)
 
 
+MADE_WITH = "made_with"  # the first line's key: model folders and decoding of the file
+
+
+def made_with(models: Sequence[str | os.PathLike], decoding: Any) -> dict[str, Any]:
+    """What a caption file is made with: the run folders (resolved) and the decoding."""
+    return {"model": [str(Path(m).resolve()) for m in models], "decoding": decoding.to_dict()}
+
+
+def _describe(made: dict[str, Any]) -> str:
+    models = " ".join(made.get("model") or ["?"])
+    decoding = ", ".join(f"{k} {v}" for k, v in (made.get("decoding") or {}).items())
+    return f"--model {models} ({decoding})"
+
+
+def check_made_with(path: Path, made: dict[str, Any] | None) -> bool:
+    """True when ``path`` needs its first line (absent or empty); CaptionerError when its first
+    line records another model or decoding than ``made``."""
+    if made is None or not path.exists() or path.stat().st_size == 0:
+        return made is not None
+    with open(path, "rb") as f:
+        first = f.readline()
+    try:
+        found = json.loads(first).get(MADE_WITH)
+    except (ValueError, AttributeError):
+        found = None
+    if found is not None and found != made:
+        raise CaptionerError(f"{path} holds captions made with {_describe(found)}, not "
+                             f"{_describe(made)}; use another --out file, or delete this one "
+                             "to start over")
+    return False
+
+
 def read_done(path: Path) -> set[str]:
     """Images already in the JSON-lines file ``path``; a torn last line is cut off."""
     if not path.exists():
@@ -38,7 +73,7 @@ def read_done(path: Path) -> set[str]:
             f.truncate(keep)
     done = set()
     for number, line in enumerate(data[:keep].splitlines(), 1):
-        if not line.strip():
+        if not line.strip() or (number == 1 and MADE_WITH.encode() in line[:20]):
             continue
         try:
             done.add(json.loads(line)["image"])
@@ -90,9 +125,16 @@ class LineWriter:
         self.close()
 
 
-def pending(paths: Sequence[Path], out: Path) -> tuple[list[Path], CaptionSummary]:
-    """The images of ``paths`` that ``out`` lacks, and a summary counting the others."""
+def pending(paths: Sequence[Path], out: Path,
+            made: dict[str, Any] | None = None) -> tuple[list[Path], CaptionSummary]:
+    """The images of ``paths`` that ``out`` lacks, and a summary counting the others; a new
+    ``out`` gets its ``made`` line (see :func:`check_made_with`)."""
+    first = check_made_with(out, made)
     done = read_done(out)
+    if first:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "a", encoding="utf-8") as f:
+            f.write(records.dumps({MADE_WITH: made}) + "\n")
     summary = CaptionSummary(out=out, skipped=sum(str(p) in done for p in paths))
     seen: set[str] = set()
     todo = []
@@ -104,13 +146,16 @@ def pending(paths: Sequence[Path], out: Path) -> tuple[list[Path], CaptionSummar
 
 
 def caption_to_file(
-    captioner: Any, paths: Sequence[Path], out: Path, batch_size: int, **search: Any
+    captioner: Any, paths: Sequence[Path], out: Path, batch_size: int, decoding: Any,
+    models: Sequence[str | os.PathLike],
 ) -> CaptionSummary:
-    """Caption ``paths`` into ``out`` in this process, skipping the images already there."""
-    todo, summary = pending(paths, out)
+    """Caption ``paths`` into ``out`` in this process with ``decoding``, skipping the images
+    already there (``models``: the run folders, recorded in the file's first line)."""
+    todo, summary = pending(paths, out, made_with(models, decoding))
     with LineWriter(out, summary) as writer:
         for lo in range(0, len(todo), batch_size):
             chunk = todo[lo : lo + batch_size]
-            results = captioner.caption_images(chunk, batch_size=batch_size, **search)
-            writer.write(caption_record(str(p), caps, err) for p, caps, err in results)
+            results = captioner.caption(chunk, decoding, batch_size=batch_size)
+            writer.write(caption_record(str(p), r.captions, r.error)
+                         for p, r in zip(chunk, results, strict=True))
     return summary

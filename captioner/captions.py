@@ -1,4 +1,5 @@
-"""Caption files: loading (Flickr8k, Kaggle CSV, COCO JSON), split lists and text cleaning.
+"""Caption files: loading (Flickr8k, Kaggle CSV, COCO JSON, Karpathy split JSON), split lists,
+several files merged into one.
 
 Pure Python. Loaders never crash on a bad line: they skip it and record a :class:`Problem`
 ``(file, line, reason)``. Only an unreadable file raises :class:`CaptionerError`.
@@ -12,6 +13,7 @@ so normalising can never give an image extra captions.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -24,7 +26,7 @@ from captioner.errors import CaptionerError
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("auto", "flickr8k", "csv", "coco")
+FORMATS = ("auto", "flickr8k", "csv", "coco", "karpathy")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 _COPY_SUFFIX = re.compile(r"^(?P<name>.+\.(?:jpe?g|png|bmp|gif|webp))\.\d+$", re.IGNORECASE)
 
@@ -50,6 +52,7 @@ class CaptionFile:
     format: str
     captions: dict[str, list[str]] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
+    splits: dict[str, str] = field(default_factory=dict)  # name -> train/val/test (Karpathy)
 
     @property
     def n_captions(self) -> int:
@@ -64,7 +67,8 @@ def read_captions(path: str | Path, fmt: str = "auto") -> CaptionFile:
     """Read a caption file into a :class:`CaptionFile` (captions plus problems found).
 
     ``fmt`` is ``"flickr8k"`` (``name#N<TAB>caption``), ``"csv"`` (Kaggle ``image,caption``),
-    ``"coco"`` (COCO caption JSON) or ``"auto"`` (by extension, then by content).
+    ``"coco"`` (COCO caption JSON), ``"karpathy"`` (Karpathy split JSON, see
+    :mod:`captioner.karpathy`) or ``"auto"`` (by extension, then by content).
     """
     path = Path(path)
     if fmt not in FORMATS:
@@ -72,7 +76,11 @@ def read_captions(path: str | Path, fmt: str = "auto") -> CaptionFile:
     data = _read_bytes(path)
     if fmt == "auto":
         fmt = detect_format(path, data)
-    reader = {"flickr8k": _parse_flickr, "csv": _parse_csv, "coco": _parse_coco}[fmt]
+    from captioner.coco import parse_coco
+    from captioner.karpathy import parse_karpathy
+
+    reader = {"flickr8k": _parse_flickr, "csv": _parse_csv, "coco": parse_coco,
+              "karpathy": parse_karpathy}[fmt]
     result = CaptionFile(path=str(path), format=fmt)
     reader(data, result)
     if not result.captions:
@@ -98,15 +106,17 @@ _NOTIFIED: set[str] = set()
 
 def detect_format(path: Path, data: bytes) -> str:
     """Guess the caption format from the extension, then from the first non-blank line."""
+    from captioner.karpathy import looks_like_karpathy
+
     suffix = path.suffix.lower()
     if suffix == ".json":
-        return "coco"
+        return "karpathy" if looks_like_karpathy(data) else "coco"
     if suffix == ".csv":
         return "csv"
     head = data[:4096].decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
     first = head.splitlines()[0] if head else ""
     if first.startswith(("{", "[")):
-        return "coco"
+        return "karpathy" if looks_like_karpathy(data) else "coco"
     if "\t" in first:
         return "flickr8k"
     if "," in first:
@@ -118,7 +128,8 @@ def detect_format(path: Path, data: bytes) -> str:
 
 
 CAPTION_FORMATS_HELP = ("a caption file is a Flickr8k token file (name#0<TAB>caption), a Kaggle "
-                        "captions.txt (image,caption) or COCO caption JSON")
+                        "captions.txt (image,caption), COCO caption JSON or a Karpathy split "
+                        "file (dataset_*.json)")
 
 
 def _looks_like(data: bytes) -> str:
@@ -171,7 +182,7 @@ def _parse_flickr(data: bytes, result: CaptionFile) -> None:
             result.problems.append(Problem(result.path, number, record))
         else:
             records.append((number, *record))
-    _add_records(records, result)
+    add_records(records, result)
 
 
 def _parse_flickr_line(line: str) -> tuple[str, str] | str:
@@ -190,7 +201,7 @@ def _parse_flickr_line(line: str) -> tuple[str, str] | str:
     return name, caption
 
 
-def _add_records(records: Sequence[tuple[int, str, str]], result: CaptionFile) -> None:
+def add_records(records: Sequence[tuple[int | None, str, str]], result: CaptionFile) -> None:
     """Store ``(line, image, caption)`` records, normalising ``X.jpg.N`` ids (see module doc)."""
     plain = {name for _, name, _ in records if not split_copy_suffix(name)[1]}
     for number, name, caption in records:
@@ -235,7 +246,7 @@ def _parse_csv(data: bytes, result: CaptionFile) -> None:
         records.append((number, name, caption))
     if "\ufffd" in text:
         result.problems.append(Problem(result.path, None, "invalid UTF-8 bytes were replaced"))
-    _add_records(records, result)
+    add_records(records, result)
 
 
 def _csv_header(reader: Iterable[list[str]], path: str) -> tuple[list[str], int, int]:
@@ -250,53 +261,16 @@ def _csv_header(reader: Iterable[list[str]], path: str) -> tuple[list[str], int,
     )
 
 
-def _parse_coco(data: bytes, result: CaptionFile) -> None:
-    path = result.path
+def json_document(data: bytes, path: str) -> object:
+    """The parsed JSON of a caption file; bad UTF-8 or JSON is one error line."""
     try:
-        doc = json.loads(data.decode("utf-8-sig"))
+        return json.loads(data.decode("utf-8-sig"))
     except UnicodeDecodeError:
         raise CaptionerError(f"{path}: not UTF-8 text; save the JSON as UTF-8") from None
     except json.JSONDecodeError as exc:
         raise CaptionerError(
             f"{path}:{exc.lineno}: invalid JSON ({exc.msg}, column {exc.colno})"
         ) from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("annotations"), list):
-        raise CaptionerError(f"{path}: not a COCO caption file (needs 'images' and 'annotations')")
-    names = _coco_images(doc.get("images"), result)
-    for index, ann in enumerate(doc["annotations"]):
-        where = f"annotations[{index}]"
-        if not isinstance(ann, dict) or "image_id" not in ann or "caption" not in ann:
-            result.problems.append(Problem(path, None, f"{where}: needs image_id and caption"))
-            continue
-        name = names.get(_coco_id(ann["image_id"]))
-        caption = ann["caption"].strip() if isinstance(ann["caption"], str) else ""
-        if name is None:
-            reason = f"{where}: image_id {ann['image_id']!r} is not in 'images'"
-            result.problems.append(Problem(path, None, reason))
-        elif not caption:
-            result.problems.append(Problem(path, None, f"{where}: empty caption for {name!r}"))
-        else:
-            result.captions.setdefault(name, []).append(caption)
-    order = {name: i for i, name in enumerate(names.values())}
-    result.captions = dict(sorted(result.captions.items(), key=lambda kv: order[kv[0]]))
-
-
-def _coco_id(value: object) -> object:
-    return str(value) if isinstance(value, (int, str)) else None
-
-
-def _coco_images(images: object, result: CaptionFile) -> dict[object, str]:
-    if not isinstance(images, list):
-        raise CaptionerError(f"{result.path}: not a COCO caption file (no 'images' list)")
-    names: dict[object, str] = {}
-    for index, image in enumerate(images):
-        ok = isinstance(image, dict) and isinstance(image.get("file_name"), str)
-        if not ok or _coco_id(image.get("id")) is None:
-            reason = f"images[{index}]: needs id and file_name"
-            result.problems.append(Problem(result.path, None, reason))
-            continue
-        names[_coco_id(image["id"])] = Path(image["file_name"]).name
-    return names
 
 
 # ----------------------------------------------------------------------------- splits
@@ -321,6 +295,76 @@ def load_split(path: str | Path) -> list[str]:
         raise CaptionerError(f"{path}: not UTF-8 text ({exc.reason})") from None
     names = [line.strip() for line in text.splitlines()]
     return list(dict.fromkeys(name for name in names if name))
+
+
+SPLIT_NAMES = {"train": "train", "val": "val", "dev": "val", "test": "test"}
+
+
+def split_names(split: str | Path, source: CaptionFile) -> list[str]:
+    """The names of ``split``: a split file, or a split name (train, val/dev, test) of a
+    Karpathy caption file (``restval`` counts as train)."""
+    if str(split) not in SPLIT_NAMES or Path(split).exists():
+        return load_split(split)
+    if not source.splits:
+        raise CaptionerError(f"--split {split}: {source.path} holds no splits (only Karpathy "
+                             "JSON does); give a split file, one image name a line")
+    wanted = SPLIT_NAMES[str(split)]
+    return [name for name, s in source.splits.items() if split_of(s) == wanted]
+
+
+def split_of(value: str) -> str:
+    """The split a Karpathy ``split`` value means: ``restval`` is used as train."""
+    return "train" if value == "restval" else value
+
+
+def merge_files(paths: Sequence[str | Path]) -> CaptionFile:
+    """Several caption files read as one (any formats; their Karpathy splits kept). An image
+    named in an earlier file keeps that file's captions; the clash is a problem, reported."""
+    files = [read_captions(p) for p in paths]
+    if len(files) == 1:
+        return files[0]
+    merged = CaptionFile(" + ".join(f.path for f in files), "+".join(f.format for f in files))
+    for f in files:
+        clashes = [n for n in f.captions if n in merged.captions]
+        merged.problems += f.problems
+        if clashes:
+            log.warning("%s: %d image name(s) also in an earlier caption file kept the earlier "
+                        "captions, first: %s", f.path, len(clashes), ", ".join(clashes[:3]))
+            merged.problems.append(Problem(f.path, None, f"{len(clashes)} image name(s) clash "
+                                           f"with an earlier file, first {clashes[0]!r}"))
+        for name, caps in f.captions.items():
+            if name not in merged.captions:
+                merged.captions[name] = caps
+                if name in f.splits:
+                    merged.splits[name] = f.splits[name]
+    return merged
+
+
+def caption_inputs(
+    paths: str | Path | Sequence[str | Path], folder: str | Path, split: str | None = None
+) -> tuple[str, str | None]:
+    """The caption file and split file a command reads: several caption files are merged into
+    ``folder``/captions-merged-HASH.json (Karpathy JSON); a split name (train, val, test) is
+    written to ``folder``/split-NAME.txt from the caption file's Karpathy splits."""
+    from captioner.files import write_bytes, write_text
+    from captioner.karpathy import karpathy_json
+
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    folder = Path(folder)
+    source = merge_files(paths) if len(paths) > 1 or split else None
+    captions = str(paths[0])
+    if len(paths) > 1:
+        data = karpathy_json(source.captions, source.splits)
+        target = folder / f"captions-merged-{hashlib.sha256(data).hexdigest()[:12]}.json"
+        if not target.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            write_bytes(target, data)
+        captions = str(target)
+    if split is None or str(split) not in SPLIT_NAMES or Path(split).exists():
+        return captions, split
+    folder.mkdir(parents=True, exist_ok=True)
+    names = split_names(split, source)
+    return captions, str(write_text(folder / f"split-{split}.txt", "".join(f"{n}\n" for n in names)))
 
 
 def filter_split(

@@ -96,6 +96,19 @@ def load_checkpoint(path: Path, model) -> tuple[int, dict]:
         return int(h5.attrs["epoch"]), json.loads(h5.attrs["monitor"])
 
 
+def checkpoint_progress(path: Path) -> tuple[int, bool]:
+    """(epochs done, stopped early) of a checkpoint, without a model; (0, False) when absent
+    or unreadable (the resume itself then says what is wrong)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as h5:
+            state = json.loads(h5.attrs.get("monitor", "{}"))
+            return int(h5.attrs["epoch"]), bool(state.get("stopped_early"))
+    except (OSError, KeyError, ValueError, TypeError):
+        return 0, False
+
+
 class WeightsExporter:
     """Writes a training model's weights without its optimizer, via public Keras APIs only:
     the values are copied into an uncompiled twin built from the same config."""

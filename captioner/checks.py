@@ -13,8 +13,6 @@ from pathlib import Path
 
 from captioner.errors import CaptionerError
 
-MAX_BEAM_SIZE = 50  # wider beams cost time and memory linearly and do not give better captions
-
 
 def at_least(option: str, value: float | None, minimum: float, what: str = "") -> None:
     """``value`` (when given) must be >= ``minimum``."""
@@ -32,30 +30,6 @@ def in_range(
     if not ok:
         bound = f"below {high}" if high_open else f"at most {high}"
         raise CaptionerError(f"{option} must be at least {low} and {bound}, not {value}")
-
-
-def beam_size(value: int, option: str = "--beam-size") -> None:
-    """1 (greedy) .. :data:`MAX_BEAM_SIZE`."""
-    if not 1 <= value <= MAX_BEAM_SIZE:
-        raise CaptionerError(
-            f"{option} must be at least 1 (greedy) and at most {MAX_BEAM_SIZE}, not {value}; "
-            "widths above 5 rarely change a caption (docs/RESULTS.md) and cost time and memory"
-        )
-
-
-def search_options(
-    beam: int, n_best: int, alpha: float, block_ngram: int, max_length: int | None
-) -> None:
-    """The beam-search options of ``caption``, each on its own."""
-    beam_size(beam)
-    at_least("--n-best", n_best, 1)
-    if n_best > beam:
-        raise CaptionerError(f"--n-best {n_best} needs --beam-size of at least {n_best}")
-    at_least("--alpha", alpha, 0.0)
-    if not math.isfinite(alpha):
-        raise CaptionerError(f"--alpha must be a finite number >= 0, not {alpha}")
-    at_least("--block-ngram", block_ngram, 0, " (0 = off)")
-    at_least("--max-length", max_length, 1, " token")
 
 
 def output_file(option: str, path: str | os.PathLike, example: str) -> None:

@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "caption",
     "evaluate",
     "serve",
+    "fit",
 )
 
 DESCRIPTION = """\
@@ -38,6 +39,7 @@ Image captioning with Keras 3, stage by stage:
   caption              caption images with a trained run folder (default: the bundled model)
   evaluate             BLEU-1..4, CIDEr-D, ROUGE-L reports on a test split
   serve                web service: JSON API and a page to caption photos (the serve extra)
+  fit                  photos + captions -> trained, evaluated run folder in one command
 
 Run `captioner COMMAND --help` for the options of each command.
 """

@@ -25,6 +25,11 @@ from typing import Any
 
 import numpy as np
 
+from captioner.decoding_config import DEFAULT_BEAM_SIZE, DecodingConfig
+
+__all__ = ["Caption", "DecodingConfig", "beam_search", "greedy_search"]  # the config's owner:
+# captioner.decoding_config (standard library only, so the CLI and run folders read it cheaply)
+
 State = Any
 StepFn = Callable[[np.ndarray, State], tuple[np.ndarray, State]]
 
@@ -232,7 +237,7 @@ def beam_search(
     start_id: int,
     end_id: int,
     max_length: int,
-    beam_size: int = 3,
+    beam_size: int = DEFAULT_BEAM_SIZE,
     alpha: float = 0.0,
     n_best: int = 1,
     block_ngram: int = 0,

@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from captioner.decoding_config import DecodingConfig
 from captioner.errors import CacheMismatchError, CaptionerError
-from captioner.metrics import METRIC_KEYS
+from captioner.meteor import MeteorJar, meteor
+from captioner.metrics import METRIC_KEYS, References
 from captioner.runs import RunConfig
 
 if TYPE_CHECKING:  # numpy and the search are imported where used: the CLI reads defaults here
@@ -31,33 +33,7 @@ ATTENTION_IMAGES = 24
 NO_REFERENCES = "no reference captions"
 
 
-@dataclass(frozen=True)
-class Decoding:
-    """One decoding setting: ``beam_size`` 1 is greedy search."""
-
-    beam_size: int = 3
-    alpha: float = 0.0
-    block_ngram: int = 0
-
-    @property
-    def label(self) -> str:
-        """Short human name, e.g. ``"greedy"`` or ``"beam 3, alpha 0.7"``."""
-        text = "greedy" if self.beam_size == 1 else f"beam {self.beam_size}"
-        if self.alpha and self.beam_size > 1:
-            text += f", alpha {self.alpha:g}"
-        if self.block_ngram:
-            text += f", no repeated {self.block_ngram}-grams"
-        return text
-
-    def search_kwargs(self) -> dict[str, Any]:
-        return {"beam_size": self.beam_size, "alpha": self.alpha, "block_ngram": self.block_ngram}
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            **self.search_kwargs(),
-            "search": "greedy" if self.beam_size == 1 else "beam",
-            "label": self.label,
-        }
+Decoding = DecodingConfig  # one decoding setting (the name the report and older code use)
 
 
 @dataclass
@@ -182,8 +158,8 @@ def _image_chunks(
 
 def _caption_chunk(captioner, feats: np.ndarray, decoding: Decoding) -> list[Caption | str]:
     """The caption of each row, or the reason it has none (non-finite features or outputs)."""
-    rows = captioner.search_rows(feats, **decoding.search_kwargs())
-    return [h if isinstance(h, str) else captioner._caption(h[0]) for h in rows]
+    found = captioner.caption(feats, decoding, batch_size=len(feats))
+    return [r.error if r.error else r.captions[0] for r in found]
 
 
 def attention_maps(
@@ -198,27 +174,23 @@ def attention_maps(
     ]
 
 
-def score_section(section: Section, references: dict[str, list[str]]) -> None:
-    """Fill ``section``'s scores (every metric, pycocoevalcap's BLEU) and scoring time."""
+def score_section(section: Section, references: References, jar: MeteorJar | None = None) -> None:
+    """Fill ``section``'s scores (every metric, pycocoevalcap's BLEU) and scoring time; METEOR
+    1.5 through ``jar`` (a :class:`~captioner.meteor.MeteorJar`; None: one for this call)."""
     from captioner.metrics import evaluate_all, pycocoevalcap_bleu
 
     start = time.perf_counter()
     hyps = {name: section.captions[name].text for name in references}
     section.scores = evaluate_all(references, hyps)
+    (meteor if jar is None else jar.score)(references, hyps).add_to(section.scores)
     section.pycoco_bleu = pycocoevalcap_bleu(references, hyps)
     section.score_seconds = time.perf_counter() - start
 
 
-def _check_options(decodings: Sequence[Decoding], batch_size: int, limit: int | None) -> None:
-    if not decodings:
-        raise CaptionerError("give at least one --beam-size")
-    for d in decodings:
-        if d.beam_size < 1:
-            raise CaptionerError(f"--beam-size must be at least 1, not {d.beam_size}")
-        if not 0 <= d.alpha < float("inf"):
-            raise CaptionerError(f"--alpha must be a finite number >= 0, not {d.alpha}")
-        if d.block_ngram < 0:
-            raise CaptionerError(f"--block-ngram must be 0 (off) or more, not {d.block_ngram}")
+def _check_options(decodings: Sequence[Decoding] | None, batch_size: int,
+                   limit: int | None) -> None:
+    if decodings is not None and not decodings:
+        raise CaptionerError("give at least one decoding setting (or None: the run's own)")
     if batch_size < 1:
         raise CaptionerError(f"--batch-size must be at least 1, not {batch_size}")
     if limit is not None and limit < 1:
@@ -232,7 +204,7 @@ def evaluate(
     features: str | os.PathLike | None = None,
     images_dir: str | os.PathLike | None = None,
     split: str | os.PathLike | None = None,
-    decodings: Sequence[Decoding] = (Decoding(),),
+    decodings: Sequence[Decoding | dict[str, Any]] | None = None,
     limit: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     weights: str = "best",
@@ -249,6 +221,8 @@ def evaluate(
     folders decoded together with ``run_dir`` (their log-probabilities averaged per step).
     Images whose features are damaged or whose captioning fails are left out and listed in
     ``failed``; ``strict`` makes any such failure (or an unreadable image) an error.
+    ``decodings``: settings, or dicts of fields that override the run's stored decoding
+    (``"decoding"`` in its config.json; None: that decoding alone).
     """
     from captioner.captions import load_captions
     from captioner.cleaning import CleaningRules, clean_captions
@@ -262,14 +236,16 @@ def evaluate(
     if images_dir is not None and not Path(images_dir).is_dir():
         raise CaptionerError(f"--images-dir {images_dir} is not a folder")
     run_dir = Path(run_dir)
-    config = RunConfig.load(run_dir)
+    captioner = load_captioner([run_dir, *ensemble], weights)  # reads each config once
+    config = captioner.config
+    decodings = [d if isinstance(d, DecodingConfig) else captioner.decoding_for(**d)
+                 for d in (decodings if decodings is not None else [{}])]
     rules = CleaningRules.from_dict(config.cleaning)
     captions = load_captions(captions_path)
     folder = Path(images_dir) if images_dir is not None else None
     reader = open_matching_cache(features, run_dir, config) if features is not None else None
     try:
         chosen, skipped = _choose(reader, folder, split, captions, limit)
-        captioner = load_captioner([run_dir, *ensemble], weights)
         paths = {n: folder / n for n in chosen} if folder is not None else {}
         if reader is not None:
             chunks = _cache_chunks(reader, chosen, batch_size)
@@ -287,8 +263,9 @@ def evaluate(
         why = next(iter({**skipped, **failed}.values()))
         raise CaptionerError(f"no image could be captioned from {features or folder}: {why}")
     references = clean_captions({n: captions[n] for n in done}, rules)
-    for section in sections:
-        score_section(section, references)
+    with MeteorJar() as jar:  # one java process for every section
+        for section in sections:
+            score_section(section, references, jar)
     sources = {
         "captions": str(captions_path),
         "features": _str(features),

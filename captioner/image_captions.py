@@ -1,10 +1,10 @@
-"""What :meth:`captioner.inference.Captioner.caption` returns per image, and the attention grid
-of a feature shape."""
+"""What :meth:`captioner.inference.Captioner.caption` returns per image, the attention grid
+of a feature shape, and the image side of a captioner (:class:`ImageEncoding`)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,3 +46,80 @@ def grid_of(feature_shape: Sequence[int]) -> tuple[int, int]:
         return int(feature_shape[0]), int(feature_shape[1])
     side = int(round(np.sqrt(feature_shape[0])))
     return side, int(feature_shape[0]) // side
+
+
+class ImageEncoding:
+    """The image side of a captioner (mixed into :class:`captioner.inference.Captioner`): the
+    run's own encoder, input size and resize method. Needs ``config`` (a RunConfig) and
+    ``run_dir`` (where the encoder weights may live)."""
+
+    config: Any
+    run_dir: Any
+    _encoder: Any = None
+    _encoded: bool = False  # whether a batch went through the encoder yet
+
+    def _run_config(self):
+        from captioner.errors import CaptionerError
+
+        if self.config is None:
+            raise CaptionerError("this captioner has no run config, so no encoder; load it with "
+                                 "Captioner.from_run(RUN_DIR)")
+        return self.config
+
+    @property
+    def encoder_spec(self):
+        from captioner.encoders import get_spec
+
+        return get_spec(self._run_config().encoder.name)
+
+    def encoder(self):
+        """The run's own feature model (built once, on first use)."""
+        if self._encoder is None:
+            from captioner.encoder_weights import run_encoder_weights
+
+            enc = self._run_config().encoder
+            weights = run_encoder_weights(enc, self.run_dir, self.encoder_spec)
+            self._encoder = self.encoder_spec.feature_model(enc.layer, weights)
+        return self._encoder
+
+    def encode_images(self, images: np.ndarray) -> np.ndarray:
+        """Features for decoded RGB images (B, H, W, 3) in [0, 255].
+
+        A first batch of one or two images runs eagerly: compiling ``predict_on_batch`` costs
+        more (about a second on a CPU) than it saves on such a batch; later batches use it."""
+        import keras
+
+        model = self.encoder()
+        if not self._encoded and len(images) <= 2:
+            self._encoded = True
+            features = model(keras.ops.convert_to_tensor(images, "float32"), training=False)
+            return np.asarray(keras.ops.convert_to_numpy(features), dtype="float32")
+        self._encoded = True
+        return np.asarray(model.predict_on_batch(images), dtype="float32")
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """Image size the run's encoder takes (from the run config, else the spec)."""
+        size = self._run_config().encoder.input_size
+        return tuple(size) if size else tuple(self.encoder_spec.input_size)
+
+    @property
+    def resample(self) -> str:
+        """The resizing filter the run's feature cache was made with."""
+        from captioner.runs import DEFAULT_RESAMPLE
+
+        return self.config.encoder.resample if self.config else DEFAULT_RESAMPLE
+
+    def encode_paths(
+        self, items: Sequence[tuple[Any, str | os.PathLike]], batch_size: int
+    ) -> Iterator[tuple[list[Any], np.ndarray | None, dict[Any, str]]]:
+        """For ``(key, path)`` items, in batches: the keys read, their features (None when no
+        image of the batch could be read) and ``{key: reason}`` for the unreadable ones, through
+        the extraction pipeline with the run's own input size and resize method."""
+        from functools import partial
+
+        from captioner.extraction import encoded_batches
+        from captioner.images import load_image
+
+        load = partial(load_image, size=self.input_size, resample=self.resample)
+        yield from encoded_batches(items, self.encode_images, load, batch_size)

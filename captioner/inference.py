@@ -1,11 +1,18 @@
 """Captioning with a trained run folder: compiled per-token steps driven by :mod:`decoding`
 (one compiled ``step`` per backend, the LSTM state and image terms passed explicitly, so each
-token costs one small call instead of a ``model.predict`` on the growing prefix)."""
+token costs one small call instead of a ``model.predict`` on the growing prefix).
+
+:func:`load_captioner` is the one way to open a model (a run folder, a folder listing
+``members``, or several folders decoded together); :meth:`Captioner.caption` is the one call
+that captions (image files, arrays, PIL images or precomputed features), starting from the
+decoding stored with the model (:class:`~captioner.decoding_config.DecodingConfig`) and
+overriding single fields. The CLI, ``serve``, ``evaluate``, the Ray engine and training's dev
+scores are thin adapters over these two."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +20,13 @@ import numpy as np
 
 from captioner.compiled import compile_function, log_softmax_step, to_numpy
 from captioner.decoding import Caption, Hypothesis, NonFiniteError, beam_search, greedy_search
+from captioner.decoding_config import DecodingConfig
 from captioner.ensemble import check_compatible, mean_step
 from captioner.errors import CaptionerError
-from captioner.image_captions import ImageCaptions, grid_of, image_name
+from captioner.image_captions import ImageCaptions, ImageEncoding, grid_of, image_name
 from captioner.runs import (
     BEST_WEIGHTS,
     CONFIG_FILE,
-    DEFAULT_RESAMPLE,
     DEFAULT_RUN,
     LAST_WEIGHTS,
     TOKENIZER_FILE,
@@ -38,13 +45,16 @@ class DecodingError(CaptionerError):
 STATIC_STATE = ("features", "keys")  # decoder state that is per image and never changes
 
 
-class Captioner:
-    """A decoder, its tokenizer and its run config: features or images in, captions out."""
+class Captioner(ImageEncoding):
+    """A decoder, its tokenizer, its run config and its decoding: features or images in,
+    captions out. ``decoding`` defaults to the run config's (else the defaults)."""
 
-    def __init__(self, decoder, tokenizer: Tokenizer, config: RunConfig | None = None):
+    def __init__(self, decoder, tokenizer: Tokenizer, config: RunConfig | None = None,
+                 decoding: DecodingConfig | None = None):
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.config = config
+        self.decoding = decoding or (config.decoding if config else DecodingConfig())
         self._eager_init = lambda feats: decoder.init_state(feats)
         self._eager_step = lambda tokens, state: log_softmax_step(decoder, tokens, state)
         self._init = compile_function(self._eager_init)
@@ -56,8 +66,8 @@ class Captioner:
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike = DEFAULT_RUN, weights: str = "best") -> Captioner:
-        """Rebuild the model from its run folder alone (config, tokenizer, weights), each file
-        checked against the others first (:mod:`captioner.runcheck`). A folder listing
+        """Rebuild the model from its run folder alone (config, read once: tokenizer, weights),
+        each file checked against the others first (:mod:`captioner.runcheck`). A folder listing
         ``members`` is an ensemble of its weight files (:class:`EnsembleCaptioner`)."""
         from captioner import runcheck
 
@@ -135,27 +145,27 @@ class Captioner:
 
         return dynamic, step
 
-    def search(
-        self,
-        features: np.ndarray,
-        beam_size: int = 1,
-        alpha: float = 0.0,
-        n_best: int = 1,
-        max_length: int | None = None,
-        block_ngram: int = 0,
-    ) -> list[list[Hypothesis]]:
-        """Hypotheses for one batch of features: greedy when ``beam_size == 1``."""
-        max_length = max_length or self.tokenizer.max_length - 1
+    def decoding_for(self, decoding: DecodingConfig | None = None, **overrides) -> DecodingConfig:
+        """``decoding`` (default: the model's stored one) with the fields given in ``overrides``
+        changed (None leaves a field as it is)."""
+        return (decoding or self.decoding).replace(**overrides)
+
+    def search(self, features: np.ndarray, decoding: DecodingConfig | None = None,
+               **overrides) -> list[list[Hypothesis]]:
+        """Hypotheses for one batch of features (see :meth:`decoding_for`): greedy when
+        ``beam_size == 1``."""
+        d = self.decoding_for(decoding, **overrides)
+        max_length = d.max_length or self.tokenizer.max_length - 1
         eager = self._eager_first(len(features))
         common = dict(start_id=START, end_id=END, max_length=max_length,
-                      block_ngram=block_ngram, banned_ids=(PAD, START, UNK))
-        if beam_size == 1 and n_best == 1:
+                      block_ngram=d.block_ngram, banned_ids=(PAD, START, UNK))
+        if d.beam_size == 1 and d.n_best == 1:
             state, step = self.prepare(features, eager=eager)
             hyps = greedy_search(step, state, len(features), **common)
             return [[h] for h in hyps]
-        state, step = self.prepare(features, repeat=beam_size, eager=eager)
-        return beam_search(step, state, len(features), beam_size=beam_size,
-                           alpha=alpha, n_best=n_best, **common)
+        state, step = self.prepare(features, repeat=d.beam_size, eager=eager)
+        return beam_search(step, state, len(features), beam_size=d.beam_size,
+                           alpha=d.alpha, n_best=d.n_best, **common)
 
     def search_rows(self, features: np.ndarray, **search) -> list[list[Hypothesis] | str]:
         """:meth:`search` that never aborts the batch: per row the hypotheses, or a one-line
@@ -182,27 +192,17 @@ class Captioner:
     def caption_rows(
         self, features: np.ndarray, batch_size: int = 128, progress: bool = False, **search
     ) -> list[tuple[list[Caption] | None, str | None]]:
-        """(n-best captions, None) or (None, reason) per row of features (N, *feature_shape),
-        in batches; a damaged row fails alone."""
-        from captioner.progress import progress as bar
-
-        results: list[tuple[list[Caption] | None, str | None]] = []
-        with bar(total=len(features), desc="captioning", unit="img", enabled=progress or None) as pbar:
-            for start in range(0, len(features), batch_size):
-                chunk = features[start:start + batch_size]
-                for hyps in self.search_rows(chunk, **search):
-                    if isinstance(hyps, str):
-                        results.append((None, hyps))
-                    else:
-                        results.append(([self._caption(h) for h in hyps], None))
-                pbar.update(len(chunk))
-        return results
+        """(n-best captions, None) or (None, reason) per row of features (N, *feature_shape);
+        a damaged row fails alone. ``search``: ``decoding`` and single-field overrides."""
+        found = self.caption(np.asarray(features), batch_size=batch_size, progress=progress,
+                             **search)
+        return [(r.captions or None, r.error) for r in found]
 
     def caption_features(
         self, features: np.ndarray, batch_size: int = 128, progress: bool = False, **search
     ) -> list[list[Caption]]:
         """Captions (n-best lists) for features (N, *feature_shape), in batches; a damaged row
-        raises :class:`DecodingError` naming its position (see :meth:`caption_rows`)."""
+        raises :class:`DecodingError` naming its position (see :meth:`caption`)."""
         results = []
         for i, (caps, error) in enumerate(self.caption_rows(features, batch_size, progress, **search)):
             if caps is None:
@@ -210,78 +210,10 @@ class Captioner:
             results.append(caps)
         return results
 
-    def search_captions(self, features: np.ndarray, **search) -> list[list[Caption]]:
-        """:meth:`search` with the captions' text filled in."""
-        return [[self._caption(h) for h in hyps] for hyps in self.search(features, **search)]
-
-    def _caption(self, hyp: Hypothesis) -> Caption:
+    def _text(self, hyp: Hypothesis) -> Caption:
         tokens = tuple(int(t) for t in hyp.tokens)
         return Caption(tokens, float(hyp.log_prob), float(hyp.score), bool(hyp.finished),
                        self.tokenizer.decode(tokens))
-
-    # ------------------------------------------------------------------ images
-
-    def _run_config(self) -> RunConfig:
-        if self.config is None:
-            raise CaptionerError("this captioner has no run config, so no encoder; load it with "
-                                 "Captioner.from_run(RUN_DIR)")
-        return self.config
-
-    @property
-    def encoder_spec(self):
-        from captioner.encoders import get_spec
-
-        return get_spec(self._run_config().encoder.name)
-
-    def encoder(self):
-        """The run's own feature model (built once, on first use)."""
-        if self._encoder is None:
-            from captioner.encoder_weights import run_encoder_weights
-
-            enc = self._run_config().encoder
-            weights = run_encoder_weights(enc, self.run_dir, self.encoder_spec)
-            self._encoder = self.encoder_spec.feature_model(enc.layer, weights)
-        return self._encoder
-
-    def encode_images(self, images: np.ndarray) -> np.ndarray:
-        """Features for decoded RGB images (B, H, W, 3) in [0, 255].
-
-        A first batch of one or two images runs eagerly: compiling ``predict_on_batch`` costs
-        more (about a second on a CPU) than it saves on such a batch; later batches use it."""
-        import keras
-
-        model = self.encoder()
-        if not self._encoded and len(images) <= 2:
-            self._encoded = True
-            features = model(keras.ops.convert_to_tensor(images, "float32"), training=False)
-            return np.asarray(keras.ops.convert_to_numpy(features), dtype="float32")
-        self._encoded = True
-        return np.asarray(model.predict_on_batch(images), dtype="float32")
-
-    @property
-    def input_size(self) -> tuple[int, int]:
-        """Image size the run's encoder takes (from the run config, else the spec)."""
-        size = self._run_config().encoder.input_size
-        return tuple(size) if size else tuple(self.encoder_spec.input_size)
-
-    @property
-    def resample(self) -> str:
-        """The resizing filter the run's feature cache was made with."""
-        return self.config.encoder.resample if self.config else DEFAULT_RESAMPLE
-
-    def encode_paths(
-        self, items: Sequence[tuple[Any, str | os.PathLike]], batch_size: int
-    ) -> Iterator[tuple[list[Any], np.ndarray | None, dict[Any, str]]]:
-        """For ``(key, path)`` items, in batches: the keys read, their features (None when no
-        image of the batch could be read) and ``{key: reason}`` for the unreadable ones, through
-        the extraction pipeline with the run's own input size and resize method."""
-        from functools import partial
-
-        from captioner.extraction import encoded_batches
-        from captioner.images import load_image
-
-        load = partial(load_image, size=self.input_size, resample=self.resample)
-        yield from encoded_batches(items, self.encode_images, load, batch_size)
 
     # ------------------------------------------------------------------ attention
 
@@ -307,70 +239,103 @@ class Captioner:
         return [np.asarray(alphas[row, :len(t) + 1], "float32").reshape(-1, *self.grid)
                 for row, t in enumerate(captions)]
 
-    # ------------------------------------------------------------------ any images
+    # ------------------------------------------------------------------ the one caption call
+
+    def is_features(self, inputs: Any) -> bool:
+        """Whether ``inputs`` is an array of precomputed features (N, *feature_shape), maps
+        (H, W, D) also as (N, H*W, D)."""
+        shape = tuple(getattr(self.decoder, "feature_shape", None) or ())
+        if not isinstance(inputs, np.ndarray) or not shape:
+            return False
+        flat = (int(np.prod(shape[:-1])), shape[-1]) if len(shape) == 3 else shape
+        return inputs.shape[1:] in (shape, flat)
 
     def caption(
-        self, images: Sequence[Any], *, batch_size: int = 16, attention: bool = False,
-        beam_size: int = 3, n_best: int = 1, alpha: float = 0.0, block_ngram: int = 0,
-        max_length: int | None = None,
+        self, inputs: Any, decoding: DecodingConfig | None = None, *, attention: bool = False,
+        batch_size: int = 16, progress: bool = False, **overrides,
     ) -> list[ImageCaptions]:
-        """Captions of image files, arrays (H, W, 3) in [0, 255] and PIL images, in batches.
+        """Captions of image files, arrays (H, W, 3) in [0, 255], PIL images, or precomputed
+        features (an array (N, *feature_shape)), in batches.
 
-        One :class:`ImageCaptions` per input, in order; an unreadable input gets ``error`` and
-        the others go on. ``attention=True`` (attention runs) adds the best caption's words
-        and their attention maps."""
+        Decodes with ``decoding`` (default: the model's stored one, :attr:`decoding`) with the
+        single fields in ``overrides`` changed (``beam_size=1``; None keeps the field). One
+        :class:`ImageCaptions` per input, in order (``image``: the path as given, else the
+        position); an unreadable input or a non-finite row gets ``error`` and the others go
+        on. ``attention=True`` (attention runs) adds the best caption's words and their
+        attention maps; ``progress=True``: a bar on a terminal."""
+        from captioner.progress import progress as bar
+
+        settings = self.decoding_for(decoding, **overrides)
+        if isinstance(inputs, (str, os.PathLike)):
+            inputs = [inputs]
+        features = self.is_features(inputs)
+        out: list[ImageCaptions] = []
+        with bar(total=len(inputs), desc="captioning", unit="img", enabled=progress and None) as pbar:
+            for start in range(0, len(inputs), batch_size):
+                chunk = inputs[start:start + batch_size]
+                if features:
+                    results = [ImageCaptions(start + i, []) for i in range(len(chunk))]
+                    self._decode(results, np.asarray(chunk, "float32"), settings, attention)
+                else:
+                    results = self._caption_images(chunk, start, settings, attention)
+                out += results
+                pbar.update(len(chunk))
+        return out
+
+    def _caption_images(self, chunk: Sequence[Any], start: int, settings: DecodingConfig,
+                        attention: bool) -> list[ImageCaptions]:
         from captioner.images import pixels_of
 
-        search = {"beam_size": beam_size, "n_best": n_best, "alpha": alpha,
-                  "block_ngram": block_ngram, "max_length": max_length}
-        out: list[ImageCaptions] = []
-        for start in range(0, len(images), batch_size):
-            chunk = [pixels_of(item, self.input_size, self.resample)
-                     for item in images[start:start + batch_size]]
-            good = [(i, px) for i, (px, _, err) in enumerate(chunk) if err is None]
-            results = [ImageCaptions(image_name(images[start + i], start + i), [], err, warning=warn)
-                       for i, (_, warn, err) in enumerate(chunk)]
-            if good:
-                feats = self.encode_images(np.stack([px for _, px in good]))
-                for (i, _), hyps in zip(good, self.search_rows(feats, **search), strict=True):
-                    if isinstance(hyps, str):  # non-finite features or scores: this image only
-                        results[i].error = hyps
-                    else:
-                        results[i].captions = [self._caption(h) for h in hyps]
-                ok = [k for k, (i, _) in enumerate(good) if results[i].captions]
-                if attention and ok:
-                    best = [results[good[k][0]].captions[0].tokens for k in ok]
-                    maps = self.attention(feats[ok], best)
-                    for k, tokens, amap in zip(ok, best, maps, strict=True):
-                        results[good[k][0]].words = self.words(tokens)
-                        results[good[k][0]].attention = amap
-            out += results
-        return out
+        pixels = [pixels_of(item, self.input_size, self.resample) for item in chunk]
+        results = [ImageCaptions(image_name(chunk[i], start + i), [], err, warning=warn)
+                   for i, (_, warn, err) in enumerate(pixels)]
+        good = [i for i, (_, _, err) in enumerate(pixels) if err is None]
+        if good:
+            feats = self.encode_images(np.stack([pixels[i][0] for i in good]))
+            self._decode([results[i] for i in good], feats, settings, attention)
+        return results
+
+    def _decode(self, results: list[ImageCaptions], feats: np.ndarray, settings: DecodingConfig,
+                attention: bool) -> None:
+        """Fill ``results`` (one per row of ``feats``) with captions or the row's error."""
+        for result, hyps in zip(results, self.search_rows(feats, decoding=settings), strict=True):
+            if isinstance(hyps, str):  # non-finite features or scores: this row only
+                result.error = hyps
+            else:
+                result.captions = [self._text(h) for h in hyps]
+        ok = [k for k, r in enumerate(results) if r.captions]
+        if attention and ok:
+            best = [results[k].captions[0].tokens for k in ok]
+            for k, tokens, amap in zip(ok, best, self.attention(feats[ok], best), strict=True):
+                results[k].words = self.words(tokens)
+                results[k].attention = amap
 
     def words(self, tokens: Sequence[int]) -> list[str]:
         """The words of a caption's tokens, then ``<end>`` (one per attention row)."""
         return [self.tokenizer.decode([t]) or "<unk>" for t in tokens] + ["<end>"]
 
-    def caption_images(
-        self, paths: Sequence[str | os.PathLike], batch_size: int = 16, **search
-    ) -> list[tuple[Path, list[Caption] | None, str | None]]:
-        """(path, captions, error) per image, in the given order; a bad image gets an error
-        and the rest go on."""
-        items = list(enumerate(paths))
-        results: dict[int, tuple[Path, list[Caption] | None, str | None]] = {}
-        for good, feats, failed in self.encode_paths(items, batch_size):
-            results |= {i: (Path(paths[i]), None, reason) for i, reason in failed.items()}
-            if good:
-                for i, (caps, error) in zip(good, self.caption_rows(feats, **search), strict=True):
-                    results[i] = (Path(paths[i]), caps, error)
-        return [results[i] for i in range(len(paths))]
 
-
-def load_captioner(run_dirs: Sequence[str | os.PathLike], weights: str = "best") -> Captioner:
-    """One run folder as :meth:`Captioner.from_run`; several as an :class:`EnsembleCaptioner`."""
-    if len(run_dirs) == 1:
-        return Captioner.from_run(run_dirs[0], weights)
-    return EnsembleCaptioner([Captioner.from_run(r, weights) for r in run_dirs], list(run_dirs))
+def load_captioner(
+    models: str | os.PathLike | Sequence[str | os.PathLike] | None = None, weights: str = "best"
+) -> Captioner:
+    """The one loader: a run folder (default: the bundled model), a folder listing ``members``
+    or several folders over the same encoder, decoded as one ensemble (the members of folder
+    ensembles flattened). The decoding is the first folder's."""
+    if models is None or isinstance(models, (str, os.PathLike)):
+        models = [models or DEFAULT_RUN]
+    if not models:
+        models = [DEFAULT_RUN]
+    loaded = [Captioner.from_run(m, weights) for m in models]
+    if len(loaded) == 1:
+        return loaded[0]
+    members, names = [], []
+    for folder, captioner in zip(models, loaded, strict=True):
+        parts = getattr(captioner, "members", [captioner])
+        members += parts
+        names += [folder] if len(parts) == 1 else [f"{folder} ({i + 1})" for i in range(len(parts))]
+    ensemble = EnsembleCaptioner(members, names)
+    ensemble.folders = [Path(m) for m in models]
+    return ensemble
 
 
 class EnsembleCaptioner(Captioner):
@@ -384,6 +349,7 @@ class EnsembleCaptioner(Captioner):
             check_compatible(first, member, label)
         self.members = members
         self.decoder, self.tokenizer, self.config = first.decoder, first.tokenizer, first.config
+        self.decoding = first.decoding
         self.run_dir, self._searched = first.run_dir, True
         self._encoder, self._encoded = None, False
 

@@ -1,4 +1,4 @@
-"""Caption metrics: corpus BLEU-1..4, CIDEr-D, ROUGE-L, optional METEOR, diversity.
+"""Caption metrics: corpus BLEU-1..4, CIDEr-D, ROUGE-L, diversity (METEOR: ``meteor.py``).
 
 Every function takes already-cleaned captions and splits them on whitespace:
 ``references`` maps image id -> list of reference captions, ``hypotheses`` maps image id ->
@@ -18,18 +18,13 @@ Hypotheses = dict[str, str]
 NGram = tuple[str, ...]
 
 BLEU_KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4")
-METRIC_KEYS = (*BLEU_KEYS, "CIDEr-D", "ROUGE-L", "METEOR")  # the scores every report shows
+# the scores every report shows; METEOR (1.5, coco-caption's jar) comes from captioner.meteor
+METRIC_KEYS = (*BLEU_KEYS, "CIDEr-D", "ROUGE-L", "METEOR")
 # Cumulative uniform weights: BLEU-n is the geometric mean of p_1..p_n times the brevity penalty.
 BLEU_WEIGHTS = tuple(tuple([1.0 / n] * n) for n in range(1, 5))
 CIDER_N = 4
 CIDER_SIGMA = 6.0
 ROUGE_BETA = 1.2
-
-METEOR_UNAVAILABLE_NOTE = (
-    "METEOR was skipped: it needs NLTK's WordNet corpus, which is not installed. "
-    "Install it with `python -m nltk.downloader wordnet` and evaluate again."
-)
-
 
 def check_ids(references: References, hypotheses: Hypotheses) -> list[str]:
     """The image ids in reference order; ValueError naming the first id that does not match."""
@@ -242,43 +237,6 @@ def rouge_l(references: References, hypotheses: Hypotheses) -> tuple[float, dict
     return float(np.mean(list(per_image.values()))), per_image
 
 
-def wordnet_available() -> bool:
-    """Whether NLTK's WordNet corpus is installed locally (never downloads anything)."""
-    import nltk
-
-    try:
-        nltk.data.find("corpora/wordnet")
-    except LookupError:
-        return False
-    return True
-
-
-def meteor(references: References, hypotheses: Hypotheses, *, wordnet: Any = None) -> float | None:
-    """Mean nltk ``meteor_score`` over images, or None when WordNet is not installed.
-
-    ``wordnet`` overrides NLTK's WordNet reader (any object with ``synsets(word)``). Nothing is
-    downloaded; see :data:`METEOR_UNAVAILABLE_NOTE` for how to enable METEOR.
-    """
-    import numpy as np
-    from nltk.translate.meteor_score import meteor_score
-
-    ids = check_ids(references, hypotheses)
-    if wordnet is None:
-        if not wordnet_available():
-            return None
-        from nltk.corpus import wordnet as nltk_wordnet
-
-        wordnet = nltk_wordnet
-    try:
-        scores = [
-            meteor_score([r.split() for r in references[i]], hypotheses[i].split(), wordnet=wordnet)
-            for i in ids
-        ]
-    except LookupError:
-        return None
-    return float(np.mean(scores))
-
-
 # Function words: a repeated word pair made only of these ("in a ... in a") is not counted.
 FUNCTION_WORDS = frozenset(
     "a an the and or of in on at to into onto with by for from near next over under up down "
@@ -325,13 +283,12 @@ def diversity(hypotheses: Hypotheses, references: References) -> dict[str, float
 
 
 def evaluate_all(references: References, hypotheses: Hypotheses) -> dict[str, Any]:
-    """Every metric at once: BLEU-1..4, CIDEr-D, ROUGE-L, METEOR (None without WordNet),
-    ``per_image`` {id: {"BLEU-4", "CIDEr-D", "ROUGE-L"}} and ``diversity``."""
+    """BLEU-1..4, CIDEr-D, ROUGE-L, ``per_image`` {id: {"BLEU-4", "CIDEr-D", "ROUGE-L"}} and
+    ``diversity`` (METEOR 1.5 needs Java: ``captioner.meteor``, added by the evaluation)."""
     ids = check_ids(references, hypotheses)
     result: dict[str, Any] = dict(corpus_bleu_scores(references, hypotheses))
     result["CIDEr-D"], cider_per_image = cider_d(references, hypotheses)
     result["ROUGE-L"], rouge_per_image = rouge_l(references, hypotheses)
-    result["METEOR"] = meteor(references, hypotheses)
     result["per_image"] = {
         i: {
             "BLEU-4": sentence_bleu4(references[i], hypotheses[i]),
@@ -372,11 +329,11 @@ PYCOCO_NOTE = (
 )
 
 
-def notes(meteor_missing: bool, pycoco_available: bool) -> dict[str, str]:
-    """The explanations every report carries, keyed by topic."""
+def notes(meteor_note: str, pycoco_available: bool) -> dict[str, str]:
+    """The explanations every report carries, keyed by topic; ``meteor_note`` says which METEOR
+    the report has, or why it has none."""
     out = {"bleu": BLEU_NOTE, "scale": SCALE_NOTE, "per_image": PER_IMAGE_NOTE}
-    if meteor_missing:
-        out["meteor"] = METEOR_UNAVAILABLE_NOTE
+    out["meteor"] = meteor_note
     if pycoco_available:
         out["pycocoevalcap"] = PYCOCO_NOTE
     return out

@@ -28,15 +28,16 @@ from captioner.runs import (
 )
 
 
-def dev_scores(captioner, sample, beam_size: int = 1) -> tuple[float | None, float | None]:
+def dev_scores(captioner, sample, decoding=None) -> tuple[float | None, float | None]:
     """(BLEU-4, CIDEr-D) of ``captioner``'s captions of the dev ``sample`` (features,
-    references); (None, None) without a sample."""
+    references) decoded with ``decoding`` (a DecodingConfig; None: the captioner's);
+    (None, None) without a sample."""
     from captioner.metrics import cider_d, corpus_bleu_scores
 
     if sample is None:
         return None, None
     feats, refs = sample
-    caps = captioner.caption_features(feats, beam_size=beam_size)
+    caps = captioner.caption_features(feats, decoding=decoding)
     hyps = {name: c[0].text for name, c in zip(refs, caps, strict=True)}
     return corpus_bleu_scores(refs, hyps)["BLEU-4"], cider_d(refs, hyps)[0]
 
@@ -53,7 +54,8 @@ class RunMonitor(keras.callbacks.Callback):
 
     ``settings``: the run's TrainConfig (schedule, plateau and patience options,
     keep_checkpoints); ``val_sample``: (features, {name: references}) or None; ``state``: the
-    monitor state of a resumed run.
+    monitor state of a resumed run; ``decoding``: how the dev captions are decoded (the run's
+    stored decoding at the dev beam size).
     """
 
     def __init__(
@@ -64,10 +66,11 @@ class RunMonitor(keras.callbacks.Callback):
         tokenizer,
         state: dict,
         exporter: WeightsExporter,
+        decoding=None,
     ):
         super().__init__()
         self.settings, self.run, self.val_sample = settings, run, val_sample
-        self.tokenizer, self.exporter = tokenizer, exporter
+        self.tokenizer, self.exporter, self.decoding = tokenizer, exporter, decoding
         self.state = {
             "best_bleu": -1.0,
             "best_val_loss": math.inf,
@@ -89,8 +92,7 @@ class RunMonitor(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs if logs is not None else {}
-        bleu, cider = dev_scores(self._get_captioner(), self.val_sample,
-                                 getattr(self.settings, "val_beam_size", 1))
+        bleu, cider = dev_scores(self._get_captioner(), self.val_sample, self.decoding)
         if bleu is not None:
             logs["val_bleu4"], logs["val_cider"] = bleu, cider
         lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))

@@ -7,7 +7,11 @@ unset comes from it, so running the three with defaults gives one consistent pip
   greedy search;
 - ``default``: the bundled model (``weights/default``, whose ``config.json`` names this
   preset): EfficientNet-Lite2 ``conv`` maps (9x9x1280), the attention decoder trained with a
-  cosine schedule and label smoothing, selected on the whole dev split, beam search of 3.
+  cosine schedule and label smoothing, selected on the whole dev split, beam search with
+  length normalisation 0.7 and no repeated word pair.
+
+A preset's decoding is written into the run folders trained with it (``config.json``'s
+``"decoding"``) and used for older folders that do not record theirs.
 
 Changing the bundled model's recipe is a change of the ``default`` entry below. Standard
 library only (the CLI reads it to print ``--help``).
@@ -18,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from captioner.decoding_config import DecodingConfig
 from captioner.errors import CaptionerError
 
 
@@ -31,14 +36,11 @@ class Preset:
     layer: str
     decoder: str
     training: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
-    beam_sizes: tuple[int, ...] = (3,)
-    alpha: float = 0.0  # beam length normalisation (score = log-prob / length**alpha)
-    block_ngram: int = 0  # forbid repeating any n-gram within a caption (0: off)
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)  # stored with its runs
 
     def summary(self) -> str:
         """One line for ``--help``: what the preset picks."""
-        beams = ", ".join("greedy" if k == 1 else f"beam {k}" for k in self.beam_sizes)
-        return f"{self.encoder} {self.layer} features, {self.decoder} decoder, {beams}"
+        return f"{self.encoder} {self.layer} features, {self.decoder} decoder, {self.decoding.label}"
 
 
 PRESETS: dict[str, Preset] = {
@@ -49,7 +51,7 @@ PRESETS: dict[str, Preset] = {
         layer="fc2",
         decoder="merge",
         training={"epochs": 20, "schedule": "constant", "patience": 5},
-        beam_sizes=(1,),
+        decoding=DecodingConfig(beam_size=1),
     ),
     "default": Preset(
         "default",
@@ -61,9 +63,7 @@ PRESETS: dict[str, Preset] = {
                   "learning_rate": 2e-3, "label_smoothing": 0.1, "patience": 0,
                   "max_length": 22, "val_bleu_images": 1000, "val_beam_size": 3,
                   "select_on": "bleu4+cider"},
-        beam_sizes=(3,),
-        alpha=0.7,  # chosen on the dev split (docs/RESULTS.md)
-        block_ngram=2,
+        decoding=DecodingConfig(alpha=0.7, block_ngram=2),  # chosen on dev (docs/RESULTS.md)
     ),
 }
 DEFAULT_PRESET = "default"

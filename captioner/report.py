@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from captioner.files import write_bytes, write_json
-from captioner.metrics import BLEU_KEYS, METEOR_UNAVAILABLE_NOTE, METRIC_KEYS, notes
+from captioner.meteor import METEOR_HEADER, report_note
+from captioner.metrics import BLEU_KEYS, METRIC_KEYS, notes
 from captioner.runs import HISTORY, read_history, versions
 
 if TYPE_CHECKING:
@@ -89,10 +90,8 @@ def build_payload(result: EvaluationResult) -> dict[str, Any]:
         "timings": {**first["timings"], "features_s": result.features_seconds},
         "images": first["images"],
         "sections": sections,
-        "notes": notes(
-            result.sections[0].scores.get("METEOR") is None,
-            first["pycocoevalcap_bleu"] is not None,
-        ),
+        "notes": notes(report_note(s.scores for s in result.sections),
+                       first["pycocoevalcap_bleu"] is not None),
         "run_config": result.run_config.to_dict(),
         "versions": versions(),
     }
@@ -169,7 +168,7 @@ def summary_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and one row per section: scores, diversity and timings."""
     header = [
         "decoding",
-        *METRIC_KEYS,
+        *(METEOR_HEADER if k == "METEOR" else k for k in METRIC_KEYS),
         "distinct",
         "vocab",
         "mean len",
@@ -247,7 +246,7 @@ def _tables(data: dict[str, Any]) -> dict[str, Any]:
     return {
         "all": {"header": header, "rows": rows},
         "scores": {"header": header[:n], "rows": [r[:n] for r in rows],
-                   "titles": {"n/a": METEOR_UNAVAILABLE_NOTE} if "meteor" in data["notes"] else {}},
+                   "titles": {"n/a": data["notes"]["meteor"]}},
         "details": {"header": [header[0], *header[n:]], "rows": [[r[0], *r[n:]] for r in rows]},
         "pycoco": pycoco,
     }

@@ -13,6 +13,7 @@ the field.
   each listed file present in the folder must have that size and sha256
   (:func:`check_files`): a flipped byte in a tokenizer or weights file is then refused instead
   of giving garbled captions;
+* ``decoding`` (optional) must be a valid :class:`~captioner.decoding_config.DecodingConfig`;
 * ``members`` (a bundled ensemble's further weight files) must be distinct plain
   ``*.weights.h5`` names of the folder; each is checked like ``best.weights.h5``.
 
@@ -26,6 +27,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from captioner.decoding_config import DecodingConfig
 from captioner.errors import CaptionerError
 
 RUN_FORMAT = "captioner.run"
@@ -117,6 +119,8 @@ def check_config(config: Any, path: str | os.PathLike) -> dict[str, Any]:
     _check_decoder_config(path, kind, _object(path, "decoder.config", decoder.get("config")))
     _check_encoder(path, config, decoder["config"])
     _check_members(path, config.get("members"))
+    if "decoding" in config:
+        DecodingConfig.from_dict(config["decoding"], str(path))
     return config
 
 

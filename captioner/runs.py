@@ -4,7 +4,8 @@ A run folder holds everything needed to rebuild a trained model and to continue 
 
     config.json             RunConfig: encoder (name, layer, input size, resize method, ...),
                             decoder (kind and constructor config), cleaning rules, training
-                            settings, preset, provenance of its inputs, library versions
+                            settings, preset, decoding (how captions are searched by default),
+                            provenance of its inputs, library versions
     tokenizer.json          the vocabulary (captioner.tokenizer)
     best.weights.h5         decoder weights of the best epoch (Keras weights file)
     member*.weights.h5      a bundled ensemble's further decoders (``members`` in config.json)
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from captioner import __version__
+from captioner.decoding_config import DecodingConfig
 from captioner.errors import CaptionerError
 from captioner.files import atomic_path, sha256sum, write_json
 
@@ -140,6 +142,9 @@ class RunConfig:
     cleaning: dict[str, Any] = field(default_factory=dict)
     sources: dict[str, FileRef | None] = field(default_factory=dict)
     preset: str | None = None
+    # How captions are searched unless the user says otherwise; a folder without it (written
+    # before it was recorded) decodes as its preset does (:func:`preset_decoding`).
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
     train_images: int = 0
     seed: int = 0
     versions: dict[str, Any] = field(default_factory=dict)
@@ -173,8 +178,11 @@ class RunConfig:
                 k: FileRef(**_known(FileRef, v)) if v else None
                 for k, v in (data.get("sources") or {}).items()
             }
-            rest = _known(cls, data, skip=("encoder", "decoder", "sources"))
-            return cls(encoder=encoder, decoder=decoder, sources=sources, **rest)
+            rest = _known(cls, data, skip=("encoder", "decoder", "sources", "decoding"))
+            decoding = (DecodingConfig.from_dict(data["decoding"], source) if "decoding" in data
+                        else preset_decoding(data.get("preset")))
+            return cls(encoder=encoder, decoder=decoder, sources=sources, decoding=decoding,
+                       **rest)
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise CaptionerError(
                 f"{source} is not a valid run config ({type(exc).__name__}: "
@@ -189,6 +197,14 @@ class RunConfig:
     def save(self, run_dir: str | os.PathLike) -> Path:
         """Write ``config.json`` into ``run_dir`` atomically."""
         return write_json(Path(run_dir) / CONFIG_FILE, self.to_dict())
+
+
+def preset_decoding(preset: Any) -> DecodingConfig:
+    """The decoding of a run folder that does not record its own: its preset's, else the
+    :class:`DecodingConfig` defaults."""
+    from captioner.presets import PRESETS
+
+    return PRESETS[preset].decoding if preset in PRESETS else DecodingConfig()
 
 
 def read_config_json(run_dir: str | os.PathLike) -> dict[str, Any]:

@@ -45,7 +45,7 @@ class ScstConfig:
     learning_rate: float = 2e-5
     clipnorm: float = 5.0
     val_images: int = 1000  # dev images captioned after every epoch (0: none)
-    val_beam_size: int = 3
+    val_beam_size: int | None = None  # None: the run's stored decoding's beam size
     select_on: str = "bleu4+cider"
     seed: int = 0
     max_train_images: int | None = None
@@ -220,6 +220,7 @@ def train_scst(config: ScstConfig, resume: bool = False, verbose: bool = True) -
     view = SimpleNamespace(captions=config.captions, val_features=config.val_features,
                            val_bleu_images=config.val_images)
     val = _val_sample(view)[2]  # (features, references) of the dev images, or None
+    dev_decoding = saved.decoding.replace(beam_size=config.val_beam_size, n_best=1)
     rows = read_history(run / HISTORY)
     while epoch < config.epochs:
         started, rng = time.time(), np.random.default_rng((config.seed, epoch))
@@ -234,7 +235,7 @@ def train_scst(config: ScstConfig, resume: bool = False, verbose: bool = True) -
                 losses.append(loss)
                 bar.update(len(idx))
                 bar.set_postfix(reward=f"{np.mean(rewards[-20:]):.3f}")
-        bleu, cider = dev_scores(Captioner(model, tokenizer), val, config.val_beam_size)
+        bleu, cider = dev_scores(Captioner(model, tokenizer), val, dev_decoding)
         epoch += 1
         rows = [r for r in rows if r["epoch"] < epoch] + [{
             "epoch": epoch, "reward": float(np.mean(rewards)), "loss": float(np.mean(losses)),

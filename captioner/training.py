@@ -28,6 +28,7 @@ from captioner.runs import (
     EncoderInfo,
     FileRef,
     RunConfig,
+    preset_decoding,
     versions,
 )
 
@@ -136,7 +137,9 @@ def _prepare_run(config: TrainConfig, resume: bool) -> tuple[Path, TrainConfig, 
     run = Path(config.out)
     if resume:
         saved = RunConfig.load(run)
-        return run, _resumed(config, saved, run), saved
+        merged = _resumed(config, saved, run)
+        _check_epochs(run, merged.epochs, given=config.epochs is not None)
+        return run, merged, saved
     if run.exists() and not run.is_dir():
         raise CaptionerError(f"--out {run} is a file; give a folder for the run")
     if (run / CONFIG_FILE).exists() and (run / CHECKPOINT).exists():
@@ -156,9 +159,28 @@ def _create_run(run: Path, saved: RunConfig | None) -> None:
     run.mkdir(parents=True, exist_ok=True)
 
 
+class RunFinished(Exception):
+    """A resumed run has nothing left to train; the message says so in one line."""
+
+
+def _check_epochs(run: Path, epochs: int, given: bool) -> None:
+    """Refuse ``--epochs`` below the epochs a run has done; :class:`RunFinished` when it has
+    none left (its own schedule, or ``--epochs``, done, or stopped early)."""
+    from captioner.checkpoints import checkpoint_progress
+
+    done, stopped = checkpoint_progress(run / CHECKPOINT)
+    if given and epochs < done:
+        raise CaptionerError(f"--epochs {epochs} is below the {done} epochs {run} has done; "
+                             f"give more than {done} to train on, or leave --epochs out")
+    if stopped or done >= epochs:
+        why = "stopped early after" if stopped else "has finished"
+        raise RunFinished(f"{run} {why} {done} of its {epochs} epochs; nothing to train "
+                          f"(--resume --epochs N, N above {done}, trains on)")
+
+
 def _resumed(config: TrainConfig, saved: RunConfig, run: Path) -> TrainConfig:
     """The saved settings, the input files given now (else where the run found them) and the
-    requested number of epochs (resuming may extend a run)."""
+    number of epochs: the run's own unless ``config.epochs`` is given (it may extend a run)."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)} - set(PATH_FIELDS)
     paths = {"out": str(run)}
     for key in SOURCE_KEYS:
@@ -169,7 +191,7 @@ def _resumed(config: TrainConfig, saved: RunConfig, run: Path) -> TrainConfig:
             raise CaptionerError(f"{run} was trained on {ref.name}, which is no longer at "
                                  f"{ref.path}; pass --{key.replace('_', '-')} to resume")
     merged = TrainConfig(**paths, **{k: v for k, v in saved.training.items() if k in fields})
-    merged.epochs = config.epochs
+    merged.epochs = config.epochs if config.epochs is not None else merged.epochs
     merged.distribute = config.distribute  # how to run, not what to train
     return merged
 
@@ -201,6 +223,9 @@ def train(config: TrainConfig, resume: bool = False, verbose: int = 1) -> Path:
     try:
         with data_parallel(config.distribute) as devices:
             return _train(config, resume, verbose, devices)
+    except RunFinished as done:
+        print(done, file=sys.stderr)
+        return Path(config.out)
     finally:
         keras.config.set_dtype_policy(previous)
 
@@ -261,7 +286,9 @@ def _train(config: TrainConfig, resume: bool, verbose: int, devices: int) -> Pat
         return run
     stream = EpochStream(train_ds, start_epoch=initial_epoch)
     exporter = WeightsExporter(config.decoder, dec_config)
-    callbacks = [RunMonitor(config, run, val_sample, tokenizer, monitor_state, exporter)]
+    stored = saved.decoding if saved is not None else preset_decoding(config.preset)
+    dev = stored.replace(beam_size=config.val_beam_size, n_best=1)  # the run's, at the dev beam
+    callbacks = [RunMonitor(config, run, val_sample, tokenizer, monitor_state, exporter, dev)]
     callbacks += _tensorboard(run)
     if verbose:
         from captioner.progress import epoch_progress
@@ -297,6 +324,7 @@ def run_config(run: Path, config: TrainConfig, dec_config: dict, attrs: dict,
         cleaning=DEFAULT_RULES.to_dict(),
         sources=sources,
         preset=config.preset,
+        decoding=preset_decoding(config.preset),  # how its captions are decoded by default
         train_images=n_images,
         seed=config.seed,
         versions=versions(),

@@ -108,7 +108,8 @@ def test_usage_errors(toy_run, tmp_path, capsys):
     assert main(["caption", "a.jpg", "--model", str(run), "--n-best", "3", "--beam-size", "2"]) == 2
     assert main(["caption", "a.jpg", "--model", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "--n-best 3 needs --beam-size" in err and "not a captioner run folder" in err
+    assert "--n-best must be from 1 to 2 (at most the beam size), not 3" in err
+    assert "not a captioner run folder" in err
 
 
 def test_attention_map_needs_attention_model(toy_run, fake_encoder, tmp_path, capsys):
@@ -180,3 +181,82 @@ def test_features_cache_of_another_encoder_is_refused(toy_run, tmp_path, capsys)
     assert main(["caption", "img001.jpg", "--features", str(other), "--model", str(run)]) == 2
     err = capsys.readouterr().err
     assert "encoder 'vgg16'" in err and "captioner extract --encoder tiny" in err
+
+
+def _stored(run, folder, decoding):
+    """A copy of ``run`` whose config.json stores ``decoding``."""
+    import shutil
+
+    copy = folder / "stored"
+    shutil.copytree(run, copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps(config | {"decoding": decoding}))
+    return copy
+
+
+def _json_lines(capsys) -> list[dict]:
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def test_stored_decoding_is_every_entry_points_default(toy_run, fake_encoder, tmp_path, capsys):
+    """Editing "decoding" in a copy of a run changes what caption (images, --features),
+    evaluate and the Python API decode by default: here greedy without repeated words, as
+    --beam-size 1 --block-ngram 1 give."""
+    tmp, run, train_h5, table, _ = toy_run
+    greedy = _stored(run, tmp_path, {"beam_size": 1, "block_ngram": 1})
+    imgs = [str(_photo(tmp_path / f"p{k}.png", k)) for k in range(6)]
+    flags = ["--beam-size", "1", "--block-ngram", "1"]
+    assert main(["caption", *imgs, "--model", str(run), *flags, "--json"]) == 0
+    want = _json_lines(capsys)
+    assert main(["caption", *imgs, "--model", str(run), "--beam-size", "1", "--json"]) == 0
+    assert _json_lines(capsys) != want  # blocking changes captions: the default is no accident
+    assert main(["caption", *imgs, "--model", str(greedy), "--json"]) == 0
+    assert _json_lines(capsys) == want
+    api = Captioner.from_run(greedy).caption(imgs)
+    assert [(r.text, round(r.score, 6)) for r in api] == [(w["caption"], w["score"]) for w in want]
+    names = [f"img{k:03d}.jpg" for k in range(6)]
+    for model, extra in ((run, flags), (greedy, [])):
+        assert main(["caption", *names, "--features", str(train_h5), "--model", str(model),
+                     "--json", *extra]) == 0
+        assert [r["caption"] for r in _json_lines(capsys)] == [w["caption"] for w in want]
+    reports = []
+    for model, extra in ((run, flags), (greedy, [])):
+        assert main(["evaluate", "--model", str(model), "--captions", str(tmp / "captions.txt"),
+                     "--features", str(train_h5), "--report", str(tmp_path / model.name),
+                     "--json", *extra]) == 0
+        reports.append([(r.get("decoding"), r.get("caption")) for r in _json_lines(capsys)][:-1])
+    assert reports[0] == reports[1] and reports[0][0][0] == "greedy, no repeated 1-grams"
+
+
+@pytest.mark.parametrize(("decoding", "needle"), [
+    ({"beam_size": 0}, "decoding.beam_size: must be from 1 to"),
+    ({"alpha": "high"}, "decoding.alpha: must be a number, not 'high'"),
+    ({"n_best": 5}, "decoding.n_best: must be from 1 to 3"),
+    ({"beam": 2}, "decoding.beam: is not a decoding setting"),
+    ([3], "decoding: must be an object"),
+])
+def test_bad_stored_decoding_is_one_line_naming_the_file(toy_run, tmp_path, capsys, decoding,
+                                                         needle):
+    _, run, _, _, _ = toy_run
+    bad = _stored(run, tmp_path, decoding)
+    assert main(["caption", "x.jpg", "--model", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(bad / "config.json") in err and needle in err, err
+
+
+def test_out_file_records_its_model_and_decoding(toy_run, fake_encoder, tmp_path, capsys):
+    """A rerun with another --model or decoding refuses the file in one line (exit 2) instead
+    of skipping the images the other model captioned."""
+    _, run, _, _, _ = toy_run
+    img, out = str(_photo(tmp_path / "p1.png", 1)), tmp_path / "caps.jsonl"
+    assert main(["caption", img, "--model", str(run), "--out", str(out)]) == 0
+    assert main(["caption", img, "--model", str(run), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("captioned 0, skipped 1")
+    other = _stored(run, tmp_path, {"beam_size": 3})
+    for argv in (["--model", str(run), "--beam-size", "1"], ["--model", str(other)],
+                 ["--model", str(run), str(run)]):
+        assert main(["caption", img, "--out", str(out), *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and f"{out} holds captions made with --model" in err, err
+        assert "use another --out file" in err
+    assert len(out.read_text().splitlines()) == 2  # the made_with line and one caption

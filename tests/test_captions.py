@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import FLICKR_TEXT, needs_flickr
@@ -382,3 +383,169 @@ def test_real_flickr8k_splits_and_vocabulary():
     assert 7000 <= vocab[1] <= 8000 and 2000 <= vocab[5] <= 3000
     assert 30 <= max(lengths) <= 40 and 15 <= p95 <= 20
     assert Tokenizer.build(train).max_length == max(lengths) + 2
+
+
+# ----------------------------------------------------------------------------- Karpathy JSON
+
+
+def karpathy_doc(entries: list) -> str:
+    return json.dumps({"images": entries, "dataset": "test"})
+
+
+KARPATHY = [
+    {"filename": "a.jpg", "split": "train", "imgid": 10**12,
+     "sentences": [{"raw": "A dog runs.", "tokens": ["a", "dog", "runs"]}, {"raw": "A\tdog\n"}]},
+    {"filepath": "val2014", "filename": "b.jpg", "split": "val",
+     "sentences": [{"raw": "Two cats", "sentid": 10**15}]},
+    {"filename": "c.jpg", "split": "restval", "sentences": [{"tokens": ["a", "red", "ball"]}]},
+    {"filename": "d.jpg", "split": "test", "sentences": [{"raw": "A blue sofa ."}]},
+]  # fmt: skip
+
+
+def test_karpathy_json_captions_names_and_splits(tmp_path):
+    from captioner.captions import split_names
+
+    result = read_captions(write(tmp_path, "dataset_x.json", karpathy_doc(KARPATHY)))
+    assert result.format == "karpathy" and result.problems == []
+    assert result.captions == {
+        "a.jpg": ["A dog runs.", "A dog"],  # raw, on one line; cleaning comes later
+        "val2014/b.jpg": ["Two cats"],  # filepath/filename, relative to --images-dir
+        "c.jpg": ["a red ball"],  # tokens when there is no raw
+        "d.jpg": ["A blue sofa ."],
+    }
+    assert result.splits == {"a.jpg": "train", "val2014/b.jpg": "val", "c.jpg": "restval",
+                             "d.jpg": "test"}  # fmt: skip
+    assert split_names("train", result) == ["a.jpg", "c.jpg"]  # restval counted as train
+    assert split_names("val", result) == split_names("dev", result) == ["val2014/b.jpg"]
+    assert split_names("test", result) == ["d.jpg"]
+    assert clean_captions(result.captions)["a.jpg"] == ["a dog runs", "a dog"]
+
+
+def test_karpathy_malformed_entries_are_one_line_each_with_index_and_field(tmp_path):
+    entries = [
+        "not an object",
+        {"split": "train", "sentences": [{"raw": "x"}]},
+        {"filename": "a.jpg", "filepath": 3, "sentences": [{"raw": "x"}]},
+        {"filename": "b.jpg", "sentences": "a dog"},
+        {"filename": "c.jpg", "split": "train", "sentences": [{"raw": " "}, {"raw": "ok"}, 5]},
+        {"filename": "../../etc/passwd", "sentences": [{"raw": "x"}]},
+        {"filepath": "/abs", "filename": "d.jpg", "sentences": [{"raw": "x"}]},
+        {"filename": "e.jpg", "split": "holdout", "sentences": [{"raw": "x"}]},
+        {"filename": "f.jpg", "split": "test", "sentences": []},
+    ]
+    result = read_captions(write(tmp_path, "k.json", karpathy_doc(entries)))
+    assert [(p.line, p.reason) for p in result.problems] == [
+        (None, "images[0]: not an object"),
+        (None, "images[1].filename: needs a file name"),
+        (None, "images[2].filepath: needs a folder name (a string)"),
+        (None, "images[3].sentences: needs a list"),
+        (None, "images[4].sentences[0].raw: needs a non-empty caption"),
+        (None, "images[4].sentences[2].raw: needs a non-empty caption"),
+        (None, "images[5].filepath/filename: '../../etc/passwd' must be a relative path inside "
+               "--images-dir"),
+        (None, "images[6].filepath/filename: '/abs/d.jpg' must be a relative path inside "
+               "--images-dir"),
+        (None, "images[7].split: 'holdout' is not one of train, val, test, restval"),
+    ]  # fmt: skip
+    assert result.captions == {"c.jpg": ["ok"], "e.jpg": ["x"]}
+    assert result.splits == {"c.jpg": "train"}  # f.jpg has no caption, e.jpg no known split
+
+
+def test_karpathy_format_detection_and_errors(tmp_path):
+    coco = b'{"images": [], "annotations": []}'
+    karpathy = karpathy_doc(KARPATHY).encode()
+    assert detect_format(tmp_path / "x.json", karpathy) == "karpathy"
+    assert detect_format(tmp_path / "x.json", coco) == "coco"
+    assert detect_format(tmp_path / "x.txt", b"\n" + karpathy) == "karpathy"
+    with pytest.raises(CaptionerError, match=r"k\.json: not a Karpathy split file"):
+        read_captions(write(tmp_path, "k.json", '{"images": 3, "sentences": 1}'))
+    with pytest.raises(CaptionerError, match=r"k\.json: no captions found \(read as karpathy\)"):
+        read_captions(
+            write(tmp_path, "k.json", karpathy_doc([{"filename": "a.jpg", "sentences": []}]))
+        )
+
+
+def test_several_files_merge_and_a_clash_keeps_the_first(tmp_path, caplog):
+    from captioner.captions import merge_files
+
+    a = write(tmp_path, "a.txt", "x.jpg#0\tA dog\ny.jpg#0\tA cat\n")
+    b = write(tmp_path, "b.json", karpathy_doc([
+        {"filename": "y.jpg", "split": "val", "sentences": [{"raw": "Another cat"}]},
+        {"filename": "z.jpg", "split": "test", "sentences": [{"raw": "A bird"}]},
+    ]))  # fmt: skip
+    merged = merge_files([a, b])
+    assert merged.captions == {"x.jpg": ["A dog"], "y.jpg": ["A cat"], "z.jpg": ["A bird"]}
+    assert merged.splits == {"z.jpg": "test"}
+    assert [p.reason for p in merged.problems] == [
+        "1 image name(s) clash with an earlier file, first 'y.jpg'"
+    ]
+    assert (
+        "1 image name(s) also in an earlier caption file" in caplog.text and "y.jpg" in caplog.text
+    )
+    assert merge_files([a]).captions == read_captions(a).captions
+
+
+def test_caption_inputs_write_the_merged_file_and_named_splits(tmp_path):
+    from captioner.captions import caption_inputs
+
+    a = write(tmp_path, "a.csv", "image,caption\nx.jpg,A dog\n")
+    k = write(tmp_path, "k.json", karpathy_doc(KARPATHY))
+    out = tmp_path / "out"
+    assert caption_inputs([a], out) == (str(a), None)  # one file: read in place
+    assert caption_inputs(a, out, "my_split.txt") == (str(a), "my_split.txt")
+    assert not out.exists()
+    merged, split = caption_inputs([a, k], out, "train")
+    assert Path(merged).parent == out and Path(merged).name.startswith("captions-merged-")
+    assert caption_inputs([a, k], out)[0] == merged  # same inputs, same file
+    again = read_captions(merged)
+    assert again.format == "karpathy" and again.captions == {"x.jpg": ["A dog"], **{
+        n: c for n, c in read_captions(k).captions.items()}}  # fmt: skip
+    assert again.splits == read_captions(k).splits
+    assert load_split(split) == ["a.jpg", "c.jpg"] and Path(split).name == "split-train.txt"
+    with pytest.raises(CaptionerError, match=r"--split test: .*a\.csv holds no splits"):
+        caption_inputs([a], out, "test")
+
+
+def test_stats_of_a_karpathy_split(tmp_path, capsys):
+    k = write(tmp_path, "k.json", karpathy_doc(KARPATHY))
+    assert main(["captions", "stats", "--captions", str(k), "--split", "train", "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["format"] == "karpathy" and stats["images"] == 2 and stats["captions"] == 3
+
+
+@needs_flickr
+@pytest.mark.shared
+def test_flickr8k_as_karpathy_json_gives_the_same_captions_and_splits(tmp_path):
+    """dataset_flickr8k.json written from the token and split files (one entry per id of the
+    token file, the stray X.jpg.1 id included; the 92 images in no split get no "split") reads
+    back to the same cleaned captions and splits."""
+    from captioner.captions import split_names
+
+    lines = (FLICKR_TEXT / "Flickr8k.token.txt").read_text().splitlines()
+    raw: dict[str, list[str]] = {}
+    for line in lines:
+        key, caption = line.split("\t", 1)
+        raw.setdefault(key.rpartition("#")[0], []).append(caption)
+    files = {"train": "train", "val": "dev", "test": "test"}
+    splits = {s: load_split(FLICKR_TEXT / f"Flickr_8k.{f}Images.txt") for s, f in files.items()}
+    split_of = {n: s for s, names in splits.items() for n in names}
+    entries = []
+    for name, caps in raw.items():
+        entry = {"filename": name, "sentences": [{"raw": c, "tokens": c.split()} for c in caps]}
+        if name in split_of:
+            entry["split"] = split_of[name]
+        entries.append(entry)
+    path = write(tmp_path, "dataset_flickr8k.json", karpathy_doc(entries))
+    karpathy = read_captions(path)
+    token = read_captions(FLICKR_TEXT / "Flickr8k.token.txt")
+    assert karpathy.format == "karpathy" and len(karpathy.captions) == len(token.captions) == 8092
+    assert clean_captions(karpathy.captions) == clean_captions(token.captions)
+    assert list(karpathy.captions) == list(token.captions)
+    for split, names in splits.items():
+        assert len(names) == {"train": 6000, "val": 1000, "test": 1000}[split]
+        assert set(split_names(split, karpathy)) == set(names)
+        assert len(split_names(split, karpathy)) == len(names)
+    assert [p.reason for p in karpathy.problems] == [
+        "renamed '2258277193_586949ec62.jpg.1' to '2258277193_586949ec62.jpg'"
+    ] * 5
+    assert [p.reason for p in karpathy.problems] == [p.reason for p in token.problems]

@@ -13,8 +13,8 @@ from helpers import toy_dataset, write_cache
 import captioner.commands.extract as extract_cmd
 import captioner.commands.train as train_cmd
 from captioner.captions import load_captions
-from captioner.checks import MAX_BEAM_SIZE
 from captioner.cli import main
+from captioner.decoding_config import MAX_BEAM_SIZE
 from captioner.images import pixels_of
 from captioner.inference import CONFIG_FILE
 
@@ -166,11 +166,14 @@ def test_ctrl_c_says_how_to_resume(monkeypatch, tmp_path, capsys):
     ("argv", "needles"),
     [
         (["--batch-size", "0"], ["--batch-size must be at least 1, not 0"]),
-        (["--beam-size", "0"], ["--beam-size must be at least 1 (greedy)", "not 0"]),
-        (["--beam-size", "1000"], [f"at most {MAX_BEAM_SIZE}, not 1000"]),
-        (["--beam-size", "2", "--n-best", "3"], ["--n-best 3 needs --beam-size of at least 3"]),
-        (["--max-length", "0"], ["--max-length must be at least 1"]),
-        (["--alpha", "-1"], ["--alpha must be at least 0.0"]),
+        (["--beam-size", "0"], ["--beam-size must be from 1 to", "(1 = greedy), not 0"]),
+        (["--beam-size", "1000"], [f"--beam-size must be from 1 to {MAX_BEAM_SIZE}", "not 1000"]),
+        (["--beam-size", "2", "--n-best", "3"], ["--n-best must be from 1 to 2 (at most the beam"]),
+        (["--n-best", "0"], ["--n-best must be from 1 to"]),
+        (["--max-length", "0"], ["--max-length must be from 1 to"]),
+        (["--alpha", "-1"], ["--alpha must be from 0 to"]),
+        (["--alpha", "nan"], ["--alpha must be from 0 to", "not nan"]),
+        (["--block-ngram", "-1"], ["--block-ngram must be from 0 to", "(0 = off), not -1"]),
     ],
 )
 def test_caption_options_are_checked_before_the_model_loads(tmp_path, capsys, argv, needles):
@@ -239,7 +242,7 @@ def test_evaluate_beam_size(tmp_path, capsys, beam):
             "--report",
             str(tmp_path / "r"),
         ],
-        "--beam-size must be at least 1 (greedy) and at most",
+        f"--beam-size must be from 1 to {MAX_BEAM_SIZE} (1 = greedy), not {beam}",
     )
     assert not (tmp_path / "r").exists()
 

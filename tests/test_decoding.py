@@ -396,3 +396,41 @@ def test_bad_batch_size_state_rows_and_step_output_are_errors():
         beam_search(lambda t, s: (np.zeros((len(t), 3)), s), None, 1, START, END, 5)
     with pytest.raises(ValueError, match="NaN"):
         greedy_search(lambda t, s: (np.full((1, VOCAB), np.nan), s), None, 1, START, END, 5)
+
+
+# ---------------------------------------------------------------- the decoding config
+
+
+def test_decoding_config_checks_each_field_and_replaces_single_ones():
+    from captioner.decoding_config import (
+        DEFAULT_BEAM_SIZE,
+        MAX_BEAM_SIZE,
+        DecodingConfig,
+        DecodingError,
+        check_overrides,
+    )
+
+    base = DecodingConfig(alpha=0.7, block_ngram=2)
+    assert base.beam_size == DEFAULT_BEAM_SIZE and base.n_best == 1 and base.max_length is None
+    assert base.replace(beam_size=None, alpha=None) is base  # None keeps a field
+    assert base.replace(beam_size=1) == DecodingConfig(1, 1, 0.7, 2)
+    assert DecodingConfig.from_dict(base.to_dict()) == base
+    assert DecodingConfig.from_dict({}) == DecodingConfig()
+    for bad, field in (({"beam_size": 0}, "beam_size"), ({"beam_size": MAX_BEAM_SIZE + 1}, "beam_size"),
+                       ({"beam_size": 2.0}, "beam_size"), ({"beam_size": True}, "beam_size"),
+                       ({"n_best": 4}, "n_best"), ({"alpha": -0.1}, "alpha"),
+                       ({"alpha": math.inf}, "alpha"), ({"alpha": math.nan}, "alpha"),
+                       ({"block_ngram": -1}, "block_ngram"), ({"max_length": 0}, "max_length"),
+                       ({"nbest": 2}, "nbest")):
+        with pytest.raises(DecodingError) as err:
+            base.replace(**bad)
+        assert err.value.field == field and "\n" not in str(err.value)
+    with pytest.raises(Exception, match=r"cfg\.json: decoding\.alpha: must be a number"):
+        DecodingConfig.from_dict({"alpha": "0.7"}, "cfg.json")
+    with pytest.raises(Exception, match=r"cfg\.json: decoding\.beam_size: must be given"):
+        DecodingConfig.from_dict({"beam_size": None}, "cfg.json")
+    check_overrides(n_best=5)  # checked against the stored beam size later
+    with pytest.raises(DecodingError):
+        check_overrides(n_best=5, beam_size=4)
+    assert base.label == "beam 3, alpha 0.7, no repeated 2-grams"
+    assert DecodingConfig(1).label == "greedy"

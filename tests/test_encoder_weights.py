@@ -44,8 +44,9 @@ def test_first_caption_with_an_empty_keras_cache_and_no_network(tmp_path, monkey
     monkeypatch.setattr(keras.utils, "get_file", no_network)
     monkeypatch.setattr("keras.src.utils.file_utils.get_file", no_network)
     captioner = Captioner.from_run(DEFAULT_RUN)
-    [(path, caps, error)] = captioner.caption_images([ROOT / "data" / "example.jpg"])
-    assert error is None and caps[0].finished
+    [result] = captioner.caption([ROOT / "data" / "example.jpg"])
+    caps = result.captions
+    assert result.error is None and caps[0].finished
     assert {"man", "woman", "person", "boy", "girl"} & set(caps[0].text.split())
     assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
 
@@ -115,5 +116,5 @@ def test_a_copied_run_folder_keeps_working_offline(tmp_path, monkeypatch):
     captioner = Captioner.from_run(run)
     weights = run_encoder_weights(captioner.config.encoder, run, captioner.encoder_spec)
     assert weights.name == "efficientnet-lite2-9656183e.pth" and weights.is_file()
-    [(_, caps, error)] = captioner.caption_images([ROOT / "data" / "example.jpg"])
-    assert error is None and caps[0].text
+    [result] = captioner.caption([ROOT / "data" / "example.jpg"])
+    assert result.error is None and result.text

@@ -164,3 +164,25 @@ def test_bundling_refuses_a_member_with_another_vocabulary(runs, tmp_path):
     (other / "tokenizer.json").write_text(json.dumps(tok))
     with pytest.raises(CaptionerError, match="tokenizer.json differs"):
         _make_bundle().main([str(a), str(other), "--out", str(tmp_path / "out")])
+
+
+def test_one_loader_and_one_caption_call(runs, tmp_path):
+    """Several folders load through load_captioner with the first's stored decoding; caption()
+    takes features and single-field overrides and returns ImageCaptions."""
+    from captioner.decoding_config import DecodingConfig
+
+    (a, b), cache = runs
+    stored = tmp_path / "a"
+    shutil.copytree(a, stored)
+    config = json.loads((stored / "config.json").read_text())
+    (stored / "config.json").write_text(json.dumps(config | {"decoding": {"beam_size": 2}}))
+    model = load_captioner([stored, b])
+    assert isinstance(model, EnsembleCaptioner) and len(model.members) == 2
+    assert model.decoding == DecodingConfig(beam_size=2)
+    reader = open_features(cache)
+    feats = reader.read(reader.names)
+    found = model.caption(feats)
+    assert [r.image for r in found] == list(range(len(feats))) and not any(r.error for r in found)
+    assert [r.captions for r in found] == model.caption_features(feats, beam_size=2)
+    assert model.caption(feats, beam_size=1) == model.caption(feats, DecodingConfig(1))
+    assert model.caption(feats, n_best=2)[0].captions[1].score <= found[0].score

@@ -13,7 +13,7 @@ from conftest import HAVE_PYCOCO, needs_mobilenet
 from helpers import WORDS, toy_dataset, write_cache
 from PIL import Image
 
-from captioner import metrics
+from captioner import meteor, metrics
 from captioner.cache import open_features
 from captioner.cli import main
 from captioner.errors import CaptionerError
@@ -32,12 +32,6 @@ TINY = dict(
     val_bleu_images=4,
     patience=0,
 )
-
-
-@pytest.fixture(autouse=True)
-def no_wordnet(monkeypatch):
-    """METEOR needs WordNet; make its absence certain so the numbers do not depend on it."""
-    monkeypatch.setattr(metrics, "wordnet_available", lambda: False)
 
 
 def _write_images(folder: Path, names, broken=()) -> Path:
@@ -133,7 +127,7 @@ def test_references_equal_to_the_captions_score_one(toy, tmp_path):
         **section.scores["per_image"][toy.names[0]],
     }
     assert data["metrics"]["METEOR"] is None
-    assert data["notes"]["meteor"] == metrics.METEOR_UNAVAILABLE_NOTE
+    assert data["notes"]["meteor"] == (meteor.NO_JAVA if HAVE_PYCOCO else meteor.NO_PYCOCO)
 
 
 def test_one_extra_reference_word_gives_the_hand_computed_brevity_penalty(toy, tmp_path):
@@ -377,13 +371,17 @@ def test_cli_prints_the_summary_table(toy, tmp_path, capsys):
     data = json.loads((tmp_path / "r" / "report.json").read_text())
     assert lines[2].split()[:2] == ["greedy", f"{100 * data['metrics']['BLEU-1']:.1f}"]  # x100
     assert data["n_images"] == 3
+    # no Java (the fixture): the table says n/a, then one line says why and what adds it
+    assert lines[2].split()[7] == "n/a" and lines[3] == data["notes"]["meteor"]
+    assert lines[3].startswith("METEOR n/a: ") and lines[4].startswith("report: ")
 
 
 @pytest.mark.parametrize(
     "extra, message",
     [
         (["--images-dir", "."], "--split FILE"),
-        (["--features", "F", "--beam-size", "0"], "--beam-size must be at least 1"),
+        (["--features", "F", "--beam-size", "0"], "--beam-size must be from 1 to"),
+        (["--features", "F", "--alpha", "-1"], "--alpha must be from 0 to"),
         (["--features", "F", "--batch-size", "0"], "--batch-size must be at least 1"),
         (["--features", "missing.h5"], "missing.h5 does not exist"),
     ],

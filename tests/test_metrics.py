@@ -1,4 +1,5 @@
-"""Tests of captioner.metrics: hand-worked BLEU/CIDEr-D/ROUGE-L/METEOR cases, pycocoevalcap cross-checks."""
+"""Tests of captioner.metrics: hand-worked BLEU/CIDEr-D/ROUGE-L cases, pycocoevalcap cross-checks
+(METEOR 1.5: tests/test_meteor.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import math
 import random
 import warnings
 
-import nltk
 import pytest
 
 from captioner import metrics
@@ -16,7 +16,6 @@ from captioner.metrics import (
     corpus_bleu_scores,
     diversity,
     evaluate_all,
-    meteor,
     pycocoevalcap_bleu,
     rouge_l,
     sentence_bleu4,
@@ -219,59 +218,6 @@ def test_rouge_l_matches_pycocoevalcap(seed: int) -> None:
     assert 0.1 < score < 1.0
 
 
-# --------------------------------------------------------------------------------------- METEOR
-
-
-def _forbid_download(monkeypatch: pytest.MonkeyPatch) -> None:
-    def fail(*args: object, **kwargs: object) -> None:
-        pytest.fail("METEOR tried to download an NLTK resource")
-
-    monkeypatch.setattr(nltk, "download", fail)
-    monkeypatch.setattr(nltk.downloader.Downloader, "download", fail)
-
-
-def test_meteor_none_without_wordnet(monkeypatch: pytest.MonkeyPatch) -> None:
-    _forbid_download(monkeypatch)
-    try:
-        nltk.data.find("corpora/wordnet")
-    except LookupError:
-        pass  # absent, as on the build machines
-    else:
-        real_find = nltk.data.find
-
-        def find(name: str, *args: object, **kwargs: object) -> object:
-            if "wordnet" in name:
-                raise LookupError(name)
-            return real_find(name, *args, **kwargs)
-
-        monkeypatch.setattr(nltk.data, "find", find)
-    assert metrics.wordnet_available() is False
-    assert meteor({"1": ["a dog runs"]}, {"1": "a dog runs"}) is None
-    assert evaluate_all({"1": ["a dog runs"]}, {"1": "a dog runs"})["METEOR"] is None
-    assert "python -m nltk.downloader wordnet" in metrics.METEOR_UNAVAILABLE_NOTE
-
-
-class _NoSynonyms:
-    """A WordNet stand-in with no synonyms: METEOR then matches exact words and stems only."""
-
-    def synsets(self, word: str) -> list:
-        return []
-
-
-def test_meteor_with_wordnet_reader_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
-    _forbid_download(monkeypatch)
-    # nltk METEOR: Fmean = P R / (0.9 P + 0.1 R), penalty = 0.5 (chunks / matches)^3
-    # "a dog runs" vs itself: P = R = 1, 1 chunk of 3 -> 1 - 0.5/27 = 0.981481
-    # "dog a runs" vs "a dog runs fast": P = 1, R = 3/4, Fmean = 0.75/0.975;
-    #   alignment dog->1, a->0, runs->2 is 3 chunks -> penalty 0.5 -> 0.384615
-    value = meteor(
-        {"a": ["a dog runs"], "b": ["a dog runs fast"]},
-        {"a": "a dog runs", "b": "dog a runs"},
-        wordnet=_NoSynonyms(),
-    )
-    assert value == pytest.approx(((1 - 1 / 54) + 0.75 / 0.975 * 0.5) / 2)
-
-
 # ------------------------------------------------------------------------ diversity, ids, overall
 
 
@@ -293,7 +239,6 @@ ALL_FUNCTIONS = [
     corpus_bleu_scores,
     cider_d,
     rouge_l,
-    meteor,
     evaluate_all,
     lambda refs, hyps: diversity(hyps, refs),
 ]
@@ -315,7 +260,7 @@ def test_mismatched_ids_raise_naming_the_id(function) -> None:
 def test_evaluate_all_layout() -> None:
     references, hypotheses = random_corpus(seed=5, images=200, refs=5)
     result = evaluate_all(references, hypotheses)
-    assert set(result) == {*BLEU_KEYS, "CIDEr-D", "ROUGE-L", "METEOR", "per_image", "diversity"}
+    assert set(result) == {*BLEU_KEYS, "CIDEr-D", "ROUGE-L", "per_image", "diversity"}
     assert {k: result[k] for k in BLEU_KEYS} == corpus_bleu_scores(references, hypotheses)
     cider_score, cider_per_image = cider_d(references, hypotheses)
     assert result["CIDEr-D"] == cider_score

@@ -73,12 +73,17 @@ def test_extract_and_evaluate_take_the_preset(monkeypatch, tmp_path):
     args = build_parser().parse_args(
         ["evaluate", "--captions", "c", "--report", "r", "--preset", "classic"]
     )
-    assert args.beam_size is None and presets.get_preset(args.preset).beam_sizes == (1,)
+    assert args.beam_size is None and presets.get_preset(args.preset).decoding.beam_size == 1
 
 
 def test_help_says_where_defaults_come_from(capsys):
-    for command in ("extract", "train", "evaluate"):
+    for command in ("extract", "train"):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         out = capsys.readouterr().out
         assert "--preset" in out and "Options left unset take their values from --preset" in out
+    for command in ("caption", "evaluate", "serve"):  # decoding: the model's own
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        assert "decoding (default: the model's own, stored in its config.json)" in out

@@ -244,7 +244,7 @@ def test_killed_driver_then_rerun_is_bit_identical(tmp_path, ray_cluster, ray_te
 
 def records(path: Path) -> dict[str, dict]:
     lines = path.read_text().splitlines()
-    return {r["image"]: r for r in map(json.loads, lines)}
+    return {r["image"]: r for r in map(json.loads, lines) if "made_with" not in r}
 
 
 @needs_mobilenet
@@ -269,7 +269,7 @@ def test_caption_ray_completes_a_torn_file_with_the_local_captions(tmp_path, ray
     assert cli_main(argv) == 1
     assert capsys.readouterr().out.startswith("captioned ")
     text = partial_file.read_text()
-    assert text.endswith("\n") and len(text.splitlines()) == 10  # torn line replaced, no repeats
+    assert text.endswith("\n") and len(text.splitlines()) == 11  # made_with line + 10 images
     remote = records(partial_file)
     assert remote.keys() == local.keys()
     for image, want in local.items():
@@ -282,6 +282,46 @@ def test_caption_ray_completes_a_torn_file_with_the_local_captions(tmp_path, ray
             assert got["score"] == pytest.approx(want["score"], abs=1e-4)
     assert cli_main(argv) == 0  # nothing left to do: Ray is not even needed
     assert capsys.readouterr().out.startswith("captioned 0, skipped 10")
+
+
+def mobilenet_run(folder: Path, seed: int) -> Path:
+    """A toy merge decoder (random weights) over MobileNetV2 0.5 pooled features: runs of
+    different seeds share the vocabulary and the encoder, so they form an ensemble."""
+    from runfolder import make_run
+
+    make_run(folder, "merge", (1280,), seed=seed)
+    config = json.loads((folder / "config.json").read_text())
+    config["encoder"] = {"name": "mobilenet_v2_0.5", "layer": "pool", "weights": "imagenet",
+                         "input_size": [224, 224], "feature_shape": [1280]}
+    config["decoding"] = {"beam_size": 2, "block_ngram": 1}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@needs_mobilenet
+def test_caption_out_and_ray_caption_with_every_model(tmp_path, ray_cluster, capsys):
+    """`--model A B --out` and `--engine ray` write the captions `--model A B --json` prints
+    (both folders, the first's stored decoding), not those of A alone."""
+    a, b = mobilenet_run(tmp_path / "a", 1), mobilenet_run(tmp_path / "b", 2)
+    folder = tmp_path / "imgs"
+    make_images(folder, 4, seed=5, size=(60, 50))
+    base = ["caption", str(folder), "--model", str(a), str(b), "--batch-size", "2"]
+    assert cli_main(base + ["--json"]) == 0
+    want = {r["image"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert cli_main(["caption", str(folder), "--model", str(a), "--json"]) == 0
+    alone = {r["image"]: r["caption"] for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert alone != {k: r["caption"] for k, r in want.items()}  # B changes some caption
+    for name, extra in (("local", []), ("ray", ["--engine", "ray", "--actors", "1"])):
+        out = tmp_path / f"{name}.jsonl"
+        assert cli_main(base + ["--out", str(out), *extra]) == 0, name
+        assert capsys.readouterr().out.startswith("captioned 4, skipped 0")
+        got = records(out)
+        assert {k: r["caption"] for k, r in got.items()} == {k: r["caption"] for k, r in want.items()}
+        for image, record in got.items():
+            assert record["score"] == pytest.approx(want[image]["score"], abs=1e-4)
+        made = json.loads(out.read_text().splitlines()[0])["made_with"]
+        assert made["model"] == [str(a.resolve()), str(b.resolve())]
+        assert made["decoding"]["beam_size"] == 2 and made["decoding"]["block_ngram"] == 1
 
 
 def test_caption_ray_needs_out(capsys):

@@ -12,6 +12,8 @@ import pytest
 from conftest import ROOT, needs_mobilenet
 from PIL import Image
 
+README = ROOT / "README.md"
+
 
 def _api_example() -> str:
     readme = (ROOT / "README.md").read_text()
@@ -44,6 +46,9 @@ def test_readme_python_api_example_runs(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     assert lines[0].startswith("data/example.jpg: a man ")
+    # the API decodes as the CLI does (the model's stored decoding): the README's first command
+    quoted = re.search(r"It prints `data/example\.jpg: ([^`]+)`", README.read_text()).group(1)
+    assert lines[0].split(": ", 1)[1].split(" (score")[0] == " ".join(quoted.split())
     assert lines[3].startswith("1: a man ")  # the array of the same photo: the same caption
     assert (
         lines[0].split(": ", 1)[1].split(" (score")[0]

@@ -24,9 +24,9 @@ from captioner.evaluation import (
     Section,
     score_section,
 )
+from captioner.meteor import METEOR_NOTE, NO_JAVA, MeteorScore
 from captioner.metrics import (
     BLEU_NOTE,
-    METEOR_UNAVAILABLE_NOTE,
     PYCOCO_NOTE,
     cider_d,
     corpus_bleu_scores,
@@ -34,6 +34,7 @@ from captioner.metrics import (
 )
 from captioner.report import (
     format_table,
+    md_escape,
     ranked_examples,
     render_markdown,
     write_report,
@@ -59,12 +60,22 @@ CONFIG = RunConfig(EncoderInfo("tiny", "pool"), DecoderInfo("merge", {"vocab_siz
 CHECK_SCRIPT = ROOT / "scripts" / "check_report_html.py"
 
 
+class _Jar:
+    """A stand-in for MeteorJar: the same METEOR for every image, or (None) no Java."""
+
+    def __init__(self, value: float | None) -> None:
+        self.value = value
+
+    def score(self, refs: dict[str, list[str]], hyps: dict[str, str]) -> MeteorScore:
+        if self.value is None:
+            return MeteorScore(None, {}, NO_JAVA)
+        return MeteorScore(self.value, dict.fromkeys(refs, self.value))
+
+
 def _section(beam: int, hyps: dict[str, str], refs: dict[str, list[str]], meteor=None) -> Section:
     caps = {n: Caption(tuple(range(len(t.split()))), -1.5, -1.5, True, t) for n, t in hyps.items()}
     section = Section(Decoding(beam_size=beam), caps, caption_seconds=0.5)
-    score_section(section, refs)
-    if meteor is not None:
-        section.scores["METEOR"] = meteor
+    score_section(section, refs, _Jar(meteor))
     return section
 
 
@@ -234,7 +245,8 @@ def test_markdown_has_the_summary_table_notes_and_ranked_examples(tmp_path):
     assert "Every score in the tables is x100" in md
     assert beam.startswith("| beam 3 | ")
     assert "BLEU-3" in md and "(0.3, 0.3, 0.3, 0)" in md  # the weights note
-    assert METEOR_UNAVAILABLE_NOTE.replace("`", "\\`") in md
+    assert md_escape(NO_JAVA) in md
+    assert "| METEOR 1.5 |" in md  # the header says which METEOR
     best = md.index("## Best examples by CIDEr-D (greedy)")
     worst = md.index("## Worst examples by CIDEr-D (greedy)")
     cider = cider_d(REFS, GREEDY)[1]
@@ -261,9 +273,11 @@ def test_meteor_value_replaces_the_note(tmp_path):
     data = json.loads(
         write_report(tmp_path / "out", _result(tmp_path, meteor=0.25))["json"].read_text()
     )
-    assert data["metrics"]["METEOR"] == 0.25 and "meteor" not in data["notes"]
+    assert data["metrics"]["METEOR"] == 0.25 and data["notes"]["meteor"] == METEOR_NOTE
+    assert [im["METEOR"] for im in data["images"]] == [0.25] * 3
     md = render_markdown(data)
-    assert "| 25.0 |" in md and "METEOR was skipped" not in md  # x100
+    assert "| 25.0 |" in md and "METEOR n/a" not in md  # x100
+    assert "METEOR 1.5 as coco-caption computes it" in md
 
 
 def test_stdout_table():
@@ -334,6 +348,7 @@ def test_html_is_self_contained_with_tables_gallery_and_sort_script(tmp_path):
     assert not page.find("link") and not page.find("iframe")
     assert "http" not in "".join(page.scripts)
     assert len(page.find("table", id="metrics")) == 1
+    assert [a["title"] for a in page.find("td") if "title" in a] == [NO_JAVA, NO_JAVA]  # n/a cells
     assert len(page.find("ul", id="skipped")) == 1
     tables = 3 if HAVE_PYCOCO else 2  # scores, details (and the pycocoevalcap cross-check)
     assert len([t for t, _ in page.tags if t == "tr"]) == 3 * tables  # header + 2 rows each

@@ -208,3 +208,24 @@ def test_resize_method_travels_from_cache_to_run_to_captioning(tmp_path, monkeyp
     monkeypatch.setattr(Captioner, "encode_images", lambda self, x: np.zeros((len(x), 4)))
     list(captioner.encode_paths([("a", tmp_path / "a.jpg")], batch_size=2))
     assert seen == [((8, 8), "bicubic")]
+
+
+def test_decoding_is_stored_and_old_folders_decode_as_their_preset(tmp_path):
+    from captioner.decoding_config import DecodingConfig
+    from captioner.presets import PRESETS
+    from captioner.runs import DEFAULT_RUN
+
+    bundled = RunConfig.load(DEFAULT_RUN)
+    assert bundled.decoding == DecodingConfig(beam_size=3, alpha=0.7, block_ngram=2)
+    assert bundled.decoding == PRESETS["default"].decoding  # what the default preset says
+    raw = json.loads((DEFAULT_RUN / "config.json").read_text())
+    for preset, want in (("classic", DecodingConfig(beam_size=1)),
+                         ("default", PRESETS["default"].decoding), (None, DecodingConfig()),
+                         ("gone", DecodingConfig())):
+        old = {k: v for k, v in raw.items() if k != "decoding"} | {"preset": preset}
+        assert RunConfig.from_dict(old).decoding == want, preset
+    saved = RunConfig.from_dict(raw | {"decoding": {"beam_size": 5, "alpha": 1.0}})
+    saved.save(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["decoding"] == {
+        "beam_size": 5, "n_best": 1, "alpha": 1.0, "block_ngram": 0, "max_length": None}
+    assert RunConfig.load(tmp_path).decoding == DecodingConfig(beam_size=5, alpha=1.0)

@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -23,11 +24,12 @@ from PIL import Image  # noqa: E402
 from serve_fixtures import FakeEncoder, photo, tiny_attention_run, tiny_engine  # noqa: E402
 
 from captioner.cli import build_parser, main  # noqa: E402
+from captioner.decoding_config import MAX_BEAM_SIZE, DecodingConfig  # noqa: E402
 from captioner.figures import attention_figure  # noqa: E402
 from captioner.images import load_image  # noqa: E402
 from captioner.inference import Captioner  # noqa: E402
 from captioner.serve.app import Settings, create_app, render_page  # noqa: E402
-from captioner.serve.engine import Item, Options, bucket, read_test_scores  # noqa: E402
+from captioner.serve.engine import Engine, Item, Options, bucket, read_test_scores  # noqa: E402
 from captioner.serve.heatmap import heatmap_image  # noqa: E402
 from captioner.serve.uploads import Limits  # noqa: E402
 
@@ -91,13 +93,43 @@ def test_records_match_captioner_caption_json(client, tiny, tmp_path, monkeypatc
     path = tmp_path / "p4.png"
     path.write_bytes(photo(4))
     monkeypatch.setattr(Captioner, "encoder", lambda self: FakeEncoder(table))
-    # the service decodes without length normalisation or n-gram blocking
-    argv = ["caption", str(path), "--model", str(run), "--json", "--n-best", "2",
-            "--alpha", "0", "--block-ngram", "0"]
+    argv = ["caption", str(path), "--model", str(run), "--json", "--n-best", "2"]
     assert main(argv) == 0
     cli = json.loads(capsys.readouterr().out)
     [api] = _post(client, ("p4.png", photo(4)), n_best=2).json()["results"]
     assert api == cli | {"image": "p4.png"}
+
+
+def _stored(run, folder, **decoding):
+    """A copy of ``run`` whose config.json stores ``decoding``."""
+    copy = folder / "stored"
+    shutil.copytree(run, copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps(config | {"decoding": decoding}))
+    return copy
+
+
+@pytest.mark.parametrize("form", [{}, {"beam_size": 1}, {"n_best": 2, "alpha": 0}])
+def test_service_decodes_as_the_cli_with_the_stored_decoding(tiny, tmp_path, monkeypatch, capsys,
+                                                             form):
+    """Default form fields give `caption --json`'s captions and scores (the model's stored
+    decoding, here beam 3, alpha 2, no repeated word); a field overrides as the flag does."""
+    run, table, _ = tiny
+    stored = _stored(run, tmp_path, beam_size=3, alpha=2.0, block_ngram=1)
+    monkeypatch.setattr(Captioner, "encoder", lambda self: FakeEncoder(table))
+    paths = [tmp_path / f"p{k}.png" for k in range(len(table))]
+    for k, path in enumerate(paths):
+        path.write_bytes(photo(k))
+    flags = [x for k, v in form.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    assert main(["caption", *map(str, paths), "--model", str(stored), "--json", *flags]) == 0
+    cli = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    with _client(tiny_engine(stored, table)) as c:
+        api = _post(c, *[(p.name, p.read_bytes()) for p in paths], **form).json()["results"]
+        assert c.get("/v1/model").json()["decoding"]["alpha"] == 2.0
+    assert api == [r | {"image": p.name} for r, p in zip(cli, paths, strict=True)]
+    plain = Captioner.from_run(run, weights="last").caption(table, **form)  # alpha 0, no blocking
+    if not form:  # the stored decoding made a difference the service had to follow
+        assert [r.text for r in plain] != [r["caption"] for r in api]
 
 
 def test_n_best_and_beam_size_reach_the_search(client, engine, tiny):
@@ -212,8 +244,12 @@ def test_decompression_bomb_is_refused_before_decoding(client):
 
 
 @pytest.mark.parametrize("fields, phrase", [
-    ({"beam_size": 0}, "beam_size must be from 1 to 10"),
-    ({"beam_size": 11}, "beam_size must be from 1 to 10"),
+    ({"beam_size": 0}, f"beam_size must be from 1 to {MAX_BEAM_SIZE}"),
+    ({"beam_size": MAX_BEAM_SIZE + 1}, f"beam_size must be from 1 to {MAX_BEAM_SIZE}"),
+    ({"alpha": -1}, "alpha must be a decimal number"),
+    ({"alpha": 11}, "alpha must be from 0 to 10"),
+    ({"block_ngram": "x"}, "block_ngram must be a whole number"),
+    ({"max_length": 0}, "max_length must be from 1 to"),
     ({"beam_size": "three"}, "beam_size must be a whole number"),
     ({"beam_size": 2, "n_best": 3}, "n_best must be from 1 to 2"),
     ({"n_best": -1}, "n_best must be a whole number"),
@@ -330,7 +366,7 @@ def test_encoder_batches_are_padded_to_powers_of_two(engine, tiny, monkeypatch):
 
     monkeypatch.setattr(engine.captioner, "encode_images", spy)
     pixels = [np.full((32, 32, 3), (40 * k, 90, 160), np.uint8) for k in (3, 1, 4)]
-    outputs = engine.run([Item(p, Options(beam_size=3)) for p in pixels])
+    outputs = engine.run([Item(p, Options(DecodingConfig(beam_size=3))) for p in pixels])
     assert seen == [4] and [o.captions[0].text for o in outputs] == [expected[k] for k in (3, 1, 4)]
     assert [bucket(n) for n in (1, 2, 3, 5, 8, 9, 16)] == [1, 2, 4, 8, 8, 16, 16]
 
@@ -439,3 +475,36 @@ def test_help_does_not_import_the_web_stack():
                             timeout=120, env={**os.environ})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "127.0.0.1" in result.stdout and result.stdout.strip().endswith("[]")
+
+
+@pytest.mark.shared
+def test_bundled_model_serves_what_caption_json_prints(tmp_path, capsys):
+    """data/example.jpg and 8 Flickr8k test photos (when ../shared has them): the service's
+    default answer is `captioner caption --json`'s caption and score, and beam_size=1 is
+    `caption --beam-size 1`."""
+    from conftest import FLICKR_IMAGES, FLICKR_TEXT, ROOT
+
+    from captioner.runs import DEFAULT_RUN
+
+    paths = [ROOT / "data" / "example.jpg"]
+    split = FLICKR_TEXT / "Flickr_8k.testImages.txt"
+    if split.is_file():
+        paths += [FLICKR_IMAGES / n for n in split.read_text().split()[:8]]
+    engine = Engine.from_run(DEFAULT_RUN)
+    with _client(engine) as client:
+        for flags, fields in (([], {}), (["--beam-size", "1"], {"beam_size": 1})):
+            assert main(["caption", *map(str, paths), "--json", *flags]) == 0
+            cli = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+            answer = _post(client, *[(p.name, p.read_bytes(), "image/jpeg") for p in paths],
+                           **fields).json()["results"]
+            assert [(a["caption"], a["score"]) for a in answer] == [
+                (c["caption"], c["score"]) for c in cli], flags
+
+
+def test_serve_takes_the_caption_decoding_options_and_several_models(capsys):
+    args = build_parser().parse_args(["serve", "--model", "a", "b", "--alpha", "0.5",
+                                      "--block-ngram", "0"])
+    assert args.model == ["a", "b"] and (args.alpha, args.block_ngram, args.beam_size) == (
+        0.5, 0, None)  # unset: the model's stored decoding
+    assert main(["serve", "--beam-size", "0"]) == 2
+    assert "--beam-size must be from 1 to" in capsys.readouterr().err

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from captioner.decoding_config import MAX_BEAM_SIZE, DecodingConfig
 from captioner.errors import RequestError
 from captioner.serve.engine import Options
 from captioner.serve.uploads import (
@@ -40,15 +41,22 @@ def test_content_types(kind, ok):
 
 
 def test_options_defaults_and_ranges():
-    limits = Limits()
-    assert parse_options({}, True, limits, 3) == Options(beam_size=3, n_best=1)
+    stored = DecodingConfig(beam_size=3, alpha=0.7, block_ngram=2)  # the model's own
+    assert parse_options({}, True, stored) == Options(stored)
     assert parse_options({"beam_size": ["5"], "n_best": ["5"], "attention": ["on"],
-                          "heatmap": ["0"]}, True, limits, 3) == Options(5, 5, True, False)
-    assert parse_options({"beam_size": [""]}, False, limits, 2).beam_size == 2
+                          "heatmap": ["0"]}, True, stored) == Options(
+        DecodingConfig(5, 5, 0.7, 2), True, False)
+    assert parse_options({"beam_size": [""]}, False, DecodingConfig(2)).decoding.beam_size == 2
+    assert parse_options({"alpha": ["0"], "block_ngram": ["0"], "max_length": ["7"]}, False,
+                         stored).decoding == DecodingConfig(3, 1, 0.0, 0, 7)
+    assert parse_options({"alpha": [".5"]}, False, stored).decoding.alpha == 0.5
     for fields in ({"beam_size": ["1.5"]}, {"beam_size": ["1e3"]}, {"n_best": ["0"]},
-                   {"beam_size": ["99999999"]}, {"attention": ["2"]}):
+                   {"beam_size": ["99999999"]}, {"attention": ["2"]}, {"n_best": ["4"]},
+                   {"alpha": ["-1"]}, {"alpha": ["nan"]}, {"alpha": ["1e9"]}, {"alpha": ["11"]},
+                   {"block_ngram": ["-1"]}, {"max_length": ["0"]}, {"max_length": ["501"]},
+                   {"beam_size": [str(MAX_BEAM_SIZE + 1)]}):
         with pytest.raises(RequestError) as err:
-            parse_options(fields, True, limits, 3)
+            parse_options(fields, True, stored)
         assert err.value.status == 400 and "\n" not in str(err.value)
 
 

@@ -20,7 +20,7 @@ from captioner.cache import open_features
 from captioner.cli import main
 from captioner.errors import CaptionerError
 from captioner.inference import Captioner
-from captioner.runs import RunConfig
+from captioner.runs import RunConfig, read_history
 from captioner.training import TrainConfig, train
 
 TINY = dict(batch_size=8, embed_dim=16, units=32, dropout=0.0, min_count=1, learning_rate=0.02,
@@ -120,6 +120,32 @@ def _cli_args(data, out, epochs):
             "--batch-size", "4", "--embed-dim", "16", "--units", "32", "--min-count", "1",
             "--learning-rate", "0.01", "--val-bleu-images", "4", "--patience", "0",
             "--dropout", "0.2", "--quiet"]
+
+
+def test_resume_without_epochs_finishes_the_runs_own_schedule(tmp_path, data, capsys):
+    """A 3-epoch run stopped after epoch 1 resumes to 3 (not the preset's 20); resuming a
+    finished run, or asking for fewer epochs than done, says so in one line."""
+    out = tmp_path / "run"
+    assert main(_cli_args(data, out, 1)) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["decoding"] == {"beam_size": 1, "n_best": 1, "alpha": 0.0, "block_ngram": 0,
+                                  "max_length": None}  # the classic preset's, written by train
+    config["training"]["epochs"] = 3  # as if a 3-epoch run was killed after its first epoch
+    (out / "config.json").write_text(json.dumps(config))
+    resume = ["train", "--out", str(out), "--resume", "--quiet"]
+    capsys.readouterr()
+    assert main(resume) == 0
+    assert [r["epoch"] for r in read_history(out / "history.csv")] == [1, 2, 3]
+    assert RunConfig.load(out).training["epochs"] == 3
+    capsys.readouterr()
+    assert main(resume) == 0
+    err = capsys.readouterr().err.strip()
+    assert err == f"{out} has finished 3 of its 3 epochs; nothing to train (--resume --epochs N, " \
+                  "N above 3, trains on)"
+    assert main([*resume, "--epochs", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--epochs 2 is below the 3 epochs" in err
+    assert len(read_history(out / "history.csv")) == 3
 
 
 def test_sigkill_loses_at_most_the_epoch_in_flight(tmp_path, data):

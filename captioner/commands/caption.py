@@ -21,11 +21,53 @@ line and the others go on), 2 on a usage or model error.
 """
 
 
+def add_decoding_options(p: argparse.ArgumentParser, beam_nargs: str | None = None) -> None:
+    """The decoding options of ``caption``, ``evaluate`` and ``serve``: each left unset takes
+    the model's stored decoding (``"decoding"`` in its config.json)."""
+    from captioner.decoding_config import MAX_BEAM_SIZE, MAX_LENGTH
+
+    g = p.add_argument_group("decoding (default: the model's own, stored in its config.json)")
+    g.add_argument("--beam-size", type=int, default=None, nargs=beam_nargs, metavar="K",
+                   help=f"beam width, 1 = greedy, at most {MAX_BEAM_SIZE}"
+                   + ("; one report section per value" if beam_nargs else ""))
+    if not beam_nargs:
+        g.add_argument("--n-best", type=int, default=None, metavar="N",
+                       help="captions per image, best first (at most the beam size)")
+    g.add_argument("--alpha", type=float, default=None,
+                   help="length normalisation: score = log-prob / length**alpha (0 = off)")
+    g.add_argument("--block-ngram", type=int, default=None, metavar="N",
+                   help="forbid repeating any N-gram within a caption (0 = off)")
+    g.add_argument("--max-length", type=int, default=None, metavar="TOKENS",
+                   help=f"most tokens to generate (at most {MAX_LENGTH}; default: the model's "
+                   "maximum)")
+
+
+def decoding_overrides(args: argparse.Namespace) -> dict:
+    """The decoding fields given on the command line (None: the model's), each checked on its
+    own before any model loads."""
+    from captioner.decoding_config import DecodingError, check_overrides, cli_error
+
+    names = ("beam_size", "n_best", "alpha", "block_ngram", "max_length")
+    overrides = {k: getattr(args, k) for k in names if hasattr(args, k)}
+    try:
+        check_overrides(**{k: v for k, v in overrides.items() if not isinstance(v, list)})
+    except DecodingError as exc:
+        raise cli_error(exc) from None
+    return overrides
+
+
+def model_decoding(captioner, **overrides):
+    """The model's stored decoding with the command line's overrides (errors name the flag)."""
+    from captioner.decoding_config import DecodingError, cli_error
+
+    try:
+        return captioner.decoding_for(**overrides)
+    except DecodingError as exc:
+        raise cli_error(exc) from None
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``captioner caption``."""
-    from captioner.presets import get_preset
-
-    decoding = get_preset(None)  # the bundled model's decoding settings
     p = sub.add_parser(
         "caption",
         help="caption images (default: the bundled model)",
@@ -41,18 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="run folder from `captioner train` (default: weights/default, the "
                    "bundled Flickr8k model); several folders over the same encoder decode as "
                    "an ensemble that averages their per-step log-probabilities")
-    p.add_argument("--beam-size", type=int, default=3,
-                   help="beam width; 1 = greedy (default %(default)s)")
-    p.add_argument("--n-best", type=int, default=1,
-                   help="captions per image, best first (at most --beam-size; default %(default)s)")
-    p.add_argument("--alpha", type=float, default=decoding.alpha,
-                   help="length normalisation: score = log-prob / length**alpha (default "
-                   "%(default)s, the bundled model's)")
-    p.add_argument("--block-ngram", type=int, default=decoding.block_ngram, metavar="N",
-                   help="forbid repeating any N-gram within a caption (0 = off; default "
-                   "%(default)s, the bundled model's)")
-    p.add_argument("--max-length", type=int, default=None,
-                   help="most tokens to generate (default: the model's maximum)")
+    add_decoding_options(p)
     p.add_argument("--features", metavar="H5",
                    help="read image features from this cache instead of running the encoder")
     p.add_argument("--batch-size", type=int, default=16, help="images per batch (default %(default)s)")
@@ -110,8 +141,7 @@ def _check(args: argparse.Namespace) -> None:
     from captioner.errors import CaptionerError
 
     checks.at_least("--batch-size", args.batch_size, 1)
-    checks.search_options(args.beam_size, args.n_best, args.alpha, args.block_ngram,
-                          args.max_length)
+    decoding_overrides(args)
     if args.attention_map:
         checks.output_file("--attention-map", args.attention_map, "attention.png")
         if args.features:
@@ -126,20 +156,19 @@ def run_caption(args: argparse.Namespace) -> int:
     from captioner.runs import DEFAULT_RUN
 
     _check(args)
-    model_dir = Path(args.model[0]) if args.model else DEFAULT_RUN
-    search = {"beam_size": args.beam_size, "n_best": args.n_best, "alpha": args.alpha,
-              "block_ngram": args.block_ngram, "max_length": args.max_length}
+    models = [Path(m) for m in args.model or [DEFAULT_RUN]]
     if args.out or args.engine == "ray":
-        return _to_file(args, model_dir, search)
-    captioner = load_captioner(args.model or [DEFAULT_RUN])
+        return _to_file(args, models, decoding_overrides(args))
+    captioner = load_captioner(models)
+    decoding = model_decoding(captioner, **decoding_overrides(args))
     if args.attention_map and captioner.decoder.kind != "attention":
         raise CaptionerError("--attention-map needs an attention model (this run's decoder is "
                              f"'{captioner.decoder.kind}')")
     if args.features:
-        results = _from_features(captioner, model_dir, args.features, args.images, search)
+        results = _from_features(captioner, models[0], args.features, args.images, decoding)
     else:
-        found = captioner.caption(expand_images(args.images), batch_size=args.batch_size,
-                                  attention=bool(args.attention_map), **search)
+        found = captioner.caption(expand_images(args.images), decoding,
+                                  batch_size=args.batch_size, attention=bool(args.attention_map))
         for r in found:
             if r.warning:
                 print(f"{r.image}: warning: {r.warning}", file=sys.stderr)
@@ -153,8 +182,9 @@ def run_caption(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _to_file(args: argparse.Namespace, model_dir: Path, search: dict) -> int:
-    """``--out FILE.jsonl`` (either engine): resumable JSON lines, a summary line on stdout."""
+def _to_file(args: argparse.Namespace, models: list[Path], overrides: dict) -> int:
+    """``--out FILE.jsonl`` (either engine, every --model): resumable JSON lines that record
+    the model and decoding they were made with; a summary line on stdout."""
     from captioner.errors import CaptionerError
 
     if not args.out:
@@ -165,26 +195,29 @@ def _to_file(args: argparse.Namespace, model_dir: Path, search: dict) -> int:
     if args.engine == "ray":
         from captioner.engines.ray_caption import caption_ray
 
-        summary = caption_ray(model_dir, paths, Path(args.out), batch_size=args.batch_size,
+        summary = caption_ray(models, paths, Path(args.out), batch_size=args.batch_size,
                               address=args.ray_address, actors=args.actors,
-                              gpus_per_actor=args.gpus_per_actor, **search)
+                              gpus_per_actor=args.gpus_per_actor, overrides=overrides)
     else:
         from captioner.caption_lines import caption_to_file
-        from captioner.inference import Captioner
+        from captioner.inference import load_captioner
 
-        summary = caption_to_file(Captioner.from_run(model_dir), paths, Path(args.out),
-                                  args.batch_size, **search)
+        captioner = load_captioner(models)
+        decoding = model_decoding(captioner, **overrides)
+        summary = caption_to_file(captioner, paths, Path(args.out), args.batch_size, decoding,
+                                  models)
     print(summary.line())
     return 1 if summary.failed else 0
 
 
-def _from_features(captioner, model_dir: Path, path: str, names: list[str], search: dict):
+def _from_features(captioner, model_dir: Path, path: str, names: list[str], decoding):
     """(name, captions, error, file) per name: a missing or damaged row fails alone."""
     from captioner.evaluation import open_matching_cache
 
     with open_matching_cache(path, model_dir, captioner.config) as reader:
         good, feats, bad = reader.read_valid(list(dict.fromkeys(names)))
-    by_name = dict(zip(good, captioner.caption_rows(feats, **search), strict=True)) if good else {}
+    found = captioner.caption(feats, decoding, batch_size=128) if good else []
+    by_name = {name: (r.captions or None, r.error) for name, r in zip(good, found, strict=True)}
     results = []
     for name in names:
         caps, error = by_name.get(name, (None, bad.get(name)))

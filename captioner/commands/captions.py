@@ -46,20 +46,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         required=True,
         metavar="FILE",
         help="caption file: Flickr8k token file (IMAGE#N<TAB>caption), Kaggle captions.txt CSV "
-        "(image,caption) or COCO captions JSON; e.g. --captions Flickr8k.token.txt",
+        "(image,caption), COCO captions JSON or Karpathy dataset_*.json; e.g. --captions "
+        "Flickr8k.token.txt",
     )
     stats.add_argument(
         "--format",
         default="auto",
-        choices=("auto", "flickr8k", "csv", "coco"),
+        choices=("auto", "flickr8k", "csv", "coco", "karpathy"),
         help="caption file format (default: auto, from the extension and first line); "
         "e.g. --format csv",
     )
     stats.add_argument(
         "--split",
-        metavar="FILE",
-        help="only the images listed in FILE, one name a line (default: every image); "
-        "e.g. --split Flickr_8k.trainImages.txt",
+        metavar="FILE|test",
+        help="only the images listed in FILE, one name a line, or a split of a Karpathy file "
+        "(train, val, test) (default: every image); e.g. --split Flickr_8k.trainImages.txt",
     )
     stats.add_argument(
         "--min-count",
@@ -121,7 +122,7 @@ def caption_stats(cleaned: Mapping[str, Sequence[str]], min_count: int = 1) -> d
 
 def run_stats(args: argparse.Namespace) -> int:
     """Handler of ``captioner captions stats``."""
-    from captioner.captions import filter_split, load_split, read_captions
+    from captioner.captions import filter_split, read_captions, split_names
     from captioner.cleaning import clean_captions
     from captioner.errors import CaptionerError
 
@@ -131,7 +132,7 @@ def run_stats(args: argparse.Namespace) -> int:
     captions = source.captions
     problems = [str(p) for p in source.problems]
     if args.split:
-        split = filter_split(captions, load_split(args.split))
+        split = filter_split(captions, split_names(args.split, source))
         captions = split.captions
         problems += [f"{args.split}: {n!r} has no captions" for n in split.without_captions]
     stats = caption_stats(clean_captions(captions), args.min_count)

@@ -24,13 +24,14 @@ with --features to get thumbnails in the gallery.
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``captioner evaluate``."""
+    from captioner.commands.caption import add_decoding_options
     from captioner.evaluation import ATTENTION_IMAGES, DEFAULT_BATCH_SIZE
-    from captioner.presets import add_preset_option
+    from captioner.presets import PRESETS
     from captioner.report import GALLERY_IMAGES, THUMBNAIL_SIZE
 
     p = sub.add_parser(
         "evaluate",
-        help="score a run on a test split (BLEU-1..4, CIDEr-D, ROUGE-L) into a report",
+        help="score a run on a test split (BLEU-1..4, CIDEr-D, ROUGE-L, METEOR 1.5) into a report",
         description="Caption every image of a split with a run folder and score the captions "
         "against all reference captions (cleaned with the run's own rules).",
         epilog=EXAMPLE,
@@ -55,7 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--captions",
         required=True,
         metavar="FILE",
-        help="caption file holding the references (Flickr8k token file, Kaggle CSV or COCO JSON)",
+        nargs="+",
+        help="caption file holding the references (Flickr8k token file, Kaggle CSV, COCO JSON "
+        "or Karpathy dataset_*.json); several files are merged",
     )
     p.add_argument(
         "--features",
@@ -70,35 +73,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--split",
-        metavar="FILE",
-        help="image names to evaluate, one a line (default with --features: every "
-        "image in the cache)",
-    )
-    add_preset_option(p)
-    p.add_argument(
-        "--beam-size",
-        type=int,
-        nargs="+",
-        default=None,
-        metavar="K",
-        help="one report section per value; 1 = greedy (default: the preset's, 3 for "
-        "'default', 1 for 'classic')",
+        metavar="FILE|test",
+        help="image names to evaluate, one a line, or a split of a Karpathy caption file "
+        "(train, val, test) (default with --features: every image in the cache)",
     )
     p.add_argument(
-        "--alpha",
-        type=float,
+        "--preset",
+        choices=list(PRESETS),
         default=None,
-        help="beam length normalisation: score = log-prob / length**alpha (default: the "
-        "preset's, 0.7 for 'default', 0 for 'classic')",
+        help="decode as this preset does instead of as the run's config.json says",
     )
-    p.add_argument(
-        "--block-ngram",
-        type=int,
-        default=None,
-        metavar="N",
-        help="forbid repeating any N-gram within a caption (0 = off; default: the preset's, 2 "
-        "for 'default', 0 for 'classic')",
-    )
+    add_decoding_options(p, beam_nargs="+")
     p.add_argument(
         "--limit", type=int, default=None, metavar="N", help="evaluate only the first N images"
     )
@@ -153,8 +138,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """Evaluate, write the report, print the summary table."""
+    from captioner.captions import caption_inputs
+    from captioner.commands.caption import decoding_overrides
     from captioner.errors import CaptionerError
-    from captioner.evaluation import Decoding, evaluate
+    from captioner.evaluation import evaluate
+    from captioner.meteor import missing_line
     from captioner.presets import get_preset
     from captioner.report import build_payload, format_table, write_report
     from captioner.runs import CONFIG_FILE, DEFAULT_RUN
@@ -167,8 +155,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
         model = DEFAULT_RUN
     from captioner import checks
 
-    for k in args.beam_size or ():  # None: the preset's
-        checks.beam_size(k)
+    overrides = decoding_overrides(args)  # None: the run's stored decoding
+    for k in args.beam_size or ():
+        decoding_overrides(argparse.Namespace(beam_size=k))
     checks.at_least("--batch-size", args.batch_size, 1)
     checks.at_least("--limit", args.limit, 1)
     if Path(args.report).is_file():
@@ -176,11 +165,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
     for name in ("gallery", "thumbnail_size", "attention_images"):
         if getattr(args, name) < 0 or (name == "thumbnail_size" and args.thumbnail_size < 16):
             raise CaptionerError(f"--{name.replace('_', '-')} is too small: {getattr(args, name)}")
-    preset = get_preset(args.preset)
-    beams = args.beam_size or preset.beam_sizes
-    args.alpha = preset.alpha if args.alpha is None else args.alpha
-    args.block_ngram = preset.block_ngram if args.block_ngram is None else args.block_ngram
-    decodings = [Decoding(k, args.alpha, args.block_ngram) for k in dict.fromkeys(beams)]
+    args.captions, args.split = caption_inputs(args.captions, args.report, args.split)
+    if args.preset:  # the preset's decoding, then the options given
+        overrides = {**get_preset(args.preset).decoding.to_dict(),
+                     **{k: v for k, v in overrides.items() if v is not None}}
+    overrides["n_best"] = 1
+    beams = overrides.pop("beam_size")  # the values given, a preset's, or None (the run's)
+    beams = beams if isinstance(beams, list) else [beams]
+    decodings = [{**overrides, "beam_size": k} for k in dict.fromkeys(beams)]
     result = evaluate(
         model,
         args.captions,
@@ -199,11 +191,16 @@ def run_evaluate(args: argparse.Namespace) -> int:
     paths = write_report(
         args.report, result, gallery=args.gallery, thumbnail_size=args.thumbnail_size
     )
+    meteor_missing = missing_line(s.scores for s in result.sections)  # why, and how to add it
     if args.json:
         _print_json(result, paths["html"])
+        if meteor_missing:
+            print(meteor_missing, file=sys.stderr)
         return 0
     if not args.quiet:
         print(format_table(build_payload(result)))
+        if meteor_missing:
+            print(meteor_missing)
         if result.skipped:
             print(f"{len(result.skipped)} image(s) skipped (see report.json 'skipped')")
     if result.failed:
@@ -223,7 +220,7 @@ def _print_json(result, report_path) -> None:
     payload = build_payload(result)
     for section, data in zip(result.sections, payload["sections"], strict=True):
         for row in data["images"]:
-            metrics = {k: row[k] for k in ("BLEU-4", "CIDEr-D", "ROUGE-L") if k in row}
+            metrics = {k: row[k] for k in ("BLEU-4", "CIDEr-D", "ROUGE-L", "METEOR") if k in row}
             record = {
                 records.IMAGE: row["image"],
                 records.DECODING: data["settings"]["label"],

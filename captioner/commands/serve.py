@@ -12,7 +12,7 @@ EXAMPLE = """\
 examples:
   captioner serve                                   # the bundled model on http://127.0.0.1:8000
   captioner serve --model runs/attention --port 8080
-  curl -F images=@photo.jpg -F beam_size=3 http://127.0.0.1:8000/v1/captions
+  curl -F images=@photo.jpg -F beam_size=1 http://127.0.0.1:8000/v1/captions
 
   captioner serve --host 0.0.0.0 --api-key-file keys.txt   # beyond localhost: keys needed
   curl -H "Authorization: Bearer $KEY" -F images=@photo.jpg http://HOST:8000/v1/captions
@@ -36,12 +36,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", metavar="RUN_DIR", default=None,
-                   help="run folder from `captioner train` (default: weights/default)")
+    from captioner.commands.caption import add_decoding_options
+
+    p.add_argument("--model", metavar="RUN_DIR", default=None, nargs="+", action="extend",
+                   help="run folder from `captioner train` (default: weights/default); several "
+                   "folders over the same encoder decode as one ensemble")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="port (default %(default)s)")
-    p.add_argument("--beam-size", type=int, default=3,
-                   help="beam width when a request gives none (default %(default)s)")
+    add_decoding_options(p)  # a request's defaults; each request may override them
     p.add_argument("--max-batch", type=int, default=16,
                    help="most images decoded together (default %(default)s)")
     p.add_argument("--max-wait-ms", type=float, default=5.0,
@@ -78,12 +80,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def settings_from(args: argparse.Namespace):
     """:class:`~captioner.serve.app.Settings` from the options, each checked."""
+    from captioner.commands.caption import decoding_overrides
     from captioner.errors import CaptionerError
     from captioner.serve.app import Settings
-    from captioner.serve.engine import MAX_BEAM
     from captioner.serve.uploads import Limits
 
-    checks = [("--port", args.port, 0, 65535), ("--beam-size", args.beam_size, 1, MAX_BEAM),
+    decoding_overrides(args)
+    checks = [("--port", args.port, 0, 65535),
               ("--max-batch", args.max_batch, 1, 1024), ("--max-queue", args.max_queue, 1, 1 << 20),
               ("--max-images", args.max_images, 1, 1024), ("--max-wait-ms", args.max_wait_ms, 0, 1000),
               ("--max-mb", args.max_mb, 0.001, 1024), ("--max-pixels", args.max_pixels, 1, 1 << 31),
@@ -96,7 +99,7 @@ def settings_from(args: argparse.Namespace):
     limits = Limits(max_images=args.max_images, max_bytes=int(args.max_mb * 2**20),
                     max_pixels=args.max_pixels)
     return Settings(limits=limits, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                    max_queue=max(args.max_queue, args.max_images), default_beam=args.beam_size,
+                    max_queue=max(args.max_queue, args.max_images),
                     api_keys=_api_keys(args), body_timeout=args.body_timeout,
                     max_uploads=args.max_uploads, log_format=args.log_format)
 
@@ -136,14 +139,19 @@ def run_serve(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise CaptionerError(f"captioner serve needs the serve extra ({exc.name} is missing): "
                              'pip install -e ".[serve]"') from None
+    from dataclasses import replace
+
+    from captioner.commands.caption import decoding_overrides, model_decoding
     from captioner.inference import DEFAULT_RUN
     from captioner.serve.app import create_app
     from captioner.serve.engine import Engine
 
     settings = settings_from(args)  # before the model loads: a bad option costs nothing
-    model_dir = Path(args.model) if args.model else DEFAULT_RUN
-    print(f"loading {model_dir} ...", file=sys.stderr, flush=True)
-    engine = Engine.from_run(model_dir)
+    models = [Path(m) for m in args.model or [DEFAULT_RUN]]
+    print(f"loading {' '.join(map(str, models))} ...", file=sys.stderr, flush=True)
+    engine = Engine.from_run(models)
+    settings = replace(settings, decoding=model_decoding(engine.captioner,
+                                                         **decoding_overrides(args)))
     print(f"warm-up: {engine.warm_up():.1f} s", file=sys.stderr, flush=True)
     if settings.api_keys is None and not _is_loopback(args.host):
         print(f"warning: listening on {args.host} without API keys (--insecure-no-auth)",

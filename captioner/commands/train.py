@@ -39,8 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last finished epoch (optimizer "
                    "state included); --epochs may extend it; other options come from the run")
-    p.add_argument("--captions", metavar="FILE", help="caption file (Flickr8k token file, "
-                   "Kaggle captions.txt or COCO JSON); required unless --resume")
+    p.add_argument("--captions", metavar="FILE", nargs="+", help="caption file (Flickr8k token "
+                   "file, Kaggle captions.txt, COCO JSON or Karpathy dataset_*.json); several "
+                   "files are merged (e.g. COCO's train and val files); required unless --resume")
     p.add_argument("--train-features", metavar="H5", help="feature cache of the training images")
     p.add_argument("--val-features", metavar="H5",
                    help="feature cache of the validation images (val loss, BLEU-4, early stopping)")
@@ -117,9 +118,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     """Handler of ``captioner train``."""
+    from captioner.captions import caption_inputs
     from captioner.errors import CaptionerError
     from captioner.training import train
 
+    if args.captions:  # several files: merged into one file in the run folder
+        args.captions = caption_inputs(args.captions, args.out)[0]
     if args.scst:
         return _run_scst(args)
     if not args.resume and not (args.captions and args.train_features):
@@ -140,8 +144,10 @@ def config_from_args(args: argparse.Namespace):
     fields = TrainConfig.__dataclass_fields__
     values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     for key, value in {"decoder": preset.decoder, **preset.training}.items():
-        if getattr(args, key, None) is None:
-            values[key] = value
+        if getattr(args, key, None) is None and not (args.resume and key == "epochs"):
+            values[key] = value  # resuming: the run's own epochs unless --epochs is given
+    if args.resume and args.epochs is None:
+        values["epochs"] = None  # the run's own schedule
     for required in ("captions", "train_features"):  # taken from the run when resuming
         values[required] = values.get(required) or ""
     return TrainConfig(**values)

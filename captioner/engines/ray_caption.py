@@ -1,8 +1,10 @@
 """``captioner caption --engine ray --out FILE.jsonl``: a large collection captioned on Ray.
 
-Images the output file lacks are decoded in Ray tasks; an actor pool holds the run's
-encoder and decoder (built once per actor) and returns one JSON record per image; the driver
-appends them to the file (:mod:`captioner.caption_lines`), so a rerun completes it.
+Images the output file lacks are decoded in Ray tasks; an actor pool holds the model (every
+``--model`` folder, loaded by :func:`captioner.inference.load_captioner` once per actor) and
+returns one JSON record per image; the driver appends them to the file
+(:mod:`captioner.caption_lines`), so a rerun completes it. The decoding is the first folder's
+stored one with the command line's overrides, resolved once in the driver.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from captioner.caption_lines import CaptionSummary, LineWriter, caption_record, pending
+from captioner.caption_lines import CaptionSummary, LineWriter, caption_record, made_with, pending
 from captioner.engines.ray_runtime import (
     DECODE_CPUS,
     actor_threads,
@@ -27,14 +29,15 @@ from captioner.progress import progress as progress_bar
 
 
 class CaptionActor:
-    """Ray actor: the run's encoder and decoder, built once; pixels in, JSON records out."""
+    """Ray actor: the model's encoder and decoders, built once; pixels in, JSON records out."""
 
-    def __init__(self, run_dir: str, search: dict[str, Any]):
+    def __init__(self, models: list[str], decoding: dict[str, Any]):
         limit_backend_threads(actor_threads())
-        from captioner.inference import Captioner
+        from captioner.decoding_config import DecodingConfig
+        from captioner.inference import load_captioner
 
-        self.captioner = Captioner.from_run(run_dir)
-        self.search = search
+        self.captioner = load_captioner(models)
+        self.decoding = DecodingConfig.from_dict(decoding)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = np.flatnonzero(batch["error"] == "")
@@ -44,25 +47,31 @@ class CaptionActor:
         ]
         if len(ok):
             feats = self.captioner.encode_images(batch["pixels"][ok])
-            # (captions, None) or (None, reason) per row: a non-finite row fails alone
-            found = self.captioner.caption_rows(feats, **self.search)
-            for i, (caps, error) in zip(ok, found, strict=True):
-                records[i] = caption_record(str(batch["image"][i]), caps, error)
+            # captions or the reason per row: a non-finite row fails alone
+            found = self.captioner.caption(feats, self.decoding, batch_size=len(ok))
+            for i, r in zip(ok, found, strict=True):
+                records[i] = caption_record(str(batch["image"][i]), r.captions, r.error)
         return {"record": np.array([json.dumps(r) for r in records], dtype=object)}
 
 
-def run_image_settings(run_dir: Path) -> tuple[tuple[int, int], str]:
-    """(input size, resize method) of the run's encoder, from its config (no model built)."""
+def run_settings(run_dir: Path, overrides: dict[str, Any]):
+    """(input size, resize method, decoding) of the first run folder, from its config alone
+    (no model built; the decoding errors name the command-line flag)."""
+    from captioner.decoding_config import DecodingError, cli_error
     from captioner.encoders import get_spec
     from captioner.runs import RunConfig
 
-    encoder = RunConfig.load(run_dir).encoder
-    size = encoder.input_size or get_spec(encoder.name).input_size
-    return (int(size[0]), int(size[1])), encoder.resample
+    config = RunConfig.load(run_dir)
+    size = config.encoder.input_size or get_spec(config.encoder.name).input_size
+    try:
+        decoding = config.decoding.replace(**overrides)
+    except DecodingError as exc:
+        raise cli_error(exc) from None
+    return (int(size[0]), int(size[1])), config.encoder.resample, decoding
 
 
 def caption_ray(
-    run_dir: Path,
+    models: list[Path],
     paths: list[Path],
     out: Path,
     *,
@@ -71,12 +80,14 @@ def caption_ray(
     actors: int = 1,
     gpus_per_actor: float = 0.0,
     progress: bool = True,
-    **search: Any,
+    overrides: dict[str, Any] | None = None,
 ) -> CaptionSummary:
-    """Caption ``paths`` into the JSON-lines file ``out`` on Ray, skipping images it holds."""
+    """Caption ``paths`` into the JSON-lines file ``out`` on Ray with every folder of
+    ``models`` (an ensemble when several), skipping images it holds; ``overrides``: decoding
+    fields that replace the first folder's stored ones (None: keep)."""
     check_options(actors, gpus_per_actor, batch_size)
-    size, resample = run_image_settings(run_dir)
-    todo, summary = pending(paths, out)
+    size, resample, decoding = run_settings(models[0], overrides or {})
+    todo, summary = pending(paths, out, made_with(models, decoding))
     if not todo:
         return summary
     with ray_session(address) as ray, LineWriter(out, summary) as writer:
@@ -91,7 +102,8 @@ def caption_ray(
         )
         ds = ds.map_batches(
             CaptionActor,
-            fn_constructor_kwargs={"run_dir": str(run_dir), "search": search},
+            fn_constructor_kwargs={"models": [str(m) for m in models],
+                                   "decoding": decoding.to_dict()},
             batch_size=batch_size,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=actors),

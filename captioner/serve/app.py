@@ -1,6 +1,7 @@
 """The FastAPI application of ``captioner serve``.
 
-Routes: ``POST /v1/captions`` (multipart ``images`` + ``beam_size``, ``n_best``, ``attention``,
+Routes: ``POST /v1/captions`` (multipart ``images`` + ``beam_size``, ``n_best``, ``alpha``,
+``block_ngram``, ``max_length`` (default: the model's stored decoding), ``attention``,
 ``heatmap``), ``GET /`` (the page), ``GET /v1/model``, ``GET /healthz``, ``GET /metrics``
 (Prometheus) and ``/static/*`` (the page's script and style). Every request passes
 :class:`~captioner.serve.frontdoor.Frontdoor` first (request ID, drain, API key, body limits,
@@ -17,13 +18,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from captioner.decoding_config import MAX_BEAM_SIZE, DecodingConfig
 from captioner.errors import RequestError
 from captioner.records import caption_error_record, caption_record
 from captioner.serve.auth import ApiKeys
 from captioner.serve.batcher import Batcher, QueueFull
 from captioner.serve.engine import (
     ATTENTION,
-    DEFAULT_BEAM,
     Engine,
     Item,
     Options,
@@ -64,7 +65,7 @@ class Settings:
     max_batch: int = 16
     max_wait_ms: float = 5.0
     max_queue: int = 64
-    default_beam: int = DEFAULT_BEAM
+    decoding: DecodingConfig | None = None  # a request's defaults; None: the model's stored one
     api_keys: ApiKeys | None = field(default=None, repr=False)  # None: no authentication
     body_timeout: float = 30.0  # seconds for a whole request body to arrive
     max_uploads: int = 32  # requests whose bodies are being read at once
@@ -83,11 +84,12 @@ def create_app(engine: Engine, settings: Settings | None = None):
     settings = settings or Settings()
     limits = settings.limits
     state = ServiceState()
+    decoding = settings.decoding or engine.decoding
     batcher = Batcher(engine.run, settings.max_batch, settings.max_wait_ms / 1000, settings.max_queue)
     metrics = Metrics(queue_depth=lambda: batcher.pending, in_flight=lambda: state.in_flight)
     batcher.on_batch = metrics.batch
     model = engine.describe()
-    page = render_page(model, settings)
+    page = render_page(model, settings, decoding)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -127,7 +129,8 @@ def create_app(engine: Engine, settings: Settings | None = None):
 
     @app.get("/v1/model")
     async def model_info() -> dict[str, Any]:
-        return {**model, "limits": asdict(limits), "default_beam_size": settings.default_beam,
+        return {**model, "limits": {**asdict(limits), "max_beam_size": MAX_BEAM_SIZE},
+                "decoding": decoding.to_dict(),
                 "batching": {"max_batch": settings.max_batch, "max_wait_ms": settings.max_wait_ms,
                              "max_queue": settings.max_queue}}
 
@@ -141,7 +144,7 @@ def create_app(engine: Engine, settings: Settings | None = None):
                                   max_part_size=1024)
         try:
             uploads, fields = _split_form(form)
-            options = parse_options(fields, engine.has_attention, limits, settings.default_beam)
+            options = parse_options(fields, engine.has_attention, decoding)
             decoded = await asyncio.gather(*(
                 asyncio.to_thread(decode_upload, upload, k, request.app.state.uploads,
                                   engine.input_size, limits, engine.resample)
@@ -268,12 +271,14 @@ def _error_handlers(app) -> None:
         return error(500, f"internal error ({type(exc).__name__}: {exc})")
 
 
-def render_page(model: dict[str, Any], settings: Settings) -> str:
-    """The try-it page (Jinja2, autoescaped)."""
+def render_page(model: dict[str, Any], settings: Settings,
+                decoding: DecodingConfig | None = None) -> str:
+    """The try-it page (Jinja2, autoescaped); ``decoding``: the form's defaults."""
     from jinja2 import Environment, FileSystemLoader, select_autoescape
 
     env = Environment(loader=FileSystemLoader(HERE / "templates"),
                       autoescape=select_autoescape(["html"]))
+    decoding = decoding or settings.decoding or DecodingConfig()
     return env.get_template("index.html").render(model=model, limits=settings.limits,
-                                                 default_beam=settings.default_beam,
+                                                 decoding=decoding, max_beam=MAX_BEAM_SIZE,
                                                  auth=settings.api_keys is not None)

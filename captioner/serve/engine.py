@@ -1,9 +1,10 @@
 """The model side of ``captioner serve``: decoded images in, captions (and attention) out.
 
 :meth:`Engine.run` takes the images of several requests at once: all of them go through the
-encoder as one batch, then each group of images asking for the same search (beam size, n-best)
-is decoded as one batch, and the attention of every best caption that asked for it is computed
-in one teacher-forced pass. Nothing here knows about HTTP.
+encoder as one batch, then each group of images asking for the same decoding (and attention)
+is captioned as one batch by :meth:`captioner.inference.Captioner.caption`, the one call the
+CLI uses too, so the service answers what ``captioner caption`` prints. Nothing here knows
+about HTTP.
 """
 
 from __future__ import annotations
@@ -18,19 +19,19 @@ from typing import Any
 
 import numpy as np
 
+from captioner.decoding_config import DecodingConfig
+
 ATTENTION = "attention"  # the per-image key added to the caption record when asked
 WEIGHT_DIGITS = 4
-DEFAULT_BEAM = 3
-MAX_BEAM = 10
 REPORT_FILE = "report.json"
 
 
 @dataclass(frozen=True)
 class Options:
-    """Per-request decoding options (checked by :func:`captioner.serve.uploads.parse_options`)."""
+    """Per-request options (checked by :func:`captioner.serve.uploads.parse_options`);
+    ``decoding`` None: the model's stored decoding."""
 
-    beam_size: int = DEFAULT_BEAM
-    n_best: int = 1
+    decoding: DecodingConfig | None = None
     attention: bool = False  # answer the attention grids
     heatmap: bool = False  # answer the heat map image (the page asks for it)
 
@@ -60,13 +61,19 @@ class Engine:
         self.run_dir = Path(run_dir) if run_dir else None
 
     @classmethod
-    def from_run(cls, run_dir: str | os.PathLike) -> Engine:
-        """Load the run folder's decoder, tokenizer and encoder."""
-        from captioner.inference import Captioner
+    def from_run(cls, models: str | os.PathLike | Sequence[str | os.PathLike]) -> Engine:
+        """Load the model (one run folder, or several decoded as one ensemble) and its encoder."""
+        from captioner.inference import load_captioner
 
-        captioner = Captioner.from_run(run_dir)
+        captioner = load_captioner(models)
         captioner.encoder()  # built now, not on the first request
-        return cls(captioner, run_dir)
+        first = models if isinstance(models, (str, os.PathLike)) else models[0]
+        return cls(captioner, first)
+
+    @property
+    def decoding(self) -> DecodingConfig:
+        """The model's stored decoding (what a request without options gets)."""
+        return self.captioner.decoding
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -92,25 +99,18 @@ class Engine:
         if not items:
             return []
         features = self._encode(np.stack([i.pixels for i in items]))  # (B, *feature_shape)
-        captions: list[list[Any]] = [[] for _ in items]
-        errors: list[str | None] = [None] * len(items)
-        groups: dict[tuple[int, int], list[int]] = {}
+        outputs: list[Output] = [Output([]) for _ in items]
+        groups: dict[tuple[DecodingConfig, bool], list[int]] = {}
         for k, item in enumerate(items):
-            groups.setdefault((item.options.beam_size, item.options.n_best), []).append(k)
-        for (beam_size, n_best), rows in groups.items():
-            found = self.captioner.search_rows(features[rows], beam_size=beam_size, n_best=n_best)
-            for k, hyps in zip(rows, found, strict=True):  # hypotheses, or why the row failed
-                if isinstance(hyps, str):
-                    errors[k] = hyps
-                else:
-                    captions[k] = [self.captioner._caption(h) for h in hyps]
-        outputs = [Output(c, error=e) for c, e in zip(captions, errors, strict=True)]
-        wanted = [k for k, item in enumerate(items) if errors[k] is None
-                  and (item.options.attention or item.options.heatmap) and self.has_attention]
-        if wanted:
-            for k, attention in zip(wanted, self._attention(features[wanted], [captions[k][0] for k in wanted]),
-                                    strict=True):
-                outputs[k].attention = attention
+            wants = (item.options.attention or item.options.heatmap) and self.has_attention
+            groups.setdefault((item.options.decoding or self.decoding, wants), []).append(k)
+        for (decoding, wants), rows in groups.items():
+            found = self.captioner.caption(features[rows], decoding, attention=wants,
+                                           batch_size=len(rows))
+            for k, r in zip(rows, found, strict=True):  # captions, or why the row failed
+                outputs[k] = Output(r.captions, error=r.error)
+                if wants and r.attention is not None:
+                    outputs[k].attention = (r.words, r.attention.reshape(len(r.attention), -1))
         return outputs
 
     def _encode(self, pixels: np.ndarray) -> np.ndarray:
@@ -120,19 +120,14 @@ class Engine:
         padded = np.concatenate([pixels, np.repeat(pixels[-1:], bucket(n) - n, axis=0)])
         return self.captioner.encode_images(padded)[:n]
 
-    def _attention(self, features: np.ndarray, best: list[Any]) -> list[tuple[list[str], np.ndarray]]:
-        """Words (``<end>`` last) and attention weights (T, h*w) of each best caption."""
-        alphas = self.captioner.attention(features, [c.tokens for c in best])  # (T, h, w) each
-        return [(self.captioner.words(c.tokens), a.reshape(len(a), -1))
-                for c, a in zip(best, alphas, strict=True)]
-
     def warm_up(self) -> float:
         """Run every compiled path once (batches of 1 and 2, greedy and beam, attention);
         returns the seconds it took."""
         start = time.perf_counter()
         blank = np.full((*self.input_size, 3), 127, dtype=np.uint8)
-        self.run([Item(blank, Options(beam_size=1))])
-        self.run([Item(blank, Options(attention=True)), Item(blank, Options(beam_size=1))])
+        greedy = Options(self.decoding.replace(beam_size=1, n_best=1))
+        self.run([Item(blank, greedy)])
+        self.run([Item(blank, Options(attention=True)), Item(blank, greedy)])
         return time.perf_counter() - start
 
     def describe(self) -> dict[str, Any]:
@@ -147,6 +142,7 @@ class Engine:
                         "feature_shape": list(encoder.feature_shape)},
             "decoder": {"kind": decoder.kind, **decoder.config},
             "ensemble_size": len(getattr(self.captioner, "members", [self.captioner])),
+            "decoding": self.decoding.to_dict(),
             "vocabulary_size": self.captioner.tokenizer.vocab_size,
             "attention": self.has_attention,
             "attention_grid": list(self.grid) if self.has_attention else None,

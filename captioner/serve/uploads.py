@@ -18,12 +18,14 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from captioner.decoding_config import DecodingConfig, DecodingError
 from captioner.errors import ImageError, RequestError
 from captioner.images import IMAGE_SUFFIXES
-from captioner.serve.engine import MAX_BEAM, Options
+from captioner.serve.engine import Options
 
 IMAGE_FIELD = "images"
-OPTION_FIELDS = ("beam_size", "n_best", "attention", "heatmap")
+DECODING_FIELDS = ("beam_size", "n_best", "alpha", "block_ngram", "max_length")  # as the CLI's
+OPTION_FIELDS = (*DECODING_FIELDS, "attention", "heatmap")
 TRUE, FALSE = frozenset({"1", "true", "yes", "on"}), frozenset({"0", "false", "no", "off", ""})
 ACCEPTED_TYPES = frozenset({"", "application/octet-stream"})  # and every image/*
 CHUNK = 1 << 16
@@ -37,7 +39,6 @@ class Limits:
     max_images: int = 16
     max_bytes: int = 10 * 2**20  # per image file
     max_pixels: int = 25_000_000  # per image, checked from the header before decoding
-    max_beam: int = MAX_BEAM
 
     @property
     def max_body(self) -> int:
@@ -64,9 +65,11 @@ class Failure:
     status: int
 
 
-def parse_options(fields: Mapping[str, Sequence[str]], has_attention: bool, limits: Limits,
-                  default_beam: int) -> Options:
-    """Options from the form's text fields (each at most once); unknown fields are refused."""
+def parse_options(fields: Mapping[str, Sequence[str]], has_attention: bool,
+                  default: DecodingConfig) -> Options:
+    """Options from the form's text fields (each at most once); unknown fields are refused.
+    The decoding fields override single fields of ``default`` (the model's stored decoding),
+    with the limits of :class:`~captioner.decoding_config.DecodingConfig`, as the CLI's."""
     unknown = sorted(set(fields) - set(OPTION_FIELDS))
     if unknown:
         raise RequestError(f"unknown field {unknown[0]!r}: the fields are {IMAGE_FIELD!r} (files) "
@@ -75,27 +78,31 @@ def parse_options(fields: Mapping[str, Sequence[str]], has_attention: bool, limi
         if len(values) > 1:
             raise RequestError(f"field {name!r} is given {len(values)} times; give it once")
     value = {name: values[0].strip() for name, values in fields.items()}
-    beam = _int(value, "beam_size", default_beam, 1, limits.max_beam)
-    n_best = _int(value, "n_best", 1, 1, beam)
+    given = {name: _number(value, name) for name in DECODING_FIELDS}
+    try:
+        decoding = default.replace(**given)
+    except DecodingError as exc:
+        raise RequestError(f"{exc.field} {exc.text}") from None
     attention, heatmap = _bool(value, "attention"), _bool(value, "heatmap")
     for name, asked in (("attention", attention), ("heatmap", heatmap)):
         if asked and not has_attention:
             raise RequestError(f"{name}=true needs an attention model; this service's decoder "
                                "has no attention (see GET /v1/model)")
-    return Options(beam_size=beam, n_best=n_best, attention=attention, heatmap=heatmap)
+    return Options(decoding=decoding, attention=attention, heatmap=heatmap)
 
 
-def _int(value: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+def _number(value: Mapping[str, str], name: str) -> int | float | None:
+    """A form field as a whole number (``alpha``: a decimal number); None when not given."""
     text = value.get(name)
     if text is None or text == "":
-        return default
+        return None
+    if name == "alpha":
+        if not re.fullmatch(r"[+]?(\d{1,6}(\.\d{0,6})?|\.\d{1,6})", text):
+            raise RequestError(f"alpha must be a decimal number such as 0.7, not {text[:40]!r}")
+        return float(text)
     if not re.fullmatch(r"[+]?\d{1,6}", text):
-        raise RequestError(f"{name} must be a whole number from {low} to {high}, not {text[:40]!r}")
-    number = int(text)
-    if not low <= number <= high:
-        why = " (at most beam_size)" if name == "n_best" else ""
-        raise RequestError(f"{name} must be from {low} to {high}{why}, not {number}")
-    return number
+        raise RequestError(f"{name} must be a whole number, not {text[:40]!r}")
+    return int(text)
 
 
 def _bool(value: Mapping[str, str], name: str) -> bool:
