@@ -19,7 +19,7 @@ import numpy as np
 from captioner.cache import DONE, DTYPES, FAILED, mismatch
 from captioner.cache_writer import FeatureWriter, check_cache_space, prepare
 from captioner.errors import CaptionerError, ImageError
-from captioner.faults import check_writable
+from captioner.faults import check_writable, writing
 from captioner.files import remove_stale
 
 
@@ -117,7 +117,8 @@ def plan_extract(
     if batch_size < 1:
         raise CaptionerError(f"--batch-size must be at least 1, not {batch_size}.")
     _check_names(names)
-    check_writable(out.parent, out)  # a read-only or full folder: one line, before any work
+    with writing(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(out)  # temporary files of killed runs over this cache
     settings = {  # compared with an existing cache (the format version is not: 1 still loads)
         "input_size": tuple(int(v) for v in input_size),
@@ -151,6 +152,8 @@ def plan_extract(
         else:
             todo.append(Item(row, name, path))
     todo.sort(key=lambda item: item.row)
+    if todo:  # a read-only or full folder: one line now, before the model is built
+        check_writable(out.parent, out)
     return ExtractPlan(out, names, compare, todo, summary, None if state is None else state[3])
 
 

@@ -192,14 +192,19 @@ def check_writable(folder: str | os.PathLike, target: str | os.PathLike | None =
     full or forbidden folder is one line before any work instead of after it."""
     folder = Path(folder)
     shown = Path(target) if target is not None else folder
-    if folder.exists() and not folder.is_dir():
-        raise MachineFaultError(f"{folder} is a file, not a folder, so {shown} cannot be "
-                                "written: choose another path")  # fmt: skip
-    with writing(shown):
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".captioner-probe-") as probe:
-            probe.write(b"\0")
-            probe.flush()
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise MachineFaultError(
+                f"{folder} is a file, not a folder, so {shown} cannot be written: choose another path"
+            )
+        with writing(shown):
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".captioner-probe-") as probe:
+                probe.write(b"\0")
+                probe.flush()
+    except MachineFaultError as fault:
+        fault.before_work = True  # nothing was written: no resume hint
+        raise
 
 
 # --------------------------------------------------------------------------- HDF5

@@ -522,3 +522,22 @@ def test_tmpfs_fault_is_one_line_and_the_same_command_completes_after(
         args += ["--resume"]
     assert main(args) == 0
     assert_complete(pipeline, command, out)
+    if command == "extract":  # a finished cache on a read-only disk: nothing to write, no fault
+        tmpfs.read_only(True)
+        assert main(args) == 0
+
+
+@pytest.mark.parametrize("code, status", [(errno.ENOSPC, 507), (errno.EROFS, 503)])
+def test_the_service_answers_a_fault_of_its_upload_folder(tmp_path, monkeypatch, code, status):
+    from captioner.serve import uploads
+
+    def copy(source, path, limit):
+        path.write_bytes(b"\xff\xd8")  # a partial copy, removed
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(uploads, "_copy_limited", copy)
+    upload = SimpleNamespace(filename="a.jpg", content_type="image/jpeg", file=None)
+    name, pixels, failure = uploads.decode_upload(upload, 0, tmp_path, (8, 8), uploads.Limits())
+    assert (name, pixels, failure.status) == ("a.jpg", None, status)
+    assert failure.reason.startswith("the server cannot store uploads now (")
+    assert str(tmp_path) not in failure.reason and list(tmp_path.iterdir()) == []
