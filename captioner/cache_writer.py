@@ -8,7 +8,8 @@ Only raw data is written after creation (see :mod:`captioner.cache` for why). No
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,8 @@ from captioner.cache import (
     mismatch,
 )
 from captioner.errors import CaptionerError
-from captioner.files import atomic_path, fsync_dir, temp_path
+from captioner.faults import H5PY_ERRORS, abandon_hdf5, as_fault, check_space, writing
+from captioner.files import atomic_path, fsync_dir, target_of, temp_path
 from captioner.integrity import (
     DONE,
     FAILED,
@@ -47,14 +49,14 @@ from captioner.integrity import (
 
 def _create_dataset(
     f: h5py.File, name: str, shape: tuple[int, ...], dtype, chunk_rows: int, fill: bool
-) -> None:
+) -> h5py.h5d.DatasetID:
     """A chunked, unfiltered dataset whose chunks are all allocated now (no later metadata)."""
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
     dcpl.set_chunk((max(1, min(chunk_rows, shape[0])), *shape[1:]))
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
     dcpl.set_fill_time(h5py.h5d.FILL_TIME_ALLOC if fill else h5py.h5d.FILL_TIME_NEVER)
     tid = h5py.h5t.py_create(dtype, logical=True)
-    h5py.h5d.create(f.id, name.encode(), tid, h5py.h5s.create_simple(shape), dcpl=dcpl)
+    return h5py.h5d.create(f.id, name.encode(), tid, h5py.h5s.create_simple(shape), dcpl=dcpl)
 
 
 def _fill_new(
@@ -64,20 +66,64 @@ def _fill_new(
     dtype: str,
     encoded: list[bytes],
     attrs: dict[str, Any],
-) -> None:
-    """Every dataset and attribute of a new, all-pending cache of ``n`` rows."""
+) -> list[h5py.h5d.DatasetID]:
+    """Every dataset and attribute of a new, all-pending cache of ``n`` rows; returns the
+    datasets, which the caller keeps open until the file is flushed (see :func:`_write_new`)."""
     name_dtype = h5py.string_dtype("utf-8", max(1, max(map(len, encoded))))
     row_bytes = int(np.prod(feature_shape)) * np.dtype(dtype).itemsize
     feature_rows = CHUNK_BYTES // max(1, row_bytes)
-    _create_dataset(f, "features", (n, *feature_shape), np.dtype(dtype), feature_rows, fill=False)
-    _create_dataset(f, "names", (n,), name_dtype, TEXT_CHUNK, fill=True)
-    _create_dataset(f, "status", (n,), np.dtype(np.uint8), STATUS_CHUNK, fill=True)
     error_dtype = h5py.string_dtype("utf-8", ERROR_BYTES)
-    _create_dataset(f, "errors", (n,), error_dtype, TEXT_CHUNK, fill=True)
-    _create_dataset(f, "checksums", (n,), np.dtype(np.uint64), STATUS_CHUNK, fill=True)
+    ids = [
+        _create_dataset(f, "features", (n, *feature_shape), np.dtype(dtype), feature_rows, False),
+        _create_dataset(f, "names", (n,), name_dtype, TEXT_CHUNK, fill=True),
+        _create_dataset(f, "status", (n,), np.dtype(np.uint8), STATUS_CHUNK, fill=True),
+        _create_dataset(f, "errors", (n,), error_dtype, TEXT_CHUNK, fill=True),
+        _create_dataset(f, "checksums", (n,), np.dtype(np.uint64), STATUS_CHUNK, fill=True),
+    ]
     f["names"][:] = np.array(encoded, dtype=name_dtype)
     for key, value in {**attrs, "format_version": FORMAT_VERSION}.items():
         f.attrs[key] = value
+    return ids
+
+
+def _write_new(path: Path, fill: Callable[[h5py.File], list]) -> None:
+    """Create the HDF5 file ``path`` and ``fill`` it, in the one order that cannot crash on a
+    machine fault: no chunk cache (a failed write fails at once), every object kept open
+    until the file is flushed, and a file whose write failed abandoned, never closed as it
+    is (:func:`captioner.faults.abandon_hdf5`)."""
+    f = h5py.File(path, "w", rdcc_nbytes=0)  # libver earliest: no flags
+    try:
+        ids = fill(f)
+        f.flush()
+    except BaseException:
+        abandon_hdf5(f.id)
+        raise
+    del ids
+    f.close()
+
+
+DTYPE_HINT = " (`--dtype float16` halves a float32 cache)"
+
+
+def new_cache_bytes(rows: int, feature_shape: Sequence[int], dtype: str) -> int:
+    """About the size of a filled cache of ``rows`` rows: features, reasons, names, checksums
+    and metadata."""
+    row = int(np.prod(feature_shape)) * np.dtype(dtype).itemsize
+    return rows * (row + ERROR_BYTES + 64) + (1 << 15)
+
+
+def check_cache_space(path: Path, rows: int, feature_shape: Sequence[int], dtype: str) -> None:
+    """One line before extraction when the disk of ``path`` clearly cannot take ``rows`` more
+    rows: a new cache needs them all; an existing one only its unwritten chunks (holes of a
+    sparse file; on a file system without holes they are allocated already)."""
+    if path.exists():
+        stat = path.stat()
+        row = int(np.prod(feature_shape)) * np.dtype(dtype).itemsize
+        need = min(rows * row, max(0, stat.st_size - getattr(stat, "st_blocks", 0) * 512))
+    else:
+        need = new_cache_bytes(rows, feature_shape, dtype)
+    hint = DTYPE_HINT if np.dtype(dtype) == np.float32 else ""
+    check_space(path, need, f"the feature cache {path} ({rows} rows to write)", hint)
 
 
 class FeatureWriter:
@@ -85,9 +131,11 @@ class FeatureWriter:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        try:
-            self._file = h5py.File(self.path, "r+", locking="best-effort")
+        try:  # no chunk cache: a write that fails, fails at once (and leaves nothing dirty)
+            self._file = h5py.File(self.path, "r+", locking="best-effort", rdcc_nbytes=0)
         except OSError as exc:
+            if fault := as_fault(exc, target_of(self.path)):
+                raise fault from None
             raise CaptionerError(
                 f"cannot open {self.path} for writing ({exc}); is another `captioner extract` "
                 "writing to it? Wait for it, or use another --out file."
@@ -116,13 +164,19 @@ class FeatureWriter:
             raise CaptionerError(f"no images to put in {path}.")
         n = len(names)
         encoded = [name.encode("utf-8") for name in names]
+
+        def fill(f: h5py.File) -> list:
+            return _fill_new(f, n, feature_shape, dtype, encoded, attrs)
+
         # atomic_path flushes the file and its folder entry before and after the rename
+
+        size = new_cache_bytes(n, feature_shape, dtype)
         if not staged:
-            with h5py.File(path, "w") as f:
-                _fill_new(f, n, feature_shape, dtype, encoded, attrs)
+            with writing(target_of(path), size, DTYPE_HINT):
+                _write_new(path, fill)
             return path
-        with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:  # libver earliest: no flags
-            _fill_new(f, n, feature_shape, dtype, encoded, attrs)
+        with atomic_path(path, nbytes=size, hint=DTYPE_HINT) as tmp:
+            _write_new(tmp, fill)
         return path
 
     def commit(
@@ -140,7 +194,12 @@ class FeatureWriter:
             features = np.asarray(features).astype(self._features.dtype, copy=False)
         finite = finite_rows(features) if rows else np.ones(0, bool)
         refused = {row: NON_FINITE_OUTPUT for row, ok in zip(rows, finite, strict=True) if not ok}
-        failed = {**failed, **refused}
+        with self._writing(features.nbytes):
+            self._commit(rows, features, {**failed, **refused}, refused, finite)
+        return refused
+
+    def _commit(self, rows: list[int], features: np.ndarray, failed: dict[int, str],
+                refused: dict[int, str], finite: np.ndarray) -> None:  # fmt: skip
         for start, stop, k in _runs(rows):
             self._features[start:stop] = features[k : k + stop - start]
         if self._checksums is not None and rows:
@@ -156,7 +215,18 @@ class FeatureWriter:
         self._set_status(rows, DONE)
         self._set_status(sorted(failed), FAILED)
         self._file.flush()
-        return refused
+
+    @contextmanager
+    def _writing(self, nbytes: int) -> Iterator[None]:
+        """A failed write abandons the file (nothing more reaches it; the rows committed
+        before stay valid) and a machine fault becomes its one line."""
+        try:
+            yield
+        except H5PY_ERRORS as exc:
+            abandon_hdf5(self._file.id)
+            if fault := as_fault(exc, target_of(self.path), nbytes, DTYPE_HINT):
+                raise fault from exc
+            raise
 
     def _set_status(self, rows: Sequence[int], value: int) -> None:
         for start, stop, _ in _runs(rows):
@@ -170,6 +240,10 @@ class FeatureWriter:
 
     def copy_from(self, source: FeatureReader) -> None:
         """Copy every row of ``source`` (same names in the same first rows) into this file."""
+        with self._writing(source._file["features"].nbytes):
+            self._copy_from(source)
+
+    def _copy_from(self, source: FeatureReader) -> None:
         src = source._file
         n = len(source)
         for lo in range(0, n, COPY_ROWS):
@@ -189,7 +263,11 @@ class FeatureWriter:
         self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        """Flush while every dataset is open, then close: a close cannot fail on a write."""
+        if self._file.id.valid:
+            with self._writing(0):
+                self._file.flush()
+            self._file.close()
 
     def __enter__(self) -> FeatureWriter:
         return self

@@ -20,6 +20,7 @@ from typing import Any
 
 from captioner import records
 from captioner.errors import CaptionerError
+from captioner.faults import writing
 
 
 def caption_record(image: str, captions: Sequence[Any] | None, error: str | None) -> dict:
@@ -103,20 +104,28 @@ class LineWriter:
     """Append records to a JSON-lines file; each :meth:`write` reaches the disk whole."""
 
     def __init__(self, path: Path, summary: CaptionSummary):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        self.path = path
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         self.summary = summary
 
     def write(self, lines: Iterable[dict]) -> None:
+        lines = list(lines)
+        text = "".join(records.dumps(record) + "\n" for record in lines)
+        with writing(self.path, len(text.encode())):  # a torn last line is cut on resume
+            self._file.write(text)
+            self._file.flush()
+            os.fsync(self._file.fileno())
         for record in lines:
-            self._file.write(records.dumps(record) + "\n")
             self.summary.failed += record.get("error") is not None
             self.summary.captioned += record.get("error") is None
-        self._file.flush()
-        os.fsync(self._file.fileno())
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:  # the write that failed is reported; a torn line is cut on resume
+            pass
 
     def __enter__(self) -> LineWriter:
         return self

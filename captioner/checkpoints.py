@@ -14,20 +14,26 @@ Checkpoints of captioner 0.1.0 stored variables by position (keys ``00000``, ...
 load, by position.
 
 Decoder weights (``best``/``last``/per-epoch) are Keras ``.weights.h5`` files of the model
-alone, written through the public ``save_weights`` of an uncompiled copy, so the optimizer's
-slots stay out of them.
+alone, written by Keras's own ``save_weights`` code of an uncompiled copy, so the optimizer's
+slots stay out of them. Every file here is built in memory and written atomically as bytes
+(:func:`h5_bytes`), so a full or read-only disk is one line and never a crash.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from captioner.errors import CaptionerError
-from captioner.files import atomic_path
+from captioner.faults import check_space
+from captioner.files import atomic_path, write_bytes
+from captioner.runs import CHECKPOINT, CHECKPOINTS_DIR
 
 GROUPS = ("model", "optimizer")
 
@@ -59,11 +65,23 @@ def _grouped(model) -> dict[str, tuple[list, list[str]]]:
     }
 
 
-def save_checkpoint(path: Path, model, epoch: int, monitor_state: dict) -> None:
-    """All model and optimizer variables plus the monitor's state, written atomically."""
+def h5_bytes(fill: Callable[[Any], None]) -> bytes:
+    """An HDF5 file built in memory by ``fill(h5)``, as bytes. Whole files are written this
+    way: HDF5 never meets the disk, so a full or read-only disk is a plain ``OSError`` of the
+    atomic write that follows (an HDF5 file whose close fails on a write can crash the
+    process; see :mod:`captioner.faults`)."""
     import h5py
 
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as h5:
+        fill(h5)
+    return buffer.getvalue()
+
+
+def save_checkpoint(path: Path, model, epoch: int, monitor_state: dict) -> None:
+    """All model and optimizer variables plus the monitor's state, written atomically."""
+
+    def fill(h5) -> None:
         for group, (variables, keys) in _grouped(model).items():
             g = h5.create_group(group)
             for key, v in zip(keys, variables, strict=True):
@@ -71,6 +89,23 @@ def save_checkpoint(path: Path, model, epoch: int, monitor_state: dict) -> None:
         h5.attrs["epoch"] = epoch
         h5.attrs["monitor"] = json.dumps(monitor_state)
         h5.attrs["keyed_by"] = "path"
+
+    write_bytes(path, h5_bytes(fill))
+
+
+def weights_bytes(model) -> int:
+    """The bytes of ``model``'s variables (about the size of its weights file)."""
+    return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in model.weights)
+
+
+def check_run_space(run: Path, model, keep: int) -> None:
+    """One line before training when the run folder's disk clearly cannot hold what every
+    epoch writes: best, last and ``keep`` per-epoch weights, the checkpoint (weights and the
+    optimizer's two slots) and the temporary copy of the largest file, less what is there."""
+    need = weights_bytes(model) * (2 + max(keep, 1) + 3 + 3)
+    have = sum(p.stat().st_size for p in [*run.glob("*.h5"), *run.glob(f"{CHECKPOINTS_DIR}/*.h5")])
+    hint = " or keep fewer per-epoch weights (--keep-checkpoints 1)"
+    check_space(run / CHECKPOINT, need - have, f"the run folder {run}", hint)
 
 
 def load_checkpoint(path: Path, model) -> tuple[int, dict]:
@@ -124,8 +159,30 @@ class WeightsExporter:
         if self._twin is None:
             self._twin = build_decoder(self.kind, **self.config)
         self._twin.set_weights(model.get_weights())
+        data = keras_weights_bytes(self._twin)
+        if data is not None:
+            write_bytes(path, data, sync=False)
+            return
+        check_space(path, 2 * weights_bytes(self._twin), str(path))  # a full disk may crash h5py
         with atomic_path(path, sync=False, suffix=".weights.h5") as tmp:
             self._twin.save_weights(tmp)
+
+
+def keras_weights_bytes(model) -> bytes | None:
+    """``model.save_weights`` into memory: the ``.weights.h5`` bytes Keras writes, by the
+    same code (its ``H5IOStore`` over a ``BytesIO``); None when this Keras lacks it."""
+    try:
+        from keras.src.saving.saving_lib import H5IOStore, _save_state
+    except ImportError:  # pragma: no cover (another Keras: save_weights to a file instead)
+        return None
+    buffer = io.BytesIO()
+    store = H5IOStore(buffer, mode="w")
+    try:
+        _save_state(model, weights_store=store, assets_store=None, inner_path="",
+                    visited_saveables=set())  # fmt: skip
+    finally:
+        store.close()
+    return buffer.getvalue()
 
 
 def weights_as_float16(src: Path, dst: Path) -> int:
@@ -135,7 +192,8 @@ def weights_as_float16(src: Path, dst: Path) -> int:
     import h5py
 
     converted = 0
-    with h5py.File(src, "r") as fin, atomic_path(dst) as tmp, h5py.File(tmp, "w") as fout:
+
+    def fill(fout) -> None:
         def copy(name: str, obj) -> None:
             nonlocal converted
             if isinstance(obj, h5py.Group):
@@ -148,4 +206,8 @@ def weights_as_float16(src: Path, dst: Path) -> int:
 
         fout.attrs.update(fin.attrs)
         fin.visititems(copy)
+
+    with h5py.File(src, "r") as fin:
+        data = h5_bytes(fill)
+    write_bytes(dst, data)
     return converted

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from captioner import __version__
-from captioner.errors import CaptionerError
+from captioner.errors import CaptionerError, MachineFaultError
 
 # Stage modules, in pipeline order; each defines ``register(subparsers)``.
 COMMAND_MODULES = (
@@ -99,11 +99,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except CaptionerError as exc:
-        print(f"captioner {args.command}: error: {exc}", file=sys.stderr)
+        fault = fault_hint(args) if isinstance(exc, MachineFaultError) else ""
+        fault = "" if getattr(exc, "before_work", False) else fault
+        print(f"captioner {args.command}: error: {exc}{fault}", file=sys.stderr)
+        return 2
+    except (OSError, RuntimeError, ValueError) as exc:  # a machine fault no write site named
+        from captioner.faults import fault_message
+
+        if (message := fault_message(exc)) is None:
+            raise
+        print(f"captioner {args.command}: error: {message}{fault_hint(args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"captioner {args.command}: interrupted{resume_hint(args)}", file=sys.stderr)
         return 130
+
+
+def fault_hint(args: argparse.Namespace) -> str:
+    """What a machine fault left behind and how to go on once it is fixed."""
+    if args.command == "extract" and getattr(args, "out", None):
+        return "; the finished batches are kept: run the same command again to resume"
+    if args.command == "train" and getattr(args, "out", None):
+        scst = "--scst " if getattr(args, "scst", False) else ""
+        epochs = f" --epochs {args.epochs}" if getattr(args, "epochs", None) else ""
+        return (
+            f"; finished epochs are kept: `captioner train {scst}--out {args.out} "
+            f"--resume{epochs}` continues"
+        )
+    if args.command == "caption" and getattr(args, "out", None):
+        return "; the captions written are kept: run the same command again for the rest"
+    return ""
 
 
 def resume_hint(args: argparse.Namespace) -> str:

@@ -23,3 +23,9 @@ class RequestError(CaptionerError):
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
         self.status = status
+
+
+class MachineFaultError(CaptionerError):
+    """The machine refused a write: a full disk, a read-only file system, a permission, a
+    path component that is a file, too many open files, a folder removed while running
+    (see :mod:`captioner.faults`)."""

@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 
 from captioner.cache import DONE, DTYPES, FAILED, mismatch
-from captioner.cache_writer import FeatureWriter, prepare
+from captioner.cache_writer import FeatureWriter, check_cache_space, prepare
 from captioner.errors import CaptionerError, ImageError
+from captioner.faults import check_writable, writing
 from captioner.files import remove_stale
 
 
@@ -87,14 +88,15 @@ class ExtractPlan:
 
     def ensure_file(self, shape: tuple[int, ...], environment: dict[str, Any]) -> None:
         """Create the cache for ``shape`` (first run), or check an existing one's shape."""
+        if self.existing_shape is not None and tuple(self.existing_shape) != tuple(shape):
+            raise mismatch(
+                self.out, [f"feature_shape: file has {self.existing_shape}, expected {shape}"]
+            )
+        check_cache_space(self.out, len(self.todo), shape, self.compare["dtype"])
         if self.existing_shape is None:
             attrs = {**environment, **self.compare, "feature_shape": shape}
             FeatureWriter.create(self.out, self.names, shape, self.compare["dtype"], attrs)
             self.existing_shape = shape
-        elif tuple(self.existing_shape) != tuple(shape):
-            raise mismatch(
-                self.out, [f"feature_shape: file has {self.existing_shape}, expected {shape}"]
-            )
 
 
 def plan_extract(
@@ -115,7 +117,8 @@ def plan_extract(
     if batch_size < 1:
         raise CaptionerError(f"--batch-size must be at least 1, not {batch_size}.")
     _check_names(names)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    with writing(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(out)  # temporary files of killed runs over this cache
     settings = {  # compared with an existing cache (the format version is not: 1 still loads)
         "input_size": tuple(int(v) for v in input_size),
@@ -149,6 +152,8 @@ def plan_extract(
         else:
             todo.append(Item(row, name, path))
     todo.sort(key=lambda item: item.row)
+    if todo:  # a read-only or full folder: one line now, before the model is built
+        check_writable(out.parent, out)
     return ExtractPlan(out, names, compare, todo, summary, None if state is None else state[3])
 
 

@@ -53,6 +53,14 @@ def temp_path(path: str | os.PathLike, tag: str = "part", suffix: str = "") -> P
     return path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.{tag}.tmp{suffix}")
 
 
+def target_of(path: Path) -> Path:
+    """The file a temporary name of :func:`temp_path` stands for (``path`` itself otherwise)."""
+    found = re.fullmatch(
+        r"\.(.+)\.[A-Za-z0-9-]+\.\d+\.[A-Za-z0-9_-]+\.tmp[A-Za-z0-9._-]*", path.name
+    )
+    return path.with_name(found.group(1)) if found else path
+
+
 def _owner(name: str, target: Path) -> tuple[str | None, int] | None:
     """(host or None for first-release names, pid) of a temporary file of ``target``."""
     current = re.fullmatch(
@@ -119,30 +127,45 @@ def remove_stale(path: str | os.PathLike) -> list[Path]:
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike, *, sync: bool = True, suffix: str = "") -> Iterator[Path]:
+def atomic_path(
+    path: str | os.PathLike,
+    *,
+    sync: bool = True,
+    suffix: str = "",
+    nbytes: int | None = None,
+    hint: str = "",
+) -> Iterator[Path]:
     """A temporary path beside ``path`` to write to; on success it replaces ``path``.
 
     The temporary file is flushed to disk before the rename (``sync``), and removed if the
     body raises, so ``path`` never holds a half-written file. ``suffix`` ends the temporary
-    name (for writers that insist on an extension, e.g. ``.weights.h5``).
+    name (for writers that insist on an extension, e.g. ``.weights.h5``). A machine fault
+    (full disk, read-only, ...) becomes its one line (:mod:`captioner.faults`), which names
+    ``path`` and the ``nbytes`` being written (and gives ``hint`` when the disk is full).
     """
+    from captioner.faults import writing
+
     path = Path(path)
     remove_stale(path)
     tmp = temp_path(path, "part", suffix)
-    try:
-        yield tmp
-        if sync:
-            _fsync_file(tmp)
-        os.replace(tmp, path)
-        if sync:
-            fsync_dir(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with writing(path, nbytes, hint):
+        try:
+            yield tmp
+            if sync:
+                _fsync_file(tmp)
+            os.replace(tmp, path)
+            if sync:
+                fsync_dir(path)
+        finally:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:  # its folder is gone or read-only: the fault is reported
+                pass
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+def write_bytes(path: str | os.PathLike, data: bytes, *, sync: bool = True) -> Path:
     """Write ``data`` to ``path`` atomically."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, sync=sync, nbytes=len(data)) as tmp:
         tmp.write_bytes(data)
     return Path(path)
 

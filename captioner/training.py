@@ -233,7 +233,7 @@ def train(config: TrainConfig, resume: bool = False, verbose: int = 1) -> Path:
 def _train(config: TrainConfig, resume: bool, verbose: int, devices: int) -> Path:
     import keras
 
-    from captioner.checkpoints import WeightsExporter, load_checkpoint
+    from captioner.checkpoints import WeightsExporter, check_run_space, load_checkpoint
     from captioner.data import CaptionDataset, EpochStream
     from captioner.decoders import DECODERS, MaskedSparseCrossEntropy, build_decoder
     from captioner.monitor import RunMonitor
@@ -272,6 +272,7 @@ def _train(config: TrainConfig, resume: bool, verbose: int, devices: int) -> Pat
     dec_config = config.decoder_config(tokenizer.vocab_size, tokenizer.max_length,
                                        tuple(train_reader.feature_shape))
     model = build_decoder(config.decoder, **dec_config)
+    check_run_space(run, model, config.keep_checkpoints)  # one line now, not after an epoch
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate(config, len(train_ds)), clipnorm=config.clipnorm),
         loss=MaskedSparseCrossEntropy(config.label_smoothing),

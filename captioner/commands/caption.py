@@ -192,6 +192,9 @@ def _to_file(args: argparse.Namespace, models: list[Path], overrides: dict) -> i
     if args.features or args.attention_map:
         raise CaptionerError("--out captions images; it does not go with --features or --attention-map")
     paths = expand_images(args.images)
+    from captioner.faults import check_writable
+
+    check_writable(Path(args.out).parent, args.out)  # a read-only or full folder: before the work
     if args.engine == "ray":
         from captioner.engines.ray_caption import caption_ray
 

@@ -162,6 +162,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     checks.at_least("--limit", args.limit, 1)
     if Path(args.report).is_file():
         raise CaptionerError(f"--report {args.report} is a file; give a folder for the report")
+    from captioner.faults import check_writable
+
+    check_writable(args.report, Path(args.report) / "report.html")  # before the work, not after
     for name in ("gallery", "thumbnail_size", "attention_images"):
         if getattr(args, name) < 0 or (name == "thumbnail_size" and args.thumbnail_size < 16):
             raise CaptionerError(f"--{name.replace('_', '-')} is too small: {getattr(args, name)}")

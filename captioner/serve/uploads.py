@@ -9,6 +9,7 @@ non-image files refused) and deleted at once.
 
 from __future__ import annotations
 
+import os
 import re
 import uuid
 from collections.abc import Mapping, Sequence
@@ -156,6 +157,14 @@ def decode_upload(upload: Any, index: int, folder: Path, size: tuple[int, int],
     except ImageError as exc:
         reason = getattr(exc, "reason", None) or str(exc)
         return Decoded(name, failure=Failure(reason, 413 if reason.startswith("too large") else 422))
+    except OSError as exc:  # the server's disk (full, read-only, ...), not the upload
+        from captioner.faults import NO_SPACE, fault_errno
+
+        if (code := fault_errno(exc, writing=True)) is None:
+            raise
+        why = os.strerror(code).lower()
+        return Decoded(name, failure=Failure(f"the server cannot store uploads now ({why}); try "
+                                             "again later", 507 if code in NO_SPACE else 503))
     finally:
         path.unlink(missing_ok=True)
 
