@@ -26,6 +26,7 @@ from test_features import TINY, make_images
 from captioner import caption_lines, encoders, faults
 from captioner.cache import FeatureReader
 from captioner.cache_writer import FeatureWriter
+from captioner.caption_lines import MADE_WITH
 from captioner.checkpoints import keras_weights_bytes, save_checkpoint
 from captioner.cli import main
 from captioner.errors import MachineFaultError
@@ -315,7 +316,8 @@ def assert_complete(tmp: Path, command: str, out: Path) -> None:
         rows = list(csv.DictReader(open(out / "history.csv")))
         assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     elif command == "caption":
-        lines = [json.loads(line) for line in out.read_text().splitlines()]
+        made, *lines = [json.loads(line) for line in out.read_text().splitlines()]
+        assert set(made) == {MADE_WITH}  # the header line: the model and decoding it was made with
         assert sorted(r["image"] for r in lines) == sorted(str(p) for p in (tmp / "img").iterdir())
     else:
         assert {p.name for p in out.iterdir()} >= {"report.json", "report.md", "report.html"}
