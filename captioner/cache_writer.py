@@ -32,7 +32,7 @@ from captioner.cache import (
 )
 from captioner.errors import CaptionerError
 from captioner.faults import H5PY_ERRORS, abandon_hdf5, as_fault, check_space, writing
-from captioner.files import atomic_path, fsync_dir, target_of, temp_path
+from captioner.files import atomic_path, fsync_dir
 from captioner.integrity import (
     DONE,
     FAILED,
@@ -43,6 +43,7 @@ from captioner.integrity import (
     checksums,
     finite_rows,
 )
+from captioner.temp_files import target_of, temp_path
 
 # --------------------------------------------------------------------------- writer
 

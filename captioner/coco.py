@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from captioner.captions import CaptionFile, Problem, json_document
+from captioner.caption_file import CaptionFile, Problem, json_document
 from captioner.errors import CaptionerError
 
 

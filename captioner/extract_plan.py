@@ -20,7 +20,7 @@ from captioner.cache import DONE, DTYPES, FAILED, mismatch
 from captioner.cache_writer import FeatureWriter, check_cache_space, prepare
 from captioner.errors import CaptionerError, ImageError
 from captioner.faults import check_writable, writing
-from captioner.files import remove_stale
+from captioner.temp_files import remove_stale
 
 
 @dataclass

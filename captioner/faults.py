@@ -65,7 +65,7 @@ def fault_errno(exc: BaseException, *, writing: bool = False) -> int | None:
 def _named(exc: BaseException) -> Path | None:
     """The file an exception names (its ``filename``, or h5py's ``name = '...'``), as the
     target of a temporary name."""
-    from captioner.files import target_of
+    from captioner.temp_files import target_of
 
     name = getattr(exc, "filename", None)
     if not name and (found := _H5_NAME.search(str(exc))):

@@ -327,16 +327,14 @@ def _train(plan: FitPlan, captions: str) -> None:
 
 
 def _evaluate(plan: FitPlan, captions: str, report: Path) -> str:
-    from captioner.evaluation import Decoding, evaluate
-    from captioner.presets import get_preset
+    from captioner.evaluation import evaluate
     from captioner.report import build_payload, format_table, write_report
 
     if not plan.splits["test"]:
         return "[evaluate] no test photos: skipped"
-    preset = get_preset(plan.options.preset)
-    decodings = [Decoding(k, preset.alpha, preset.block_ngram) for k in preset.beam_sizes]
+    # decodings=None: the decoding stored in the run folder (training wrote the preset's)
     result = evaluate(plan.out, captions, features=plan.cache("test"),
-                      images_dir=plan.options.images_dir, decodings=decodings,
+                      images_dir=plan.options.images_dir, decodings=None,
                       progress=False if plan.options.quiet else None)  # fmt: skip
     paths = write_report(report, result)
     return f"{format_table(build_payload(result))}\nreport: {paths['html']}"

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from captioner.captions import CaptionFile
+from captioner.caption_file import CaptionFile
 
 SHOW = 3  # names shown per finding
 MIN_SPLIT = 5  # fewer dev (or test) images than this gives scores too noisy to select on

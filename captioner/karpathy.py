@@ -17,7 +17,13 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import PurePosixPath
 
-from captioner.captions import CaptionFile, Problem, add_records, json_document, split_copy_suffix
+from captioner.caption_file import (
+    CaptionFile,
+    Problem,
+    add_records,
+    json_document,
+    split_copy_suffix,
+)
 from captioner.errors import CaptionerError
 
 SPLITS = ("train", "val", "test")  # the split names --split takes

@@ -12,13 +12,13 @@ from conftest import ROOT
 PACKAGE = ROOT / "captioner"
 # Bottom to top, as in docs/DESIGN.md.
 LAYERS = [
-    ("errors", "files", "faults", "progress", "records", "checks", "decoding_config", "__init__"),
+    ("errors", "files", "temp_files", "faults", "progress", "records", "checks", "decoding_config", "__init__"),
     ("runs", "presets", "runcheck"),
     ("images", "encoders", "layers", "weight_files", "encoder_weights", "efficientnet",
      "torch_weights"),
     ("cache", "cache_writer", "integrity"),
     ("extraction", "extract_plan"),
-    ("captions", "cleaning", "tokenizer", "coco", "karpathy"),
+    ("captions", "caption_file", "cleaning", "tokenizer", "coco", "karpathy"),
     ("data",),
     ("decoders",),
     ("checkpoints",),

@@ -8,15 +8,13 @@ from pathlib import Path
 import pytest
 from conftest import FLICKR_TEXT, needs_flickr
 
+from captioner.caption_file import CaptionFile, Problem, split_copy_suffix
 from captioner.captions import (
-    CaptionFile,
-    Problem,
     detect_format,
     filter_split,
     load_captions,
     load_split,
     read_captions,
-    split_copy_suffix,
 )
 from captioner.cleaning import CleaningRules, clean_caption, clean_captions
 from captioner.cli import main

@@ -30,7 +30,8 @@ from captioner.caption_lines import MADE_WITH
 from captioner.checkpoints import keras_weights_bytes, save_checkpoint
 from captioner.cli import main
 from captioner.errors import MachineFaultError
-from captioner.files import target_of, temp_path, write_json
+from captioner.files import write_json
+from captioner.temp_files import target_of, temp_path
 
 TESTS = Path(__file__).resolve().parent
 WORDS = ["dog", "cat", "runs", "sits", "grass", "ball"]

@@ -382,6 +382,7 @@ def kill_when(proc: subprocess.Popen, ready) -> str:
     return out
 
 
+@pytest.mark.meteor  # the killed runs are subprocesses, which find Java: so does the reference
 def test_sigkill_in_extraction_then_in_training_resumes_to_the_same_folder(
     tmp_path, tiny_encoder, capsys
 ):

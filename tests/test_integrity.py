@@ -20,8 +20,8 @@ from captioner.cache import DamagedFeaturesError, FeatureReader
 from captioner.cache_writer import FeatureWriter
 from captioner.cli import main
 from captioner.errors import CaptionerError
-from captioner.files import _HOST, remove_stale, temp_path
 from captioner.integrity import UNVERIFIED
+from captioner.temp_files import _HOST, remove_stale, temp_path
 
 DATASETS = ("features", "names", "status", "errors", "checksums")
 

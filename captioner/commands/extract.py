@@ -263,7 +263,7 @@ def run_verify(path: str, as_json: bool) -> int:
     """``captioner extract --verify CACHE``: 0 when no row is damaged, else 1."""
     from captioner import records
     from captioner.cache import FeatureReader
-    from captioner.files import remove_stale
+    from captioner.temp_files import remove_stale
 
     remove_stale(path)
     with FeatureReader(path) as reader:
