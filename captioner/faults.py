@@ -134,8 +134,8 @@ def fault_message(
     if code == errno.ENOENT:
         if target is not None and target.parent.is_dir():
             return None  # the folder is there: not a fault of the machine
-        return (f"the folder {target.parent if target else '?'} was removed while writing "
-                f"{where}: create it again (or choose another path)")  # fmt: skip
+        return (f"the folder {target.parent if target else '?'} does not exist (or was removed "
+                f"while writing {where}): create it (or choose another path)")  # fmt: skip
     limit = _open_files_limit()
     return (f"too many open files while writing {where} (this process may open {limit}): "
             "raise the limit, e.g. `ulimit -n 4096`, or use fewer --workers")  # fmt: skip

@@ -81,14 +81,15 @@ def test_a_path_component_that_is_a_file_is_named(tmp_path):
 def test_a_removed_folder_is_named_only_when_it_is_gone(tmp_path):
     gone = FileNotFoundError(errno.ENOENT, "No such file or directory")
     assert faults.fault_message(gone, tmp_path / "x" / "a.json", writing=True).startswith(
-        f"the folder {tmp_path / 'x'} was removed while writing {tmp_path / 'x' / 'a.json'}"
+        f"the folder {tmp_path / 'x'} does not exist (or was removed while writing "
+        f"{tmp_path / 'x' / 'a.json'})"
     )
     assert faults.fault_message(gone, tmp_path / "a.json", writing=True) is None  # folder there
     assert faults.fault_message(gone, tmp_path / "x" / "a.json") is None  # reads: not a fault
     run = tmp_path / "run"
     run.mkdir()
     run.rmdir()  # the folder removed while a command runs
-    with pytest.raises(MachineFaultError, match=f"the folder {run} was removed"):
+    with pytest.raises(MachineFaultError, match=f"the folder {run} does not exist \\(or was removed"):
         write_json(run / "history.json", {"epoch": 1})
 
 
@@ -540,7 +541,8 @@ def test_the_service_answers_a_fault_of_its_upload_folder(tmp_path, monkeypatch,
 
     monkeypatch.setattr(uploads, "_copy_limited", copy)
     upload = SimpleNamespace(filename="a.jpg", content_type="image/jpeg", file=None)
-    name, pixels, failure = uploads.decode_upload(upload, 0, tmp_path, (8, 8), uploads.Limits())
-    assert (name, pixels, failure.status) == ("a.jpg", None, status)
+    decoded = uploads.decode_upload(upload, 0, tmp_path, (8, 8), uploads.Limits())
+    failure = decoded.failure
+    assert (decoded.name, decoded.pixels, failure.status) == ("a.jpg", None, status)
     assert failure.reason.startswith("the server cannot store uploads now (")
     assert str(tmp_path) not in failure.reason and list(tmp_path.iterdir()) == []
