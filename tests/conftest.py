@@ -79,3 +79,13 @@ def ray_cluster():
     finally:
         ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def merge_toy(tmp_path_factory):
+    """A merge run trained once per session on toy_dataset's 8 images (12 epochs, seed 0), with
+    its caption file and caches (helpers.train_toy's namespace). Shared by several modules:
+    read it only; copy the run folder (shutil.copytree) before changing anything in it."""
+    from helpers import train_toy
+
+    return train_toy(tmp_path_factory.mktemp("merge_toy"))

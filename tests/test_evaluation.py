@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from conftest import HAVE_PYCOCO, needs_mobilenet
-from helpers import WORDS, toy_dataset, write_cache
+from helpers import TINY_TRAINING, WORDS, train_toy, write_cache
 from PIL import Image
 
 from captioner import meteor
@@ -21,17 +21,6 @@ from captioner.evaluation import Decoding, evaluate
 from captioner.inference import Captioner
 from captioner.report import build_payload, write_report
 from captioner.training import TrainConfig, train
-
-TINY = dict(
-    batch_size=8,
-    embed_dim=16,
-    units=32,
-    dropout=0.0,
-    min_count=1,
-    learning_rate=0.02,
-    val_bleu_images=4,
-    patience=0,
-)
 
 
 def _write_images(folder: Path, names, broken=()) -> Path:
@@ -45,40 +34,20 @@ def _write_images(folder: Path, names, broken=()) -> Path:
     return folder
 
 
-def _train(tmp: Path, spatial: bool, epochs: int):
-    caps, train_h5, val_h5, refs = toy_dataset(
-        tmp, n_images=8 if not spatial else 6, spatial=spatial
-    )
-    config = TrainConfig(
-        captions=str(caps),
-        train_features=str(train_h5),
-        val_features=str(val_h5),
-        out=str(tmp / "run"),
-        decoder="attention" if spatial else "merge",
-        epochs=epochs,
-        **TINY,
-    )
-    run = train(config, verbose=0)
-    names = list(refs)
-    return SimpleNamespace(
-        tmp=tmp,
-        caps=caps,
-        features=train_h5,
-        run=run,
-        refs=refs,
-        names=names,
-        images=_write_images(tmp / "images", names),
-    )
+def _with_images(toy, folder: Path):
+    """``toy`` (helpers.train_toy's namespace) with JPEGs of its images in ``folder``."""
+    return SimpleNamespace(**vars(toy), images=_write_images(folder, toy.names))
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    return _train(tmp_path_factory.mktemp("merge"), spatial=False, epochs=12)
+def toy(merge_toy, tmp_path_factory):
+    return _with_images(merge_toy, tmp_path_factory.mktemp("merge") / "images")
 
 
 @pytest.fixture(scope="module")
 def attention_toy(tmp_path_factory):
-    return _train(tmp_path_factory.mktemp("attention"), spatial=True, epochs=12)
+    tmp = tmp_path_factory.mktemp("attention")
+    return _with_images(train_toy(tmp, spatial=True, epochs=12), tmp / "images")
 
 
 def _captions(toy, beam_size: int = 1) -> dict[str, str]:
@@ -273,7 +242,7 @@ def test_images_mode_with_the_real_encoder_matches_its_feature_cache(tmp_path):
             train_features=str(cache),
             out=str(tmp_path / "run"),
             epochs=8,
-            **{**TINY, "val_bleu_images": 0},
+            **{**TINY_TRAINING, "val_bleu_images": 0},
         ),
         verbose=0,
     )
