@@ -51,6 +51,41 @@ needs_mobilenet = pytest.mark.skipif(
 )
 
 
+# The fast tier, for the edit-test loop, is `python -m pytest -m "not slow"`: every test marked
+# with one of SLOW_MARKS also gets `slow`. Whole files are marked in FILE_MARKS (their files stay
+# as they are), tests that use a fixture of FIXTURE_MARKS get its mark, single tests carry theirs.
+SLOW_MARKS = ("subprocess", "ray", "browser", "training", "hypothesis", "benchmark", "meteor")
+FILE_MARKS = {
+    "test_bench_serve.py": ("benchmark",),
+    "test_benchmarks.py": ("benchmark",),
+    "test_distributed.py": ("subprocess", "training"),
+    "test_faults.py": ("subprocess", "training"),
+    "test_fit.py": ("subprocess", "training"),
+    "test_properties.py": ("hypothesis",),
+    "test_ray.py": ("ray",),
+    "test_scst.py": ("training",),
+    "test_serve_browser.py": ("browser",),
+    "test_serve_load.py": ("subprocess",),
+    "test_training.py": ("training",),
+}
+FIXTURE_MARKS = {  # fixtures that train a toy run, or start Ray
+    "merge_toy": "training",
+    "attention_toy": "training",
+    "toy_run": "training",
+    "ray_cluster": "ray",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        marks = {*FILE_MARKS.get(item.path.name, ())}
+        marks |= {FIXTURE_MARKS[name] for name in item.fixturenames if name in FIXTURE_MARKS}
+        for name in sorted(marks):
+            item.add_marker(name)
+        if any(item.get_closest_marker(name) for name in SLOW_MARKS):
+            item.add_marker("slow")
+
+
 @pytest.fixture(autouse=True)
 def no_meteor_jar(request, monkeypatch):
     """METEOR's jar takes 6-14 s to start: only tests marked ``meteor`` start it; elsewhere there

@@ -217,6 +217,7 @@ def test_images_mode_runs_the_encoder_and_skips_unreadable_images(toy, tmp_path,
         evaluate(toy.run, caps, images_dir=images)
 
 
+@pytest.mark.training
 @needs_mobilenet
 def test_images_mode_with_the_real_encoder_matches_its_feature_cache(tmp_path):
     from captioner.extraction import extract_with_spec

@@ -52,6 +52,7 @@ def _subcommands(parser: argparse.ArgumentParser) -> list[str]:
 HEAVY = ("numpy", "PIL", "nltk", "keras", "tensorflow", "h5py", "jinja2")
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["extract", "--help"],
                                   ["evaluate", "--help"], ["train", "--epochs", "x"],
                                   ["caption"], ["extract", "--preset", "nope", "x"]])
@@ -75,6 +76,7 @@ def test_no_command_prints_help(capsys):
     assert "usage: captioner" in capsys.readouterr().out
 
 
+@pytest.mark.subprocess
 def test_root_shim_behaves_like_console_script():
     shim = _run("cli.py", "encoders", "--json")
     module = _run("-m", "captioner.cli", "encoders", "--json")
@@ -82,12 +84,14 @@ def test_root_shim_behaves_like_console_script():
     assert shim.stdout == module.stdout and '"vgg16"' in shim.stdout
 
 
+@pytest.mark.subprocess
 def test_user_errors_exit_2_without_traceback():
     result = _run("cli.py", "encoder", "summary", "vgg16", "--weights", "/nonexistent/w.h5")
     assert result.returncode == 2
     assert "does not exist" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.subprocess
 def test_every_module_imports_without_tensorflow():
     """With TensorFlow made unimportable and a non-TF backend, every module still imports."""
     names = [m.name for m in pkgutil.walk_packages(captioner.__path__, "captioner.")]

@@ -120,6 +120,7 @@ def test_readme_example_uses_only_the_public_api():
     assert {"Captioner.from_run", "model.caption", "figures.save_attention_map"} <= set(checked)
 
 
+@pytest.mark.subprocess
 @pytest.mark.shared
 @needs_mobilenet
 def test_readme_python_api_example_runs(tmp_path):

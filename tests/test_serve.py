@@ -463,6 +463,7 @@ def test_serve_command_checks_and_extra(monkeypatch, capsys):
     assert 'pip install -e ".[serve]"' in capsys.readouterr().err
 
 
+@pytest.mark.subprocess
 def test_help_does_not_import_the_web_stack():
     import subprocess
     import sys
