@@ -124,3 +124,12 @@ def merge_toy(tmp_path_factory):
     from helpers import train_toy
 
     return train_toy(tmp_path_factory.mktemp("merge_toy"))
+
+
+@pytest.fixture(scope="session")
+def tiny_serve_run(tmp_path_factory):
+    """serve_fixtures.tiny_attention_run once per session for the service's tests: (run folder,
+    feature table, caption of photo k). Read it only; copy the folder before changing it."""
+    from serve_fixtures import tiny_attention_run
+
+    return tiny_attention_run(tmp_path_factory.mktemp("tiny_serve"))

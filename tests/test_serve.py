@@ -21,7 +21,7 @@ pytest.importorskip("multipart")
 
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
-from serve_fixtures import FakeEncoder, photo, tiny_attention_run, tiny_engine  # noqa: E402
+from serve_fixtures import FakeEncoder, photo, tiny_engine  # noqa: E402
 
 from captioner.cli import build_parser, main  # noqa: E402
 from captioner.decoding_config import MAX_BEAM_SIZE, DecodingConfig  # noqa: E402
@@ -37,8 +37,8 @@ CLI_KEYS = {"image", "caption", "score", "finished", "captions"}
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tiny_attention_run(tmp_path_factory.mktemp("serve"))
+def tiny(tiny_serve_run):
+    return tiny_serve_run
 
 
 @pytest.fixture(scope="module")
