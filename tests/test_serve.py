@@ -478,6 +478,7 @@ def test_help_does_not_import_the_web_stack():
     assert "127.0.0.1" in result.stdout and result.stdout.strip().endswith("[]")
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 def test_bundled_model_serves_what_caption_json_prints(tmp_path, capsys):
     """data/example.jpg and 8 Flickr8k test photos (when ../shared has them): the service's
