@@ -133,3 +133,12 @@ def tiny_serve_run(tmp_path_factory):
     from serve_fixtures import tiny_attention_run
 
     return tiny_attention_run(tmp_path_factory.mktemp("tiny_serve"))
+
+
+@pytest.fixture(scope="session")
+def untrained_run(tmp_path_factory):
+    """runfolder.make_run's untrained merge run (16 features), written once per session. Read it
+    only; the tests that damage a run folder copy it first (shutil.copytree)."""
+    from runfolder import make_run
+
+    return make_run(tmp_path_factory.mktemp("untrained") / "run")
