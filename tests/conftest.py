@@ -51,6 +51,41 @@ needs_mobilenet = pytest.mark.skipif(
 )
 
 
+# The fast tier, for the edit-test loop, is `python -m pytest -m "not slow"`: every test marked
+# with one of SLOW_MARKS also gets `slow`. Whole files are marked in FILE_MARKS (their files stay
+# as they are), tests that use a fixture of FIXTURE_MARKS get its mark, single tests carry theirs.
+SLOW_MARKS = ("subprocess", "ray", "browser", "training", "hypothesis", "benchmark", "meteor")
+FILE_MARKS = {
+    "test_bench_serve.py": ("benchmark",),
+    "test_benchmarks.py": ("benchmark",),
+    "test_distributed.py": ("subprocess", "training"),
+    "test_faults.py": ("subprocess", "training"),
+    "test_fit.py": ("subprocess", "training"),
+    "test_properties.py": ("hypothesis",),
+    "test_ray.py": ("ray",),
+    "test_scst.py": ("training",),
+    "test_serve_browser.py": ("browser",),
+    "test_serve_load.py": ("subprocess",),
+    "test_training.py": ("training",),
+}
+FIXTURE_MARKS = {  # fixtures that train a toy run, or start Ray
+    "merge_toy": "training",
+    "attention_toy": "training",
+    "toy_run": "training",
+    "ray_cluster": "ray",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        marks = {*FILE_MARKS.get(item.path.name, ())}
+        marks |= {FIXTURE_MARKS[name] for name in item.fixturenames if name in FIXTURE_MARKS}
+        for name in sorted(marks):
+            item.add_marker(name)
+        if any(item.get_closest_marker(name) for name in SLOW_MARKS):
+            item.add_marker("slow")
+
+
 @pytest.fixture(autouse=True)
 def no_meteor_jar(request, monkeypatch):
     """METEOR's jar takes 6-14 s to start: only tests marked ``meteor`` start it; elsewhere there
@@ -79,3 +114,31 @@ def ray_cluster():
     finally:
         ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def merge_toy(tmp_path_factory):
+    """A merge run trained once per session on toy_dataset's 8 images (12 epochs, seed 0), with
+    its caption file and caches (helpers.train_toy's namespace). Shared by several modules:
+    read it only; copy the run folder (shutil.copytree) before changing anything in it."""
+    from helpers import train_toy
+
+    return train_toy(tmp_path_factory.mktemp("merge_toy"))
+
+
+@pytest.fixture(scope="session")
+def tiny_serve_run(tmp_path_factory):
+    """serve_fixtures.tiny_attention_run once per session for the service's tests: (run folder,
+    feature table, caption of photo k). Read it only; copy the folder before changing it."""
+    from serve_fixtures import tiny_attention_run
+
+    return tiny_attention_run(tmp_path_factory.mktemp("tiny_serve"))
+
+
+@pytest.fixture(scope="session")
+def untrained_run(tmp_path_factory):
+    """runfolder.make_run's untrained merge run (16 features), written once per session. Read it
+    only; the tests that damage a run folder copy it first (shutil.copytree)."""
+    from runfolder import make_run
+
+    return make_run(tmp_path_factory.mktemp("untrained") / "run")

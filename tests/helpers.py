@@ -59,3 +59,30 @@ def toy_dataset(tmp: Path, n_images: int = 12, spatial: bool = False, seed: int 
         layer="conv" if spatial else "pool",
     )
     return tmp / "captions.txt", tmp / "train.h5", tmp / "val.h5", captions
+
+
+# a tiny decoder that learns toy_dataset's captions in a few epochs
+TINY_TRAINING = dict(batch_size=8, embed_dim=16, units=32, dropout=0.0, min_count=1,
+                     learning_rate=0.02, val_bleu_images=4, patience=0)  # fmt: skip
+
+
+def train_toy(tmp: Path, spatial: bool = False, epochs: int = 12, seed: int = 0, dataset=None):
+    """A merge (``spatial``: attention) run trained on :func:`toy_dataset` (8 images; 6 when
+    ``spatial``), or on ``dataset`` (toy_dataset's four values) when given, in ``tmp / "run"``
+    (``"run{seed}"`` for another seed).
+
+    Returns a namespace: tmp, caps, features (the train cache), val, run, refs, names."""
+    from types import SimpleNamespace
+
+    from captioner.training import TrainConfig, train
+
+    if dataset is None:
+        dataset = toy_dataset(tmp, n_images=6 if spatial else 8, spatial=spatial)
+    caps, train_h5, val_h5, refs = dataset
+    config = TrainConfig(captions=str(caps), train_features=str(train_h5), val_features=str(val_h5),
+                         out=str(tmp / ("run" if seed == 0 else f"run{seed}")),
+                         decoder="attention" if spatial else "merge", epochs=epochs, seed=seed,
+                         **TINY_TRAINING)  # fmt: skip
+    run = train(config, verbose=0)
+    return SimpleNamespace(tmp=tmp, caps=caps, features=train_h5, val=val_h5, run=run, refs=refs,
+                           names=list(refs))  # fmt: skip

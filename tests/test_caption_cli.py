@@ -120,6 +120,7 @@ def test_attention_map_needs_attention_model(toy_run, fake_encoder, tmp_path, ca
     assert "needs an attention model" in capsys.readouterr().err
 
 
+@pytest.mark.training
 def test_attention_map_is_written_for_attention_models(tmp_path, monkeypatch, capsys):
     caps, train_h5, val_h5, refs = toy_dataset(tmp_path, n_images=4, spatial=True)
     run = train(TrainConfig(captions=str(caps), train_features=str(train_h5), out=str(tmp_path / "r"),

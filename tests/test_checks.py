@@ -137,6 +137,7 @@ def test_out_is_a_file(tmp_path, data, capsys):
     _fails(capsys, _train(data, out, "--epochs", "1"), "is a file")
 
 
+@pytest.mark.training
 def test_a_run_that_never_finished_an_epoch_does_not_block_a_retry(tmp_path, data, capsys):
     out = tmp_path / "run"
     out.mkdir()

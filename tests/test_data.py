@@ -236,6 +236,7 @@ def test_shuffling_is_deterministic_per_seed_and_epoch():
     )
 
 
+@pytest.mark.training
 def test_model_fit_uses_epoch_orders_from_zero_and_resumes():
     import keras
 
@@ -386,6 +387,7 @@ def test_epoch_stream_is_a_pure_function_of_the_index():
     assert same(ds[1], later)  # agrees with the epoch-based API
 
 
+@pytest.mark.training
 def test_progressive_loader_feeds_keras3_fit():
     """The classic per-prefix generator trains a tutorial-style two-input model."""
 

@@ -198,9 +198,9 @@ def test_beam_of_one_is_exactly_greedy(table):
 def test_n_best_returns_the_requested_count_in_score_order():
     model = FakeModel(T_WIDTH)
     (hyps,) = beam(model, 0, beam_size=3, n_best=3)
-    assert [h.tokens for h in hyps] == [(C,), (B,), (A,)]
-    for hyp, lp in zip(hyps, [L(0.25) + L(1.0), L(0.35) + L(0.6), L(0.4) + L(0.4)], strict=True):
-        check(hyp, hyp.tokens, lp, True)
+    expected = [((C,), L(0.25) + L(1.0)), ((B,), L(0.35) + L(0.6)), ((A,), L(0.4) + L(0.4))]
+    for hyp, (tokens, lp) in zip(hyps, expected, strict=True):
+        check(hyp, tokens, lp, True)
     (two,) = beam(FakeModel(T_WIDTH), 0, beam_size=3, n_best=2)
     assert two == hyps[:2]
     assert model.calls == 2

@@ -37,6 +37,7 @@ def test_block_plans_and_feature_shapes(name, blocks, grid):
     assert spec.input_size == (VARIANTS[name].size,) * 2
 
 
+@pytest.mark.slow
 def test_random_lite0_feature_model_builds_with_lite_preprocessing():
     spec = get_spec("efficientnet_lite0")
     model = spec.feature_model("pool", weights=None)
@@ -132,6 +133,7 @@ def top1(name: str, limit: int | None = None) -> float:
     ("efficientnet_lite2", 0.884, None),  # 88.4%
     ("efficientnet_lite1", 0.87, 300),  # no reference row: between the two, on 300 photos
 ])
+@pytest.mark.slow
 def test_converted_weights_reach_the_reference_imagenet_accuracy(name, reference, limit):
     if not installed(name):
         pytest.skip(f"{VARIANTS[name].package} is not installed")

@@ -34,6 +34,7 @@ def test_the_bundled_run_names_its_packaged_checked_encoder_file():
     assert path.name == "efficientnet-lite2-9656183e.pth" and sha256sum(path) == LITE2_SHA256
 
 
+@pytest.mark.slow
 def test_first_caption_with_an_empty_keras_cache_and_no_network(tmp_path, monkeypatch):
     import keras
 

@@ -13,6 +13,7 @@ from captioner.engines.ray_runtime import import_ray
 from captioner.errors import CaptionerError
 
 
+@pytest.mark.subprocess
 def test_engine_modules_import_without_ray():
     code = ("import sys; import captioner.engines.ray_extract, captioner.engines.ray_caption; "
             "assert 'ray' not in sys.modules, 'ray imported at import time'")  # fmt: skip

@@ -7,27 +7,20 @@ import shutil
 
 import numpy as np
 import pytest
-from helpers import toy_dataset
+from helpers import train_toy
 
 from captioner.cache import open_features
 from captioner.errors import CaptionerError
 from captioner.inference import Captioner, EnsembleCaptioner, load_captioner
 from captioner.runs import RunConfig
-from captioner.training import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ens")
-    caps, train_h5, val_h5, _ = toy_dataset(tmp, n_images=8)
-    out = []
-    for seed in (0, 1):
-        config = TrainConfig(captions=str(caps), train_features=str(train_h5), out=str(tmp / f"r{seed}"),
-                             val_features=str(val_h5), epochs=4, batch_size=8, embed_dim=16, units=32,
-                             dropout=0.0, min_count=1, learning_rate=0.02, val_bleu_images=4,
-                             patience=0, seed=seed)
-        out.append(train(config, verbose=0))
-    return out, train_h5
+def runs(merge_toy, tmp_path_factory):
+    """The session's toy merge run (seed 0) and one trained alike with seed 1."""
+    dataset = (merge_toy.caps, merge_toy.features, merge_toy.val, merge_toy.refs)
+    other = train_toy(tmp_path_factory.mktemp("ens"), seed=1, dataset=dataset)
+    return [merge_toy.run, other.run], merge_toy.features
 
 
 def test_ensemble_of_a_model_with_itself_decodes_like_the_model(runs):

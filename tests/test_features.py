@@ -479,6 +479,7 @@ def done_count(path: Path) -> int:
         return reader.counts()["done"]
 
 
+@pytest.mark.subprocess
 def test_sigkill_then_resume_is_bit_identical(tmp_path):
     images = tmp_path / "imgs"
     make_images(images, 40, seed=3)

@@ -195,6 +195,7 @@ def _dead_pid() -> int:
     return proc.pid
 
 
+@pytest.mark.subprocess
 def test_stale_temp_files_of_dead_processes_are_removed(clean, tmp_path, tiny_model):  # noqa: F811
     dead, alive = _dead_pid(), os.getppid()
     folder = clean.path.parent

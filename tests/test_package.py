@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import pkgutil
+import re
 import subprocess
 import sys
 import textwrap
@@ -12,7 +14,7 @@ import pytest
 from conftest import ROOT
 
 import captioner
-from captioner.cli import COMMAND_MODULES, main
+from captioner.cli import COMMAND_MODULES, build_parser, main
 
 
 def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -27,13 +29,30 @@ def test_help_lists_every_stage(capsys):
         main(["--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    for command in ("encoders", "extract", "captions", "train", "caption", "evaluate"):
-        assert command in out
+    table, _, listing = out.partition("positional arguments:")
+    # the description's table: "  encoders / encoder   list, ..."; argparse's: "    caption   ..."
+    described = {
+        name
+        for names in re.findall(r"^  (\S+(?: / \S+)*)\s{2,}\S", table, re.M)
+        for name in names.split(" / ")
+    }
+    listed = set(re.findall(r"^    (\S+)\s{2,}\S", listing, re.M))
+    registered = set(_subcommands(build_parser()))
+    stages = {"encoders", "encoder", "extract", "captions", "train", "caption", "evaluate"}
+    assert stages <= registered
+    assert described == registered, described ^ registered
+    assert listed == registered, listed ^ registered
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> list[str]:
+    (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return list(action.choices)
 
 
 HEAVY = ("numpy", "PIL", "nltk", "keras", "tensorflow", "h5py", "jinja2")
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["extract", "--help"],
                                   ["evaluate", "--help"], ["train", "--epochs", "x"],
                                   ["caption"], ["extract", "--preset", "nope", "x"]])
@@ -57,6 +76,7 @@ def test_no_command_prints_help(capsys):
     assert "usage: captioner" in capsys.readouterr().out
 
 
+@pytest.mark.subprocess
 def test_root_shim_behaves_like_console_script():
     shim = _run("cli.py", "encoders", "--json")
     module = _run("-m", "captioner.cli", "encoders", "--json")
@@ -64,12 +84,14 @@ def test_root_shim_behaves_like_console_script():
     assert shim.stdout == module.stdout and '"vgg16"' in shim.stdout
 
 
+@pytest.mark.subprocess
 def test_user_errors_exit_2_without_traceback():
     result = _run("cli.py", "encoder", "summary", "vgg16", "--weights", "/nonexistent/w.h5")
     assert result.returncode == 2
     assert "does not exist" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.subprocess
 def test_every_module_imports_without_tensorflow():
     """With TensorFlow made unimportable and a non-TF backend, every module still imports."""
     names = [m.name for m in pkgutil.walk_packages(captioner.__path__, "captioner.")]

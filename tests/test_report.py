@@ -445,6 +445,7 @@ def test_no_attention_section_without_maps(tmp_path):
 @pytest.mark.skipif(
     not Path("/usr/bin/chromium").exists(), reason="/usr/bin/chromium is not installed"
 )
+@pytest.mark.browser
 def test_report_renders_in_headless_chromium(tmp_path):
     images = {}
     for i, name in enumerate(REFS):
@@ -476,6 +477,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert proc.returncode == 1 and "did not finish" in proc.stderr and "not sorted" in proc.stderr
 
 
+@pytest.mark.subprocess
 def test_check_script_without_a_report_exits_2(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(CHECK_SCRIPT), str(tmp_path)],

@@ -17,9 +17,8 @@ from captioner.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
-def pristine(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("runs")
-    return make_run(tmp / "merge")
+def pristine(untrained_run):
+    return untrained_run
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ pytest.importorskip("multipart")
 
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
-from serve_fixtures import FakeEncoder, photo, tiny_attention_run, tiny_engine  # noqa: E402
+from serve_fixtures import FakeEncoder, photo, tiny_engine  # noqa: E402
 
 from captioner.cli import build_parser, main  # noqa: E402
 from captioner.decoding_config import MAX_BEAM_SIZE, DecodingConfig  # noqa: E402
@@ -37,8 +37,8 @@ CLI_KEYS = {"image", "caption", "score", "finished", "captions"}
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tiny_attention_run(tmp_path_factory.mktemp("serve"))
+def tiny(tiny_serve_run):
+    return tiny_serve_run
 
 
 @pytest.fixture(scope="module")
@@ -463,6 +463,7 @@ def test_serve_command_checks_and_extra(monkeypatch, capsys):
     assert 'pip install -e ".[serve]"' in capsys.readouterr().err
 
 
+@pytest.mark.subprocess
 def test_help_does_not_import_the_web_stack():
     import subprocess
     import sys
@@ -477,6 +478,7 @@ def test_help_does_not_import_the_web_stack():
     assert "127.0.0.1" in result.stdout and result.stdout.strip().endswith("[]")
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 def test_bundled_model_serves_what_caption_json_prints(tmp_path, capsys):
     """data/example.jpg and 8 Flickr8k test photos (when ../shared has them): the service's

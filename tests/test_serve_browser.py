@@ -17,7 +17,7 @@ pytest.importorskip("multipart")
 httpx = pytest.importorskip("httpx")
 webdriver = pytest.importorskip("selenium.webdriver")
 
-from serve_fixtures import photo, tiny_attention_run, tiny_engine  # noqa: E402
+from serve_fixtures import photo, tiny_engine  # noqa: E402
 
 from captioner.serve.app import Settings, create_app  # noqa: E402
 from captioner.serve.auth import ApiKeys  # noqa: E402
@@ -39,11 +39,11 @@ def _free_port() -> int:
 KEY = "browser-test-key-0123456789"
 
 
-def _serve(tmp_path_factory, settings: Settings):
+def _serve(tiny_serve_run, settings: Settings):
     """The service on a free localhost port, in a thread of this process."""
     import uvicorn
 
-    run, table, expected = tiny_attention_run(tmp_path_factory.mktemp("browser"))
+    run, table, expected = tiny_serve_run
     port = _free_port()
     config = uvicorn.Config(create_app(tiny_engine(run, table), settings), host="127.0.0.1",
                             port=port, log_level="warning")
@@ -60,13 +60,13 @@ def _serve(tmp_path_factory, settings: Settings):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    yield from _serve(tmp_path_factory, Settings())
+def server(tiny_serve_run):
+    yield from _serve(tiny_serve_run, Settings())
 
 
 @pytest.fixture(scope="module")
-def keyed_server(tmp_path_factory):
-    yield from _serve(tmp_path_factory, Settings(api_keys=ApiKeys([KEY])))
+def keyed_server(tiny_serve_run):
+    yield from _serve(tiny_serve_run, Settings(api_keys=ApiKeys([KEY])))
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ pytest.importorskip("prometheus_client")
 
 from fastapi.testclient import TestClient  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-from serve_fixtures import photo, tiny_attention_run, tiny_engine  # noqa: E402
+from serve_fixtures import photo, tiny_engine  # noqa: E402
 
 from captioner.cli import main  # noqa: E402
 from captioner.errors import CaptionerError  # noqa: E402
@@ -26,8 +26,8 @@ OTHER = "o" * 24
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    run, table, _ = tiny_attention_run(tmp_path_factory.mktemp("ops"))
+def engine(tiny_serve_run):
+    run, table, _ = tiny_serve_run
     return tiny_engine(run, table)
 
 

@@ -83,6 +83,8 @@ def test_storage_size_field_must_match_its_declaration(tmp_path):
         load_state_dict(file.write(tmp_path / "sizes.pth"))
 
 
+@pytest.mark.subprocess
+@pytest.mark.hypothesis
 def test_the_fuzzed_reader_never_crashes_and_never_reads_out_of_bounds():
     """Hypothesis-generated files (offsets, shapes, strides, counts, truncations), in a
     subprocess: a segfault fails this test instead of killing the test session."""

@@ -9,7 +9,6 @@ import shutil
 import h5py
 import numpy as np
 import pytest
-from runfolder import make_run
 
 from captioner.cli import main
 from captioner.errors import CaptionerError
@@ -18,8 +17,8 @@ from captioner.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
-def pristine(tmp_path_factory):
-    return make_run(tmp_path_factory.mktemp("untrusted") / "run")
+def pristine(untrained_run):
+    return untrained_run
 
 
 @pytest.fixture
