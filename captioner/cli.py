@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "evaluate",
     "serve",
     "fit",
+    "export",
 )
 
 DESCRIPTION = """\
@@ -40,6 +41,7 @@ Image captioning with Keras 3, stage by stage:
   evaluate             BLEU-1..4, CIDEr-D, ROUGE-L reports on a test split
   serve                web service: JSON API and a page to caption photos (the serve extra)
   fit                  photos + captions -> trained, evaluated run folder in one command
+  export               a run folder as ONNX: captions on ONNX Runtime, without TensorFlow
 
 Run `captioner COMMAND --help` for the options of each command.
 """
