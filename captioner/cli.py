@@ -96,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 0 if args.command is None else 2
-    if args.command not in ("encoders", "captions"):
+    if args.command not in ("encoders", "captions") and not getattr(args, "lazy_keras", False):
         _quiet_keras_import()
     try:
         return int(args.handler(args) or 0)

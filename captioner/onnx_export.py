@@ -42,10 +42,13 @@ STATIC = ("features", "keys")  # state no step changes (as captioner.inference.S
 def _quiet_export(model, path: Path, signature: list) -> None:
     """``model.export`` to ONNX with tf2onnx's and TensorFlow's chatter kept off the terminal."""
     import logging
+    import warnings
 
     for name in ("tf2onnx", "tensorflow"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    model.export(str(path), format="onnx", verbose=False, input_signature=signature)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # tf2onnx probing np.object
+        model.export(str(path), format="onnx", verbose=False, input_signature=signature)
 
 
 def _wrappers(decoders: list) -> tuple[Any, Any, list[str], list[str], list[str]]:
