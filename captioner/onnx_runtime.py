@@ -67,7 +67,7 @@ def choose_runtime(
     if runtime not in (None, "auto", *RUNTIMES):
         raise CaptionerError(f"unknown runtime '{runtime}'; choose one of: {', '.join(RUNTIMES)}")
     if runtime == "keras":
-        return "keras"
+        return _keras_installed(models)
     found = export_dir(models[0]) if len(models) == 1 else None
     if runtime == "onnx":
         if len(models) != 1:
@@ -85,8 +85,19 @@ def choose_runtime(
             raise CaptionerError("--runtime onnx needs onnxruntime: pip install onnxruntime")
         return "onnx"
     if found is None or weights != "best" or importlib.util.find_spec("onnxruntime") is None:
-        return "keras"
+        return _keras_installed(models)
     return "onnx"
+
+
+def _keras_installed(models: Sequence[str | os.PathLike]) -> str:
+    """``"keras"``, or one line saying what to install (a runtime-only install lacks Keras)."""
+    if importlib.util.find_spec("keras") is None:
+        raise CaptionerError(
+            f"{models[0]} runs on Keras, which is not installed (a runtime-only install runs "
+            "exported models only): pip install captioner with its dependencies, or export "
+            "the run with `captioner export` where Keras is installed"
+        )
+    return "keras"
 
 
 def _read_manifest(folder: Path) -> dict[str, Any]:
