@@ -112,9 +112,7 @@ def resolve_runtime(args: argparse.Namespace, models: list[Path]) -> str:
     """The runtime this command runs on; Keras is imported (quietly) only when it is keras."""
     from captioner.onnx_runtime import choose_runtime
 
-    weights = "best"
-    runtime = "keras" if getattr(args, "engine", None) == "ray" else args.runtime
-    chosen = choose_runtime(models, weights, runtime)
+    chosen = choose_runtime(models, "best", args.runtime)
     if chosen == "keras":
         from captioner.cli import _quiet_keras_import
 
