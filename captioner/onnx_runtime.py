@@ -141,7 +141,7 @@ def check_export(folder: Path, manifest: dict[str, Any], run_files: dict | None 
             )
 
 
-def _session(path: Path, threads: int | None = None):
+def _session(path: Path, threads: int | None = None, arena: bool = True):
     """An ONNX Runtime CPU session; ``threads``: intra-op threads (None: ONNX Runtime's
     default, one per core). ``CAPTIONER_ONNX_THREADS`` overrides both."""
     import onnxruntime as ort
@@ -151,6 +151,7 @@ def _session(path: Path, threads: int | None = None):
     threads = int(os.environ.get("CAPTIONER_ONNX_THREADS", 0)) or threads
     if threads:
         options.intra_op_num_threads = threads
+    options.enable_cpu_mem_arena = arena
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types
@@ -183,7 +184,9 @@ class OnnxCaptioner(Captioner):
         self.members_count = int(dec["members"])
         self._init_out, self._step_in = dec["init_outputs"], dec["step_inputs"]
         self._step_out = dec["step_outputs"]
-        self._encoder_session = _session(folder / ENCODER_FILE)
+        # no memory arena for the encoder: an arena keeps the largest batch's activations
+        # (measured: 469 MiB after batches of 16 with it, 173 MiB without, same speed)
+        self._encoder_session = _session(folder / ENCODER_FILE, arena=False)
         # the decoder's ops are small: thread hand-offs cost more than they give (measured:
         # a 3-row step 5.5 ms on one thread, 12 ms on two; 384 rows 269 ms against 434 ms)
         self._init_session = _session(folder / INIT_FILE, threads=1)
