@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--beam-size", type=int, default=3, help="beam_size of every request (default %(default)s)")
     p.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch (default %(default)s)")
     p.add_argument("--max-queue", type=int, default=64, help="the server's --max-queue (default %(default)s)")
+    p.add_argument("--runtime", choices=("keras", "onnx"), default=None,
+                   help="the server's --runtime (default: onnx when the model carries an export)")
     p.add_argument("--smoke", action="store_true", help="tiny counts (a check that it runs)")
     args = p.parse_args(argv)
     if args.smoke:
@@ -90,6 +92,7 @@ def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
     command = [sys.executable, "-m", "captioner.cli", "serve", "--model", str(args.model),
                "--port", str(port), "--log-level", "warning", "--beam-size", str(args.beam_size),
                "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue)]
+    command += ["--runtime", args.runtime] if args.runtime else []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     log = tempfile.TemporaryFile("w+")  # the server's stderr, shown if it dies
     server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)

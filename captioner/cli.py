@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "evaluate",
     "serve",
     "fit",
+    "export",
 )
 
 DESCRIPTION = """\
@@ -40,6 +41,7 @@ Image captioning with Keras 3, stage by stage:
   evaluate             BLEU-1..4, CIDEr-D, ROUGE-L reports on a test split
   serve                web service: JSON API and a page to caption photos (the serve extra)
   fit                  photos + captions -> trained, evaluated run folder in one command
+  export               a run folder as ONNX: captions on ONNX Runtime, without TensorFlow
 
 Run `captioner COMMAND --help` for the options of each command.
 """
@@ -94,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 0 if args.command is None else 2
-    if args.command not in ("encoders", "captions"):
+    if args.command not in ("encoders", "captions") and not getattr(args, "lazy_keras", False):
         _quiet_keras_import()
     try:
         return int(args.handler(args) or 0)

@@ -316,15 +316,22 @@ class Captioner(ImageEncoding):
 
 
 def load_captioner(
-    models: str | os.PathLike | Sequence[str | os.PathLike] | None = None, weights: str = "best"
+    models: str | os.PathLike | Sequence[str | os.PathLike] | None = None, weights: str = "best",
+    runtime: str | None = None,
 ) -> Captioner:
     """The one loader: a run folder (default: the bundled model), a folder listing ``members``
     or several folders over the same encoder, decoded as one ensemble (the members of folder
-    ensembles flattened). The decoding is the first folder's."""
+    ensembles flattened). The decoding is the first folder's. ``runtime``: ``"onnx"`` (the
+    folder's ``captioner export``, on ONNX Runtime), ``"keras"``, or None: ONNX when one folder
+    carries an export (:func:`captioner.onnx_runtime.choose_runtime`)."""
     if models is None or isinstance(models, (str, os.PathLike)):
         models = [models or DEFAULT_RUN]
     if not models:
         models = [DEFAULT_RUN]
+    from captioner.onnx_runtime import choose_runtime, load_exported
+
+    if choose_runtime(models, weights, runtime) == "onnx":
+        return load_exported(models[0])
     loaded = [Captioner.from_run(m, weights) for m in models]
     if len(loaded) == 1:
         return loaded[0]

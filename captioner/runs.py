@@ -52,6 +52,8 @@ XENT = "xent"  # masked cross-entropy per real word, without regularisers: same 
 SOURCE_KEYS = ("captions", "train_features", "val_features")  # inputs a run records
 DEFAULT_RESAMPLE = "bilinear"  # what every cache before the resize method was recorded used
 DEFAULT_RUN = Path(__file__).resolve().parent.parent / "weights" / "default"
+if not DEFAULT_RUN.is_dir():  # an installed wheel carries the bundled model as package data
+    DEFAULT_RUN = Path(__file__).resolve().parent / "weights" / "default"
 
 
 @dataclass

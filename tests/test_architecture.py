@@ -23,7 +23,7 @@ LAYERS = [
     ("decoders",),
     ("checkpoints",),
     ("decoding", "compiled", "inference", "caption_lines", "sampling", "ensemble",
-     "image_captions"),
+     "image_captions", "onnx_runtime", "onnx_export"),
     ("figures",),
     ("metrics", "evaluation", "meteor"),
     ("report",),

@@ -95,8 +95,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="FILE.jsonl",
                    help="write JSON lines (as --json) to this file; a rerun captions only the "
                    "images it lacks, e.g. --out captions.jsonl")
+    add_runtime_option(p)
     add_engine_options(p)
-    p.set_defaults(handler=run_caption)
+    p.set_defaults(handler=run_caption, lazy_keras=True)
+
+
+def add_runtime_option(p: argparse.ArgumentParser) -> None:
+    """``--runtime`` of ``caption`` and ``serve``."""
+    p.add_argument("--runtime", choices=("keras", "onnx"), default=None,
+                   help="onnx: the run folder's `captioner export` on ONNX Runtime, no "
+                   "TensorFlow; keras: its Keras weights (default: onnx when the folder "
+                   "carries an export, else keras)")
+
+
+def resolve_runtime(args: argparse.Namespace, models: list[Path]) -> str:
+    """The runtime this command runs on; Keras is imported (quietly) only when it is keras."""
+    from captioner.onnx_runtime import choose_runtime
+
+    chosen = choose_runtime(models, "best", args.runtime)
+    if chosen == "keras":
+        from captioner.cli import _quiet_keras_import
+
+        _quiet_keras_import()
+    return chosen
 
 
 def expand_images(args: list[str]) -> list[Path]:
@@ -157,9 +178,10 @@ def run_caption(args: argparse.Namespace) -> int:
 
     _check(args)
     models = [Path(m) for m in args.model or [DEFAULT_RUN]]
+    runtime = resolve_runtime(args, models)
     if args.out or args.engine == "ray":
-        return _to_file(args, models, decoding_overrides(args))
-    captioner = load_captioner(models)
+        return _to_file(args, models, decoding_overrides(args), runtime)
+    captioner = load_captioner(models, runtime=runtime)
     decoding = model_decoding(captioner, **decoding_overrides(args))
     if args.attention_map and captioner.decoder.kind != "attention":
         raise CaptionerError("--attention-map needs an attention model (this run's decoder is "
@@ -182,7 +204,8 @@ def run_caption(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _to_file(args: argparse.Namespace, models: list[Path], overrides: dict) -> int:
+def _to_file(args: argparse.Namespace, models: list[Path], overrides: dict,
+             runtime: str = "keras") -> int:
     """``--out FILE.jsonl`` (either engine, every --model): resumable JSON lines that record
     the model and decoding they were made with; a summary line on stdout."""
     from captioner.errors import CaptionerError
@@ -205,7 +228,7 @@ def _to_file(args: argparse.Namespace, models: list[Path], overrides: dict) -> i
         from captioner.caption_lines import caption_to_file
         from captioner.inference import load_captioner
 
-        captioner = load_captioner(models)
+        captioner = load_captioner(models, runtime=runtime)
         decoding = model_decoding(captioner, **overrides)
         summary = caption_to_file(captioner, paths, Path(args.out), args.batch_size, decoding,
                                   models)

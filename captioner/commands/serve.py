@@ -75,7 +75,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="access log on stderr, one line per request (default %(default)s)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="uvicorn log level (default %(default)s)")
-    p.set_defaults(handler=run_serve)
+    from captioner.commands.caption import add_runtime_option
+
+    add_runtime_option(p)
+    p.set_defaults(handler=run_serve, lazy_keras=True)
 
 
 def settings_from(args: argparse.Namespace):
@@ -149,7 +152,9 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = settings_from(args)  # before the model loads: a bad option costs nothing
     models = [Path(m) for m in args.model or [DEFAULT_RUN]]
     print(f"loading {' '.join(map(str, models))} ...", file=sys.stderr, flush=True)
-    engine = Engine.from_run(models)
+    from captioner.commands.caption import resolve_runtime
+
+    engine = Engine.from_run(models, runtime=resolve_runtime(args, models))
     settings = replace(settings, decoding=model_decoding(engine.captioner,
                                                          **decoding_overrides(args)))
     print(f"warm-up: {engine.warm_up():.1f} s", file=sys.stderr, flush=True)

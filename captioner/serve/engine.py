@@ -61,11 +61,13 @@ class Engine:
         self.run_dir = Path(run_dir) if run_dir else None
 
     @classmethod
-    def from_run(cls, models: str | os.PathLike | Sequence[str | os.PathLike]) -> Engine:
-        """Load the model (one run folder, or several decoded as one ensemble) and its encoder."""
+    def from_run(cls, models: str | os.PathLike | Sequence[str | os.PathLike],
+                 runtime: str | None = None) -> Engine:
+        """Load the model (one run folder, or several decoded as one ensemble) and its encoder
+        (``runtime``: keras, onnx, or None: onnx when the folder carries an export)."""
         from captioner.inference import load_captioner
 
-        captioner = load_captioner(models)
+        captioner = load_captioner(models, runtime=runtime)
         captioner.encoder()  # built now, not on the first request
         first = models if isinstance(models, (str, os.PathLike)) else models[0]
         return cls(captioner, first)
