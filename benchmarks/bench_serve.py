@@ -40,12 +40,28 @@ IMAGES = ROOT.parent / "shared" / "flickr8k" / "Flicker8k_Dataset"
 SMOKE = {"clients": 2, "requests": 8, "sequential": 4, "n_images": 4, "warmup": 2}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__,
+def served_model_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every serving benchmark shares: the model to serve and the photos to send."""
+    p = argparse.ArgumentParser(description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=ROOT / "weights" / "default",
                    help="run folder to serve (default: weights/default)")
     p.add_argument("--images-dir", type=Path, default=IMAGES, help="photos to send")
+    p.add_argument("--smoke", action="store_true", help="small counts (a check that it runs)")
+    return p
+
+
+def parsed(p: argparse.ArgumentParser, argv: list[str] | None, smoke: dict) -> argparse.Namespace:
+    """``p``'s arguments, with the ``smoke`` counts when ``--smoke`` is given."""
+    args = p.parse_args(argv)
+    if args.smoke:
+        for key, value in smoke.items():
+            setattr(args, key, value)
+    return args
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = served_model_parser(__doc__)
     p.add_argument("--n-images", type=int, default=20, help="distinct photos (default %(default)s)")
     p.add_argument("--clients", type=int, default=8, help="concurrent clients in (b) (default %(default)s)")
     p.add_argument("--requests", type=int, default=1000, help="requests in (b) (default %(default)s)")
@@ -56,12 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-queue", type=int, default=64, help="the server's --max-queue (default %(default)s)")
     p.add_argument("--runtime", choices=("keras", "onnx"), default=None,
                    help="the server's --runtime (default: onnx when the model carries an export)")
-    p.add_argument("--smoke", action="store_true", help="tiny counts (a check that it runs)")
-    args = p.parse_args(argv)
-    if args.smoke:
-        for key, value in SMOKE.items():
-            setattr(args, key, value)
-    return args
+    return parsed(p, argv, SMOKE)
 
 
 def load_photos(folder: Path, n: int) -> list[tuple[str, bytes]]:

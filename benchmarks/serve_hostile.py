@@ -38,12 +38,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_serve import (  # noqa: E402
-    IMAGES,
     ROOT,
     free_port,
     load_photos,
+    parsed,
     rss_mb,
     run_requests,
+    served_model_parser,
     wait_ready,
 )
 
@@ -51,11 +52,7 @@ SMOKE = {"clients": 4, "requests": 16, "slow": 2, "malformed": 40, "soak": 200}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, default=ROOT / "weights" / "default",
-                   help="run folder to serve (default: weights/default)")
-    p.add_argument("--images-dir", type=Path, default=IMAGES, help="photos to send")
+    p = served_model_parser(__doc__)
     p.add_argument("--clients", type=int, default=8, help="normal clients (default %(default)s)")
     p.add_argument("--requests", type=int, default=64, help="requests in (a) (default %(default)s)")
     p.add_argument("--slow", type=int, default=3, help="slow clients in (a) (default %(default)s)")
@@ -65,12 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the server's --body-timeout (default %(default)s)")
     p.add_argument("--drain-timeout", type=float, default=20.0,
                    help="the server's --drain-timeout (default %(default)s)")
-    p.add_argument("--smoke", action="store_true", help="small counts (a check that it runs)")
-    args = p.parse_args(argv)
-    if args.smoke:
-        for key, value in SMOKE.items():
-            setattr(args, key, value)
-    return args
+    return parsed(p, argv, SMOKE)
 
 
 class Server:
