@@ -84,7 +84,7 @@ def _images(args: argparse.Namespace) -> list[str]:
 
 
 def throughput(args: argparse.Namespace) -> dict:
-    from captioner.inference import load_captioner
+    from captioner.loader import load_captioner
 
     paths = _images(args)
     result = {}
@@ -113,7 +113,7 @@ def _scores(refs: dict, hyps: dict) -> dict[str, float]:
 def equality(args: argparse.Namespace) -> dict:
     from captioner.captions import load_captions
     from captioner.cleaning import clean_captions
-    from captioner.inference import load_captioner
+    from captioner.loader import load_captioner
 
     paths = _images(args)
     texts = {}

@@ -226,7 +226,7 @@ def evaluate(
     """
     from captioner.captions import load_captions
     from captioner.cleaning import CleaningRules, clean_captions
-    from captioner.inference import load_captioner
+    from captioner.loader import load_captioner
 
     _check_options(decodings, batch_size, limit)
     if features is None and (images_dir is None or split is None):

@@ -315,36 +315,6 @@ class Captioner(ImageEncoding):
         return [self.tokenizer.decode([t]) or "<unk>" for t in tokens] + ["<end>"]
 
 
-def load_captioner(
-    models: str | os.PathLike | Sequence[str | os.PathLike] | None = None, weights: str = "best",
-    runtime: str | None = None,
-) -> Captioner:
-    """The one loader: a run folder (default: the bundled model), a folder listing ``members``
-    or several folders over the same encoder, decoded as one ensemble (the members of folder
-    ensembles flattened). The decoding is the first folder's. ``runtime``: ``"onnx"`` (the
-    folder's ``captioner export``, on ONNX Runtime), ``"keras"``, or None: ONNX when one folder
-    carries an export (:func:`captioner.onnx_runtime.choose_runtime`)."""
-    if models is None or isinstance(models, (str, os.PathLike)):
-        models = [models or DEFAULT_RUN]
-    if not models:
-        models = [DEFAULT_RUN]
-    from captioner.onnx_runtime import choose_runtime, load_exported
-
-    if choose_runtime(models, weights, runtime) == "onnx":
-        return load_exported(models[0])
-    loaded = [Captioner.from_run(m, weights) for m in models]
-    if len(loaded) == 1:
-        return loaded[0]
-    members, names = [], []
-    for folder, captioner in zip(models, loaded, strict=True):
-        parts = getattr(captioner, "members", [captioner])
-        members += parts
-        names += [folder] if len(parts) == 1 else [f"{folder} ({i + 1})" for i in range(len(parts))]
-    ensemble = EnsembleCaptioner(members, names)
-    ensemble.folders = [Path(m) for m in models]
-    return ensemble
-
-
 class EnsembleCaptioner(Captioner):
     """Several decoders over one encoder and vocabulary decoded as one model (mean per-step
     log-probabilities, :mod:`captioner.ensemble`); encoder and attention maps: the first's."""

@@ -180,7 +180,7 @@ def _versions(files: list[Path]) -> dict[str, Any]:
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
     """Export the run folder ``run_dir`` (its best weights and members) into the folder ``out``
     (created; must be empty or absent). Returns the manifest written."""
-    from captioner.inference import load_captioner
+    from captioner.loader import load_captioner
     from captioner.runs import TOKENIZER_FILE as RUN_TOKENIZER
 
     run_dir, out = Path(run_dir), Path(out)

@@ -7,7 +7,7 @@ and per-token step are ONNX Runtime sessions; the search is the same numpy searc
 members are averaged per step exactly as :func:`captioner.ensemble.mean_step` does. Every file
 of the export is sha256-checked against ``manifest.json`` on load, and the manifest against the
 run folder it sits in; a damaged or mismatched file is one :class:`ExportError` line.
-:func:`choose_runtime` is how :func:`captioner.inference.load_captioner` picks the runtime.
+:func:`choose_runtime` is how :func:`captioner.loader.load_captioner` picks the runtime.
 """
 
 from __future__ import annotations

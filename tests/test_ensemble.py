@@ -11,7 +11,8 @@ from helpers import train_toy
 
 from captioner.cache import open_features
 from captioner.errors import CaptionerError
-from captioner.inference import Captioner, EnsembleCaptioner, load_captioner
+from captioner.inference import Captioner, EnsembleCaptioner
+from captioner.loader import load_captioner
 from captioner.runs import RunConfig
 
 

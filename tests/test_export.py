@@ -17,7 +17,8 @@ from runfolder import make_run
 
 from captioner.cli import main
 from captioner.files import sha256sum
-from captioner.inference import Captioner, load_captioner
+from captioner.inference import Captioner
+from captioner.loader import load_captioner
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("tf2onnx")

@@ -173,7 +173,7 @@ def _check(args: argparse.Namespace) -> None:
 def run_caption(args: argparse.Namespace) -> int:
     """Handler of ``captioner caption``."""
     from captioner.errors import CaptionerError
-    from captioner.inference import load_captioner
+    from captioner.loader import load_captioner
     from captioner.runs import DEFAULT_RUN
 
     _check(args)
@@ -226,7 +226,7 @@ def _to_file(args: argparse.Namespace, models: list[Path], overrides: dict,
                               gpus_per_actor=args.gpus_per_actor, overrides=overrides)
     else:
         from captioner.caption_lines import caption_to_file
-        from captioner.inference import load_captioner
+        from captioner.loader import load_captioner
 
         captioner = load_captioner(models, runtime=runtime)
         decoding = model_decoding(captioner, **overrides)

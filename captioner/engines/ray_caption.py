@@ -1,7 +1,7 @@
 """``captioner caption --engine ray --out FILE.jsonl``: a large collection captioned on Ray.
 
 Images the output file lacks are decoded in Ray tasks; an actor pool holds the model (every
-``--model`` folder, loaded by :func:`captioner.inference.load_captioner` once per actor) and
+``--model`` folder, loaded by :func:`captioner.loader.load_captioner` once per actor) and
 returns one JSON record per image; the driver appends them to the file
 (:mod:`captioner.caption_lines`), so a rerun completes it. The decoding is the first folder's
 stored one with the command line's overrides, resolved once in the driver.
@@ -34,7 +34,7 @@ class CaptionActor:
     def __init__(self, models: list[str], decoding: dict[str, Any]):
         limit_backend_threads(actor_threads())
         from captioner.decoding_config import DecodingConfig
-        from captioner.inference import load_captioner
+        from captioner.loader import load_captioner
 
         self.captioner = load_captioner(models)
         self.decoding = DecodingConfig.from_dict(decoding)

@@ -65,7 +65,7 @@ class Engine:
                  runtime: str | None = None) -> Engine:
         """Load the model (one run folder, or several decoded as one ensemble) and its encoder
         (``runtime``: keras, onnx, or None: onnx when the folder carries an export)."""
-        from captioner.inference import load_captioner
+        from captioner.loader import load_captioner
 
         captioner = load_captioner(models, runtime=runtime)
         captioner.encoder()  # built now, not on the first request
