@@ -199,6 +199,7 @@ def _blocked_caption(args, cwd):
     )
 
 
+@pytest.mark.subprocess
 def test_onnx_path_never_imports_tensorflow_keras_jax_or_torch(exported, keras_runtime, tmp_path):
     run, _, photos = exported
     done = _blocked_caption(
