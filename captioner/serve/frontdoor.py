@@ -93,7 +93,7 @@ class Frontdoor:
             self.state.in_flight += 1  # accepted: a drain waits for it
             try:
                 if record.route == UPLOAD_ROUTE and scope["method"] == "POST":
-                    await self._upload(scope, receive, send_with_id, headers, start)
+                    await self._upload(scope, receive, send_with_id, headers, record, start)
                 else:
                     await self.app(scope, receive, send_with_id)
             finally:
@@ -112,17 +112,17 @@ class Frontdoor:
         if self.state.draining and route not in WHILE_DRAINING:
             return (503, "the service is shutting down; retry on another instance",
                     {"retry-after": str(DRAIN_RETRY_S), "connection": "close"}, "draining")
-        if self.keys is not None and route not in PUBLIC and route != "/static" and not (
+        if self.keys is not None and route not in PUBLIC and not (
                 self.keys.allows(headers.get(b"authorization"))):
             return (401, "missing or wrong API key: send the header 'Authorization: Bearer "
                     "KEY'", {"www-authenticate": CHALLENGE}, "unauthorized")
         return None
 
-    async def _upload(self, scope, receive, send, headers: dict, start: float) -> None:
+    async def _upload(self, scope, receive, send, headers: dict, record: RequestRecord,
+                      start: float) -> None:
         """The captioning route: counted among uploads in progress, body bounded in size and
         time."""
         declared = headers.get(b"content-length", b"")
-        record = scope[RECORD_KEY]
         if declared.isdigit() and int(declared) > self.door.max_body:
             record.reason = "too_large"
             return await json_error(send, 413, too_large(self.door.max_body))
