@@ -285,8 +285,8 @@ def read_history(path: str | os.PathLike) -> list[dict[str, float | None]]:
             {k: (float(v) if v not in ("", None) else None) for k, v in row.items()}
             for row in csv.DictReader(fh)
         ]
-    for row in rows:
-        row["epoch"] = int(row["epoch"])
+    for row in rows:  # whole epochs as int (curve.csv also holds fractions of an epoch)
+        row["epoch"] = int(row["epoch"]) if float(row["epoch"]).is_integer() else row["epoch"]
     return rows
 
 

@@ -18,37 +18,20 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 
 from captioner.errors import CaptionerError
+from captioner.scst_config import ScstConfig
+
+__all__ = ["ScstConfig", "train_scst"]
 
 SCST_HISTORY_FIELDS = ("epoch", "reward", "loss", "val_bleu4", "val_cider", "learning_rate",
                        "seconds")
-
-
-@dataclass
-class ScstConfig:
-    """Every argument of a self-critical fine-tuning run; saved under "scst" in config.json."""
-
-    init: str  # run folder of the cross-entropy model to start from
-    out: str  # run folder to create (or resume)
-    captions: str | None = None  # default: the caption file the init run was trained on
-    train_features: str | None = None  # default: the init run's training cache
-    val_features: str | None = None  # default: the init run's validation cache
-    epochs: int = 3
-    samples: int = 5  # captions sampled per image (the others' mean is each one's baseline)
-    batch_images: int = 16  # images per step (batch_images * samples sequences)
-    learning_rate: float = 2e-5
-    clipnorm: float = 5.0
-    val_images: int = 1000  # dev images captioned after every epoch (0: none)
-    val_beam_size: int | None = None  # None: the run's stored decoding's beam size
-    select_on: str = "bleu4+cider"
-    seed: int = 0
-    max_train_images: int | None = None
+CURVE_FILE = "curve.csv"  # reward and dev scores at every fraction of an epoch
+CURVE_FIELDS = ("epoch", "reward", "val_bleu4", "val_cider")
 
 
 def _prepare(config: ScstConfig, resume: bool):
@@ -174,7 +157,8 @@ class _Step:
         rep = np.repeat(feats, k, axis=0)  # (B*K, *F), image i's samples are rows i*K..i*K+K-1
         state, step = self.captioner().prepare(rep)
         hyps = sample_search(step, state, len(rep), START, END, self.max_length, rng,
-                             banned_ids=(PAD, START, UNK))
+                             banned_ids=(PAD, START, UNK), temperature=self.config.temperature,
+                             top_k=self.config.top_k)
         texts = [self.tokenizer.decode(h.tokens) for h in hyps]
         rewards = np.array([self.scorer.score(n, texts[i * k:(i + 1) * k])
                             for i, n in enumerate(names)])  # (B, K)
@@ -222,21 +206,31 @@ def train_scst(config: ScstConfig, resume: bool = False, verbose: bool = True) -
     val = _val_sample(view)[2]  # (features, references) of the dev images, or None
     dev_decoding = saved.decoding.replace(beam_size=config.val_beam_size, n_best=1)
     rows = read_history(run / HISTORY)
+    curve = read_history(run / CURVE_FILE)
     while epoch < config.epochs:
         started, rng = time.time(), np.random.default_rng((config.seed, epoch))
         order = rng.permutation(len(names))
         rewards, losses = [], []
+        batches = range(0, len(order), config.batch_images)
+        marks = _marks(len(batches), config.evals_per_epoch)
         with progress(total=len(order), desc=f"scst epoch {epoch + 1}/{config.epochs}",
                       unit="img", enabled=verbose or None) as bar:
-            for start in range(0, len(order), config.batch_images):
+            for n, start in enumerate(batches, 1):
                 idx = order[start:start + config.batch_images]
                 reward, loss = step([names[i] for i in idx], table[idx], rng)
                 rewards.append(reward)
                 losses.append(loss)
                 bar.update(len(idx))
                 bar.set_postfix(reward=f"{np.mean(rewards[-20:]):.3f}")
+                if n in marks and n != len(batches):
+                    curve = _curve_point(curve, epoch + n / len(batches), rewards, marks[n],
+                                         dev_scores(Captioner(model, tokenizer), val, dev_decoding))
+                    write_history(run / CURVE_FILE, curve, CURVE_FIELDS)
         bleu, cider = dev_scores(Captioner(model, tokenizer), val, dev_decoding)
         epoch += 1
+        curve = _curve_point([r for r in curve if r["epoch"] <= epoch], float(epoch), rewards,
+                             marks[len(batches)], (bleu, cider))
+        write_history(run / CURVE_FILE, curve, CURVE_FIELDS)
         rows = [r for r in rows if r["epoch"] < epoch] + [{
             "epoch": epoch, "reward": float(np.mean(rewards)), "loss": float(np.mean(losses)),
             "val_bleu4": bleu, "val_cider": cider, "learning_rate": config.learning_rate,
@@ -254,6 +248,20 @@ def train_scst(config: ScstConfig, resume: bool = False, verbose: bool = True) -
             print(f"scst epoch {epoch}: reward {rows[-1]['reward']:.4f}, dev BLEU-4 "
                   f"{_pct(bleu)}, CIDEr-D {_pct(cider)}", flush=True)
     return run
+
+
+def _marks(batches: int, evals: int) -> dict[int, int]:
+    """{batch number after which the dev set is scored: the batch number of the previous mark}."""
+    ends = sorted({max(1, round(batches * i / max(1, evals))) for i in range(1, max(1, evals) + 1)})
+    return dict(zip(ends, [0, *ends[:-1]], strict=True))
+
+
+def _curve_point(curve: list[dict], at: float, rewards: list[float], since: int,
+                 scores: tuple[float | None, float | None]) -> list[dict]:
+    """``curve`` with the point at epoch ``at`` (mean reward of the batches after ``since``)."""
+    point = {"epoch": round(at, 4), "reward": float(np.mean(rewards[since:])),
+             "val_bleu4": scores[0], "val_cider": scores[1]}
+    return [r for r in curve if r["epoch"] < point["epoch"]] + [point]
 
 
 def _curves(rows: list[dict], run: Path) -> None:

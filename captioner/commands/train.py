@@ -20,6 +20,8 @@ Which images belong to a split is read from the feature files' image names.
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from captioner.scst_config import ScstConfig
+
     """Add ``captioner train``."""
     from captioner.presets import add_preset_option
     from captioner.training import SCHEDULES, SELECT_ON, TrainConfig
@@ -113,6 +115,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "the others (default %(default)s)")
     g.add_argument("--batch-images", type=int, default=16,
                    help="images per SCST step (default %(default)s)")
+    _SCST = ScstConfig("", "")  # noqa: N806  (the defaults' one owner)
+    g.add_argument("--sample-top-k", type=int, default=None,
+                   help="sample each word from the model's K most likely words only (default "
+                   f"{_SCST.top_k}; 0: the whole vocabulary, whose label-smoothed tail adds "
+                   "random words to most captions)")
+    g.add_argument("--sample-temperature", type=float, default=None,
+                   help=f"sampling temperature (default {_SCST.temperature})")
+    g.add_argument("--evals-per-epoch", type=int, default=None,
+                   help="score the dev images this many times per epoch; reward and scores go "
+                   f"to curve.csv in the run folder (default {_SCST.evals_per_epoch})")
     p.set_defaults(handler=run_train)
 
 
@@ -162,7 +174,8 @@ def _run_scst(args: argparse.Namespace) -> int:
     d = ScstConfig("", "")
     given = {"epochs": args.epochs, "learning_rate": args.learning_rate,
              "val_images": args.val_bleu_images, "val_beam_size": args.val_beam_size,
-             "select_on": args.select_on}
+             "select_on": args.select_on, "top_k": args.sample_top_k,
+             "temperature": args.sample_temperature, "evals_per_epoch": args.evals_per_epoch}
     config = ScstConfig(
         init=args.init or "", out=args.out, captions=args.captions,
         train_features=args.train_features, val_features=args.val_features,
