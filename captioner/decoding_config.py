@@ -21,6 +21,7 @@ MAX_BEAM_SIZE = 20  # wider beams cost time and memory linearly and do not give 
 MAX_ALPHA = 10.0  # score = log-prob / length**alpha; beyond this only the longest caption wins
 MAX_BLOCK_NGRAM = 20
 MAX_LENGTH = 500  # tokens generated at most (the model's own maximum is usually far below)
+MAX_GROUNDING = 10.0  # beyond this a word the encoder's head doubts is simply never chosen
 
 
 class DecodingError(CaptionerError):
@@ -41,6 +42,10 @@ class DecodingConfig:
     alpha: float = 0.0  # length normalisation: score = log-prob / length**alpha
     block_ngram: int = 0  # forbid repeating any n-gram within a caption (0: off)
     max_length: int | None = None  # tokens to generate at most (None: the model's maximum)
+    # object grounding: a word naming an object family (dog, cat, bus, ...) scores
+    # + grounding * log(mass the encoder's ImageNet head gives the family) (0: off;
+    # captioner.grounding; needs a model that carries the head)
+    grounding: float = 0.0
 
     def __post_init__(self) -> None:
         _int("beam_size", self.beam_size, 1, MAX_BEAM_SIZE, " (1 = greedy)")
@@ -49,7 +54,9 @@ class DecodingConfig:
         _int("block_ngram", self.block_ngram, 0, MAX_BLOCK_NGRAM, " (0 = off)")
         if self.max_length is not None:
             _int("max_length", self.max_length, 1, MAX_LENGTH)
+        _number("grounding", self.grounding, 0.0, MAX_GROUNDING)
         object.__setattr__(self, "alpha", float(self.alpha))
+        object.__setattr__(self, "grounding", float(self.grounding))
 
     def replace(self, **overrides: Any) -> DecodingConfig:
         """A copy with the given fields changed; ``None`` values leave a field as it is."""

@@ -23,6 +23,7 @@ from captioner.decoding import Caption, Hypothesis, NonFiniteError, beam_search,
 from captioner.decoding_config import DecodingConfig
 from captioner.ensemble import check_compatible, mean_step
 from captioner.errors import CaptionerError
+from captioner.grounding import Grounding, grounded
 from captioner.image_captions import ImageCaptions, ImageEncoding, grid_of, image_name
 from captioner.runs import (
     BEST_WEIGHTS,
@@ -62,6 +63,7 @@ class Captioner(ImageEncoding):
         self._searched = False  # whether a batch was searched yet
         self._encoder = None
         self.run_dir: Path | None = None  # set by from_run: the encoder weights may live there
+        self.grounding: Grounding | None = None  # the run's ImageNet head, when it has one
         self._encoded = False  # whether a batch went through the encoder yet
 
     @classmethod
@@ -75,7 +77,8 @@ class Captioner(ImageEncoding):
         config = RunConfig.load(run_dir)  # schema-checked
         config_path = run_dir / CONFIG_FILE
         runcheck.check_files(run_dir, config.files, config_path,
-                             [TOKENIZER_FILE, BEST_WEIGHTS, LAST_WEIGHTS, *config.members])
+                             [TOKENIZER_FILE, BEST_WEIGHTS, LAST_WEIGHTS, *config.members,
+                              *config.grounding.values()])
         tokenizer = Tokenizer.load(run_dir / TOKENIZER_FILE)
         runcheck.check_tokenizer(tokenizer, config.decoder.config, run_dir / TOKENIZER_FILE,
                                  config_path)
@@ -93,8 +96,9 @@ class Captioner(ImageEncoding):
         dec = config.decoder
         loaded = [cls(load_checked_decoder(dec.kind, dec.config, m, config_path), tokenizer, config)
                   for m in members]
+        grounding = Grounding.from_run(run_dir, config.grounding, tokenizer.words)
         for captioner in loaded:  # the encoder weights may live there
-            captioner.run_dir = run_dir
+            captioner.run_dir, captioner.grounding = run_dir, grounding
         if len(loaded) == 1:
             return loaded[0]
         return EnsembleCaptioner(loaded, [m.name for m in members])
@@ -160,12 +164,21 @@ class Captioner(ImageEncoding):
         common = dict(start_id=START, end_id=END, max_length=max_length,
                       block_ngram=d.block_ngram, banned_ids=(PAD, START, UNK))
         if d.beam_size == 1 and d.n_best == 1:
-            state, step = self.prepare(features, eager=eager)
+            state, step = self.ground(features, *self.prepare(features, eager=eager), d)
             hyps = greedy_search(step, state, len(features), **common)
             return [[h] for h in hyps]
-        state, step = self.prepare(features, repeat=d.beam_size, eager=eager)
+        state, step = self.ground(features, *self.prepare(features, repeat=d.beam_size,
+                                                          eager=eager), d)
         return beam_search(step, state, len(features), beam_size=d.beam_size,
                            alpha=d.alpha, n_best=d.n_best, **common)
+
+    def ground(self, features: np.ndarray, state: Any, step: Callable,
+               decoding: DecodingConfig) -> tuple[Any, Callable]:
+        """(state, step) with the object-grounding bonus of ``decoding.grounding`` when the
+        model carries an ImageNet head (:mod:`captioner.grounding`), else unchanged."""
+        if not decoding.grounding or self.grounding is None:
+            return state, step
+        return grounded(state, step, self.grounding.word_bonus(features, decoding.grounding))
 
     def search_rows(self, features: np.ndarray, **search) -> list[list[Hypothesis] | str]:
         """:meth:`search` that never aborts the batch: per row the hypotheses, or a one-line
@@ -328,6 +341,7 @@ class EnsembleCaptioner(Captioner):
         self.decoder, self.tokenizer, self.config = first.decoder, first.tokenizer, first.config
         self.decoding = first.decoding
         self.run_dir, self._searched = first.run_dir, True
+        self.grounding = first.grounding
         self._encoder, self._encoded = None, False
 
     def initial_state(self, features: np.ndarray, eager: bool = False) -> list[dict]:

@@ -119,9 +119,24 @@ def check_config(config: Any, path: str | os.PathLike) -> dict[str, Any]:
     _check_decoder_config(path, kind, _object(path, "decoder.config", decoder.get("config")))
     _check_encoder(path, config, decoder["config"])
     _check_members(path, config.get("members"))
+    _check_grounding(path, config.get("grounding"))
     if "decoding" in config:
         DecodingConfig.from_dict(config["decoding"], str(path))
     return config
+
+
+def _check_grounding(path: Path, grounding: Any) -> None:
+    """``grounding``: {} or the plain file names of the ImageNet head and the family map."""
+    if not grounding:
+        return
+    grounding = _object(path, "grounding", grounding)
+    if unknown := sorted(set(grounding) - {"head", "families"}):
+        raise _schema(path, f"grounding.{unknown[0]}", "unknown key (known: head, families)")
+    for key in ("head", "families"):
+        name = grounding.get(key)
+        if not (isinstance(name, str) and name and "/" not in name and "\\" not in name
+                and not name.startswith(".")):
+            raise _schema(path, f"grounding.{key}", f"{name!r} is not a file name of the folder")
 
 
 def _check_members(path: Path, members: Any) -> None:

@@ -155,6 +155,9 @@ class RunConfig:
     # Further weight files in the folder for the same decoder config and tokenizer: the folder
     # is then an ensemble (best.weights.h5 first) whose per-step log-probabilities are averaged.
     members: list[str] = field(default_factory=list)
+    # The encoder's ImageNet head and the object family map in the folder
+    # ({"head": ..., "families": ...}; captioner.grounding), or {} without grounding.
+    grounding: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The ``config.json`` payload."""

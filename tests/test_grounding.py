@@ -1,0 +1,251 @@
+"""Object grounding: the family map, the ImageNet head's word bonus, and captions that name an
+object only when the head supports it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from captioner.decoding import beam_search, greedy_search
+from captioner.decoding_config import DecodingConfig
+from captioner.errors import CaptionerError
+from captioner.grounding import (
+    BUNDLED_FAMILIES,
+    FLOOR,
+    Grounding,
+    GroundingError,
+    ObjectFamilies,
+    grounded,
+    read_head,
+    write_head,
+)
+from captioner.runs import DEFAULT_RUN
+from captioner.tokenizer import Tokenizer
+
+VOCAB = ["<pad>", "<unk>", "<start>", "<end>", "a", "dog", "cat", "runs", "grass"]
+DOG_CLASS, CAT_CLASS, OTHER_CLASS = 200, 281, 900
+
+
+def _families(tmp_path, families=None):
+    path = tmp_path / "families.json"
+    payload = {"format": "captioner.object_families", "version": 1, "families": families or {
+        "dog": {"words": ["dog", "dogs"], "classes": {str(DOG_CLASS): "n0 beagle"}},
+        "cat": {"words": ["cat"], "classes": {str(CAT_CLASS): "n1 tabby"}}}}
+    path.write_text(json.dumps(payload))
+    return path
+
+
+def _head(channels: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """A head whose channel 0 says dog, 1 says cat, 2 says something else (logit 20 each)."""
+    kernel = np.zeros((channels, 1000), np.float32)
+    kernel[0, DOG_CLASS] = kernel[1, CAT_CLASS] = kernel[2, OTHER_CLASS] = 20.0
+    return kernel, np.zeros(1000, np.float32)
+
+
+def _grounding(tmp_path) -> Grounding:
+    return Grounding(*_head(), ObjectFamilies.load(_families(tmp_path)), VOCAB)
+
+
+# ---------------------------------------------------------------- the bundled family map
+
+
+def test_bundled_map_ties_dogs_to_the_118_breeds_and_every_family_to_the_vocabulary():
+    families = ObjectFamilies.load(BUNDLED_FAMILIES)
+    named = dict(zip(families.names, families.classes, strict=True))
+    breeds = set(range(151, 269))
+    assert breeds <= set(named["dog"]) and len(set(named["dog"]) - breeds) <= 2
+    assert set(named["cat"]) == {281, 282, 283, 284, 285}  # tabby .. Egyptian cat
+    assert not set(named["cat"]) & set(named["dog"])
+    words = Tokenizer.load(DEFAULT_RUN / "tokenizer.json").words
+    matrix = families.word_matrix(words)
+    assert (matrix.sum(axis=1) >= 1).all(), "a family without a single vocabulary word"
+    data = json.loads(BUNDLED_FAMILIES.read_text())
+    assert data["families"]["dog"]["classes"]["207"].endswith("golden retriever")
+    assert data["families"]["cat"]["classes"]["281"].endswith("tabby")
+
+
+@pytest.mark.parametrize(("families", "says"), [
+    ({"dog": {"words": [], "classes": {"200": "x"}}}, "'words' must be a non-empty list"),
+    ({"dog": {"words": ["Dog"], "classes": {"200": "x"}}}, "lowercase words"),
+    ({"dog": {"words": ["dog"], "classes": {"1000": "x"}}}, "class indices must be in 0..999"),
+    ({"dog": {"words": ["dog"], "classes": {"two": "x"}}}, "class keys must be integers"),
+    ({"dog": ["dog"]}, "must be an object"),
+])
+def test_a_bad_family_map_is_one_line_naming_the_file_and_family(tmp_path, families, says):
+    path = _families(tmp_path, families)
+    with pytest.raises(GroundingError, match=says) as err:
+        ObjectFamilies.load(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_family_map_that_is_not_json_or_not_ours_is_refused(tmp_path):
+    path = tmp_path / "f.json"
+    path.write_text("{not json")
+    with pytest.raises(GroundingError, match="cannot read"):
+        ObjectFamilies.load(path)
+    path.write_text(json.dumps({"format": "other", "families": {}}))
+    with pytest.raises(GroundingError, match="not a captioner.object_families file"):
+        ObjectFamilies.load(path)
+
+
+# ---------------------------------------------------------------- the head and the bonus
+
+
+def test_class_probs_pool_the_feature_map_and_apply_the_head(tmp_path):
+    g = _grounding(tmp_path)
+    maps = np.zeros((2, 2, 2, 3), np.float32)
+    maps[0, ..., 0] = 1.0  # image 0: dog channel
+    maps[1, 0, 0, 1] = 4.0  # image 1: cat channel in one region only (mean 1.0)
+    probs = g.class_probs(maps)
+    assert probs.shape == (2, 1000)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-6)
+    assert probs[0].argmax() == DOG_CLASS and probs[1].argmax() == CAT_CLASS
+    expected = np.exp(20) / (np.exp(20) + 999)
+    np.testing.assert_allclose(probs[0, DOG_CLASS], expected, rtol=1e-5)
+    np.testing.assert_allclose(g.class_probs(maps.mean(axis=(1, 2))), probs, rtol=1e-6)
+
+
+def test_word_bonus_is_strength_times_log_family_mass_for_family_words_only(tmp_path):
+    g = _grounding(tmp_path)
+    feats = np.array([[1.0, 0, 0], [0, 0, 1.0]], np.float32)  # a dog; something else
+    bonus = g.word_bonus(feats, strength=2.0)
+    probs = g.class_probs(feats)
+    dog, cat = VOCAB.index("dog"), VOCAB.index("cat")
+    np.testing.assert_allclose(bonus[0, dog], 2.0 * np.log(probs[0, DOG_CLASS]), rtol=1e-5)
+    np.testing.assert_allclose(bonus[1, dog], 2.0 * np.log(FLOOR), rtol=1e-5)  # mass < floor
+    np.testing.assert_allclose(bonus[0, cat], 2.0 * np.log(max(probs[0, CAT_CLASS], FLOOR)))
+    others = [i for i, w in enumerate(VOCAB) if w not in ("dog", "cat")]
+    assert (bonus[:, others] == 0).all()
+    assert list(g.gated_words) == [dog, cat]
+    assert (g.word_bonus(feats, 0.0) == 0).all()
+
+
+def test_features_of_another_width_are_refused(tmp_path):
+    with pytest.raises(GroundingError, match="takes 3 channels, the features have 5"):
+        _grounding(tmp_path).class_probs(np.zeros((1, 5)))
+
+
+def test_head_files_round_trip_and_bad_ones_are_refused(tmp_path):
+    kernel, bias = _head()
+    write_head(tmp_path / "h.npz", kernel, bias)
+    k, b = read_head(tmp_path / "h.npz")
+    np.testing.assert_array_equal(k, kernel) and np.testing.assert_array_equal(b, bias)
+    np.savez(tmp_path / "nan.npz", kernel=np.full((3, 1000), np.nan), bias=bias)
+    np.savez(tmp_path / "shape.npz", kernel=np.zeros((3, 10)), bias=bias)
+    np.savez(tmp_path / "objects.npz", kernel=np.array([{"x": 1}], dtype=object), bias=bias)
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    for name, says in [("nan.npz", "finite float"), ("shape.npz", "finite float"),
+                       ("objects.npz", "cannot read"), ("junk.npz", "cannot read"),
+                       ("missing.npz", "cannot read")]:
+        with pytest.raises(GroundingError, match=says) as err:
+            read_head(tmp_path / name)
+        assert name in str(err.value) and "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------- in the search (a fake model)
+
+
+def _fake_step(tokens, state):
+    """A decoder that always prefers "dog", then "cat", then the end token after 2 words."""
+    rows = len(tokens)
+    logits = np.full((rows, len(VOCAB)), -10.0)
+    logits[:, VOCAB.index("dog")], logits[:, VOCAB.index("cat")] = -0.5, -1.5
+    logits[:, 3] = np.where(state[:, 0] >= 2, 0.0, -20.0)  # <end> once 2 words are out
+    logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    return logp, state + 1
+
+
+@pytest.mark.parametrize("search", ["greedy", "beam"])
+def test_a_dog_the_head_does_not_see_becomes_the_cat_it_sees(tmp_path, search):
+    g = _grounding(tmp_path)
+    feats = np.array([[1.0, 0, 0], [0, 1.0, 0]], np.float32)  # a dog, a cat
+    state = np.zeros((2, 1))
+
+    def run(strength):
+        s, step = grounded(state, _fake_step, g.word_bonus(feats, strength))
+        if search == "greedy":
+            return [h.tokens for h in greedy_search(step, s, 2, 2, 3, 5)]
+        return [h[0].tokens for h in beam_search(step, s, 2, 2, 3, 5, beam_size=3)]
+
+    dog, cat = VOCAB.index("dog"), VOCAB.index("cat")
+    assert run(0.0) == [(dog, dog), (dog, dog)]
+    assert run(1.0) == [(dog, dog), (cat, cat)]
+
+
+# ---------------------------------------------------------------- in a run folder
+
+
+def _grounded_run(untrained_run, tmp_path):
+    """A copy of the untrained run carrying a head over its 16 features and a family map that
+    gates the first word of its own ungrounded caption."""
+    from captioner.files import sha256sum
+    from captioner.inference import Captioner
+
+    run = tmp_path / "run"
+    shutil.copytree(untrained_run, run)
+    feats = np.random.default_rng(0).normal(size=(3, 16)).astype(np.float32)
+    first = Captioner.from_run(run).caption(feats, decoding=DecodingConfig(beam_size=1))
+    word = first[0].captions[0].text.split()[0]
+    kernel = np.zeros((16, 1000), np.float32)  # every image: class 999 (not in a family)
+    bias = np.zeros(1000, np.float32)
+    bias[999] = 30.0
+    write_head(run / "imagenet_head.npz", kernel, bias)
+    _families(tmp_path)  # the file layout; the word is the caption's own
+    families = {"thing": {"words": [word], "classes": {"5": "n5 thing"}}}
+    (run / "object_families.json").write_text(json.dumps(
+        {"format": "captioner.object_families", "version": 1, "families": families}))
+    config = json.loads((run / "config.json").read_text())
+    config["grounding"] = {"head": "imagenet_head.npz", "families": "object_families.json"}
+    for name in ("imagenet_head.npz", "object_families.json"):
+        config["files"][name] = {"size": (run / name).stat().st_size,
+                                 "sha256": sha256sum(run / name)}
+    (run / "config.json").write_text(json.dumps(config))
+    return run, feats, word
+
+
+def test_a_run_folder_with_a_head_drops_the_word_its_head_does_not_support(untrained_run, tmp_path):
+    from captioner.loader import load_captioner
+
+    run, feats, word = _grounded_run(untrained_run, tmp_path)
+    cap = load_captioner(run, runtime="keras")
+    assert cap.grounding is not None
+    plain = cap.caption(feats, decoding=DecodingConfig(beam_size=1))
+    assert word in plain[0].captions[0].text.split()
+    for beam in (1, 3):
+        found = cap.caption(feats, decoding=DecodingConfig(beam_size=beam, grounding=5.0))
+        assert all(word not in r.captions[0].text.split() for r in found)
+
+
+def test_a_damaged_head_in_a_run_folder_is_one_line(untrained_run, tmp_path):
+    from captioner.loader import load_captioner
+
+    run, _, _ = _grounded_run(untrained_run, tmp_path)
+    with open(run / "imagenet_head.npz", "r+b") as fh:
+        fh.seek(100)
+        fh.write(b"\x00\x01\x02")
+    with pytest.raises(CaptionerError, match="imagenet_head.npz") as err:
+        load_captioner(run, runtime="keras")
+    assert "\n" not in str(err.value)
+
+
+def test_config_grounding_must_name_plain_files(untrained_run, tmp_path):
+    from captioner.runs import RunConfig
+
+    run, _, _ = _grounded_run(untrained_run, tmp_path)
+    config = json.loads((run / "config.json").read_text())
+    config["grounding"]["head"] = "../elsewhere.npz"
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CaptionerError, match="grounding.head"):
+        RunConfig.load(run)
+
+
+def test_grounding_is_a_checked_decoding_setting():
+    assert DecodingConfig().grounding == 0.0
+    assert DecodingConfig(grounding=2).grounding == 2.0
+    with pytest.raises(CaptionerError, match="grounding"):
+        DecodingConfig(grounding=-1.0)
+    with pytest.raises(CaptionerError, match="grounding"):
+        DecodingConfig(grounding=float("nan"))
