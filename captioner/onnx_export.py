@@ -201,6 +201,9 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike) -> dict[str, 
     shutil.copyfile(run_dir / RUN_TOKENIZER, tmp / TOKENIZER_FILE)
     write_json(tmp / DECODING_FILE, captioner.decoding.to_dict())
     files = [ENCODER_FILE, INIT_FILE, STEP_FILE, TOKENIZER_FILE, DECODING_FILE]
+    for name in config.grounding.values():  # the ImageNet head and family map (numpy-only)
+        shutil.copyfile(run_dir / name, tmp / name)
+        files.append(name)
     enc = config.encoder
     manifest = {
         "format": EXPORT_FORMAT,
@@ -218,6 +221,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike) -> dict[str, 
             "feature_shape": list(decoders[0].feature_shape),
             **names,
         },
+        "grounding": dict(config.grounding),
         "source": {"run": run_dir.name, "files": {k: v["sha256"] for k, v in config.files.items()}},
         "float16_tensors": converted,
         "versions": _versions([tmp / STEP_FILE]),

@@ -25,6 +25,7 @@ import numpy as np
 from captioner.decoding_config import DecodingConfig
 from captioner.errors import CaptionerError
 from captioner.files import sha256sum
+from captioner.grounding import Grounding
 from captioner.image_captions import grid_of
 from captioner.inference import Captioner
 from captioner.tokenizer import START, Tokenizer
@@ -192,6 +193,8 @@ class OnnxCaptioner(Captioner):
         self._init_session = _session(folder / INIT_FILE, threads=1)
         self._step_session = _session(folder / STEP_FILE, threads=1)
         self.run_dir = folder.parent if config is not None else folder
+        self.grounding = Grounding.from_run(folder, manifest.get("grounding"),
+                                            self.tokenizer.words)
         self._searched, self._encoded, self._encoder = True, True, None
 
     # ------------------------------------------------------------------ images

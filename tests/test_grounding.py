@@ -249,3 +249,48 @@ def test_grounding_is_a_checked_decoding_setting():
         DecodingConfig(grounding=-1.0)
     with pytest.raises(CaptionerError, match="grounding"):
         DecodingConfig(grounding=float("nan"))
+
+
+def test_the_exported_model_grounds_its_captions_as_keras_does(tmp_path):
+    """An attention run with a head exported to ONNX: both runtimes give the same grounded
+    captions, and the export carries (and checks) the head and the family map."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("tf2onnx")
+    from runfolder import make_run
+    from test_export import FEATURES, _tiny_encoder
+
+    from captioner.cli import main
+    from captioner.files import sha256sum
+    from captioner.inference import Captioner
+    from captioner.loader import load_captioner
+
+    run = make_run(tmp_path / "run", "attention", FEATURES, seed=3)
+    feats = np.random.default_rng(1).normal(size=(4, *FEATURES)).astype(np.float32)
+    plain = Captioner.from_run(run).caption(feats, decoding=DecodingConfig(beam_size=1))
+    word = plain[0].captions[0].text.split()[0]
+    write_head(run / "imagenet_head.npz", np.zeros((FEATURES[-1], 1000)), np.eye(1000)[999] * 30)
+    (run / "object_families.json").write_text(json.dumps({
+        "format": "captioner.object_families", "version": 1,
+        "families": {"thing": {"words": [word], "classes": {"5": "n5 thing"}}}}))
+    config = json.loads((run / "config.json").read_text())
+    config["grounding"] = {"head": "imagenet_head.npz", "families": "object_families.json"}
+    for name in config["grounding"].values():
+        config["files"][name] = {"size": (run / name).stat().st_size,
+                                 "sha256": sha256sum(run / name)}
+    (run / "config.json").write_text(json.dumps(config))
+    encoder = _tiny_encoder()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Captioner, "encoder", lambda self: encoder)
+        assert main(["export", str(run)]) == 0
+        keras_cap = load_captioner(run, runtime="keras")
+    onnx_cap = load_captioner(run, runtime="onnx")
+    assert onnx_cap.grounding is not None
+    for beam in (1, 3):
+        d = DecodingConfig(beam_size=beam, grounding=5.0)
+        k = [r.captions[0].text for r in keras_cap.caption(feats, decoding=d)]
+        o = [r.captions[0].text for r in onnx_cap.caption(feats, decoding=d)]
+        assert k == o and all(word not in t.split() for t in k)
+    with open(run / "onnx" / "imagenet_head.npz", "ab") as fh:
+        fh.write(b"x")
+    with pytest.raises(CaptionerError, match="imagenet_head.npz"):
+        load_captioner(run, runtime="onnx")
