@@ -92,7 +92,7 @@ def _located(saved, key: str, run: Path, given: str | None) -> str | None:
     return str(Path(found).resolve()) if found else None
 
 
-def _load_model(run: Path, saved, config: ScstConfig):
+def _load_model(run: Path, saved, config: ScstConfig, steps_per_epoch: int):
     import keras
 
     from captioner.decoders import MaskedSparseCrossEntropy, build_decoder
@@ -104,8 +104,11 @@ def _load_model(run: Path, saved, config: ScstConfig):
     model = build_decoder(saved.decoder.kind, **{
         **config_, **{k: v for k, v in _POLICY_OVERRIDES.items() if k in config_}})
     model.load_weights(run / LAST_WEIGHTS)
+    warmup = int(config.warmup_epochs * steps_per_epoch)
+    rate = config.learning_rate if not warmup else keras.optimizers.schedules.CosineDecay(
+        0.0, decay_steps=1, alpha=1.0, warmup_target=config.learning_rate, warmup_steps=warmup)
     model.compile(
-        optimizer=keras.optimizers.Adam(config.learning_rate, clipnorm=config.clipnorm),
+        optimizer=keras.optimizers.Adam(rate, clipnorm=config.clipnorm),
         loss=MaskedSparseCrossEntropy(0.0, reduction="sum_over_batch_size"),
     )
     return model
@@ -191,13 +194,13 @@ def train_scst(config: ScstConfig, resume: bool = False, verbose: bool = True) -
 
     run, saved, config = _prepare(config, resume)
     tokenizer = Tokenizer.load(run / TOKENIZER_FILE)
-    model = _load_model(run, saved, config)
     exporter = WeightsExporter(saved.decoder.kind, saved.decoder.config)
+    reader, caps = _load_split(config.captions, config.train_features, config.max_train_images)
+    names = sorted(caps)
+    model = _load_model(run, saved, config, -(-len(names) // config.batch_images))
     epoch, state = 0, {"best": -1.0}
     if resume and (run / CHECKPOINT).is_file():
         epoch, state = load_checkpoint(run / CHECKPOINT, model)
-    reader, caps = _load_split(config.captions, config.train_features, config.max_train_images)
-    names = sorted(caps)
     table = read_features(reader, names)  # (N, *F) float32, all training images in memory
     scorer = CiderScorer(caps)
     step = _Step(model, tokenizer, scorer, config)

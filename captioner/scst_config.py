@@ -22,6 +22,8 @@ class ScstConfig:
     evals_per_epoch: int = 1  # dev scores this many times per epoch (the curve in curve.csv)
     batch_images: int = 16  # images per step (batch_images * samples sequences)
     learning_rate: float = 2e-5
+    warmup_epochs: float = 0.0  # linear warm-up of the learning rate from 0 (Adam's first
+    # steps are sign-sized: without it they knock a converged model off its optimum)
     clipnorm: float = 5.0
     val_images: int = 1000  # dev images captioned after every epoch (0: none)
     val_beam_size: int | None = None  # None: the run's stored decoding's beam size

@@ -175,7 +175,8 @@ def _run_scst(args: argparse.Namespace) -> int:
     given = {"epochs": args.epochs, "learning_rate": args.learning_rate,
              "val_images": args.val_bleu_images, "val_beam_size": args.val_beam_size,
              "select_on": args.select_on, "top_k": args.sample_top_k,
-             "temperature": args.sample_temperature, "evals_per_epoch": args.evals_per_epoch}
+             "temperature": args.sample_temperature, "evals_per_epoch": args.evals_per_epoch,
+             "warmup_epochs": args.warmup_epochs}
     config = ScstConfig(
         init=args.init or "", out=args.out, captions=args.captions,
         train_features=args.train_features, val_features=args.val_features,
