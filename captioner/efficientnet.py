@@ -246,3 +246,23 @@ def _check_values(path, layer: str, arrays: list[np.ndarray]) -> None:
                                f"has {a.dtype}")
         if not np.isfinite(a).all():
             raise WeightsError(f"{path}: layer '{layer}' has NaN or infinite weights in the file")
+
+
+def imagenet_head(name: str, weights: str | os.PathLike = "imagenet") -> tuple[np.ndarray, np.ndarray]:
+    """The ImageNet classifier head of EfficientNet-Lite ``name`` from its weights file:
+    kernel (1280, 1000) and bias (1000,), the dense layer over the channel means of the head
+    convolution's output (the ``conv`` features)."""
+    from captioner.torch_weights import load_state_dict
+
+    variant = get_variant(name)
+    path = variant.weights_path() if weights == "imagenet" else Path(weights)
+    if weights == "imagenet":
+        check_sha256(path, variant.sha256)
+    state = load_state_dict(path)
+    try:
+        kernel, bias = state["_fc.weight"].T, state["_fc.bias"]  # torch (out, in) -> (in, out)
+    except KeyError as exc:
+        raise WeightsError(f"{path} has no ImageNet classifier head (tensor {exc})") from exc
+    _check_values(path, "fc", [kernel, bias])
+    return np.ascontiguousarray(kernel, np.float32), np.asarray(bias, np.float32)
+

@@ -133,11 +133,12 @@ class Grounding:
         probs = np.exp(logits)
         return probs / probs.sum(axis=1, keepdims=True)
 
-    def word_bonus(self, features: np.ndarray, strength: float) -> np.ndarray:
+    def word_bonus(self, features: np.ndarray, strength: float, boost: float = 0.0) -> np.ndarray:
         """(B, V) log-prob bonus per word: ``strength * log(max(mass, FLOOR))`` for family
-        words, 0 for every other word."""
+        words, plus ``boost * (2 * mass - 1)`` where the head is sure (mass > 0.5), 0 for every
+        other word."""
         mass = np.minimum(self.class_probs(features) @ self._class_words, 1.0)  # (B, V)
-        bonus = strength * np.log(np.maximum(mass, FLOOR))
+        bonus = strength * np.log(np.maximum(mass, FLOOR)) + boost * np.maximum(2 * mass - 1, 0)
         return np.where(self._gated, bonus, 0.0).astype(np.float32)
 
     @classmethod
@@ -176,6 +177,33 @@ def read_head(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 def write_head(path: str | os.PathLike, kernel: np.ndarray, bias: np.ndarray) -> None:
     """Store a head as ``.npz`` (kernel as float16: the probabilities change by < 1e-3)."""
     np.savez(path, kernel=np.asarray(kernel, np.float16), bias=np.asarray(bias, np.float32))
+
+
+def attach(run_dir: str | os.PathLike, weights: str | os.PathLike | None = None) -> bool:
+    """Give a run folder grounding: its encoder's ImageNet head (``weights``: the encoder's
+    weights file, default its official one) and the bundled family map, written into the folder
+    and listed in its ``config.json``. False (nothing written) when the encoder has no head
+    over the features the decoder reads (only EfficientNet-Lite ``conv``/``pool`` have one)."""
+    from captioner.files import sha256sum
+    from captioner.runs import RunConfig
+
+    run = Path(run_dir)
+    config = RunConfig.load(run)
+    enc = config.encoder
+    if not (enc.name.startswith("efficientnet_lite") and enc.layer in ("conv", "pool")
+            and (weights or enc.weights == "imagenet")):
+        return False
+    from captioner.efficientnet import imagenet_head
+
+    write_head(run / HEAD_FILE, *imagenet_head(enc.name, weights or "imagenet"))
+    (run / FAMILIES_FILE).write_bytes(BUNDLED_FAMILIES.read_bytes())
+    config.grounding = {"head": HEAD_FILE, "families": FAMILIES_FILE}
+    if config.files:  # a folder whose files are listed lists these too
+        for name in (HEAD_FILE, FAMILIES_FILE):
+            config.files[name] = {"size": (run / name).stat().st_size,
+                                  "sha256": sha256sum(run / name)}
+    config.save(run)
+    return True
 
 
 def grounded(state: Any, step: Callable, bonus: np.ndarray) -> tuple[Any, Callable]:

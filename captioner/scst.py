@@ -67,6 +67,8 @@ def _prepare(config: ScstConfig, resume: bool):
         setattr(config, key, _located(base, key, init, getattr(config, key)))
     run.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(init / TOKENIZER_FILE, run / TOKENIZER_FILE)
+    for name in base.grounding.values():  # the ImageNet head and family map travel along
+        shutil.copyfile(init / name, run / name)
     start = init / BEST_WEIGHTS if (init / BEST_WEIGHTS).is_file() else init / LAST_WEIGHTS
     shutil.copyfile(start, run / LAST_WEIGHTS)  # the starting point, until epoch 1 replaces it
     settings = {k: v for k, v in dataclasses.asdict(config).items()

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
             weights_as_float16(weights, args.out / name)
         else:
             shutil.copyfile(weights, args.out / name)
-    for name in (TOKENIZER_FILE, HISTORY, CURVES):
+    for name in (TOKENIZER_FILE, HISTORY, CURVES, *config.grounding.values()):
         if (args.run / name).is_file():
             shutil.copyfile(args.run / name, args.out / name)
     if args.report is not None:
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         encoder = dataclasses.replace(
             encoder, weights_source={"package": dist, "file": file, "sha256": sha})
     files = {n: {"size": (args.out / n).stat().st_size, "sha256": sha256sum(args.out / n)}
-             for n in (*CARRIED, *names)}
+             for n in (*CARRIED, *config.grounding.values(), *names)}
     bundled = dataclasses.replace(
         config, encoder=encoder, preset="default", files=files, members=names,
         sources={k: provenance(v) for k, v in config.sources.items()})

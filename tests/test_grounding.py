@@ -294,3 +294,27 @@ def test_the_exported_model_grounds_its_captions_as_keras_does(tmp_path):
         fh.write(b"x")
     with pytest.raises(CaptionerError, match="imagenet_head.npz"):
         load_captioner(run, runtime="onnx")
+
+
+def test_attach_gives_a_lite_run_its_encoders_head_and_skips_other_encoders(untrained_run, tmp_path):
+    from captioner.efficientnet import imagenet_head
+    from captioner.grounding import FAMILIES_FILE, HEAD_FILE, attach
+    from captioner.runs import RunConfig
+
+    other = tmp_path / "other"
+    shutil.copytree(untrained_run, other)
+    assert attach(other) is False and not (other / HEAD_FILE).exists()
+    lite = tmp_path / "lite"
+    shutil.copytree(untrained_run, lite)
+    config = json.loads((lite / "config.json").read_text())
+    config["encoder"] |= {"name": "efficientnet_lite0", "layer": "pool", "weights": "imagenet"}
+    (lite / "config.json").write_text(json.dumps(config))
+    assert attach(lite) is True
+    saved = RunConfig.load(lite)
+    assert saved.grounding == {"head": HEAD_FILE, "families": FAMILIES_FILE}
+    assert set(saved.files) >= {HEAD_FILE, FAMILIES_FILE}
+    kernel, bias = read_head(lite / HEAD_FILE)
+    want_kernel, want_bias = imagenet_head("efficientnet_lite0")
+    assert kernel.shape == (1280, 1000)
+    np.testing.assert_allclose(kernel, want_kernel, atol=1e-3)  # stored as float16
+    np.testing.assert_array_equal(bias, want_bias)
