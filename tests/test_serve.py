@@ -248,6 +248,8 @@ def test_decompression_bomb_is_refused_before_decoding(client):
     ({"beam_size": MAX_BEAM_SIZE + 1}, f"beam_size must be from 1 to {MAX_BEAM_SIZE}"),
     ({"alpha": -1}, "alpha must be a decimal number"),
     ({"alpha": 11}, "alpha must be from 0 to 10"),
+    ({"grounding": "-2"}, "grounding must be a decimal number"),
+    ({"grounding": 11}, "grounding must be from 0 to 10"),
     ({"block_ngram": "x"}, "block_ngram must be a whole number"),
     ({"max_length": 0}, "max_length must be from 1 to"),
     ({"beam_size": "three"}, "beam_size must be a whole number"),

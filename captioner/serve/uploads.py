@@ -19,13 +19,13 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from captioner.decoding_config import FIELDS as DECODING_FIELDS
 from captioner.decoding_config import DecodingConfig, DecodingError
 from captioner.errors import ImageError, RequestError
 from captioner.images import IMAGE_SUFFIXES
 from captioner.serve.engine import Options
 
 IMAGE_FIELD = "images"
-DECODING_FIELDS = ("beam_size", "n_best", "alpha", "block_ngram", "max_length")  # as the CLI's
 OPTION_FIELDS = (*DECODING_FIELDS, "attention", "heatmap")
 TRUE, FALSE = frozenset({"1", "true", "yes", "on"}), frozenset({"0", "false", "no", "off", ""})
 ACCEPTED_TYPES = frozenset({"", "application/octet-stream"})  # and every image/*
@@ -93,13 +93,14 @@ def parse_options(fields: Mapping[str, Sequence[str]], has_attention: bool,
 
 
 def _number(value: Mapping[str, str], name: str) -> int | float | None:
-    """A form field as a whole number (``alpha``: a decimal number); None when not given."""
+    """A form field as a whole number (``alpha``, ``grounding``: a decimal number); None when
+    not given."""
     text = value.get(name)
     if text is None or text == "":
         return None
-    if name == "alpha":
+    if name in ("alpha", "grounding"):
         if not re.fullmatch(r"[+]?(\d{1,6}(\.\d{0,6})?|\.\d{1,6})", text):
-            raise RequestError(f"alpha must be a decimal number such as 0.7, not {text[:40]!r}")
+            raise RequestError(f"{name} must be a decimal number such as 0.7, not {text[:40]!r}")
         return float(text)
     if not re.fullmatch(r"[+]?\d{1,6}", text):
         raise RequestError(f"{name} must be a whole number, not {text[:40]!r}")
