@@ -46,6 +46,8 @@ class DecodingConfig:
     # + grounding * log(mass the encoder's ImageNet head gives the family) (0: off;
     # captioner.grounding; needs a model that carries the head)
     grounding: float = 0.0
+    # and + grounding_boost * (2 * mass - 1) where the head is sure of the family (mass > 0.5)
+    grounding_boost: float = 0.0
 
     def __post_init__(self) -> None:
         _int("beam_size", self.beam_size, 1, MAX_BEAM_SIZE, " (1 = greedy)")
@@ -55,8 +57,10 @@ class DecodingConfig:
         if self.max_length is not None:
             _int("max_length", self.max_length, 1, MAX_LENGTH)
         _number("grounding", self.grounding, 0.0, MAX_GROUNDING)
+        _number("grounding_boost", self.grounding_boost, 0.0, MAX_GROUNDING)
         object.__setattr__(self, "alpha", float(self.alpha))
         object.__setattr__(self, "grounding", float(self.grounding))
+        object.__setattr__(self, "grounding_boost", float(self.grounding_boost))
 
     def replace(self, **overrides: Any) -> DecodingConfig:
         """A copy with the given fields changed; ``None`` values leave a field as it is."""

@@ -176,9 +176,10 @@ class Captioner(ImageEncoding):
                decoding: DecodingConfig) -> tuple[Any, Callable]:
         """(state, step) with the object-grounding bonus of ``decoding.grounding`` when the
         model carries an ImageNet head (:mod:`captioner.grounding`), else unchanged."""
-        if not decoding.grounding or self.grounding is None:
+        if not (decoding.grounding or decoding.grounding_boost) or self.grounding is None:
             return state, step
-        return grounded(state, step, self.grounding.word_bonus(features, decoding.grounding))
+        bonus = self.grounding.word_bonus(features, decoding.grounding, decoding.grounding_boost)
+        return grounded(state, step, bonus)
 
     def search_rows(self, features: np.ndarray, **search) -> list[list[Hypothesis] | str]:
         """:meth:`search` that never aborts the batch: per row the hypotheses, or a one-line

@@ -123,6 +123,17 @@ def test_word_bonus_is_strength_times_log_family_mass_for_family_words_only(tmp_
     assert (g.word_bonus(feats, 0.0) == 0).all()
 
 
+def test_boost_adds_only_where_the_head_is_sure(tmp_path):
+    g = _grounding(tmp_path)
+    feats = np.array([[1.0, 0, 0], [0.1, 0, 0]], np.float32)  # sure of a dog; unsure
+    mass = g.class_probs(feats)[:, DOG_CLASS]
+    assert mass[0] > 0.99 and mass[1] < 0.5
+    extra = g.word_bonus(feats, 1.0, boost=3.0) - g.word_bonus(feats, 1.0)
+    dog = VOCAB.index("dog")
+    np.testing.assert_allclose(extra[0, dog], 3.0 * (2 * mass[0] - 1), rtol=1e-5)
+    assert extra[1, dog] == 0 and (extra[:, VOCAB.index("runs")] == 0).all()
+
+
 def test_features_of_another_width_are_refused(tmp_path):
     with pytest.raises(GroundingError, match="takes 3 channels, the features have 5"):
         _grounding(tmp_path).class_probs(np.zeros((1, 5)))
@@ -249,6 +260,8 @@ def test_grounding_is_a_checked_decoding_setting():
         DecodingConfig(grounding=-1.0)
     with pytest.raises(CaptionerError, match="grounding"):
         DecodingConfig(grounding=float("nan"))
+    with pytest.raises(CaptionerError, match="grounding_boost"):
+        DecodingConfig(grounding_boost=11)
 
 
 def test_the_exported_model_grounds_its_captions_as_keras_does(tmp_path):

@@ -93,12 +93,12 @@ def parse_options(fields: Mapping[str, Sequence[str]], has_attention: bool,
 
 
 def _number(value: Mapping[str, str], name: str) -> int | float | None:
-    """A form field as a whole number (``alpha``, ``grounding``: a decimal number); None when
-    not given."""
+    """A form field as a whole number (``alpha``, ``grounding``, ``grounding_boost``: a decimal
+    number); None when not given."""
     text = value.get(name)
     if text is None or text == "":
         return None
-    if name in ("alpha", "grounding"):
+    if name in ("alpha", "grounding", "grounding_boost"):
         if not re.fullmatch(r"[+]?(\d{1,6}(\.\d{0,6})?|\.\d{1,6})", text):
             raise RequestError(f"{name} must be a decimal number such as 0.7, not {text[:40]!r}")
         return float(text)
