@@ -103,6 +103,9 @@ class DecodingConfig:
             text += f", alpha {self.alpha:g}"
         if self.block_ngram:
             text += f", no repeated {self.block_ngram}-grams"
+        if self.grounding or self.grounding_boost:
+            text += f", grounding {self.grounding:g}"
+            text += f" (boost {self.grounding_boost:g})" if self.grounding_boost else ""
         return text
 
     def to_json(self) -> dict[str, Any]:
@@ -111,6 +114,8 @@ class DecodingConfig:
             "beam_size": self.beam_size,
             "alpha": self.alpha,
             "block_ngram": self.block_ngram,
+            "grounding": self.grounding,
+            "grounding_boost": self.grounding_boost,
             "search": "greedy" if self.beam_size == 1 else "beam",
             "label": self.label,
         }

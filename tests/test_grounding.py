@@ -262,6 +262,9 @@ def test_grounding_is_a_checked_decoding_setting():
         DecodingConfig(grounding=float("nan"))
     with pytest.raises(CaptionerError, match="grounding_boost"):
         DecodingConfig(grounding_boost=11)
+    assert DecodingConfig(alpha=0.7, grounding=2, grounding_boost=3).label == (
+        "beam 3, alpha 0.7, grounding 2 (boost 3)")
+    assert "grounding" not in DecodingConfig().label
 
 
 def test_the_exported_model_grounds_its_captions_as_keras_does(tmp_path):

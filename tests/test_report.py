@@ -186,6 +186,8 @@ def test_json_holds_every_number_as_computed_by_the_metrics(tmp_path):
         "beam_size": 1,
         "alpha": 0.0,
         "block_ngram": 0,
+        "grounding": 0.0,
+        "grounding_boost": 0.0,
         "search": "greedy",
         "label": "greedy",
     }
