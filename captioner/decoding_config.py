@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from captioner.errors import CaptionerError
+from captioner.errors import CaptionerError, OptionError
 
 DEFAULT_BEAM_SIZE = 3
 MAX_BEAM_SIZE = 20  # wider beams cost time and memory linearly and do not give better captions
@@ -23,12 +23,8 @@ MAX_BLOCK_NGRAM = 20
 MAX_LENGTH = 500  # tokens generated at most (the model's own maximum is usually far below)
 
 
-class DecodingError(CaptionerError):
+class DecodingError(OptionError):
     """A decoding setting is out of range; ``field`` names it, ``text`` says what is wrong."""
-
-    def __init__(self, field: str, text: str):
-        super().__init__(f"{field} {text}")
-        self.field, self.text = field, text
 
 
 @dataclass(frozen=True)
@@ -131,8 +127,7 @@ def _number(name: str, value: Any, low: float, high: float) -> None:
 
 def cli_error(exc: DecodingError) -> CaptionerError:
     """The error of a decoding option given on the command line, naming its flag."""
-    flag = "--" + exc.field.replace("_", "-")
-    return CaptionerError(f"{flag} {exc.text}")
+    return CaptionerError(exc.flag_line())
 
 
 def check_overrides(**overrides: Any) -> None:

@@ -35,8 +35,8 @@ def data_parallel(enabled: bool) -> Iterator[int]:
     backend = keras.backend.backend()
     if backend != "jax":
         raise CaptionerError(
-            f"--distribute needs the JAX backend (keras.distribution); this is {backend}. "
-            "Run with KERAS_BACKEND=jax (pip install jax), or train without --distribute."
+            f"data-parallel training needs the JAX backend (keras.distribution); this is "
+            f"{backend}. Run with KERAS_BACKEND=jax (pip install jax), or train on one device."
         )
     devices = local_devices()
     previous = keras.distribution.distribution()

@@ -223,7 +223,7 @@ def test_stored_decoding_is_every_entry_points_default(toy_run, fake_encoder, tm
     reports = []
     for model, extra in ((run, flags), (greedy, [])):
         assert main(["evaluate", "--model", str(model), "--captions", str(tmp / "captions.txt"),
-                     "--features", str(train_h5), "--report", str(tmp_path / model.name),
+                     "--features", str(train_h5), "--out", str(tmp_path / model.name),
                      "--json", *extra]) == 0
         reports.append([(r.get("decoding"), r.get("caption")) for r in _json_lines(capsys)][:-1])
     assert reports[0] == reports[1] and reports[0][0][0] == "greedy, no repeated 1-grams"
@@ -258,6 +258,6 @@ def test_out_file_records_its_model_and_decoding(toy_run, fake_encoder, tmp_path
                  ["--model", str(run), str(run)]):
         assert main(["caption", img, "--out", str(out), *argv]) == 2
         err = capsys.readouterr().err.strip()
-        assert "\n" not in err and f"{out} holds captions made with --model" in err, err
-        assert "use another --out file" in err
+        assert "\n" not in err and f"{out} holds captions made with model" in err, err
+        assert "write another file" in err
     assert len(out.read_text().splitlines()) == 2  # the made_with line and one caption

@@ -74,7 +74,10 @@ def test_attention_strip_has_one_panel_per_word_titled_with_it():
     titles = [ax.get_title() for ax in fig.axes]
     assert titles == ["(photo)", *words]
     notes = [t.get_text() for ax in fig.axes[1:] for t in ax.texts]
-    assert notes == ["peak 49.00x even"] * 4  # all weight on one of 49 cells
+    assert notes == ["peak 49.00x an even spread"] * 4  # all weight on one of 49 cells
+    (legend,) = [t.get_text() for t in fig.texts if t is not fig._suptitle]  # explains itself
+    assert "1x is attention spread evenly" in legend.replace("\n", " ")
+    assert "(1 / 49 grid cells)" in legend.replace("\n", " ")
     assert fig._suptitle.get_text() == "a dog runs"
     panels = [np.asarray(im.get_array()) for ax in fig.axes[1:] for im in ax.get_images()[1:]]
     peaks = [np.unravel_index(np.argmax(p), p.shape) for p in panels]
