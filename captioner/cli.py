@@ -71,7 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _quiet_keras_import() -> None:
     """Import Keras with the C++ start-up chatter of TensorFlow (CUDA probes, oneDNN notes)
     kept off the terminal; ``CAPTIONER_VERBOSE=1`` shows it. Python errors still surface."""
-    if os.environ.get("CAPTIONER_VERBOSE") == "1" or "keras" in sys.modules:
+    if "keras" in sys.modules:
+        return
+    check_backend()
+    if os.environ.get("CAPTIONER_VERBOSE") == "1":
         return
     if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
         return
@@ -100,10 +103,12 @@ BACKEND_MODULES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch",
 
 def check_backend() -> None:
     """The Keras backend named by ``KERAS_BACKEND`` is installed (else one line, not Keras's
-    40-line traceback)."""
+    40-line traceback); run where Keras is about to be imported, so ONNX Runtime needs none."""
     import importlib.util
 
-    backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+    backend = os.environ.get("KERAS_BACKEND")
+    if backend is None:
+        return  # TensorFlow: a missing one is reported by the command that needs it
     module = BACKEND_MODULES.get(backend)
     if module is None:
         raise CaptionerError(f"KERAS_BACKEND={backend} is not a Keras backend; use one of "
@@ -125,8 +130,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         from captioner.commands.options import run_checks
 
         run_checks(args)  # every option group's checks: before any model loads
-        if args.command not in ("encoders", "captions"):
-            check_backend()
         if args.command not in ("encoders", "captions") and not getattr(args, "lazy_keras", False):
             _quiet_keras_import()
         return int(args.handler(args) or 0)

@@ -83,7 +83,8 @@ def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 def test_missing_backend_is_one_line():
     if subprocess.run([sys.executable, "-c", "import torch"], capture_output=True).returncode == 0:
         pytest.skip("torch is installed here")
-    result = _run("-m", "captioner", "caption", "data/example.jpg", env={"KERAS_BACKEND": "torch"})
+    result = _run("-m", "captioner", "caption", "data/example.jpg", "--runtime", "keras",
+                  env={"KERAS_BACKEND": "torch"})
     assert result.returncode == 2
     assert result.stderr.strip() == (
         "captioner caption: error: KERAS_BACKEND=torch but torch is not installed: install it "
