@@ -143,13 +143,15 @@ def attention_figure(
     grid: tuple[int, int] | None = None,
     caption: str | None = None,
     columns: int = COLUMNS,
+    legend: bool = False,
 ):
     """A matplotlib ``Figure``: the photo, then one heat overlay per word titled with the word.
 
     ``weights`` is (len(words), h, w) or (len(words), h*w). Each word's colours run from its
     least (blue) to its most attended spot (red), so the place it looked at shows even when the
     attention is spread out; the number under each panel says how peaked it is (the largest
-    weight over that of an even spread, 1/cells); a legend at the bottom says all this."""
+    weight over that of an even spread, 1/cells); ``legend``: a note at the bottom says all
+    this (for a PNG seen on its own; report.html says it beside its strips)."""
 
     import textwrap
 
@@ -166,15 +168,16 @@ def attention_figure(
     aspect = photo.shape[0] / photo.shape[1]
     width = columns * PANEL_INCHES
     cells = int(np.prod(grid_weights.shape[1:])) if len(grid_weights) else 1
-    legend = textwrap.fill(LEGEND.format(cells=cells), width=max(40, int(width * 15)))
-    legend_inches = (legend.count("\n") + 1) * LEGEND_LINE_INCHES + 0.1
+    note = textwrap.fill(LEGEND.format(cells=cells), width=max(40, int(width * 15)))
+    legend_inches = (note.count("\n") + 1) * LEGEND_LINE_INCHES + 0.1 if legend else 0.0
     height = rows * (PANEL_INCHES * aspect + LABEL_INCHES) + legend_inches
     fig = Figure(figsize=(width, height), dpi=DPI)
     for i, (title, mask, peak) in enumerate(panels):
         _panel(fig.add_subplot(rows, columns, i + 1), photo, title, mask, peak)
     if caption:
         fig.suptitle(caption, fontsize=13)
-    fig.text(0.5, 0.05 / height, legend, ha="center", va="bottom", fontsize=8, color="#555555")
+    if legend:
+        fig.text(0.5, 0.05 / height, note, ha="center", va="bottom", fontsize=8, color="#555555")
     fig.tight_layout(rect=(0, legend_inches / height, 1, 1))
     return fig
 
@@ -233,8 +236,10 @@ def save_attention_map(
     grid: tuple[int, int] | None = None,
     caption: str | None = None,
 ) -> None:
-    """Write :func:`attention_figure` as a PNG file."""
-    attention_figure(image, words, weights, grid, caption).savefig(path, format="png", dpi=DPI)
+    """Write :func:`attention_figure` as a PNG file, with its legend (``caption
+    --attention-map``: the PNG is read on its own)."""
+    figure = attention_figure(image, words, weights, grid, caption, legend=True)
+    figure.savefig(path, format="png", dpi=DPI)
 
 
 # --------------------------------------------------------------------------- report pictures
