@@ -81,6 +81,18 @@ def add_model_options(p: argparse.ArgumentParser, what: str = "decode", *,
                        help="onnx: the run folder's `captioner export` on ONNX Runtime, no "
                        "TensorFlow; keras: its Keras weights (default: onnx when the folder "
                        "carries an export, else keras)")
+    add_check(p, check_models)
+
+
+def check_models(args: argparse.Namespace) -> None:
+    """Each ``--model`` folder is a run folder whose config.json reads (its stored decoding
+    included), or an ONNX export: a model error comes before any per-image one."""
+    from captioner.runs import CONFIG_FILE, RunConfig
+
+    for folder in args.model or ():
+        if (Path(folder) / "manifest.json").is_file() and not (Path(folder) / CONFIG_FILE).exists():
+            continue  # an ONNX export folder (checked when it loads)
+        RunConfig.load(folder)
 
 
 # decoding ---------------------------------------------------------------------------------
