@@ -109,7 +109,7 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, data):
 
 def test_existing_run_needs_resume(tmp_path, data):
     train(_config(tmp_path, data, epochs=1), verbose=0)
-    with pytest.raises(CaptionerError, match="--resume"):
+    with pytest.raises(CaptionerError, match="already holds a run; resume it to continue"):
         train(_config(tmp_path, data, epochs=1), verbose=0)
 
 

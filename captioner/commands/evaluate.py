@@ -201,6 +201,9 @@ def _check(args: argparse.Namespace) -> None:
     for name in ("gallery", "thumbnail_size", "attention_images"):
         if getattr(args, name) < 0 or (name == "thumbnail_size" and args.thumbnail_size < 16):
             raise CaptionerError(f"--{name.replace('_', '-')} is too small: {getattr(args, name)}")
+    if not args.features and not (args.images_dir and args.split):
+        raise CaptionerError(
+            "give --features TEST.h5, or --images-dir DIR together with --split FILE")
     if args.images_dir and not Path(args.images_dir).is_dir():
         raise OptionError("images_dir", f"{args.images_dir} is not a folder")
     for path in args.captions:
