@@ -213,7 +213,7 @@ def test_images_mode_runs_the_encoder_and_skips_unreadable_images(toy, tmp_path,
     assert {n: c.text for n, c in result.sections[0].captions.items()} == expected
     assert list(result.references) == list(expected)
     assert result.image_paths == {n: images / n for n in expected}
-    with pytest.raises(CaptionerError, match="--split"):
+    with pytest.raises(CaptionerError, match="together with a split file"):
         evaluate(toy.run, caps, images_dir=images)
 
 
