@@ -62,12 +62,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run_caption, lazy_keras=True)
 
 
-def add_runtime_option(p: argparse.ArgumentParser) -> None:
-    """``--runtime`` alone (``serve`` takes the model group, which holds it)."""
-    p.add_argument("--runtime", choices=("keras", "onnx"), default=None,
-                   help="onnx: the run folder's export on ONNX Runtime; keras: its Keras weights")
-
-
 def resolve_runtime(args: argparse.Namespace, models: list[Path]) -> str:
     """The runtime this command runs on; Keras is imported (quietly) only when it is keras."""
     from captioner.onnx_runtime import choose_runtime
