@@ -4,7 +4,9 @@
 #   benchmarks/flickr8k.sh CONFIG [WORK_DIR]
 #
 # CONFIG is one of the rows of docs/RESULTS.md:
-#   merge_pool      merge decoder on MobileNetV2 a=0.5 pooled features (the bundled default model)
+#   merge_pool      merge decoder on MobileNetV2 a=0.5 pooled features (the first baseline;
+#                   not the bundled model, which is an ensemble of EfficientNet-Lite2 attention
+#                   decoders: see "Issue #12" in docs/RESULTS.md for how it was made)
 #   inject_pool     Show-and-Tell style inject decoder on pooled features
 #   attention_conv  soft attention over the 7x7x1280 conv features
 #
@@ -47,8 +49,8 @@ captioner train --captions "$text/Flickr8k.token.txt" \
 
 captioner evaluate --model "$run" --captions "$text/Flickr8k.token.txt" \
   --features "$work/features/${encoder}_${layer}_test.h5" --images-dir "$images" \
-  --beam-size 1 3 5 --report "$work/reports/$config"
+  --beam-size 1 3 5 --out "$work/reports/$config"
 captioner evaluate --model "$run" --captions "$text/Flickr8k.token.txt" \
   --features "$work/features/${encoder}_${layer}_test.h5" \
-  --beam-size 3 5 --alpha 0.7 --report "$work/reports/${config}_alpha0.7" --quiet
+  --beam-size 3 5 --alpha 0.7 --out "$work/reports/${config}_alpha0.7" --quiet
 echo "report: $work/reports/$config/report.md"

@@ -5,7 +5,7 @@ One file holds the features of one (encoder, layer, weights, preprocessing, inpu
 resampling) combination for a list of images. Layout::
 
     features  (N, *feature_shape)  float32 or float16, chunked, uncompressed
-    names     (N,)  fixed-length UTF-8 bytes, the image names (e.g. "1000268201_693b08cb0b.jpg")
+    names     (N,)  fixed-length UTF-8 bytes, the image names (e.g. "1000268201_693b08cb0e.jpg")
     status    (N,)  uint8: 0 pending, 1 done, 2 failed
     errors    (N,)  fixed-length UTF-8 bytes: why an image failed ("truncated image", ...)
     checksums (N,)  uint64: per-row checksum written with the row (format 2, see
@@ -123,7 +123,7 @@ def differences(found: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
 
 def mismatch(path: Path, lines: list[str]) -> CacheMismatchError:
     return CacheMismatchError(
-        f"{path} was made with other settings ({'; '.join(lines)}). Use another --out file, "
+        f"{path} was made with other settings ({'; '.join(lines)}). Write another file, "
         "or delete this one to re-extract."
     )
 
@@ -280,8 +280,8 @@ class FeatureReader(VerifiedReads):
             )
             raise MissingFeaturesError(
                 f"image {name!r} has no features in {self.path} (status "
-                f"{STATUS_NAMES[int(self._status[i])]}{why}); rerun `captioner extract`"
-                f"{' --retry-failed' if self._status[i] == FAILED else ''} to fill it."
+                f"{STATUS_NAMES[int(self._status[i])]}{why}); rerun `captioner extract"
+                f"{' --retry-failed' if self._status[i] == FAILED else ''}` to fill it."
             )
         return i
 

@@ -139,7 +139,7 @@ class FeatureWriter:
                 raise fault from None
             raise CaptionerError(
                 f"cannot open {self.path} for writing ({exc}); is another `captioner extract` "
-                "writing to it? Wait for it, or use another --out file."
+                "writing to it? Wait for it, or write another file."
             ) from exc
         self._features = self._file["features"]
         self._status = self._file["status"]

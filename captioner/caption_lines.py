@@ -42,7 +42,7 @@ def made_with(models: Sequence[str | os.PathLike], decoding: Any) -> dict[str, A
 def _describe(made: dict[str, Any]) -> str:
     models = " ".join(made.get("model") or ["?"])
     decoding = ", ".join(f"{k} {v}" for k, v in (made.get("decoding") or {}).items())
-    return f"--model {models} ({decoding})"
+    return f"model {models} ({decoding})"
 
 
 def check_made_with(path: Path, made: dict[str, Any] | None) -> bool:
@@ -58,7 +58,7 @@ def check_made_with(path: Path, made: dict[str, Any] | None) -> bool:
         found = None
     if found is not None and found != made:
         raise CaptionerError(f"{path} holds captions made with {_describe(found)}, not "
-                             f"{_describe(made)}; use another --out file, or delete this one "
+                             f"{_describe(made)}; write another file, or delete this one "
                              "to start over")
     return False
 
@@ -80,7 +80,7 @@ def read_done(path: Path) -> set[str]:
             done.add(json.loads(line)["image"])
         except (ValueError, KeyError, TypeError) as exc:
             raise CaptionerError(
-                f"{path} line {number} is not a caption record ({exc}); use another --out "
+                f"{path} line {number} is not a caption record ({exc}); write another "
                 "file, or delete this one to start over."
             ) from exc
     return done
@@ -156,15 +156,21 @@ def pending(paths: Sequence[Path], out: Path,
 
 def caption_to_file(
     captioner: Any, paths: Sequence[Path], out: Path, batch_size: int, decoding: Any,
-    models: Sequence[str | os.PathLike],
+    models: Sequence[str | os.PathLike], progress: bool | None = None,
 ) -> CaptionSummary:
     """Caption ``paths`` into ``out`` in this process with ``decoding``, skipping the images
-    already there (``models``: the run folders, recorded in the file's first line)."""
+    already there (``models``: the run folders, recorded in the file's first line);
+    ``progress``: a bar on a terminal (False: none)."""
+    from captioner.progress import progress as progress_bar
+
     todo, summary = pending(paths, out, made_with(models, decoding))
-    with LineWriter(out, summary) as writer:
+    with LineWriter(out, summary) as writer, progress_bar(
+        total=len(todo), desc=f"caption {out.name}", unit="img", enabled=progress
+    ) as bar:
         for lo in range(0, len(todo), batch_size):
             chunk = todo[lo : lo + batch_size]
             results = captioner.caption(chunk, decoding, batch_size=batch_size)
             writer.write(caption_record(str(p), r.captions, r.error)
                          for p, r in zip(chunk, results, strict=True))
+            bar.update(len(chunk))
     return summary

@@ -25,7 +25,7 @@ from captioner.caption_file import (
     Problem,
     add_records,
 )
-from captioner.errors import CaptionerError
+from captioner.errors import CaptionerError, OptionError
 
 log = logging.getLogger(__name__)
 
@@ -247,8 +247,8 @@ def split_names(split: str | Path, source: CaptionFile) -> list[str]:
     if str(split) not in SPLIT_NAMES or Path(split).exists():
         return load_split(split)
     if not source.splits:
-        raise CaptionerError(f"--split {split}: {source.path} holds no splits (only Karpathy "
-                             "JSON does); give a split file, one image name a line")
+        raise OptionError("split", f"{split}: {source.path} holds no splits (only Karpathy "
+                          "JSON does); give a split file, one image name a line")
     wanted = SPLIT_NAMES[str(split)]
     return [name for name, s in source.splits.items() if split_of(s) == wanted]
 

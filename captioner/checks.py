@@ -1,7 +1,8 @@
 """Checks of command-line values, run before any work starts.
 
-Each failure is a :class:`CaptionerError` whose one line names the option, the value and what
-to do; the CLI prints it and exits with status 2.
+Each failure is an :class:`OptionError` whose one line names the setting, the value and what
+to do; the CLI prints the setting as its flag (``batch_size`` as ``--batch-size``) and exits
+with status 2. ``option`` may be given either way (``"--batch-size"`` or ``"batch_size"``).
 """
 
 from __future__ import annotations
@@ -11,13 +12,18 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from captioner.errors import CaptionerError
+from captioner.errors import CaptionerError, OptionError
+
+
+def _error(option: str, text: str) -> OptionError:
+    """The error of one setting, by its field name (the CLI writes it as a flag)."""
+    return OptionError(option.lstrip("-").replace("-", "_"), text)
 
 
 def at_least(option: str, value: float | None, minimum: float, what: str = "") -> None:
     """``value`` (when given) must be >= ``minimum``."""
     if value is not None and not value >= minimum:
-        raise CaptionerError(f"{option} must be at least {minimum}{what}, not {value}")
+        raise _error(option, f"must be at least {minimum}{what}, not {value}")
 
 
 def in_range(
@@ -29,21 +35,19 @@ def in_range(
     ok = math.isfinite(value) and low <= value and (value < high if high_open else value <= high)
     if not ok:
         bound = f"below {high}" if high_open else f"at most {high}"
-        raise CaptionerError(f"{option} must be at least {low} and {bound}, not {value}")
+        raise _error(option, f"must be at least {low} and {bound}, not {value}")
 
 
 def output_file(option: str, path: str | os.PathLike, example: str) -> None:
     """``path`` must name a file (not a folder) in a folder that exists or can be made."""
     target = Path(path)
     if target.is_dir() or str(path).endswith(("/", os.sep)):
-        raise CaptionerError(
-            f"{option} {path} is a folder; give a file name, e.g. {option} {target / example}"
-        )
+        raise _error(option, f"{path} is a folder; give a file name, e.g. {target / example}")
     parent = target.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if parent.exists() and not parent.is_dir():
-        raise CaptionerError(f"{option} {path}: {parent} is a file, not a folder")
+        raise _error(option, f"{path}: {parent} is a file, not a folder")
 
 
 def no_extra_sources(extra: Sequence[str], first: str) -> None:
@@ -79,7 +83,7 @@ def train_config(config) -> None:
     for option in ("learning_rate", "clipnorm"):
         value = getattr(config, option)
         if not (math.isfinite(value) and value > 0):
-            raise CaptionerError(f"--{option.replace('_', '-')} must be above 0, not {value}")
+            raise _error(option, f"must be above 0, not {value}")
 
 
 FEATURE_KEYS = ("encoder", "layer", "weights", "input_size", "preprocessing", "feature_shape")
@@ -94,9 +98,9 @@ def features_fit(decoder: str, train, val=None) -> None:
     the same way (encoder, layer, weights, input size, preprocessing, shape)."""
     shape = tuple(train.feature_shape)
     if decoder == "attention" and len(shape) == 1:
-        raise CaptionerError(
-            f"--decoder attention needs spatial features, but {train.path} holds pooled vectors "
-            f"{shape}; extract with --layer conv, or use --decoder merge or inject"
+        raise OptionError(
+            "decoder", f"attention needs spatial features, but {train.path} holds pooled "
+            f"vectors {shape}; extract the conv layer, or use a merge or inject decoder"
         )
     if val is None:
         return
@@ -104,10 +108,10 @@ def features_fit(decoder: str, train, val=None) -> None:
     if tuple(val.feature_shape) != shape and "feature_shape" not in diff:
         diff.append("feature_shape")
     if diff:
-        raise CaptionerError(
-            f"--val-features {val.path} ({_describe(val.attrs)}) was not made like "
-            f"--train-features {train.path} ({_describe(train.attrs)}): {', '.join(diff)} "
-            "differ; extract both splits with the same --encoder, --layer and --weights"
+        raise OptionError(
+            "val_features", f"{val.path} ({_describe(val.attrs)}) was not made like the "
+            f"training features {train.path} ({_describe(train.attrs)}): {', '.join(diff)} "
+            "differ; extract both splits with the same encoder, layer and weights"
         )
 
 

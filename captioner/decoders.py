@@ -181,7 +181,7 @@ class AttentionDecoder(CaptionDecoder):
         if len(self.feature_shape) not in (2, 3):
             raise ValueError(
                 f"the attention decoder needs spatial features (L, D) or (H, W, D), got "
-                f"{self.feature_shape}; extract with --layer conv"
+                f"{self.feature_shape}; extract the conv layer"
             )
         self.attention_units = int(attention_units)
         self.attention_reg = float(attention_reg)

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from captioner.errors import CaptionerError
+from captioner.errors import CaptionerError, OptionError
 
 DEFAULT_BEAM_SIZE = 3
 MAX_BEAM_SIZE = 20  # wider beams cost time and memory linearly and do not give better captions
@@ -24,12 +24,8 @@ MAX_LENGTH = 500  # tokens generated at most (the model's own maximum is usually
 MAX_GROUNDING = 10.0  # beyond this a word the encoder's head doubts is simply never chosen
 
 
-class DecodingError(CaptionerError):
+class DecodingError(OptionError):
     """A decoding setting is out of range; ``field`` names it, ``text`` says what is wrong."""
-
-    def __init__(self, field: str, text: str):
-        super().__init__(f"{field} {text}")
-        self.field, self.text = field, text
 
 
 @dataclass(frozen=True)
@@ -147,8 +143,7 @@ def _number(name: str, value: Any, low: float, high: float) -> None:
 
 def cli_error(exc: DecodingError) -> CaptionerError:
     """The error of a decoding option given on the command line, naming its flag."""
-    flag = "--" + exc.field.replace("_", "-")
-    return CaptionerError(f"{flag} {exc.text}")
+    return CaptionerError(exc.flag_line())
 
 
 def check_overrides(**overrides: Any) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from captioner.errors import CaptionerError
+from captioner.errors import OptionError
 
 
 def local_devices() -> list[str]:
@@ -34,9 +34,9 @@ def data_parallel(enabled: bool) -> Iterator[int]:
 
     backend = keras.backend.backend()
     if backend != "jax":
-        raise CaptionerError(
-            f"--distribute needs the JAX backend (keras.distribution); this is {backend}. "
-            "Run with KERAS_BACKEND=jax (pip install jax), or train without --distribute."
+        raise OptionError(
+            "distribute", f"needs the JAX backend (keras.distribution); this is {backend}. "
+            "Run with KERAS_BACKEND=jax (pip install jax), or train on one device."
         )
     devices = local_devices()
     previous = keras.distribution.distribution()

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from captioner.decoding_config import DecodingConfig
-from captioner.errors import CacheMismatchError, CaptionerError
+from captioner.errors import CacheMismatchError, CaptionerError, IncompleteError, OptionError
 from captioner.meteor import MeteorJar, meteor
 from captioner.metrics import METRIC_KEYS, References
 from captioner.runs import RunConfig
@@ -192,9 +192,9 @@ def _check_options(decodings: Sequence[Decoding] | None, batch_size: int,
     if decodings is not None and not decodings:
         raise CaptionerError("give at least one decoding setting (or None: the run's own)")
     if batch_size < 1:
-        raise CaptionerError(f"--batch-size must be at least 1, not {batch_size}")
+        raise OptionError("batch_size", f"must be at least 1, not {batch_size}")
     if limit is not None and limit < 1:
-        raise CaptionerError(f"--limit must be at least 1, not {limit}")
+        raise OptionError("limit", f"must be at least 1, not {limit}")
 
 
 def evaluate(
@@ -231,10 +231,11 @@ def evaluate(
     _check_options(decodings, batch_size, limit)
     if features is None and (images_dir is None or split is None):
         raise CaptionerError(
-            "give --features TEST.h5, or --images-dir DIR together with --split FILE"
+            "give the test features (a feature cache), or an images folder together with a "
+            "split file"
         )
     if images_dir is not None and not Path(images_dir).is_dir():
-        raise CaptionerError(f"--images-dir {images_dir} is not a folder")
+        raise OptionError("images_dir", f"{images_dir} is not a folder")
     run_dir = Path(run_dir)
     captioner = load_captioner([run_dir, *ensemble], weights)  # reads each config once
     config = captioner.config
@@ -293,8 +294,8 @@ def _check_failures(failed: dict[str, str], skipped: dict[str, str], strict: boo
     bad = {**failed, **{n: r for n, r in skipped.items() if r != NO_REFERENCES}}
     if strict and bad:
         shown = "; ".join(f"{n}: {r}" for n, r in list(bad.items())[:3])
-        raise CaptionerError(f"--strict: {len(bad)} image(s) of {source} could not be evaluated "
-                             f"({shown}); rerun `captioner extract` to repair them, or drop --strict")
+        raise IncompleteError(f"stops here: {len(bad)} image(s) of {source} could not be "
+                              f"evaluated ({shown}); rerun `captioner extract` to repair them")
 
 
 def _attention(captioner, kept: dict[str, np.ndarray], section: Section) -> dict[str, AttentionMap]:

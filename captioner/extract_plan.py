@@ -18,7 +18,7 @@ import numpy as np
 
 from captioner.cache import DONE, DTYPES, FAILED, mismatch
 from captioner.cache_writer import FeatureWriter, check_cache_space, prepare
-from captioner.errors import CaptionerError, ImageError
+from captioner.errors import CaptionerError, ImageError, OptionError
 from captioner.faults import check_writable, writing
 from captioner.temp_files import remove_stale
 
@@ -113,9 +113,9 @@ def plan_extract(
     if not paths:
         raise CaptionerError("no images to extract.")
     if dtype not in DTYPES:
-        raise CaptionerError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}.")
+        raise OptionError("dtype", f"must be one of {', '.join(DTYPES)}, not {dtype!r}.")
     if batch_size < 1:
-        raise CaptionerError(f"--batch-size must be at least 1, not {batch_size}.")
+        raise OptionError("batch_size", f"must be at least 1, not {batch_size}.")
     _check_names(names)
     with writing(out):
         out.parent.mkdir(parents=True, exist_ok=True)

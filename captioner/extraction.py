@@ -26,7 +26,7 @@ import numpy as np
 
 from captioner import __version__
 from captioner.cache_writer import FeatureWriter
-from captioner.errors import CaptionerError, ImageError
+from captioner.errors import CaptionerError, ImageError, OptionError
 from captioner.extract_plan import ExtractSummary, Item, finish_extract, plan_extract
 from captioner.images import DEFAULT_MAX_PIXELS, load_image
 from captioner.progress import progress as progress_bar
@@ -262,8 +262,8 @@ def encoder_setup(
     layer = layer or spec.default_layer
     spec.layer(layer)  # an unknown layer fails here, before any work
     if mixed_precision not in (None, *MIXED_PRECISION):
-        raise CaptionerError(
-            f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, not {mixed_precision!r}."
+        raise OptionError(
+            "mixed_precision", f"must be one of {', '.join(MIXED_PRECISION)}, not {mixed_precision!r}."
         )
     policy = f"mixed_{mixed_precision}" if mixed_precision else "float32"
     identity = {

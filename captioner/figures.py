@@ -26,6 +26,13 @@ from PIL import Image, ImageOps
 PANEL_PIXELS = 256  # longest side of one attention panel's photo
 PANEL_INCHES = 2.4
 LABEL_INCHES = 0.6  # per panel row: the word above, the peak ratio below
+LEGEND = (
+    "Red: where the decoder looked hardest for the word; blue: where it looked least (colours "
+    "stretched per word). Peak: the word's largest attention weight over that of an even "
+    "spread (1 / {cells} grid cells): 1x is attention spread evenly, {cells}x all of it on "
+    "one cell."
+)
+LEGEND_LINE_INCHES = 0.17  # one line of the 8-point legend
 DPI = 100
 COLUMNS = 5
 HEAT_CMAP = "jet"
@@ -111,7 +118,7 @@ def _panel(
         ax.text(
             0.5,
             -0.02,
-            f"peak {peak:.2f}x even",
+            f"peak {peak:.2f}x an even spread",
             transform=ax.transAxes,
             ha="center",
             va="top",
@@ -136,31 +143,42 @@ def attention_figure(
     grid: tuple[int, int] | None = None,
     caption: str | None = None,
     columns: int = COLUMNS,
+    legend: bool = False,
 ):
     """A matplotlib ``Figure``: the photo, then one heat overlay per word titled with the word.
 
     ``weights`` is (len(words), h, w) or (len(words), h*w). Each word's colours run from its
     least (blue) to its most attended spot (red), so the place it looked at shows even when the
     attention is spread out; the number under each panel says how peaked it is (the largest
-    smoothed weight over that of an even spread, 1/cells)."""
+    weight over that of an even spread, 1/cells); ``legend``: a note at the bottom says all
+    this (for a PNG seen on its own; report.html says it beside its strips)."""
+
+    import textwrap
+
     from matplotlib.figure import Figure
 
     photo = as_photo(image)
-    masks, peaks = _masks(photo, _grid_weights(weights, grid))
+    grid_weights = _grid_weights(weights, grid)
+    masks, peaks = _masks(photo, grid_weights)
     if len(masks) != len(words):
         raise ValueError(f"{len(words)} words but {len(masks)} attention maps")
     panels = [("(photo)", None, 1.0)] + list(zip(words, masks, peaks, strict=True))
     columns = max(1, min(columns, len(panels)))
     rows = -(-len(panels) // columns)
     aspect = photo.shape[0] / photo.shape[1]
-    fig = Figure(
-        figsize=(columns * PANEL_INCHES, rows * (PANEL_INCHES * aspect + LABEL_INCHES)), dpi=DPI
-    )
+    width = columns * PANEL_INCHES
+    cells = int(np.prod(grid_weights.shape[1:])) if len(grid_weights) else 1
+    note = textwrap.fill(LEGEND.format(cells=cells), width=max(40, int(width * 15)))
+    legend_inches = (note.count("\n") + 1) * LEGEND_LINE_INCHES + 0.1 if legend else 0.0
+    height = rows * (PANEL_INCHES * aspect + LABEL_INCHES) + legend_inches
+    fig = Figure(figsize=(width, height), dpi=DPI)
     for i, (title, mask, peak) in enumerate(panels):
         _panel(fig.add_subplot(rows, columns, i + 1), photo, title, mask, peak)
     if caption:
         fig.suptitle(caption, fontsize=13)
-    fig.tight_layout()
+    if legend:
+        fig.text(0.5, 0.05 / height, note, ha="center", va="bottom", fontsize=8, color="#555555")
+    fig.tight_layout(rect=(0, legend_inches / height, 1, 1))
     return fig
 
 
@@ -218,8 +236,10 @@ def save_attention_map(
     grid: tuple[int, int] | None = None,
     caption: str | None = None,
 ) -> None:
-    """Write :func:`attention_figure` as a PNG file."""
-    attention_figure(image, words, weights, grid, caption).savefig(path, format="png", dpi=DPI)
+    """Write :func:`attention_figure` as a PNG file, with its legend (``caption
+    --attention-map``: the PNG is read on its own)."""
+    figure = attention_figure(image, words, weights, grid, caption, legend=True)
+    figure.savefig(path, format="png", dpi=DPI)
 
 
 # --------------------------------------------------------------------------- report pictures

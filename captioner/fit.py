@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from captioner.errors import CaptionerError
+from captioner.errors import CaptionerError, IncompleteError, OptionError
 from captioner.fit_checks import Finding, check_inputs, split_findings
 
 FIT_FILE = "fit.json"
@@ -89,19 +89,19 @@ def make_plan(options: FitOptions) -> FitPlan:
 
     out = Path(options.out)
     if out.exists() and not out.is_dir():
-        raise CaptionerError(f"--out {out} is a file; give a folder for the run")
+        raise OptionError("out", f"{out} is a file; give a folder for the run")
     if (out / CONFIG_FILE).is_file() and not (out / FIT_FILE).is_file():
-        raise CaptionerError(
-            f"--out {out} holds a run not made by `captioner fit`; choose "
-            "another --out (`captioner train --resume` continues that run)"
+        raise OptionError(
+            "out", f"{out} holds a run not made by `captioner fit`; choose another folder "
+            "(`captioner train --resume` continues that run)"
         )
     images_dir = Path(options.images_dir)
     if not images_dir.is_dir():
-        raise CaptionerError(f"--images-dir {images_dir} is not a folder; give the photos' folder")
-    for name, value in (("--dev-fraction", options.dev_fraction),
-                        ("--test-fraction", options.test_fraction)):  # fmt: skip
+        raise OptionError("images_dir", f"{images_dir} is not a folder; give the photos' folder")
+    for name, value in (("dev_fraction", options.dev_fraction),
+                        ("test_fraction", options.test_fraction)):  # fmt: skip
         if not 0 < value < 0.5:
-            raise CaptionerError(f"{name} must be above 0 and below 0.5, not {value}")
+            raise OptionError(name, f"must be above 0 and below 0.5, not {value}")
     preset = get_preset(options.preset)
     encoder = options.encoder or preset.encoder
     spec = get_spec(encoder)
@@ -165,9 +165,9 @@ def report_findings(plan: FitPlan) -> None:
     for finding in plan.findings:
         print(f"check: {finding.line()}", file=sys.stderr)
     if plan.findings and plan.options.strict:
-        raise CaptionerError(
-            f"--strict: {len(plan.findings)} check(s) failed (listed above); "
-            "fix the photos or captions, or drop --strict"
+        raise IncompleteError(
+            f"stops here: {len(plan.findings)} check(s) failed (listed above); "
+            "fix the photos or captions"
         )
 
 
@@ -211,7 +211,7 @@ def write_plan(plan: FitPlan) -> None:
         if path.is_file() and path.read_text().splitlines() != plan.splits[split]:
             raise CaptionerError(
                 f"{plan.out} was started with another {split} split ({path}): other photos, "
-                "captions or --seed; run with those again, or choose another --out"
+                "captions or seed; run with those again, or choose another folder"
             )
     folder.mkdir(parents=True, exist_ok=True)
     for split in STAGE_SPLITS:

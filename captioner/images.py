@@ -307,7 +307,7 @@ def list_images(
         paths = sorted(p for p in path.iterdir() if is_image_name(p))
         if not paths:
             raise CaptionerError(
-                f"folder {path} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})."
+                f"no images in {path} (no files ending in {', '.join(sorted(IMAGE_SUFFIXES))})."
             )
         return paths, [p.name for p in paths]
     if not path.is_file():
@@ -326,7 +326,7 @@ def _from_glob(pattern: str) -> tuple[list[Path], list[str]]:
     rest = str(Path(*parts[fixed:]))
     paths = sorted(p for p in base.glob(rest) if p.is_file() or is_image_name(p))
     if not paths:
-        raise CaptionerError(f"no files match {pattern!r}.")
+        raise CaptionerError(f"no file matches {pattern!r}.")
     return paths, [p.relative_to(base).as_posix() for p in paths]
 
 

@@ -19,9 +19,9 @@ def progress(
     unit: str = "it",
     enabled: bool | None = None,
 ) -> tqdm:
-    """A tqdm bar on stderr; disabled automatically when stderr is not a TTY."""
-    if enabled is None:
-        enabled = sys.stderr.isatty()
+    """A tqdm bar on stderr, only on a terminal: ``enabled`` None or True shows it when stderr
+    is a TTY (never into a pipe or a log file), False never."""
+    enabled = enabled is not False and sys.stderr.isatty()
     return tqdm(
         iterable,
         total=total,

@@ -250,7 +250,7 @@ def check_tokenizer(tokenizer, dec: dict[str, Any], tok_path: Path, config_path:
         raise _problem(
             config_path, "decoder.config.max_length",
             f"{dec['max_length']} differs from {tok_path.name}'s max_length {tokenizer.max_length}; "
-            "they must agree (to generate shorter captions use --max-length)",
+            "they must agree (shorter captions: decode with a smaller max_length)",
         )  # fmt: skip
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from captioner import checks
-from captioner.errors import CaptionerError
+from captioner.errors import CaptionerError, OptionError
 from captioner.runs import (
     CHECKPOINT,
     CONFIG_FILE,
@@ -141,10 +141,10 @@ def _prepare_run(config: TrainConfig, resume: bool) -> tuple[Path, TrainConfig, 
         _check_epochs(run, merged.epochs, given=config.epochs is not None)
         return run, merged, saved
     if run.exists() and not run.is_dir():
-        raise CaptionerError(f"--out {run} is a file; give a folder for the run")
+        raise OptionError("out", f"{run} is a file; give a folder for the run")
     if (run / CONFIG_FILE).exists() and (run / CHECKPOINT).exists():
-        raise CaptionerError(
-            f"{run} already holds a run; pass --resume to continue it or choose another --out"
+        raise OptionError(
+            "out", f"{run} already holds a run; resume it to continue, or choose another folder"
         )
     return run, config, None
 
@@ -170,12 +170,12 @@ def _check_epochs(run: Path, epochs: int, given: bool) -> None:
 
     done, stopped = checkpoint_progress(run / CHECKPOINT)
     if given and epochs < done:
-        raise CaptionerError(f"--epochs {epochs} is below the {done} epochs {run} has done; "
-                             f"give more than {done} to train on, or leave --epochs out")
+        raise OptionError("epochs", f"{epochs} is below the {done} epochs {run} has done; "
+                          f"give more than {done} to train on, or leave it out")
     if stopped or done >= epochs:
         why = "stopped early after" if stopped else "has finished"
         raise RunFinished(f"{run} {why} {done} of its {epochs} epochs; nothing to train "
-                          f"(--resume --epochs N, N above {done}, trains on)")
+                          f"(resuming with more epochs than {done} trains on)")
 
 
 def _resumed(config: TrainConfig, saved: RunConfig, run: Path) -> TrainConfig:
@@ -243,7 +243,7 @@ def _train(config: TrainConfig, resume: bool, verbose: int, devices: int) -> Pat
         raise CaptionerError(f"unknown decoder '{config.decoder}'; choose one of: "
                              f"{', '.join(DECODERS)}")
     if config.select_on not in SELECT_ON:
-        raise CaptionerError(f"unknown --select-on '{config.select_on}'; choose one of {SELECT_ON}")
+        raise OptionError("select_on", f"'{config.select_on}' is unknown; choose one of {SELECT_ON}")
     run, config, saved = _prepare_run(config, resume)
     checks.train_config(config)
     train_reader, train_caps = _load_split(config.captions, config.train_features,

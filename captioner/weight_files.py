@@ -99,8 +99,8 @@ def fetch_weights(spec: WeightsFile, cache_dir: Path | None = None) -> Path:
     except Exception as exc:  # network errors come in many types
         raise WeightsError(
             f"cannot find or download {spec.fname} (md5 {spec.md5}): {exc}. Download it from "
-            f"{spec.origin} and put it in {cache_dir}/ or {PROJECT_WEIGHTS_DIR}/, or pass "
-            "weights=PATH (--weights PATH) to a local copy."
+            f"{spec.origin} and put it in {cache_dir}/ or {PROJECT_WEIGHTS_DIR}/, or give "
+            "the path of a local copy as the weights."
         ) from exc
     return _check_md5(Path(path), spec)
 

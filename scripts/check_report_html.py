@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not page.is_file():
         print(
-            f"{page} not found: run `captioner evaluate --report {args.report_dir}` first",
+            f"{page} not found: run `captioner evaluate --out {args.report_dir}` first",
             file=sys.stderr,
         )
         return 2

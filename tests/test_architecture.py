@@ -27,11 +27,11 @@ LAYERS = [
     ("figures",),
     ("metrics", "evaluation", "meteor"),
     ("report",),
-    ("training", "monitor", "distributed", "scst"),
+    ("training", "monitor", "distributed", "scst", "scst_config"),
     ("fit", "fit_checks"),
     ("engines",),
     ("serve",),
-    ("cli", "commands"),
+    ("cli", "commands", "__main__"),
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 MAX_LINES = 400

@@ -140,9 +140,10 @@ def test_attention_map_is_written_for_attention_models(tmp_path, monkeypatch, ca
     columns = min(panels, figures.COLUMNS)
     rows = -(-panels // columns)
     aspect = 10 / 12  # the photo is 12 x 10 pixels
-    assert sheet.format == "PNG" and sheet.size == (
-        round(columns * figures.PANEL_INCHES * figures.DPI),
-        round(rows * (figures.PANEL_INCHES * aspect + figures.LABEL_INCHES) * figures.DPI))
+    panels_height = rows * (figures.PANEL_INCHES * aspect + figures.LABEL_INCHES) * figures.DPI
+    assert sheet.format == "PNG" and sheet.size[0] == round(columns * figures.PANEL_INCHES
+                                                            * figures.DPI)
+    assert 0.3 * figures.DPI < sheet.size[1] - panels_height < figures.DPI  # + the legend
     pixels = np.asarray(sheet.convert("RGB"), dtype=float)
     assert pixels.std() > 20  # drawn, not blank
 
@@ -223,7 +224,7 @@ def test_stored_decoding_is_every_entry_points_default(toy_run, fake_encoder, tm
     reports = []
     for model, extra in ((run, flags), (greedy, [])):
         assert main(["evaluate", "--model", str(model), "--captions", str(tmp / "captions.txt"),
-                     "--features", str(train_h5), "--report", str(tmp_path / model.name),
+                     "--features", str(train_h5), "--out", str(tmp_path / model.name),
                      "--json", *extra]) == 0
         reports.append([(r.get("decoding"), r.get("caption")) for r in _json_lines(capsys)][:-1])
     assert reports[0] == reports[1] and reports[0][0][0] == "greedy, no repeated 1-grams"
@@ -258,6 +259,6 @@ def test_out_file_records_its_model_and_decoding(toy_run, fake_encoder, tmp_path
                  ["--model", str(run), str(run)]):
         assert main(["caption", img, "--out", str(out), *argv]) == 2
         err = capsys.readouterr().err.strip()
-        assert "\n" not in err and f"{out} holds captions made with --model" in err, err
-        assert "use another --out file" in err
+        assert "\n" not in err and f"{out} holds captions made with model" in err, err
+        assert "write another file" in err
     assert len(out.read_text().splitlines()) == 2  # the made_with line and one caption

@@ -500,7 +500,7 @@ def test_caption_inputs_write_the_merged_file_and_named_splits(tmp_path):
         n: c for n, c in read_captions(k).captions.items()}}  # fmt: skip
     assert again.splits == read_captions(k).splits
     assert load_split(split) == ["a.jpg", "c.jpg"] and Path(split).name == "split-train.txt"
-    with pytest.raises(CaptionerError, match=r"--split test: .*a\.csv holds no splits"):
+    with pytest.raises(CaptionerError, match=r"split test: .*a\.csv holds no splits"):
         caption_inputs([a], out, "test")
 
 

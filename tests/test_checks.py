@@ -89,7 +89,7 @@ def test_attention_decoder_with_pooled_features(tmp_path, data, capsys):
         capsys,
         _train(data, out) + ["--decoder", "attention"],
         "needs spatial features",
-        "--layer conv",
+        "extract the conv layer",
     )
     assert not out.exists()
 
@@ -112,7 +112,7 @@ def test_conv_train_with_pooled_val_features(tmp_path, capsys):
         "--out",
         str(out),
     ]
-    _fails(capsys, argv, "--val-features", "layer", "feature_shape", "same --encoder, --layer")
+    _fails(capsys, argv, "--val-features", "layer", "feature_shape", "same encoder, layer")
     assert not out.exists()
 
 
@@ -240,7 +240,7 @@ def test_evaluate_beam_size(tmp_path, capsys, beam):
             "--beam-size",
             "1",
             beam,
-            "--report",
+            "--out",
             str(tmp_path / "r"),
         ],
         f"--beam-size must be from 1 to {MAX_BEAM_SIZE} (1 = greedy), not {beam}",

@@ -125,7 +125,7 @@ def test_attention_regulariser_is_added_in_training_only():
 
 
 def test_attention_needs_spatial_features():
-    with pytest.raises(ValueError, match="--layer conv"):
+    with pytest.raises(ValueError, match="extract the conv layer"):
         _model("attention", (12,))
     with pytest.raises(ValueError, match="unknown decoder"):
         _model("transformer", (12,))

@@ -36,4 +36,4 @@ def test_missing_ray_is_a_one_line_install_hint(monkeypatch, tmp_path, capsys):
     ]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "--engine ray needs Ray Data" in err and "--engine local" in err
+    assert "the Ray engine needs Ray Data" in err and "the local engine" in err

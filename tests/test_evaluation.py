@@ -213,7 +213,7 @@ def test_images_mode_runs_the_encoder_and_skips_unreadable_images(toy, tmp_path,
     assert {n: c.text for n, c in result.sections[0].captions.items()} == expected
     assert list(result.references) == list(expected)
     assert result.image_paths == {n: images / n for n in expected}
-    with pytest.raises(CaptionerError, match="--split"):
+    with pytest.raises(CaptionerError, match="together with a split file"):
         evaluate(toy.run, caps, images_dir=images)
 
 
@@ -310,7 +310,7 @@ def test_cli_end_to_end_two_sections_and_thumbnails(toy, tmp_path, capsys):
             "0",
             "--block-ngram",
             "0",
-            "--report",
+            "--out",
             str(out),
             "--quiet",
         ]
@@ -349,7 +349,7 @@ def test_cli_prints_the_summary_table(toy, tmp_path, capsys):
             "0",
             "--limit",
             "3",
-            "--report",
+            "--out",
             str(tmp_path / "r"),
         ]
     )
@@ -382,7 +382,7 @@ def test_cli_usage_errors(toy, tmp_path, capsys, extra, message):
         str(toy.run),
         "--captions",
         str(toy.caps),
-        "--report",
+        "--out",
         str(tmp_path / "r"),
         *extra,
     ]
@@ -402,7 +402,7 @@ def test_cli_without_a_bundled_model(toy, tmp_path, capsys, monkeypatch):
                 str(toy.caps),
                 "--features",
                 str(toy.features),
-                "--report",
+                "--out",
                 str(tmp_path / "r"),
             ]
         )

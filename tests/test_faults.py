@@ -294,7 +294,7 @@ def command_args(tmp: Path, command: str, out: Path) -> list[str]:
                     "--batch-size", "8"],
         "evaluate": ["evaluate", "--model", str(tmp / "run"), "--captions", str(tmp / "caps.txt"),
                      "--features", str(tmp / "pool.h5"), "--split", str(tmp / "test.txt"),
-                     "--report", str(out), "--quiet"],
+                     "--out", str(out), "--quiet"],
     }[command]  # fmt: skip
 
 
@@ -400,17 +400,17 @@ def test_injected_fault_is_one_line_then_the_same_command_completes(
 
 def test_scst_fault_is_one_line(pipeline, tmp_path, monkeypatch, capsys):
     out = tmp_path / "scst"
-    args = ["train", "--scst", "--init", str(pipeline / "run"), "--captions",
+    args = ["scst", "--init", str(pipeline / "run"), "--captions",
             str(pipeline / "caps.txt"), "--train-features", str(pipeline / "pool.h5"), "--out",
-            str(out), "--epochs", "1", "--batch-size", "8", "--val-bleu-images", "0", "--quiet"]  # fmt: skip
+            str(out), "--epochs", "1", "--batch-images", "8", "--val-images", "0", "--quiet"]  # fmt: skip
     with monkeypatch.context() as patch:
         real = Path.write_bytes
         patch.setattr(Path, "write_bytes", lambda self, data: _raise(errno.ENOSPC)
                       if target_of(self).name.endswith(".weights.h5") else real(self, data))  # fmt: skip
         assert main(args) == 2
     err = capsys.readouterr().err
-    assert_one_line(err, "train")
-    assert "no space left on the device of" in err and "--scst --out" in err
+    assert_one_line(err, "scst")
+    assert "no space left on the device of" in err and "`captioner scst --out" in err
 
 
 # --------------------------------------------------------------------------- real tmpfs mounts

@@ -235,7 +235,7 @@ def test_reader_expect_mismatch_names_both_values(cache):
     assert "encoder: file has 'tiny', expected 'mobilenet_v2_0.5'" in message
     assert "colour: file has '(absent)', expected 'red'" in message
     assert "layer:" not in message  # the matching key is not listed
-    assert "another --out file" in message
+    assert "Write another file, or delete this one" in message
 
 
 def test_reader_refuses_non_cache_files(tmp_path):

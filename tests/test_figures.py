@@ -74,7 +74,12 @@ def test_attention_strip_has_one_panel_per_word_titled_with_it():
     titles = [ax.get_title() for ax in fig.axes]
     assert titles == ["(photo)", *words]
     notes = [t.get_text() for ax in fig.axes[1:] for t in ax.texts]
-    assert notes == ["peak 49.00x even"] * 4  # all weight on one of 49 cells
+    assert notes == ["peak 49.00x an even spread"] * 4  # all weight on one of 49 cells
+    assert [t for t in fig.texts if t is not fig._suptitle] == []  # report.html explains it
+    fig = figures.attention_figure(_photo(), words, weights, caption="a dog runs", legend=True)
+    (legend,) = [t.get_text() for t in fig.texts if t is not fig._suptitle]  # the CLI's PNG
+    assert "1x is attention spread evenly" in legend.replace("\n", " ")
+    assert "(1 / 49 grid cells)" in legend.replace("\n", " ")
     assert fig._suptitle.get_text() == "a dog runs"
     panels = [np.asarray(im.get_array()) for ax in fig.axes[1:] for im in ax.get_images()[1:]]
     peaks = [np.unravel_index(np.argmax(p), p.shape) for p in panels]
@@ -91,6 +96,9 @@ def test_attention_from_a_file_and_a_pil_image(tmp_path):
     out = tmp_path / "att.png"
     figures.save_attention_map(out, path, ["a", "b"], weights)
     _not_blank(_png(out.read_bytes()))
+    bare = figures.png_bytes(figures.attention_figure(path, ["a", "b"], weights))
+    legend_rows = _png(out.read_bytes()).shape[0] - _png(bare).shape[0]
+    assert 30 <= legend_rows <= 80  # the CLI's PNG (caption --attention-map) has its legend
     assert figures.as_photo(Image.open(path)).shape == (256, 171, 3)  # fitted into 256 px
 
 

@@ -63,14 +63,14 @@ def test_checks_report_counts_and_names_and_strict_stops(tmp_path, tiny_encoder,
     (photos / "empty.png").write_bytes(b"")
     (photos / "extra.png").write_bytes((photos / "img00.png").read_bytes())
     args = ["fit", "--captions", str(captions), "--images-dir", str(photos)]
-    assert main([*args, "--out", str(tmp_path / "run"), "--strict", *TINY_ARGS]) == 2
+    assert main([*args, "--out", str(tmp_path / "run"), "--strict", *TINY_ARGS]) == 1
     err = capsys.readouterr().err
     assert "check: 2 captioned photos missing from" in err and "gone1.png, gone2.png" in err
     assert "check: 1 photos without captions (not used): extra.png" in err
     assert "check: 1 unreadable photos (empty or not an image; dropped): empty.png" in err
     assert "check: 1 dev photos only (fewer than 5" in err
     assert "check: 1 test photos only (fewer than 5" in err
-    assert "--strict: 5 check(s) failed" in err
+    assert "--strict stops here: 5 check(s) failed" in err
     assert not (tmp_path / "run").exists()  # nothing done before the checks
 
     assert main([*args, "--out", str(tmp_path / "run"), "--dry-run", *TINY_ARGS]) == 0
@@ -310,7 +310,7 @@ def test_two_caption_files_in_fit_evaluate_and_train_with_a_karpathy_split(
 
     report = tmp_path / "report"
     assert main(["evaluate", "--model", str(out), "--captions", *captions, "--images-dir",
-                 str(photos), "--split", "test", "--preset", "classic", "--report", str(report),
+                 str(photos), "--split", "test", "--preset", "classic", "--out", str(report),
                  "--quiet"]) == 0  # fmt: skip
     assert (report / "split-test.txt").read_text() == "set/img10.png\nset/img11.png\n"
     again = json.loads((report / "report.json").read_text())

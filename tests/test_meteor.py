@@ -146,7 +146,7 @@ def test_evaluate_on_100_test_photos_writes_the_jars_meteor(tmp_path, capsys):
     code = main(["evaluate", "--captions", str(FLICKR_TEXT / "Flickr8k.token.txt"),
                  "--images-dir", str(FLICKR_IMAGES), "--split",
                  str(FLICKR_TEXT / "Flickr_8k.testImages.txt"), "--limit", "100",
-                 "--report", str(out)])
+                 "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
     assert "METEOR 1.5" in printed.splitlines()[0] and "METEOR n/a" not in printed

@@ -71,7 +71,7 @@ def test_extract_and_evaluate_take_the_preset(monkeypatch, tmp_path):
             main(["extract", str(tmp_path / "a.jpg"), "--out", str(tmp_path / "f.h5"), *argv])
         assert (seen["encoder"], seen["layer"]) == expected
     args = build_parser().parse_args(
-        ["evaluate", "--captions", "c", "--report", "r", "--preset", "classic"]
+        ["evaluate", "--captions", "c", "--out", "r", "--preset", "classic"]
     )
     assert args.beam_size is None and presets.get_preset(args.preset).decoding.beam_size == 1
 

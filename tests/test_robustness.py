@@ -76,12 +76,12 @@ def test_evaluate_leaves_damaged_rows_out_and_lists_them(toy, tmp_path, capsys):
     assert set(result.failed) == {names[3]} and "checksum mismatch" in result.failed[names[3]]
     assert names[3] not in result.references and len(result.references) == 7
     assert build_payload(result)["failed"] == result.failed
-    with pytest.raises(CaptionerError, match=r"--strict: 1 image\(s\).*img003"):
+    with pytest.raises(CaptionerError, match=r"strict stops here: 1 image\(s\).*img003"):
         evaluate(run, caps, features=cache, progress=False, strict=True)
 
     report = tmp_path / "report"
     argv = ["evaluate", "--model", str(run), "--captions", str(caps), "--features", str(cache),
-            "--beam-size", "1", "--report", str(report)]  # fmt: skip
+            "--beam-size", "1", "--out", str(report)]  # fmt: skip
     assert main(argv + ["--json"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     errors = [r for r in lines if records.is_error(r)]
@@ -91,8 +91,8 @@ def test_evaluate_leaves_damaged_rows_out_and_lists_them(toy, tmp_path, capsys):
     assert lines[-1]["summary"]["failed"] == 1 and lines[-1]["summary"]["images"] == 7
     assert "Failed images" in (report / "report.md").read_text()
     assert 'id="failed"' in (report / "report.html").read_text()
-    assert main(argv + ["--strict"]) == 2
-    assert "--strict" in capsys.readouterr().err
+    assert main(argv + ["--strict"]) == 1  # STRICT_EXIT, as in every command
+    assert "error: --strict stops here: 1 image(s)" in capsys.readouterr().err
 
 
 def test_caption_features_with_a_damaged_row(toy, tmp_path, capsys):

@@ -109,7 +109,7 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, data):
 
 def test_existing_run_needs_resume(tmp_path, data):
     train(_config(tmp_path, data, epochs=1), verbose=0)
-    with pytest.raises(CaptionerError, match="--resume"):
+    with pytest.raises(CaptionerError, match="already holds a run; resume it to continue"):
         train(_config(tmp_path, data, epochs=1), verbose=0)
 
 
@@ -140,8 +140,8 @@ def test_resume_without_epochs_finishes_the_runs_own_schedule(tmp_path, data, ca
     capsys.readouterr()
     assert main(resume) == 0
     err = capsys.readouterr().err.strip()
-    assert err == f"{out} has finished 3 of its 3 epochs; nothing to train (--resume --epochs N, " \
-                  "N above 3, trains on)"
+    assert err == f"{out} has finished 3 of its 3 epochs; nothing to train (resuming with " \
+                  "more epochs than 3 trains on)"
     assert main([*resume, "--epochs", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "--epochs 2 is below the 3 epochs" in err

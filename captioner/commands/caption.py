@@ -7,63 +7,29 @@ import sys
 from pathlib import Path
 
 from captioner.commands.extract import add_engine_options
+from captioner.commands.options import (  # noqa: F401  (decoding_overrides: used by others)
+    add_check,
+    add_decoding_options,
+    add_image_inputs,
+    add_model_options,
+    add_output_options,
+    decoding_overrides,
+    expand_images,
+    model_decoding,
+)
 
 EXAMPLE = """\
 examples:
   captioner caption photo.jpg                       # the bundled default model
   captioner caption photos/ "more/*.jpg" --beam-size 5 --n-best 3
   captioner caption photo.jpg --model runs/attention --attention-map attention.png
-  captioner caption 1000268201_693b08cb0b.jpg --features test.h5 --json
+  captioner caption 3385593926_d3e9c21170.jpg --features test.h5 --json   # a Flickr8k test photo
   captioner caption archive/ --out captions.jsonl --engine ray --ray-address auto --actors 8
 
 Exit status: 0 when every image was captioned, 1 when some failed (each failure prints one
-line and the others go on), 2 on a usage or model error.
+line and the others go on), 2 on a usage or model error. Folders and globs are resolved, and
+every option checked, before the model loads.
 """
-
-
-def add_decoding_options(p: argparse.ArgumentParser, beam_nargs: str | None = None) -> None:
-    """The decoding options of ``caption``, ``evaluate`` and ``serve``: each left unset takes
-    the model's stored decoding (``"decoding"`` in its config.json)."""
-    from captioner.decoding_config import MAX_BEAM_SIZE, MAX_LENGTH
-
-    g = p.add_argument_group("decoding (default: the model's own, stored in its config.json)")
-    g.add_argument("--beam-size", type=int, default=None, nargs=beam_nargs, metavar="K",
-                   help=f"beam width, 1 = greedy, at most {MAX_BEAM_SIZE}"
-                   + ("; one report section per value" if beam_nargs else ""))
-    if not beam_nargs:
-        g.add_argument("--n-best", type=int, default=None, metavar="N",
-                       help="captions per image, best first (at most the beam size)")
-    g.add_argument("--alpha", type=float, default=None,
-                   help="length normalisation: score = log-prob / length**alpha (0 = off)")
-    g.add_argument("--block-ngram", type=int, default=None, metavar="N",
-                   help="forbid repeating any N-gram within a caption (0 = off)")
-    g.add_argument("--max-length", type=int, default=None, metavar="TOKENS",
-                   help=f"most tokens to generate (at most {MAX_LENGTH}; default: the model's "
-                   "maximum)")
-
-
-def decoding_overrides(args: argparse.Namespace) -> dict:
-    """The decoding fields given on the command line (None: the model's), each checked on its
-    own before any model loads."""
-    from captioner.decoding_config import DecodingError, check_overrides, cli_error
-
-    names = ("beam_size", "n_best", "alpha", "block_ngram", "max_length")
-    overrides = {k: getattr(args, k) for k in names if hasattr(args, k)}
-    try:
-        check_overrides(**{k: v for k, v in overrides.items() if not isinstance(v, list)})
-    except DecodingError as exc:
-        raise cli_error(exc) from None
-    return overrides
-
-
-def model_decoding(captioner, **overrides):
-    """The model's stored decoding with the command line's overrides (errors name the flag)."""
-    from captioner.decoding_config import DecodingError, cli_error
-
-    try:
-        return captioner.decoding_for(**overrides)
-    except DecodingError as exc:
-        raise cli_error(exc) from None
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -76,36 +42,24 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("images", nargs="+", metavar="IMAGE",
-                   help="image files, folders (their images) or quoted globs; with --features, "
-                   "image names in the cache")
-    p.add_argument("--model", metavar="RUN_DIR", default=None, nargs="+", action="extend",
-                   help="run folder from `captioner train` (default: weights/default, the "
-                   "bundled Flickr8k model); several folders over the same encoder decode as "
-                   "an ensemble that averages their per-step log-probabilities")
+    add_image_inputs(p, features_names=True)
+    add_model_options(p, runtime=True)
     add_decoding_options(p)
     p.add_argument("--features", metavar="H5",
                    help="read image features from this cache instead of running the encoder")
     p.add_argument("--batch-size", type=int, default=16, help="images per batch (default %(default)s)")
-    p.add_argument("--json", action="store_true",
-                   help="one JSON object per line: image, caption, score, captions (n-best), error")
     p.add_argument("--attention-map", metavar="OUT.png",
                    help="attention models: save per-word attention heatmaps (several images: "
                    "OUT-<image>.png)")
-    p.add_argument("--out", metavar="FILE.jsonl",
-                   help="write JSON lines (as --json) to this file; a rerun captions only the "
-                   "images it lacks, e.g. --out captions.jsonl")
-    add_runtime_option(p)
+    add_output_options(
+        p, out_metavar="FILE.jsonl",
+        out="write JSON lines (as --json) to this file; a rerun captions only the images it "
+        "lacks, e.g. --out captions.jsonl",
+        json="one object per image: image, caption, score, captions (n-best), error",
+        quiet="no progress bar")
     add_engine_options(p)
+    add_check(p, _check)
     p.set_defaults(handler=run_caption, lazy_keras=True)
-
-
-def add_runtime_option(p: argparse.ArgumentParser) -> None:
-    """``--runtime`` of ``caption`` and ``serve``."""
-    p.add_argument("--runtime", choices=("keras", "onnx"), default=None,
-                   help="onnx: the run folder's `captioner export` on ONNX Runtime, no "
-                   "TensorFlow; keras: its Keras weights (default: onnx when the folder "
-                   "carries an export, else keras)")
 
 
 def resolve_runtime(args: argparse.Namespace, models: list[Path]) -> str:
@@ -118,22 +72,6 @@ def resolve_runtime(args: argparse.Namespace, models: list[Path]) -> str:
 
         _quiet_keras_import()
     return chosen
-
-
-def expand_images(args: list[str]) -> list[Path]:
-    """Files, folders (their images) and globs, in the order given; unknown paths kept as-is
-    so they fail with a per-image error."""
-    from captioner.errors import CaptionerError
-    from captioner.images import list_images
-
-    paths: list[Path] = []
-    for arg in args:
-        try:
-            found, _ = list_images(arg)
-        except CaptionerError:
-            found = [Path(arg)]
-        paths.extend(found)
-    return paths
 
 
 def _emit(image: str, captions, error: str | None, as_json: bool, file: str | None = None) -> None:
@@ -157,30 +95,45 @@ def _emit(image: str, captions, error: str | None, as_json: bool, file: str | No
 
 
 def _check(args: argparse.Namespace) -> None:
-    """Every option, before the model is loaded."""
+    """The options of ``caption`` that go together, before the model is loaded."""
     from captioner import checks
     from captioner.errors import CaptionerError
 
     checks.at_least("--batch-size", args.batch_size, 1)
-    decoding_overrides(args)
     if args.attention_map:
         checks.output_file("--attention-map", args.attention_map, "attention.png")
         if args.features:
             raise CaptionerError("--attention-map draws over the photos, so it needs image "
                                  "files, not --features")
+    if args.engine == "ray" and not args.out:
+        raise CaptionerError("--engine ray writes its captions to a file: add --out FILE.jsonl")
+    if args.out:
+        if args.features or args.attention_map:
+            raise CaptionerError("--out captions images; it does not go with --features or "
+                                 "--attention-map")
+        from captioner.faults import check_writable
+
+        checks.output_file("--out", args.out, "captions.jsonl")
+        check_writable(Path(args.out).parent, args.out)  # a read-only or full folder
 
 
 def run_caption(args: argparse.Namespace) -> int:
-    """Handler of ``captioner caption``."""
+    """Handler of ``captioner caption`` (its checks ran in ``cli.main``)."""
     from captioner.errors import CaptionerError
     from captioner.loader import load_captioner
     from captioner.runs import DEFAULT_RUN
 
-    _check(args)
+    paths = getattr(args, "image_paths", None)
+    if paths is None and not args.features:
+        paths = expand_images(args.images)
+    if paths and not args.out and not any(p.exists() for p in paths):
+        for p in paths:  # nothing to caption: said at once, no model loaded
+            _emit(str(p), None, "missing file", args.json)
+        return 1
     models = [Path(m) for m in args.model or [DEFAULT_RUN]]
     runtime = resolve_runtime(args, models)
-    if args.out or args.engine == "ray":
-        return _to_file(args, models, decoding_overrides(args), runtime)
+    if args.out:
+        return _to_file(args, models, paths, decoding_overrides(args), runtime)
     captioner = load_captioner(models, runtime=runtime)
     decoding = model_decoding(captioner, **decoding_overrides(args))
     if args.attention_map and captioner.decoder.kind != "attention":
@@ -189,8 +142,9 @@ def run_caption(args: argparse.Namespace) -> int:
     if args.features:
         results = _from_features(captioner, models[0], args.features, args.images, decoding)
     else:
-        found = captioner.caption(expand_images(args.images), decoding,
-                                  batch_size=args.batch_size, attention=bool(args.attention_map))
+        found = captioner.caption(paths, decoding, batch_size=args.batch_size,
+                                  attention=bool(args.attention_map),
+                                  progress=False if args.quiet or args.json else None)
         for r in found:
             if r.warning:
                 print(f"{r.image}: warning: {r.warning}", file=sys.stderr)
@@ -204,26 +158,17 @@ def run_caption(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _to_file(args: argparse.Namespace, models: list[Path], overrides: dict,
+def _to_file(args: argparse.Namespace, models: list[Path], paths: list[Path], overrides: dict,
              runtime: str = "keras") -> int:
     """``--out FILE.jsonl`` (either engine, every --model): resumable JSON lines that record
     the model and decoding they were made with; a summary line on stdout."""
-    from captioner.errors import CaptionerError
-
-    if not args.out:
-        raise CaptionerError("--engine ray writes its captions to a file: add --out FILE.jsonl")
-    if args.features or args.attention_map:
-        raise CaptionerError("--out captions images; it does not go with --features or --attention-map")
-    paths = expand_images(args.images)
-    from captioner.faults import check_writable
-
-    check_writable(Path(args.out).parent, args.out)  # a read-only or full folder: before the work
     if args.engine == "ray":
         from captioner.engines.ray_caption import caption_ray
 
         summary = caption_ray(models, paths, Path(args.out), batch_size=args.batch_size,
                               address=args.ray_address, actors=args.actors,
-                              gpus_per_actor=args.gpus_per_actor, overrides=overrides)
+                              gpus_per_actor=args.gpus_per_actor, overrides=overrides,
+                              progress=not args.quiet)
     else:
         from captioner.caption_lines import caption_to_file
         from captioner.loader import load_captioner
@@ -231,7 +176,7 @@ def _to_file(args: argparse.Namespace, models: list[Path], overrides: dict,
         captioner = load_captioner(models, runtime=runtime)
         decoding = model_decoding(captioner, **overrides)
         summary = caption_to_file(captioner, paths, Path(args.out), args.batch_size, decoding,
-                                  models)
+                                  models, progress=False if args.quiet else None)
     print(summary.line())
     return 1 if summary.failed else 0
 

@@ -73,7 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     stats.add_argument(
         "--json",
         action="store_true",
-        help="print one JSON object (keys images, captions, vocab_size, max_length, "
+        help="one JSON line (keys images, captions, vocab_size, max_length, "
         "p95_length, ...) instead of text; e.g. --json",
     )
     stats.set_defaults(handler=run_stats)
@@ -139,7 +139,7 @@ def run_stats(args: argparse.Namespace) -> int:
     stats["format"] = source.format
     stats["problems"] = len(problems)
     stats["first_problems"] = problems[:SHOW_PROBLEMS]
-    print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+    print(json.dumps(stats) if args.json else format_stats(stats))  # --json: one JSON line
     return 0
 
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from captioner.encoders import DEFAULT_ENCODER, SPECS, get_spec
+from captioner.commands.options import add_renamed
+from captioner.encoders import SPECS, get_spec
+from captioner.presets import DEFAULT_PRESET, PRESETS
+
+# the encoder of the default preset, the bundled model's (not encoders.DEFAULT_ENCODER, the
+# Python API's historical default)
+DEFAULT_ENCODER = PRESETS[DEFAULT_PRESET].encoder
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,7 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="List every encoder spec with its input size, preprocessing and the "
         "feature layers it offers (the shapes are at the default input size).",
     )
-    p.add_argument("--json", action="store_true", help="print the list as JSON")
+    p.add_argument("--json", action="store_true",
+                   help="JSON lines: one object per encoder (name, input_size, layers, ...)")
     p.set_defaults(handler=list_encoders)
 
     enc = sub.add_parser(
@@ -38,10 +45,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="write the architecture as JSON (keras model_from_json format)",
         description="Write the architecture as JSON, to be rebuilt with "
         "keras.models.model_from_json plus a weights file. "
-        "Example: captioner encoder export vgg16 --json vgg16.json",
+        "Example: captioner encoder export vgg16 --out vgg16.json",
     )
     _common(e)
-    e.add_argument("--json", required=True, metavar="FILE", help="where to write the JSON")
+    e.add_argument("--out", metavar="FILE", help="where to write the JSON (required)")
+    add_renamed(e, "--json", "--out", "out")
     e.set_defaults(handler=export)
 
 
@@ -52,7 +60,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-top", dest="include_top", action="store_false",
                    help="VGG only: leave out the classifier (flatten, fc1, fc2, predictions)")
     p.add_argument("--weights", default="none",
-                   help="none (default: architecture only), imagenet, or a weights .h5 path")
+                   help="encoder weights: none (default: architecture only), imagenet, or a "
+                   "weights .h5 path")
 
 
 def _weights(value: str) -> str | None:
@@ -78,10 +87,12 @@ def list_encoders(args: argparse.Namespace) -> int:
                      "preprocessing": spec.preprocessing, "default_layer": spec.default_layer,
                      "layers": layers, "description": spec.description})
     if args.json:
-        print(json.dumps(rows, indent=2))
+        for row in rows:
+            print(json.dumps({**row, "default": row["name"] == DEFAULT_ENCODER}))
         return 0
     for row in rows:
-        default = " (default)" if row["name"] == DEFAULT_ENCODER else ""
+        default = (f" (default: preset '{DEFAULT_PRESET}', the bundled model's)"
+                   if row["name"] == DEFAULT_ENCODER else "")
         print(f"{row['name']}{default}: {row['description']}")
         print(f"  input {row['input_size'][0]}x{row['input_size'][1]} RGB, "
               f"preprocessing '{row['preprocessing']}'")
@@ -103,9 +114,12 @@ def summary(args: argparse.Namespace) -> int:
 
 def export(args: argparse.Namespace) -> int:
     """Write the architecture as JSON."""
+    from captioner.errors import CaptionerError
     from captioner.weight_files import export_json
 
+    if not args.out:
+        raise CaptionerError("give --out FILE, the JSON file to write")
     model = _build(args)
-    export_json(model, args.json)
-    print(f"wrote {args.json} ({model.name}, {model.count_params():,} parameters)")
+    export_json(model, args.out)
+    print(f"wrote {args.out} ({model.name}, {model.count_params():,} parameters)")
     return 0

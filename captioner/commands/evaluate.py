@@ -9,22 +9,29 @@ from pathlib import Path
 EXAMPLE = """\
 examples:
   captioner evaluate --model runs/merge --captions Flickr8k.token.txt \\
-      --features test.h5 --report reports/merge
+      --features test.h5 --out reports/merge
   captioner evaluate --model runs/attention --captions Flickr8k.token.txt --features test.h5 \\
-      --images-dir Flicker8k_Dataset --beam-size 1 3 5 --report reports/attention
+      --images-dir Flicker8k_Dataset --beam-size 1 3 5 --out reports/attention
   captioner evaluate --captions Flickr8k.token.txt --images-dir Flicker8k_Dataset \\
-      --split Flickr_8k.testImages.txt --report reports/default     # bundled model
+      --split Flickr_8k.testImages.txt --out reports/default     # bundled model
 
-The report folder gets report.json (every number), report.md (summary table, notes, best and
-worst examples) and report.html (one self-contained page: tables, training curves, attention
-heatmaps for attention runs, and a gallery sortable by CIDEr-D or BLEU-4). Pass --images-dir
+The report folder (--out, formerly --report) gets report.json (every number), report.md
+(summary table, notes, best and worst examples) and report.html (one self-contained page:
+tables, training curves, attention heatmaps for attention runs, and a gallery sortable by
+CIDEr-D or BLEU-4). Pass --images-dir
 with --features to get thumbnails in the gallery.
 """
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``captioner evaluate``."""
-    from captioner.commands.caption import add_decoding_options
+    from captioner.commands.options import (
+        add_check,
+        add_decoding_options,
+        add_model_options,
+        add_output_options,
+        add_renamed,
+    )
     from captioner.evaluation import ATTENTION_IMAGES, DEFAULT_BATCH_SIZE
     from captioner.presets import PRESETS
     from captioner.report import GALLERY_IMAGES, THUMBNAIL_SIZE
@@ -37,21 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--model",
-        metavar="RUN_DIR",
-        default=None,
-        nargs="+",
-        action="extend",
-        help="run folder from `captioner train` (default: weights/default, the bundled model); "
-        "several folders over the same encoder are evaluated as one ensemble",
-    )
-    p.add_argument(
-        "--weights",
-        choices=("best", "last"),
-        default="best",
-        help="best.weights.h5 (best validation BLEU-4) or last.weights.h5 (default %(default)s)",
-    )
+    add_model_options(p, "are evaluated", checkpoint=True)
     p.add_argument(
         "--captions",
         required=True,
@@ -114,32 +107,23 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="attention runs: images with per-word heatmaps (default %(default)s)",
     )
-    p.add_argument(
-        "--report",
-        required=True,
-        metavar="OUT_DIR",
-        help="folder for report.json, report.md, report.html and curves.png",
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bar and no table")
-    p.add_argument(
-        "--strict",
-        action="store_true",
-        help="fail (exit 2) if any image could not be evaluated: damaged features, a failed "
-        "captioning, an unreadable image (default: they are left out, counted and listed)",
-    )
-    p.add_argument(
-        "--json",
-        action="store_true",
-        help="JSON lines instead of the table: one object per image and decoding (image, "
-        "decoding, caption, references, metrics) or per failure (image, error), then a summary",
-    )
+    g = add_output_options(
+        p, out_metavar="OUT_DIR",
+        out="folder for report.json, report.md, report.html and curves.png (required)",
+        json="one object per image and decoding (image, decoding, caption, references, "
+        "metrics) or per failure (image, error), then a summary; no table",
+        quiet="no progress bar and no table",
+        strict="fail if any image could not be evaluated: damaged features, a failed "
+        "captioning, an unreadable image (default: they are left out, counted and listed)")
+    add_renamed(g, "--report", "--out", "out")
+    add_check(p, _check)
     p.set_defaults(handler=run_evaluate)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """Evaluate, write the report, print the summary table."""
     from captioner.captions import caption_inputs
-    from captioner.commands.caption import decoding_overrides
+    from captioner.commands.options import decoding_overrides
     from captioner.errors import CaptionerError
     from captioner.evaluation import evaluate
     from captioner.meteor import missing_line
@@ -153,22 +137,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         if not (DEFAULT_RUN / CONFIG_FILE).is_file():
             raise CaptionerError(f"no bundled model in {DEFAULT_RUN}; pass --model RUN_DIR")
         model = DEFAULT_RUN
-    from captioner import checks
-
     overrides = decoding_overrides(args)  # None: the run's stored decoding
-    for k in args.beam_size or ():
-        decoding_overrides(argparse.Namespace(beam_size=k))
-    checks.at_least("--batch-size", args.batch_size, 1)
-    checks.at_least("--limit", args.limit, 1)
-    if Path(args.report).is_file():
-        raise CaptionerError(f"--report {args.report} is a file; give a folder for the report")
-    from captioner.faults import check_writable
-
-    check_writable(args.report, Path(args.report) / "report.html")  # before the work, not after
-    for name in ("gallery", "thumbnail_size", "attention_images"):
-        if getattr(args, name) < 0 or (name == "thumbnail_size" and args.thumbnail_size < 16):
-            raise CaptionerError(f"--{name.replace('_', '-')} is too small: {getattr(args, name)}")
-    args.captions, args.split = caption_inputs(args.captions, args.report, args.split)
+    args.captions, args.split = caption_inputs(args.captions, args.out, args.split)
     if args.preset:  # the preset's decoding, then the options given
         overrides = {**get_preset(args.preset).decoding.to_dict(),
                      **{k: v for k, v in overrides.items() if v is not None}}
@@ -185,14 +155,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
         decodings=decodings,
         limit=args.limit,
         batch_size=args.batch_size,
-        weights=args.weights,
+        weights=args.checkpoint,
         attention_images=args.attention_images,
         progress=False if args.quiet or args.json else None,
         strict=args.strict,
         ensemble=models[1:],
     )
     paths = write_report(
-        args.report, result, gallery=args.gallery, thumbnail_size=args.thumbnail_size
+        args.out, result, gallery=args.gallery, thumbnail_size=args.thumbnail_size
     )
     meteor_missing = missing_line(s.scores for s in result.sections)  # why, and how to add it
     if args.json:
@@ -213,6 +183,34 @@ def run_evaluate(args: argparse.Namespace) -> int:
             print(f"failed: {name}: {why}", file=sys.stderr)
     print(f"report: {paths['html']}", file=sys.stdout)
     return 0
+
+
+def _check(args: argparse.Namespace) -> None:
+    """The options of ``evaluate`` not checked by their group, before any model loads."""
+    from captioner import checks
+    from captioner.errors import CaptionerError, OptionError
+    from captioner.faults import check_writable
+
+    if not args.out:
+        raise CaptionerError("give --out OUT_DIR, the folder for the report")
+    checks.at_least("--batch-size", args.batch_size, 1)
+    checks.at_least("--limit", args.limit, 1)
+    if Path(args.out).is_file():
+        raise OptionError("out", f"{args.out} is a file; give a folder for the report")
+    check_writable(args.out, Path(args.out) / "report.html")  # before the work, not after
+    for name in ("gallery", "thumbnail_size", "attention_images"):
+        if getattr(args, name) < 0 or (name == "thumbnail_size" and args.thumbnail_size < 16):
+            raise CaptionerError(f"--{name.replace('_', '-')} is too small: {getattr(args, name)}")
+    if not args.features and not (args.images_dir and args.split):
+        raise CaptionerError(
+            "give --features TEST.h5, or --images-dir DIR together with --split FILE")
+    if args.images_dir and not Path(args.images_dir).is_dir():
+        raise OptionError("images_dir", f"{args.images_dir} is not a folder")
+    for path in args.captions:
+        if not Path(path).exists():
+            raise OptionError("captions", f"{path} does not exist")
+    if args.features and not Path(args.features).is_file():
+        raise OptionError("features", f"{args.features} does not exist")
 
 
 def _print_json(result, report_path) -> None:

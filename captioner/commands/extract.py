@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from captioner.commands.options import strict_help
 from captioner.encoders import SPECS
 from captioner.presets import add_preset_option, get_preset
 
@@ -144,8 +145,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--strict",
         action="store_true",
-        help="exit with status 1 if any image has no features (failed now or earlier)",
+        help=strict_help("fail if any image has no features (failed now or earlier)"),
     )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument(
         "--retry-failed",
         action="store_true",
@@ -224,7 +226,7 @@ def run_extract(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         resample=args.resample,
         retry_failed=args.retry_failed,
-        progress=not args.json,
+        progress=not (args.json or args.quiet),
         **engine,
     )
     if args.json:
@@ -235,7 +237,9 @@ def run_extract(args: argparse.Namespace) -> int:
         if len(summary.failed) > 10:
             print(f"... and {len(summary.failed) - 10} more failures", file=sys.stderr)
         print(summary.line())
-    return 1 if args.strict and summary.failed else 0
+    from captioner.commands.options import STRICT_EXIT
+
+    return STRICT_EXIT if args.strict and summary.failed else 0
 
 
 def _print_json(summary) -> None:

@@ -29,6 +29,7 @@ fit.json (what was planned), features/{train,dev,test}.h5 and report/report.html
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``captioner fit``."""
+    from captioner.commands.options import strict_help
     from captioner.presets import add_preset_option
 
     p = sub.add_parser(
@@ -69,8 +70,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--strict",
         action="store_true",
-        help="stop before any work if a check finds a problem (missing or unreadable "
-        "photos, photos without captions, malformed captions, fewer than 5 dev photos)",
+        help=strict_help("stop before any work if a check finds a problem (missing or "
+                         "unreadable photos, photos without captions, malformed captions, "
+                         "fewer than 5 dev photos)"),
     )
     p.add_argument(
         "--seed",

@@ -36,11 +36,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    from captioner.commands.caption import add_decoding_options
+    from captioner.commands.options import (
+        add_check,
+        add_decoding_options,
+        add_model_options,
+        check_port,
+    )
 
-    p.add_argument("--model", metavar="RUN_DIR", default=None, nargs="+", action="extend",
-                   help="run folder from `captioner train` (default: weights/default); several "
-                   "folders over the same encoder decode as one ensemble")
+    add_model_options(p, runtime=True)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="port (default %(default)s)")
     add_decoding_options(p)  # a request's defaults; each request may override them
@@ -75,15 +78,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="access log on stderr, one line per request (default %(default)s)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="uvicorn log level (default %(default)s)")
-    from captioner.commands.caption import add_runtime_option
-
-    add_runtime_option(p)
+    add_check(p, _need_serve_extra)
+    add_check(p, lambda args: settings_from(args))  # every option, before the model loads
+    add_check(p, check_port)  # a busy port: one line, before the model loads
     p.set_defaults(handler=run_serve, lazy_keras=True)
 
 
 def settings_from(args: argparse.Namespace):
     """:class:`~captioner.serve.app.Settings` from the options, each checked."""
-    from captioner.commands.caption import decoding_overrides
+    from captioner.commands.options import decoding_overrides
     from captioner.errors import CaptionerError
     from captioner.serve.app import Settings
     from captioner.serve.uploads import Limits
@@ -129,8 +132,8 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def run_serve(args: argparse.Namespace) -> int:
-    """Handler of ``captioner serve``."""
+def _need_serve_extra(args: argparse.Namespace) -> None:
+    """The serve extra is installed (else one line saying how to add it)."""
     from captioner.errors import CaptionerError
 
     try:
@@ -142,9 +145,14 @@ def run_serve(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise CaptionerError(f"captioner serve needs the serve extra ({exc.name} is missing): "
                              'pip install -e ".[serve]"') from None
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Handler of ``captioner serve`` (its checks ran in ``cli.main``)."""
     from dataclasses import replace
 
-    from captioner.commands.caption import decoding_overrides, model_decoding
+    from captioner.commands.caption import resolve_runtime
+    from captioner.commands.options import decoding_overrides, model_decoding
     from captioner.inference import DEFAULT_RUN
     from captioner.serve.app import create_app
     from captioner.serve.engine import Engine
@@ -152,8 +160,6 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = settings_from(args)  # before the model loads: a bad option costs nothing
     models = [Path(m) for m in args.model or [DEFAULT_RUN]]
     print(f"loading {' '.join(map(str, models))} ...", file=sys.stderr, flush=True)
-    from captioner.commands.caption import resolve_runtime
-
     engine = Engine.from_run(models, runtime=resolve_runtime(args, models))
     settings = replace(settings, decoding=model_decoding(engine.captioner,
                                                          **decoding_overrides(args)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 EXAMPLE = """\
 example:
@@ -19,11 +20,20 @@ Which images belong to a split is read from the feature files' image names.
 """
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    from captioner.scst_config import ScstConfig
+# the options `train --scst` (deprecated: `captioner scst`) reads; it refuses every other one
+SCST_READS = ("out", "resume", "captions", "train_features", "val_features", "epochs",
+              "learning_rate", "val_bleu_images", "val_beam_size", "select_on", "seed",
+              "max_train_images", "quiet", "scst", "init", "samples", "batch_images",
+              "sample_top_k", "sample_temperature", "evals_per_epoch", "warmup_epochs")
+SCST_ONLY = ("init", "samples", "batch_images", "sample_top_k", "sample_temperature",
+             "evals_per_epoch")
 
+
+def register(sub: argparse._SubParsersAction) -> None:
     """Add ``captioner train``."""
+    from captioner.commands.options import add_check
     from captioner.presets import add_preset_option
+    from captioner.scst_config import ScstConfig
     from captioner.training import SCHEDULES, SELECT_ON, TrainConfig
 
     d = TrainConfig("", "", "")
@@ -106,9 +116,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="data-parallel over all local devices (GPUs, else CPU devices) with "
                    "keras.distribution; needs KERAS_BACKEND=jax; --batch-size is the global batch")
     p.add_argument("--quiet", action="store_true", help="no per-epoch progress output")
-    g = p.add_argument_group("self-critical fine-tuning (SCST, CIDEr-D reward)")
+    g = p.add_argument_group("self-critical fine-tuning: deprecated here, use `captioner scst`")
     g.add_argument("--scst", action="store_true",
-                   help="fine-tune the run given by --init with self-critical sequence training")
+                   help="(deprecated: `captioner scst`, same options) fine-tune the run given "
+                   "by --init with self-critical sequence training")
     g.add_argument("--init", metavar="RUN_DIR", help="cross-entropy run to start from (with --scst)")
     g.add_argument("--samples", type=int, default=5,
                    help="captions sampled per image; each one's baseline is the mean reward of "
@@ -125,7 +136,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--evals-per-epoch", type=int, default=None,
                    help="score the dev images this many times per epoch; reward and scores go "
                    f"to curve.csv in the run folder (default {_SCST.evals_per_epoch})")
+    defaults = {a.dest: a.default for a in p._actions}
+    add_check(p, lambda args: check_given(args, defaults))
     p.set_defaults(handler=run_train)
+
+
+def check_given(args: argparse.Namespace, defaults: dict) -> None:
+    """``train --scst`` refuses, in one line, every option it would ignore (and plain
+    ``train`` the SCST-only ones)."""
+    from captioner.errors import CaptionerError
+
+    given = [k for k, v in vars(args).items()
+             if k in defaults and v != defaults[k] and k != "preset"]
+    if args.scst:
+        ignored = [k for k in given if k not in SCST_READS]
+        if ignored:
+            flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
+            raise CaptionerError(f"--scst ignores {flags}: leave {'it' if len(ignored) == 1 else 'them'} "
+                                 "out (`captioner scst --help` lists what SCST takes)")
+        return
+    scst_only = [k for k in given if k in SCST_ONLY]
+    if scst_only:
+        flags = ", ".join("--" + k.replace("_", "-") for k in scst_only)
+        raise CaptionerError(f"{flags} belong{'s' if len(scst_only) == 1 else ''} to "
+                             "self-critical fine-tuning: use `captioner scst`")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -134,12 +168,22 @@ def run_train(args: argparse.Namespace) -> int:
     from captioner.errors import CaptionerError
     from captioner.training import train
 
-    if args.captions:  # several files: merged into one file in the run folder
-        args.captions = caption_inputs(args.captions, args.out)[0]
     if args.scst:
+        from captioner.commands.options import notice
+
+        notice("train --scst", "captioner scst (same options; --val-images for "
+               "--val-bleu-images)")
         return _run_scst(args)
+    from captioner.runs import CHECKPOINT, CONFIG_FILE
+
     if not args.resume and not (args.captions and args.train_features):
         raise CaptionerError("--captions and --train-features are required (unless --resume)")
+    done = Path(args.out)
+    if not args.resume and (done / CONFIG_FILE).exists() and (done / CHECKPOINT).exists():
+        raise CaptionerError(f"{done} already holds a run; pass --resume to continue it or "
+                             "choose another --out")
+    if args.captions:  # several files: merged into one file in the run folder
+        args.captions = caption_inputs(args.captions, args.out)[0]
     config = config_from_args(args)
     run = train(config, resume=args.resume, verbose=0 if args.quiet else 1)
     print(f"run folder: {run}")
@@ -166,24 +210,9 @@ def config_from_args(args: argparse.Namespace):
 
 
 def _run_scst(args: argparse.Namespace) -> int:
-    from captioner.errors import CaptionerError
-    from captioner.scst import ScstConfig, train_scst
+    """``train --scst``: ``captioner scst`` with train's spelling of the dev-images option."""
+    from captioner.commands.scst import check_options, run_scst
 
-    if not args.resume and not args.init:
-        raise CaptionerError("--scst needs --init RUN_DIR (a cross-entropy run to fine-tune)")
-    d = ScstConfig("", "")
-    given = {"epochs": args.epochs, "learning_rate": args.learning_rate,
-             "val_images": args.val_bleu_images, "val_beam_size": args.val_beam_size,
-             "select_on": args.select_on, "top_k": args.sample_top_k,
-             "temperature": args.sample_temperature, "evals_per_epoch": args.evals_per_epoch,
-             "warmup_epochs": args.warmup_epochs}
-    config = ScstConfig(
-        init=args.init or "", out=args.out, captions=args.captions,
-        train_features=args.train_features, val_features=args.val_features,
-        samples=args.samples, batch_images=args.batch_images, seed=args.seed,
-        max_train_images=args.max_train_images,
-        **{k: (v if v is not None else getattr(d, k)) for k, v in given.items()},
-    )
-    run = train_scst(config, resume=args.resume, verbose=not args.quiet)
-    print(f"run folder: {run}")
-    return 0
+    args.val_images = args.val_bleu_images
+    check_options(args)
+    return run_scst(args)

@@ -56,17 +56,13 @@ class CaptionActor:
 
 def run_settings(run_dir: Path, overrides: dict[str, Any]):
     """(input size, resize method, decoding) of the first run folder, from its config alone
-    (no model built; the decoding errors name the command-line flag)."""
-    from captioner.decoding_config import DecodingError, cli_error
+    (no model built; a bad decoding field raises :class:`DecodingError`)."""
     from captioner.encoders import get_spec
     from captioner.runs import RunConfig
 
     config = RunConfig.load(run_dir)
     size = config.encoder.input_size or get_spec(config.encoder.name).input_size
-    try:
-        decoding = config.decoding.replace(**overrides)
-    except DecodingError as exc:
-        raise cli_error(exc) from None
+    decoding = config.decoding.replace(**overrides)
     return (int(size[0]), int(size[1])), config.encoder.resample, decoding
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from captioner.errors import CaptionerError
+from captioner.errors import CaptionerError, OptionError
 
 DECODE_CPUS = 0.5  # fractional, so Ray never fuses decoding into the (1-CPU) model actors
 
@@ -32,8 +32,8 @@ def import_ray() -> Any:
         import ray.data  # noqa: F401
     except ImportError as exc:
         raise CaptionerError(
-            f'--engine ray needs Ray Data ({exc}); install it with `pip install "captioner[ray]"` '
-            '(or `pip install "ray[data]"`), or use --engine local.'
+            f'the Ray engine needs Ray Data ({exc}); install it with `pip install "captioner[ray]"` '
+            '(or `pip install "ray[data]"`), or use the local engine.'
         ) from exc
     return ray
 
@@ -41,11 +41,11 @@ def import_ray() -> Any:
 def check_options(actors: int, gpus_per_actor: float, batch_size: int) -> None:
     """Reject impossible engine options before anything starts."""
     if actors < 1:
-        raise CaptionerError(f"--actors must be at least 1, not {actors}.")
+        raise OptionError("actors", f"must be at least 1, not {actors}.")
     if gpus_per_actor < 0:
-        raise CaptionerError(f"--gpus-per-actor must be 0 or more, not {gpus_per_actor}.")
+        raise OptionError("gpus_per_actor", f"must be 0 or more, not {gpus_per_actor}.")
     if batch_size < 1:
-        raise CaptionerError(f"--batch-size must be at least 1, not {batch_size}.")
+        raise OptionError("batch_size", f"must be at least 1, not {batch_size}.")
 
 
 @contextmanager
@@ -81,8 +81,8 @@ def _probe(address: str, timeout: float = 5.0) -> None:
     except OSError as exc:
         raise CaptionerError(
             f"no Ray cluster answers at {address} ({exc}); start one there with "
-            "`ray start --head`, check the address (`ray status` on the head node), or omit "
-            "--ray-address to run on a local Ray."
+            "`ray start --head`, check the address (`ray status` on the head node), or give "
+            "no address to run on a local Ray."
         ) from exc
 
 
