@@ -22,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from captioner.decoding_config import FIELDS as DECODING_FIELDS  # standard library only
+
 STRICT_EXIT = 1  # --strict and an input failed: the same status in every command
 Check = Callable[[argparse.Namespace], None]
 
@@ -97,7 +99,6 @@ def check_models(args: argparse.Namespace) -> None:
 
 # decoding ---------------------------------------------------------------------------------
 
-DECODING_FIELDS = ("beam_size", "n_best", "alpha", "block_ngram", "max_length")
 
 
 def add_decoding_options(p: argparse.ArgumentParser, beam_nargs: str | None = None) -> None:
@@ -119,6 +120,13 @@ def add_decoding_options(p: argparse.ArgumentParser, beam_nargs: str | None = No
     g.add_argument("--max-length", type=int, default=None, metavar="TOKENS",
                    help=f"most tokens to generate (at most {MAX_LENGTH}; default: the model's "
                    "maximum)")
+    g.add_argument("--grounding", type=float, default=None, metavar="G",
+                   help="name an object (dog, cat, bus, ...) only when the encoder's ImageNet "
+                   "head sees it: each such word scores + G * log(the head's probability of "
+                   "its family) (0 = off; models without the head ignore it)")
+    g.add_argument("--grounding-boost", type=float, default=None, metavar="B",
+                   help="and + B * (2 * probability - 1) where the head is sure (> 0.5) of the "
+                   "family (0 = off)")
     add_check(p, check_decoding)
 
 
