@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
 from collections.abc import Sequence
 
 from captioner import __version__
 from captioner.errors import CaptionerError, MachineFaultError
+from captioner.quiet import quiet_keras_import as _quiet_keras_import  # shared with the API
 
 # Stage modules, in pipeline order; each defines ``register(subparsers)``.
 COMMAND_MODULES = (
@@ -60,32 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
         module = importlib.import_module(f"captioner.commands.{name}")
         module.register(sub)
     return parser
-
-
-def _quiet_keras_import() -> None:
-    """Import Keras with the C++ start-up chatter of TensorFlow (CUDA probes, oneDNN notes)
-    kept off the terminal; ``CAPTIONER_VERBOSE=1`` shows it. Python errors still surface."""
-    if os.environ.get("CAPTIONER_VERBOSE") == "1" or "keras" in sys.modules:
-        return
-    if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            try:
-                import keras
-
-                keras.ops.convert_to_numpy(keras.ops.zeros(1))  # device probing happens here
-                # tf.function's retracing advice: an ensemble's members trace the same step
-                # functions once each, which it reads as retracing in a loop
-                logging.getLogger("tensorflow").setLevel(logging.ERROR)
-            except ImportError:
-                pass  # reported by the command that needs it
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
