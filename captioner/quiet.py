@@ -5,7 +5,6 @@ before the Keras load path (:meth:`captioner.inference.Captioner.from_run`) impo
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
@@ -24,6 +23,8 @@ def quiet_keras_import() -> None:
         with open(os.devnull, "w") as devnull:
             os.dup2(devnull.fileno(), 2)
             try:
+                import logging
+
                 import keras
 
                 keras.ops.convert_to_numpy(keras.ops.zeros(1))  # device probing happens here
