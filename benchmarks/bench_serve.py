@@ -198,6 +198,14 @@ def percentiles(values: list[float]) -> dict[str, float]:
             "p99_ms": round(1000 * cuts[98], 1), "mean_ms": round(1000 * statistics.fmean(values), 1)}
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (all its threads) so far."""
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
 def rss_mb(pid: int) -> float:
     import psutil
 
@@ -222,7 +230,12 @@ def main(argv: list[str] | None = None) -> int:
         if keras:
             result["vs_keras"] = {label: round(r["concurrent"]["images_per_s"] / keras, 2)
                                   for label, r in runs.items()}
-            print(f"(b) images/s over keras's: {result['vs_keras']}")
+            per_cpu = runs["keras"]["concurrent"]["images_per_cpu_s"]
+            result["per_cpu_vs_keras"] = {
+                label: round(r["concurrent"]["images_per_cpu_s"] / per_cpu, 2)
+                for label, r in runs.items()}
+            print(f"(b) images/s over keras's: {result['vs_keras']}; images per server CPU "
+                  f"second over keras's: {result['per_cpu_vs_keras']}")
     print("RESULT " + json.dumps(result))
     return 0 if all(r["errors"] == 0 for r in runs.values()) else 1
 
@@ -243,10 +256,13 @@ def bench_server(args: argparse.Namespace, photos: list, runtime: str | None, ro
             print(f"(a) one at a time: {one}")
             # untimed: every batch size the clients can form is traced before RSS is taken
             run_requests(url, photos, args.warmup * args.clients, args.clients, args.beam_size)
-            before = rss_mb(server.pid)
+            before, cpu0 = rss_mb(server.pid), cpu_s(server.pid)
             health0 = http.get(url + "/healthz").json()
             many = run_requests(url, photos, args.requests, args.clients, args.beam_size, server.pid)
-            after = rss_mb(server.pid)
+            after, cpu1 = rss_mb(server.pid), cpu_s(server.pid)
+            # the server's own CPU seconds per image: steadier than images/s on a shared machine
+            many["server_cpu_s"] = round(cpu1 - cpu0, 1)
+            many["images_per_cpu_s"] = round(args.requests / max(cpu1 - cpu0, 1e-9), 2)
             health = http.get(url + "/healthz").json()
             model = http.get(url + "/v1/model").json()
         print(f"(b) {args.clients} concurrent clients: {many}")
