@@ -33,11 +33,19 @@ def test_an_enabled_bar_is_tqdm_on_stderr(capsys):
 
 @pytest.mark.subprocess
 def test_cold_onnx_caption_imports_no_tqdm_or_asyncio():
-    script = ("import sys\nfrom captioner.cli import main\nassert main(['caption', "
-              "'data/example.jpg', '--runtime', 'onnx']) == 0\n"
-              "print(sorted(m for m in ('tqdm', 'asyncio') if m in sys.modules))")
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    script = (
+        "import sys\nfrom captioner.cli import main\nassert main(['caption', "
+        "'data/example.jpg', '--runtime', 'onnx']) == 0\n"
+        "print(sorted(m for m in ('tqdm', 'asyncio') if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.splitlines()[-1] == "[]"
     assert "data/example.jpg: " in done.stdout
