@@ -2,11 +2,13 @@
 against Keras, in one run on one machine.
 
     python benchmarks/bench_runtime.py cold --runs 5            # whole `captioner caption` processes
+    python benchmarks/bench_runtime.py cold --baseline ../base  # + the ONNX runtime of another checkout
     python benchmarks/bench_runtime.py throughput --images DIR  # captions/s, batches 1, 16, 128
     python benchmarks/bench_runtime.py equality --images DIR --split SPLIT --captions TOKENS --limit 1000
 
 ``cold``: wall time and peak resident memory (``os.wait4``) of ``captioner caption
-data/example.jpg --runtime R``, runtimes alternated. ``throughput``: captions/s from image files
+data/example.jpg --runtime R``, runtimes alternated (``--baseline DIR``: also ``onnx`` of the
+source tree DIR, e.g. a ``git worktree`` of an older commit, as ``onnx@baseline``). ``throughput``: captions/s from image files
 (decode, encoder, default beam search) after one warm-up batch. ``equality``: both runtimes
 caption the same photos from their files; share of identical captions and BLEU-1..4 / CIDEr-D of
 each. Each mode ends with one line ``RESULT {json}``.
@@ -27,9 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNTIMES = ("onnx", "keras")
 
 
-def cold_once(runtime: str, image: Path, model: str | None) -> dict[str, float]:
-    """One whole ``captioner caption`` process: wall seconds and peak MiB."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def cold_once(runtime: str, image: Path, model: str | None, root: Path = ROOT) -> dict[str, float]:
+    """One whole ``captioner caption`` process of the source tree ``root``: wall seconds and
+    peak MiB."""
+    env = {**os.environ, "PYTHONPATH": str(root)}
     cmd = [sys.executable, "-m", "captioner.cli", "caption", str(image), "--runtime", runtime]
     cmd += ["--model", model] if model else []
     start = time.perf_counter()
@@ -51,11 +54,15 @@ def cold_once(runtime: str, image: Path, model: str | None) -> dict[str, float]:
 def cold(args: argparse.Namespace) -> dict:
     import compileall
 
-    compileall.compile_dir(ROOT / "captioner", quiet=1)  # as `pip install` leaves it
-    runs: dict[str, list[dict]] = {r: [] for r in RUNTIMES}
+    trees = {r: (r, ROOT) for r in RUNTIMES}
+    if args.baseline:
+        trees["onnx@baseline"] = ("onnx", args.baseline.resolve())
+    for _, root in trees.values():
+        compileall.compile_dir(root / "captioner", quiet=1)  # as `pip install` leaves it
+    runs: dict[str, list[dict]] = {r: [] for r in trees}
     for _ in range(args.runs):
-        for runtime in RUNTIMES:
-            runs[runtime].append(cold_once(runtime, args.image, args.model))
+        for label, (runtime, root) in trees.items():
+            runs[label].append(cold_once(runtime, args.image, args.model, root))
     result = {}
     for runtime, found in runs.items():
         result[runtime] = {
@@ -65,12 +72,15 @@ def cold(args: argparse.Namespace) -> dict:
             "caption": found[0]["caption"],
         }
         print(
-            f"{runtime:6s} wall {result[runtime]['wall_s_median']:.2f} s  peak "
+            f"{runtime:13s} wall {result[runtime]['wall_s_median']:.2f} s  peak "
             f"{result[runtime]['peak_mib_median']:.0f} MiB  {found[0]['caption']}"
         )
     result["load_average"] = os.getloadavg()[0]
     result["speedup"] = round(result["keras"]["wall_s_median"] / result["onnx"]["wall_s_median"], 2)
     result["same_caption"] = result["onnx"]["caption"] == result["keras"]["caption"]
+    if args.baseline:
+        base = result["onnx@baseline"]
+        result["vs_baseline"] = round(base["wall_s_median"] / result["onnx"]["wall_s_median"], 2)
     return result
 
 
@@ -156,6 +166,7 @@ def main() -> None:
     )
     parser.add_argument("--image", type=Path, default=ROOT / "data" / "example.jpg")
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--baseline", type=Path, help="cold: also time this source tree's onnx")
     parser.add_argument("--images", help="folder of photos (throughput, equality)")
     parser.add_argument("--split", help="file of photo names to use, one a line")
     parser.add_argument(

@@ -16,6 +16,11 @@ errors (any answer but 200, or no answer; must be 0), the batches the server for
 it (``--requests 1000`` by default). The last line is
 ``RESULT {json}``.
 
+Several runtimes in one run (``--runtime keras onnx``, and ``--baseline DIR``: also the ONNX
+runtime of the source tree DIR, e.g. an older commit, as ``onnx@baseline``): the servers run one
+after the other, each measured as above, and the RESULT holds ``runs`` (label -> result) and
+``vs_keras`` (each run's (b) images/s over Keras's).
+
 Photos: the first ``--n-images`` JPEGs (sorted) of ``--images-dir`` (default
 ../shared/flickr8k/Flicker8k_Dataset), else synthetic 320×240 pictures.
 """
@@ -70,8 +75,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--beam-size", type=int, default=3, help="beam_size of every request (default %(default)s)")
     p.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch (default %(default)s)")
     p.add_argument("--max-queue", type=int, default=64, help="the server's --max-queue (default %(default)s)")
-    p.add_argument("--runtime", choices=("keras", "onnx"), default=None,
-                   help="the server's --runtime (default: onnx when the model carries an export)")
+    p.add_argument("--runtime", choices=("keras", "onnx"), nargs="+", default=[None],
+                   help="the server's --runtime; several: one server after the other (default: "
+                   "onnx when the model carries an export)")
+    p.add_argument("--baseline", type=Path, default=None,
+                   help="also serve the ONNX runtime of this source tree (onnx@baseline)")
     return parsed(p, argv, SMOKE)
 
 
@@ -99,12 +107,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
-    command = [sys.executable, "-m", "captioner.cli", "serve", "--model", str(args.model),
+def start_server(args: argparse.Namespace, port: int, runtime: str | None = None,
+                 root: Path = ROOT) -> subprocess.Popen:
+    """``captioner serve`` of the source tree ``root`` (its bundled model when ``--model`` is
+    the default) on ``runtime``."""
+    model = args.model
+    if root != ROOT and model == ROOT / "weights" / "default":
+        model = root / "weights" / "default"
+    command = [sys.executable, "-m", "captioner.cli", "serve", "--model", str(model),
                "--port", str(port), "--log-level", "warning", "--beam-size", str(args.beam_size),
                "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue)]
-    command += ["--runtime", args.runtime] if args.runtime else []
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    command += ["--runtime", runtime] if runtime else []
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     log = tempfile.TemporaryFile("w+")  # the server's stderr, shown if it dies
     server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
     server.log = log
@@ -184,6 +198,14 @@ def percentiles(values: list[float]) -> dict[str, float]:
             "p99_ms": round(1000 * cuts[98], 1), "mean_ms": round(1000 * statistics.fmean(values), 1)}
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (all its threads) so far."""
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
 def rss_mb(pid: int) -> float:
     import psutil
 
@@ -191,13 +213,40 @@ def rss_mb(pid: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import httpx
-
     args = parse_args(argv)
     photos = load_photos(args.images_dir, args.n_images)
+    servers = [(runtime or "default", runtime, ROOT) for runtime in args.runtime]
+    if args.baseline:
+        servers.append(("onnx@baseline", "onnx", args.baseline.resolve()))
+    runs = {}
+    for label, runtime, root in servers:
+        print(f"--- {label}")
+        runs[label] = bench_server(args, photos, runtime, root)
+    if len(runs) == 1:
+        result = next(iter(runs.values()))
+    else:
+        keras = runs.get("keras", {}).get("concurrent", {}).get("images_per_s")
+        result = {"runs": runs, "load_average": round(os.getloadavg()[0], 2)}
+        if keras:
+            result["vs_keras"] = {label: round(r["concurrent"]["images_per_s"] / keras, 2)
+                                  for label, r in runs.items()}
+            per_cpu = runs["keras"]["concurrent"]["images_per_cpu_s"]
+            result["per_cpu_vs_keras"] = {
+                label: round(r["concurrent"]["images_per_cpu_s"] / per_cpu, 2)
+                for label, r in runs.items()}
+            print(f"(b) images/s over keras's: {result['vs_keras']}; images per server CPU "
+                  f"second over keras's: {result['per_cpu_vs_keras']}")
+    print("RESULT " + json.dumps(result))
+    return 0 if all(r["errors"] == 0 for r in runs.values()) else 1
+
+
+def bench_server(args: argparse.Namespace, photos: list, runtime: str | None, root: Path) -> dict:
+    """(a) and (b) against one server of the source tree ``root`` on ``runtime``."""
+    import httpx
+
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = start_server(args, port)
+    server = start_server(args, port, runtime, root)
     try:
         with httpx.Client(timeout=60) as http:
             ready_s = wait_ready(http, url, server)
@@ -207,10 +256,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"(a) one at a time: {one}")
             # untimed: every batch size the clients can form is traced before RSS is taken
             run_requests(url, photos, args.warmup * args.clients, args.clients, args.beam_size)
-            before = rss_mb(server.pid)
+            before, cpu0 = rss_mb(server.pid), cpu_s(server.pid)
             health0 = http.get(url + "/healthz").json()
             many = run_requests(url, photos, args.requests, args.clients, args.beam_size, server.pid)
-            after = rss_mb(server.pid)
+            after, cpu1 = rss_mb(server.pid), cpu_s(server.pid)
+            # the server's own CPU seconds per image: steadier than images/s on a shared machine
+            many["server_cpu_s"] = round(cpu1 - cpu0, 1)
+            many["images_per_cpu_s"] = round(args.requests / max(cpu1 - cpu0, 1e-9), 2)
             health = http.get(url + "/healthz").json()
             model = http.get(url + "/v1/model").json()
         print(f"(b) {args.clients} concurrent clients: {many}")
@@ -229,8 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             "ready_s": round(ready_s, 1), "cpus": os.cpu_count(),
         }
         print(f"server RSS {before} MB before (b), {after} MB after {args.requests} requests")
-        print("RESULT " + json.dumps(result))
-        return 0 if result["errors"] == 0 else 1
+        return result
     finally:
         server.terminate()
         try:

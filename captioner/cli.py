@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
 from collections.abc import Sequence
 
 from captioner import __version__
 from captioner.errors import CaptionerError, MachineFaultError, OptionError
+from captioner.quiet import quiet_keras_import as _quiet_keras_import  # shared with the API
 
 # Stage modules, in pipeline order; each defines ``register(subparsers)``.
 COMMAND_MODULES = (
@@ -66,56 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
         module = importlib.import_module(f"captioner.commands.{name}")
         module.register(sub)
     return parser
-
-
-def _quiet_keras_import() -> None:
-    """Import Keras with the C++ start-up chatter of TensorFlow (CUDA probes, oneDNN notes)
-    kept off the terminal; ``CAPTIONER_VERBOSE=1`` shows it. Python errors still surface."""
-    if "keras" in sys.modules:
-        return
-    check_backend()
-    if os.environ.get("CAPTIONER_VERBOSE") == "1":
-        return
-    if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            try:
-                import keras
-
-                keras.ops.convert_to_numpy(keras.ops.zeros(1))  # device probing happens here
-                # tf.function's retracing advice: an ensemble's members trace the same step
-                # functions once each, which it reads as retracing in a loop
-                logging.getLogger("tensorflow").setLevel(logging.ERROR)
-            except ImportError:
-                pass  # reported by the command that needs it
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-BACKEND_MODULES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch",
-                   "openvino": "openvino", "numpy": "numpy"}
-
-
-def check_backend() -> None:
-    """The Keras backend named by ``KERAS_BACKEND`` is installed (else one line, not Keras's
-    40-line traceback); run where Keras is about to be imported, so ONNX Runtime needs none."""
-    import importlib.util
-
-    backend = os.environ.get("KERAS_BACKEND")
-    if backend is None:
-        return  # TensorFlow: a missing one is reported by the command that needs it
-    module = BACKEND_MODULES.get(backend)
-    if module is None:
-        raise CaptionerError(f"KERAS_BACKEND={backend} is not a Keras backend; use one of "
-                             f"{', '.join(BACKEND_MODULES)}")
-    if importlib.util.find_spec(module) is None:
-        raise CaptionerError(f"KERAS_BACKEND={backend} but {module} is not installed: install "
-                             f"it (pip install {module}) or unset KERAS_BACKEND (TensorFlow)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -72,7 +72,9 @@ class Captioner(ImageEncoding):
         each file checked against the others first (:mod:`captioner.runcheck`). A folder listing
         ``members`` is an ensemble of its weight files (:class:`EnsembleCaptioner`)."""
         from captioner import runcheck
+        from captioner.quiet import quiet_keras_import
 
+        quiet_keras_import()  # before the decoders import Keras: the API is as quiet as the CLI
         run_dir = Path(run_dir)
         config = RunConfig.load(run_dir)  # schema-checked
         config_path = run_dir / CONFIG_FILE

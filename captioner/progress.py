@@ -3,12 +3,34 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
-from typing import TypeVar
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from tqdm.auto import tqdm
+if TYPE_CHECKING:
+    from tqdm.auto import tqdm
 
 T = TypeVar("T")
+
+
+class NoBar:
+    """A disabled bar that never imports tqdm (tqdm.auto and its imports, asyncio and
+    importlib.metadata among them, cost 40-65 ms of a cold ``captioner caption``): it iterates
+    like its iterable, is a context manager, and every other tqdm method does nothing."""
+
+    def __init__(self, iterable: Iterable[T] | None = None):
+        self.iterable = iterable
+
+    def __iter__(self) -> Iterator[T]:
+        return iter(self.iterable if self.iterable is not None else ())
+
+    def __enter__(self) -> NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def __getattr__(self, name: str) -> Any:  # update, close, set_postfix_str, refresh, ...
+        return lambda *args, **kwargs: None
 
 
 def progress(
@@ -18,16 +40,19 @@ def progress(
     desc: str = "",
     unit: str = "it",
     enabled: bool | None = None,
-) -> tqdm:
+) -> tqdm | NoBar:
     """A tqdm bar on stderr, only on a terminal: ``enabled`` None or True shows it when stderr
-    is a TTY (never into a pipe or a log file), False never."""
-    enabled = enabled is not False and sys.stderr.isatty()
+    is a TTY (never into a pipe or a log file), False never; a disabled bar is a
+    :class:`NoBar`."""
+    if enabled is False or not sys.stderr.isatty():
+        return NoBar(iterable)
+    from tqdm.auto import tqdm
+
     return tqdm(
         iterable,
         total=total,
         desc=desc,
         unit=unit,
-        disable=not enabled,
         dynamic_ncols=True,
         smoothing=0.1,
         file=sys.stderr,

@@ -12,10 +12,10 @@ from conftest import ROOT
 PACKAGE = ROOT / "captioner"
 # Bottom to top, as in docs/DESIGN.md.
 LAYERS = [
-    ("errors", "files", "temp_files", "faults", "progress", "records", "checks", "decoding_config", "__init__"),
+    ("errors", "files", "temp_files", "faults", "progress", "records", "checks", "decoding_config", "quiet", "__init__"),
     ("runs", "presets", "runcheck"),
     ("images", "encoders", "layers", "weight_files", "encoder_weights", "efficientnet",
-     "torch_weights"),
+     "torch_weights", "grounding"),
     ("cache", "cache_writer", "integrity"),
     ("extraction", "extract_plan"),
     ("captions", "caption_file", "cleaning", "tokenizer", "coco", "karpathy"),

@@ -134,3 +134,28 @@ def test_stop_fails_what_is_still_queued():
             await batcher.submit([3])
 
     asyncio.run(main())
+
+
+def test_two_workers_run_two_batches_at_once_and_one_never_does():
+    """workers=2: a second batch starts while the first is still running (ONNX Runtime's
+    sessions take concurrent runs); workers=1: the second waits for the first."""
+
+    async def main(workers: int):
+        gate = threading.Event()
+        run, batches = _recorder(gate)
+        batcher = Batcher(run, max_batch=1, max_wait=0, workers=workers)
+        await batcher.start()
+        first = asyncio.create_task(batcher.submit([1]))
+        second = asyncio.create_task(batcher.submit([2]))
+        await _until(lambda: len(batches) >= 1)
+        await asyncio.sleep(0.1)
+        started = sorted(map(tuple, batches))  # batches running before either may finish
+        gate.set()
+        results = await asyncio.gather(first, second)
+        await batcher.stop()
+        return started, results
+
+    assert asyncio.run(main(2)) == ([(1,), (2,)], [[10], [20]])
+    assert asyncio.run(main(1)) == ([(1,)], [[10], [20]])
+    with pytest.raises(ValueError, match="workers"):
+        Batcher(lambda items: items, workers=0)

@@ -139,6 +139,40 @@ def test_features_input_and_stored_decoding_on_onnx(exported, keras_runtime):
     assert [r.text for r in onnx.caption(feats)] == [r.text for r in keras_runtime.caption(feats)]
 
 
+def test_service_engine_on_onnx_runs_batches_unpadded_and_two_at_once(exported, keras_runtime,
+                                                                       monkeypatch):
+    """The service's engine on ONNX Runtime: no padding to a power of two (nothing is compiled
+    per batch size), CAPTIONER_SERVE_WORKERS model threads, and two batches run at the same
+    time give the captions the Keras runtime gives."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from captioner.serve.engine import Engine, Item, Options
+
+    run, _, photos = exported
+    monkeypatch.setenv("CAPTIONER_SERVE_WORKERS", "2")
+    engine = Engine(load_captioner(run, runtime="onnx"), run)
+    assert engine.onnx and engine.workers == 2
+    assert Engine(keras_runtime, run).workers == 1
+    seen, encode = [], engine.captioner.encode_images
+    monkeypatch.setattr(engine.captioner, "encode_images",
+                        lambda images: seen.append(len(images)) or encode(images))
+    pixels = [np.asarray(Image.open(p).convert("RGB").resize((32, 32))) for p in photos]
+    expected = [r.text for r in keras_runtime.caption(pixels)]
+    batches = [[Item(p, Options()) for p in pixels[:3]], [Item(p, Options()) for p in pixels[3:]]]
+    with ThreadPoolExecutor(2) as pool:
+        outputs = list(pool.map(engine.run, batches * 3))
+    texts = [o.captions[0].text for out in outputs for o in out]
+    assert texts == expected * 3
+    assert sorted(seen) == [2, 2, 2, 3, 3, 3]
+
+
+def test_onnx_session_threads_sleep_instead_of_spinning(exported):
+    onnx = load_captioner(exported[0], runtime="onnx")
+    for session in (onnx._encoder_session, onnx._init_session, onnx._step_session):
+        options = session.get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 def test_runtime_choice(exported, tmp_path, capsys):
     run = exported[0]
     bare = make_run(tmp_path / "bare", "attention", FEATURES)

@@ -110,3 +110,41 @@ def test_every_module_imports_without_tensorflow():
     result = _run("-c", script, env={"KERAS_BACKEND": "jax"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith("ok")
+
+
+def _api_env(**extra: str) -> dict:
+    """The environment of a user's script: TensorFlow backend, no log-level variables."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TF_CPP_MIN_LOG_LEVEL", "CAPTIONER_VERBOSE", "KERAS_BACKEND")}
+    return {**env, "PYTHONPATH": str(ROOT), **extra}
+
+
+@pytest.mark.subprocess
+def test_python_api_on_keras_is_as_quiet_as_the_cli():
+    """A script captioning with the Keras runtime prints its caption and nothing on stderr
+    (no oneDNN notes, no "failed call to cuInit"): captioner.quiet runs before Keras loads."""
+    script = textwrap.dedent("""
+        from captioner.loader import load_captioner
+        model = load_captioner(runtime="keras")
+        print(model.caption(["data/example.jpg"])[0].text)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300, env=_api_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr == ""
+    assert len(result.stdout.split()) >= 3
+
+
+@pytest.mark.subprocess
+def test_quiet_import_shows_the_chatter_with_captioner_verbose():
+    """CAPTIONER_VERBOSE=1 keeps TensorFlow's start-up lines: the quiet test above would fail
+    if Keras were imported without captioner.quiet."""
+    script = ("from captioner.quiet import quiet_keras_import\nquiet_keras_import()\n"
+              "import keras\nprint(keras.ops.convert_to_numpy(keras.ops.ones(2)).sum())")
+    loud = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=_api_env(CAPTIONER_VERBOSE="1"))
+    quiet = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300, env=_api_env())
+    assert loud.stdout.strip() == quiet.stdout.strip() == "2.0"
+    assert "oneDNN" in loud.stderr or "cuda" in loud.stderr.lower()
+    assert quiet.stderr == ""

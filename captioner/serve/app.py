@@ -85,7 +85,8 @@ def create_app(engine: Engine, settings: Settings | None = None):
     limits = settings.limits
     state = ServiceState()
     decoding = settings.decoding or engine.decoding
-    batcher = Batcher(engine.run, settings.max_batch, settings.max_wait_ms / 1000, settings.max_queue)
+    batcher = Batcher(engine.run, settings.max_batch, settings.max_wait_ms / 1000, settings.max_queue,
+                      workers=getattr(engine, "workers", 1))
     metrics = Metrics(queue_depth=lambda: batcher.pending, in_flight=lambda: state.in_flight)
     batcher.on_batch = metrics.batch
     model = engine.describe()

@@ -1,5 +1,6 @@
 """Batching across requests: items submitted within ``max_wait`` seconds of each other run as
-one batch on a single model thread.
+one batch on a model thread (``workers`` of them, default one; each takes the next batch when
+it is free).
 
 The queue is bounded in items (images): :meth:`Batcher.submit` raises :class:`QueueFull` at
 once rather than letting a backlog grow, and the service answers 503 with ``Retry-After``.
@@ -51,20 +52,22 @@ class Stats:
 class Batcher:
     """Gathers items from concurrent :meth:`submit` calls into lists for ``run_batch``.
 
-    ``run_batch(items) -> results`` (same length and order) runs on one worker thread, so the
-    model is never called from two threads at once.
+    ``run_batch(items) -> results`` (same length and order) runs on ``workers`` threads: with
+    one (the default) the model is never called from two threads at once; more run that many
+    batches at once, for models whose calls are thread-safe.
     """
 
     def __init__(self, run_batch: Callable[[list[Any]], Sequence[Any]], max_batch: int = 16,
-                 max_wait: float = 0.005, max_queue: int = 64):
-        if max_batch < 1 or max_queue < 1 or max_wait < 0:
-            raise ValueError("max_batch and max_queue must be >= 1 and max_wait >= 0")
+                 max_wait: float = 0.005, max_queue: int = 64, workers: int = 1):
+        if max_batch < 1 or max_queue < 1 or max_wait < 0 or workers < 1:
+            raise ValueError("max_batch, max_queue and workers must be >= 1 and max_wait >= 0")
         self.run_batch = run_batch
         self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait, max_queue
+        self.workers = workers
         self.stats = Stats()
         self.on_batch: Callable[[int, float], None] | None = None  # (size, seconds) per batch
         self._queue: asyncio.Queue | None = None
-        self._task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
         self._executor: ThreadPoolExecutor | None = None
 
     @property
@@ -75,22 +78,23 @@ class Batcher:
     async def start(self) -> None:
         """Start the worker on the running event loop."""
         self._queue = asyncio.Queue()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="captioner-model")
-        self._task = asyncio.create_task(self._worker(), name="captioner-batcher")
+        self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="captioner-model")
+        self._tasks = [asyncio.create_task(self._worker(), name=f"captioner-batcher-{k}")
+                       for k in range(self.workers)]
 
     async def stop(self) -> None:
         """Stop the worker; items still queued or running fail with ``RuntimeError`` (a batch
         already on the model thread finishes there, unawaited)."""
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         while self._queue and not self._queue.empty():
             _, future = self._queue.get_nowait()
             if not future.done():
                 future.set_exception(RuntimeError("the service is shutting down"))
         if self._executor:
             self._executor.shutdown(wait=False, cancel_futures=True)
-        self._task = self._executor = None
+        self._tasks, self._executor = [], None
 
     async def submit(self, items: Sequence[Any]) -> list[Any]:
         """Results of ``items`` once their batch(es) ran; :class:`QueueFull` when they do not
@@ -99,7 +103,7 @@ class Batcher:
 
     async def submit_sized(self, items: Sequence[Any]) -> tuple[list[Any], int]:
         """:meth:`submit`, plus the size of the largest batch the items ran in."""
-        if self._task is None or self._task.done():
+        if not self._tasks or all(task.done() for task in self._tasks):
             raise RuntimeError("the batcher is not running")
         if self.pending + len(items) > self.max_queue:
             self.stats.rejected += 1
@@ -114,7 +118,7 @@ class Batcher:
     def _retry_after(self) -> int:
         """Seconds until the queue has likely drained (at least 1)."""
         batches = math.ceil((self.pending + 1) / self.max_batch)
-        return max(1, math.ceil(batches * self.stats.last_batch_s))
+        return max(1, math.ceil(batches * self.stats.last_batch_s / self.workers))
 
     async def _collect(self) -> list[tuple[Any, asyncio.Future]]:
         """The next batch: the first item, then whatever arrives within ``max_wait``."""
