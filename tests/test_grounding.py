@@ -334,3 +334,15 @@ def test_attach_gives_a_lite_run_its_encoders_head_and_skips_other_encoders(untr
     assert kernel.shape == (1280, 1000)
     np.testing.assert_allclose(kernel, want_kernel, atol=1e-3)  # stored as float16
     np.testing.assert_array_equal(bias, want_bias)
+
+
+def test_cli_grounding_options_are_checked_before_the_model_loads(capsys):
+    from conftest import ROOT
+
+    from captioner.cli import main
+
+    assert main(["caption", str(ROOT / "data" / "example.jpg"), "--grounding", "-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--grounding must be from 0 to 10" in err and "\n" not in err
+    assert main(["caption", str(ROOT / "data" / "example.jpg"), "--grounding-boost", "nan"]) == 2
+    assert "--grounding-boost" in capsys.readouterr().err
