@@ -3,7 +3,8 @@
     python benchmarks/imagenet_families.py [--model RUN ...] [--features CACHE]
         [--images ../shared/imagenet-sample] [--grounding G ...] [--out table.md]
 
-For every grounding strength given (default: 0 and the model's own), captions the 1,000 photos
+For every grounding strength given (default: 0, i.e. off, and the model's own; a strength
+above 0 takes the model's boost), captions the 1,000 photos
 of ``../shared/imagenet-sample`` (named ``WNID_label.jpg``; the class index is the position of
 the WordNet id in their sorted list) and prints, as a Markdown table, the share of the 882
 photos of non-dog classes whose caption says "dog" (or another dog word of the family map), the
@@ -95,9 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     photos, classes = _photos(args.images)
     strengths = args.grounding or sorted({0.0, captioner.decoding.grounding})
     rows = []
-    for g in strengths:
-        caps = _captions(captioner, photos, args.features, captioner.decoding.replace(grounding=g))
-        rows.append(_row(f"grounding {g:g}", caps, classes, families))
+    for g in strengths:  # grounding 0: off (no boost either); else the model's boost
+        boost = captioner.decoding.grounding_boost if g else 0.0
+        decoding = captioner.decoding.replace(grounding=g, grounding_boost=boost)
+        caps = _captions(captioner, photos, args.features, decoding)
+        label = f"grounding {g:g}" + (f" (boost {boost:g})" if boost else "")
+        rows.append(_row(label, caps, classes, families))
         print(f"grounding {g:g}: non-dog photos captioned 'dog': {rows[-1]['non_dog_says_dog']}",
               file=sys.stderr, flush=True)
     table = _markdown(rows)
