@@ -47,6 +47,20 @@ def test_sampling_never_emits_banned_tokens_and_stops_at_the_end_token():
         sample_search(fixed_step(probs), {}, 2, START, END, 6, np.random.default_rng(), temperature=0)
 
 
+def test_top_k_sampling_draws_only_from_the_k_most_likely_words():
+    probs = np.array([1e-9, 1e-9, 1e-9, 0.05, 0.45, 0.3, 0.2])  # ids 0-2 special, 3 = end
+    rng = np.random.default_rng(3)
+    hyps = sample_search(fixed_step(probs), {}, 3000, START, END, 1, rng, banned_ids=(0, 1, 2),
+                         top_k=2)
+    first = np.array([h.tokens[0] for h in hyps])
+    assert set(first) == {4, 5}
+    np.testing.assert_allclose((first == 4).mean(), 0.45 / 0.75, atol=0.03)
+    one = sample_search(fixed_step(probs), {}, 50, START, END, 3, rng, top_k=1)
+    assert all(h.tokens == (4, 4, 4) for h in one)  # top-1 sampling is greedy search
+    with pytest.raises(ValueError):
+        sample_search(fixed_step(probs), {}, 2, START, END, 6, rng, top_k=-1)
+
+
 def test_cider_scorer_matches_cider_d_when_the_references_are_the_same_images():
     refs = {"a": ["a dog runs on grass", "a brown dog runs"], "b": ["a man rides a bike", "a cyclist on a road"],
             "c": ["two kids play in the snow", "children in snow"]}
@@ -85,7 +99,8 @@ def ce_run(tmp_path):
 def test_scst_run_raises_the_reward_checkpoints_and_resumes(ce_run):
     ce, tmp_path = ce_run
     config = ScstConfig(init=str(ce), out=str(tmp_path / "scst"), epochs=3, samples=4,
-                        batch_images=4, learning_rate=5e-3, val_images=4, val_beam_size=2)
+                        batch_images=4, learning_rate=5e-3, val_images=4, val_beam_size=2,
+                        top_k=3, warmup_epochs=0.5, evals_per_epoch=2)
     run = train_scst(config, verbose=False)
     with open(run / "history.csv") as fh:
         rows = list(csv.DictReader(fh))
@@ -100,6 +115,10 @@ def test_scst_run_raises_the_reward_checkpoints_and_resumes(ce_run):
     train_scst(more, resume=True, verbose=False)
     with open(run / "history.csv") as fh:
         assert [int(r["epoch"]) for r in csv.DictReader(fh)] == [1, 2, 3, 4]
+    with open(run / "curve.csv") as fh:  # dev scores twice per epoch, across the resume
+        curve = list(csv.DictReader(fh))
+    assert [float(r["epoch"]) for r in curve] == [0.5, 1, 1.5, 2, 2.5, 3, 3.5, 4]
+    assert all(r["reward"] and r["val_bleu4"] and r["val_cider"] for r in curve)
 
 
 def test_scst_refuses_one_sample_and_an_existing_folder(ce_run):
