@@ -212,6 +212,7 @@ def evaluate(
     progress: bool | None = None,
     ensemble: Sequence[str | os.PathLike] = (),
     strict: bool = False,
+    max_memory: int | None = None,
 ) -> EvaluationResult:
     """Caption the split with every setting in ``decodings`` and score each against all references.
 
@@ -237,6 +238,7 @@ def evaluate(
         raise CaptionerError(f"--images-dir {images_dir} is not a folder")
     run_dir = Path(run_dir)
     captioner = load_captioner([run_dir, *ensemble], weights)  # reads each config once
+    captioner.max_memory = max_memory  # None: the default budget (captioner.memory)
     config = captioner.config
     decodings = [d if isinstance(d, DecodingConfig) else captioner.decoding_for(**d)
                  for d in (decodings if decodings is not None else [{}])]

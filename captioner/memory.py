@@ -4,9 +4,11 @@ A larger ``--batch-size`` trades memory for speed: every image of a batch holds 
 the encoder's activations while it is encoded, then its features, each ensemble member's
 attention keys and its beams' state while it is searched. :class:`MemoryBudget` caps both so
 that no batch size pushes the process past ``--max-memory`` (the memory batches may take on top
-of the loaded model; default: :data:`DEFAULT_FRACTION` of the memory available when the model
-is first used): a batch that would exceed it is encoded and searched in smaller pieces, with the
-same captions. Every entry point (``caption``, ``evaluate``, the Ray engine, the service) goes
+of the loaded model; default: :data:`DEFAULT_LIMIT`, or :data:`DEFAULT_FRACTION` of the memory
+available when the model is first used if that is less): a batch that would exceed it is encoded
+and searched in smaller pieces, with the same captions. On a CPU larger pieces buy no speed:
+the encoder's images/s level off after a few dozen images (bundled model: 9.0 img/s at 8,
+10.0 at 64 on ONNX Runtime), and a search step's cost per row after a hundred or so. Every entry point (``caption``, ``evaluate``, the Ray engine, the service) goes
 through :meth:`captioner.inference.Captioner.caption` and ``encode_images``, which ask here.
 Standard library only (the runtime-only install has no psutil).
 """
@@ -20,11 +22,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_FRACTION = 0.5  # of the memory available at first use
+DEFAULT_LIMIT = 128 * 2**20  # bytes for the images of one call
+DEFAULT_FRACTION = 0.5  # of the memory available at first use, when that is less
 # Peak bytes of an encoder call per input pixel (activations of the widest layers and their
-# inputs, float32): measured on the bundled EfficientNet-Lite2 at 260 x 260 (TensorFlow, the
-# heavier runtime): benchmarks/bench_memory.py
-ENCODER_BYTES_PER_PIXEL = 1200
+# inputs, float32): measured on the bundled EfficientNet-Lite2 at 260 x 260, 7.8 MiB per image
+# on TensorFlow (the heavier runtime), 6.7 MiB on ONNX Runtime, batches of 64
+ENCODER_BYTES_PER_PIXEL = 120
 KEY_UNITS = 256  # attention units when the run config does not say
 SEARCH_COPIES = 8  # float64 (rows, vocabulary) arrays the search holds per step
 _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
@@ -87,7 +90,7 @@ class MemoryBudget:
 
     @classmethod
     def default(cls) -> MemoryBudget:
-        return cls(int(available_bytes() * DEFAULT_FRACTION))
+        return cls(min(DEFAULT_LIMIT, int(available_bytes() * DEFAULT_FRACTION)))
 
     def images(self, per_image: int, requested: int) -> int:
         """How many of ``requested`` images fit in one call at ``per_image`` bytes each (at

@@ -86,7 +86,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_decoding_options(p)
     p.add_argument("--features", metavar="H5",
                    help="read image features from this cache instead of running the encoder")
-    p.add_argument("--batch-size", type=int, default=16, help="images per batch (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per batch (default "
+                   "%(default)s): larger batches are faster per image and take more memory, "
+                   "up to --max-memory (a batch over it is split, with the same captions)")
+    add_memory_option(p)
     p.add_argument("--json", action="store_true",
                    help="one JSON object per line: image, caption, score, captions (n-best), error")
     p.add_argument("--attention-map", metavar="OUT.png",
@@ -98,6 +101,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_runtime_option(p)
     add_engine_options(p)
     p.set_defaults(handler=run_caption, lazy_keras=True)
+
+
+def add_memory_option(p: argparse.ArgumentParser) -> None:
+    """``--max-memory`` of ``caption``, ``evaluate`` and ``serve`` (:mod:`captioner.memory`)."""
+    p.add_argument("--max-memory", type=memory_size, default=None, metavar="SIZE",
+                   help="most memory a batch may take beside the loaded model, e.g. 1.5G or "
+                   "800M; a batch that would take more is encoded and searched in pieces "
+                   "(default: 128M, or half of the available memory when that is less; "
+                   "larger pieces buy little speed on a CPU)")
+
+
+def memory_size(text: str) -> int:
+    """argparse ``type`` of ``--max-memory``: bytes of a size such as 1.5G."""
+    from captioner.memory import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_runtime_option(p: argparse.ArgumentParser) -> None:
@@ -182,6 +204,7 @@ def run_caption(args: argparse.Namespace) -> int:
     if args.out or args.engine == "ray":
         return _to_file(args, models, decoding_overrides(args), runtime)
     captioner = load_captioner(models, runtime=runtime)
+    captioner.max_memory = args.max_memory
     decoding = model_decoding(captioner, **decoding_overrides(args))
     if args.attention_map and captioner.decoder.kind != "attention":
         raise CaptionerError("--attention-map needs an attention model (this run's decoder is "
@@ -223,12 +246,14 @@ def _to_file(args: argparse.Namespace, models: list[Path], overrides: dict,
 
         summary = caption_ray(models, paths, Path(args.out), batch_size=args.batch_size,
                               address=args.ray_address, actors=args.actors,
-                              gpus_per_actor=args.gpus_per_actor, overrides=overrides)
+                              gpus_per_actor=args.gpus_per_actor, overrides=overrides,
+                              max_memory=args.max_memory)
     else:
         from captioner.caption_lines import caption_to_file
         from captioner.loader import load_captioner
 
         captioner = load_captioner(models, runtime=runtime)
+        captioner.max_memory = args.max_memory
         decoding = model_decoding(captioner, **overrides)
         summary = caption_to_file(captioner, paths, Path(args.out), args.batch_size, decoding,
                                   models)

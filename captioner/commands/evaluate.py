@@ -24,7 +24,7 @@ with --features to get thumbnails in the gallery.
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``captioner evaluate``."""
-    from captioner.commands.caption import add_decoding_options
+    from captioner.commands.caption import add_decoding_options, add_memory_option
     from captioner.evaluation import ATTENTION_IMAGES, DEFAULT_BATCH_SIZE
     from captioner.presets import PRESETS
     from captioner.report import GALLERY_IMAGES, THUMBNAIL_SIZE
@@ -91,8 +91,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--batch-size",
         type=int,
         default=DEFAULT_BATCH_SIZE,
-        help="images captioned together (default %(default)s)",
+        help="images captioned together (default %(default)s): larger batches are faster "
+        "and take more memory, up to --max-memory (a batch over it is split, same captions)",
     )
+    add_memory_option(p)
     p.add_argument(
         "--gallery",
         type=int,
@@ -190,6 +192,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         progress=False if args.quiet or args.json else None,
         strict=args.strict,
         ensemble=models[1:],
+        max_memory=args.max_memory,
     )
     paths = write_report(
         args.report, result, gallery=args.gallery, thumbnail_size=args.thumbnail_size

@@ -75,9 +75,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="access log on stderr, one line per request (default %(default)s)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="uvicorn log level (default %(default)s)")
-    from captioner.commands.caption import add_runtime_option
+    from captioner.commands.caption import add_memory_option, add_runtime_option
 
     add_runtime_option(p)
+    add_memory_option(p)
     p.set_defaults(handler=run_serve, lazy_keras=True)
 
 
@@ -155,6 +156,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from captioner.commands.caption import resolve_runtime
 
     engine = Engine.from_run(models, runtime=resolve_runtime(args, models))
+    engine.captioner.max_memory = args.max_memory
     settings = replace(settings, decoding=model_decoding(engine.captioner,
                                                          **decoding_overrides(args)))
     print(f"warm-up: {engine.warm_up():.1f} s", file=sys.stderr, flush=True)
