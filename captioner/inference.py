@@ -37,8 +37,6 @@ from captioner.tokenizer import END, PAD, START, UNK, Tokenizer
 
 NON_FINITE_FEATURES = "features are not finite (NaN or inf); re-extract this image"
 NON_FINITE_STEP = "the decoder gave NaN or inf scores for these features; re-extract this image"
-
-
 ACROSS_MEMBERS = ("features",)  # per-image state every ensemble member computes alike
 
 
@@ -50,7 +48,6 @@ def _backend_take(array: Any, index: np.ndarray) -> Any:
 
 class DecodingError(CaptionerError):
     """An image could not be captioned (its features or the decoder outputs are not finite)."""
-
 
 
 class Captioner(ImageEncoding):
@@ -370,7 +367,6 @@ class EnsembleCaptioner(Captioner):
                 shared.setdefault(name, own[k])
             beams.append(member_beams)
             steps.append(grouped)
-            del own
 
         def step(tokens: np.ndarray, dyn: list, rows: dict):
             outs = [fn(tokens, d, {k: rows[n] for k, n in mine.items()})
