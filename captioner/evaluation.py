@@ -223,7 +223,8 @@ def evaluate(
     Images whose features are damaged or whose captioning fails are left out and listed in
     ``failed``; ``strict`` makes any such failure (or an unreadable image) an error.
     ``decodings``: settings, or dicts of fields that override the run's stored decoding
-    (``"decoding"`` in its config.json; None: that decoding alone).
+    (``"decoding"`` in its config.json; None: that decoding alone). ``max_memory``: bytes a
+    batch's images may take (:mod:`captioner.memory`; None: the default budget).
     """
     from captioner.captions import load_captions
     from captioner.cleaning import CleaningRules, clean_captions
