@@ -38,8 +38,13 @@ def to_numpy(tree):
     return keras.ops.convert_to_numpy(tree)
 
 
-def log_softmax_step(decoder, tokens, state):
+def log_softmax_step(decoder, tokens, state, shared=None):
+    """Log-probabilities and new state of one decoder step (``shared``: the per-image state,
+    one row per image block, for :meth:`~captioner.decoders.CaptionDecoder.step_shared`)."""
     from keras import ops
 
-    logits, new_state = decoder.step(tokens, state)
+    if shared is None:
+        logits, new_state = decoder.step(tokens, state)
+    else:
+        logits, new_state = decoder.step_shared(tokens, state, shared)
     return ops.log_softmax(ops.cast(logits, "float32"), axis=-1), new_state

@@ -88,6 +88,13 @@ class CaptionDecoder(keras.Model):
         out, (h, c) = cell(x, [h, c], training=False)
         return out, h, c
 
+    per_image: tuple[str, ...] = ()  # state entries no step changes: kept once per image
+
+    def step_shared(self, tokens, state: dict, shared: dict):
+        """:meth:`step` with the ``per_image`` entries in ``shared``, one row per image (G rows)
+        while ``state`` has k rows per image (rows ``g*k .. g*k+k-1`` are image g's)."""
+        return self.step(tokens, {**state, **shared})
+
 
 @keras.saving.register_keras_serializable(package="captioner")
 class MergeDecoder(CaptionDecoder):
@@ -215,16 +222,26 @@ class AttentionDecoder(CaptionDecoder):
         context = ops.sum(ops.expand_dims(alpha, -1) * feats, axis=1)  # (B, D)
         return self.gate(h) * context, alpha
 
-    def _recur(self, emb, h, c, feats, keys):
+    def _attend_shared(self, feats, keys, h):
+        """:meth:`_attend` for h (G*k, U) over feats (G, L, D) and keys (G, L, A) kept once per
+        image: rows g*k .. g*k+k-1 attend to image g (no per-row copy of the features)."""
+        query = self.query_proj(h)  # (G*k, A)
+        query = ops.reshape(query, (ops.shape(feats)[0], -1, 1, ops.shape(query)[-1]))
+        energy = ops.squeeze(self.score(ops.tanh(ops.expand_dims(keys, 1) + query)), -1)
+        alpha = ops.softmax(energy, axis=-1)  # (G, k, L)
+        context = ops.reshape(ops.matmul(alpha, feats), (-1, ops.shape(feats)[-1]))  # (G*k, D)
+        return self.gate(h) * context, ops.reshape(alpha, (-1, ops.shape(alpha)[-1]))
+
+    def _recur(self, emb, h, c, feats, keys, attend=None):
         """One recurrent step: deep-output features (B, E), new state, attention (B, L)."""
-        context, alpha = self._attend(feats, keys, h)
+        context, alpha = (attend or self._attend)(feats, keys, h)
         x = ops.concatenate([emb, context], axis=-1)  # (B, E + D)
         out, (h, c) = self.cell(x, [h, c], training=False)
         deep = emb + self.h_out(out) + self.z_out(context)  # (B, E)
         return deep, h, c, alpha
 
-    def _one_step(self, emb, h, c, feats, keys, training=False):
-        deep, h, c, alpha = self._recur(emb, h, c, feats, keys)
+    def _one_step(self, emb, h, c, feats, keys, training=False, attend=None):
+        deep, h, c, alpha = self._recur(emb, h, c, feats, keys, attend)
         logits = self.logits(self.out_dropout(deep, training=training))  # (B, V)
         return logits, h, c, alpha
 
@@ -288,6 +305,14 @@ class AttentionDecoder(CaptionDecoder):
     def step(self, tokens, state: dict):
         emb = self.embedding(tokens)
         logits, h, c, alpha = self._one_step(emb, state["h"], state["c"], state["features"], state["keys"])
+        return logits, {**state, "h": h, "c": c, "alpha": alpha}
+
+    per_image = ("features", "keys")
+
+    def step_shared(self, tokens, state: dict, shared: dict):
+        emb = self.embedding(tokens)
+        logits, h, c, alpha = self._one_step(emb, state["h"], state["c"], shared["features"],
+                                             shared["keys"], attend=self._attend_shared)
         return logits, {**state, "h": h, "c": c, "alpha": alpha}
 
 

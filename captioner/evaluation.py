@@ -212,6 +212,7 @@ def evaluate(
     progress: bool | None = None,
     ensemble: Sequence[str | os.PathLike] = (),
     strict: bool = False,
+    max_memory: int | None = None,
 ) -> EvaluationResult:
     """Caption the split with every setting in ``decodings`` and score each against all references.
 
@@ -222,7 +223,8 @@ def evaluate(
     Images whose features are damaged or whose captioning fails are left out and listed in
     ``failed``; ``strict`` makes any such failure (or an unreadable image) an error.
     ``decodings``: settings, or dicts of fields that override the run's stored decoding
-    (``"decoding"`` in its config.json; None: that decoding alone).
+    (``"decoding"`` in its config.json; None: that decoding alone). ``max_memory``: bytes a
+    batch's images may take (:mod:`captioner.memory`; None: the default budget).
     """
     from captioner.captions import load_captions
     from captioner.cleaning import CleaningRules, clean_captions
@@ -238,6 +240,7 @@ def evaluate(
         raise OptionError("images_dir", f"{images_dir} is not a folder")
     run_dir = Path(run_dir)
     captioner = load_captioner([run_dir, *ensemble], weights)  # reads each config once
+    captioner.max_memory = max_memory  # None: the default budget (captioner.memory)
     config = captioner.config
     decodings = [d if isinstance(d, DecodingConfig) else captioner.decoding_for(**d)
                  for d in (decodings if decodings is not None else [{}])]

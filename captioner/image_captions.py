@@ -82,8 +82,29 @@ class ImageEncoding:
             self._encoder = self.encoder_spec.feature_model(enc.layer, weights)
         return self._encoder
 
+    max_memory: int | None = None  # bytes a batch may take (None: memory.MemoryBudget.default)
+    _budget: Any = None
+
+    def memory_budget(self):
+        """The :class:`captioner.memory.MemoryBudget` of this captioner's batches."""
+        from captioner.memory import MemoryBudget
+
+        if self._budget is None or (self.max_memory and self._budget.limit != self.max_memory):
+            self._budget = MemoryBudget(self.max_memory) if self.max_memory else MemoryBudget.default()
+        return self._budget
+
     def encode_images(self, images: np.ndarray) -> np.ndarray:
-        """Features for decoded RGB images (B, H, W, 3) in [0, 255].
+        """Features for decoded RGB images (B, H, W, 3) in [0, 255], in pieces that fit the
+        memory budget (:mod:`captioner.memory`)."""
+        from captioner.memory import encoder_bytes, pieces
+
+        size = self.memory_budget().images(encoder_bytes(self.input_size), len(images))
+        if size >= len(images):
+            return self._encode_batch(images)
+        return np.concatenate([self._encode_batch(images[p]) for p in pieces(len(images), size)])
+
+    def _encode_batch(self, images: np.ndarray) -> np.ndarray:
+        """Features for one encoder call.
 
         A first batch of one or two images runs eagerly: compiling ``predict_on_batch`` costs
         more (about a second on a CPU) than it saves on such a batch; later batches use it."""

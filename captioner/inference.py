@@ -25,6 +25,7 @@ from captioner.ensemble import check_compatible, mean_step
 from captioner.errors import CaptionerError
 from captioner.grounding import Grounding, grounded
 from captioner.image_captions import ImageCaptions, ImageEncoding, grid_of, image_name
+from captioner.per_image import indexed_state, indexed_step
 from captioner.runs import (
     BEST_WEIGHTS,
     CONFIG_FILE,
@@ -37,13 +38,17 @@ from captioner.tokenizer import END, PAD, START, UNK, Tokenizer
 
 NON_FINITE_FEATURES = "features are not finite (NaN or inf); re-extract this image"
 NON_FINITE_STEP = "the decoder gave NaN or inf scores for these features; re-extract this image"
+ACROSS_MEMBERS = ("features",)  # per-image state every ensemble member computes alike
+
+
+def _backend_take(array: Any, index: np.ndarray) -> Any:
+    from keras import ops
+
+    return ops.take(array, index, axis=0)
 
 
 class DecodingError(CaptionerError):
     """An image could not be captioned (its features or the decoder outputs are not finite)."""
-
-
-STATIC_STATE = ("features", "keys")  # decoder state that is per image and never changes
 
 
 class Captioner(ImageEncoding):
@@ -58,8 +63,11 @@ class Captioner(ImageEncoding):
         self.decoding = decoding or (config.decoding if config else DecodingConfig())
         self._eager_init = lambda feats: decoder.init_state(feats)
         self._eager_step = lambda tokens, state: log_softmax_step(decoder, tokens, state)
+        self._eager_shared = lambda tokens, state, shared: log_softmax_step(
+            decoder, tokens, state, shared)
         self._init = compile_function(self._eager_init)
         self._step = compile_function(self._eager_step)
+        self._shared = compile_function(self._eager_shared)
         self._searched = False  # whether a batch was searched yet
         self._encoder = None
         self.run_dir: Path | None = None  # set by from_run: the encoder weights may live there
@@ -131,25 +139,29 @@ class Captioner(ImageEncoding):
         self._searched = True
         return eager
 
-    def prepare(self, features: np.ndarray, repeat: int = 1,
-                eager: bool = False) -> tuple[Any, Callable]:
-        """(numpy state, step function) for a search over ``features`` (B, *F). The state that
-        no step changes (``STATIC_STATE``) stays on the backend, repeated ``repeat`` times per
-        image (the beam size) and bound into the step, so the search never reorders it."""
-        from keras import ops
+    def prepare(self, features: np.ndarray, eager: bool = False) -> tuple[Any, Callable]:
+        """(numpy state, step function) for a search over ``features`` (B, *F). The state no
+        step changes (the decoder's ``per_image``: features, projected keys) stays on the
+        backend once per image; the search's state holds the small per-beam leaves and each
+        row's image index (:mod:`captioner.per_image`)."""
+        shared, beams, grouped = self.shared_parts(features, eager)
+        return indexed_state(beams, len(features)), indexed_step(grouped, shared, len(features),
+                                                                 _backend_take)
 
-        init, step_fn = (self._eager_init, self._eager_step) if eager else (self._init, self._step)
+    def shared_parts(self, features: np.ndarray, eager: bool = False) -> tuple[dict, Any, Callable]:
+        """(per-image backend arrays, per-beam numpy state, ``grouped(tokens, beams, shared)``
+        step) for ``features`` (B, *F): see :func:`captioner.per_image.indexed_step`."""
+        init, step_fn = (self._eager_init, self._eager_shared) if eager else (self._init, self._shared)
         state = init(np.asarray(features, dtype="float32"))
-        static = {k: state[k] for k in STATIC_STATE if k in state}
-        if repeat > 1:
-            static = {k: ops.repeat(v, repeat, axis=0) for k, v in static.items()}
-        dynamic = to_numpy({k: v for k, v in state.items() if k not in static})
+        names = tuple(k for k in getattr(self.decoder, "per_image", ()) if k in state)
+        shared = {k: state[k] for k in names}
+        beams = to_numpy({k: v for k, v in state.items() if k not in names})
 
-        def step(tokens: np.ndarray, dyn):
-            log_probs, new = step_fn(tokens.astype("int32"), {**dyn, **static})
-            return to_numpy(log_probs), to_numpy({k: v for k, v in new.items() if k not in static})
+        def grouped(tokens: np.ndarray, beams, rows: dict):
+            log_probs, new = step_fn(tokens.astype("int32"), beams, rows)
+            return to_numpy(log_probs), to_numpy({k: v for k, v in new.items() if k not in names})
 
-        return dynamic, step
+        return shared, beams, grouped
 
     def decoding_for(self, decoding: DecodingConfig | None = None, **overrides) -> DecodingConfig:
         """``decoding`` (default: the model's stored one) with the fields given in ``overrides``
@@ -166,11 +178,10 @@ class Captioner(ImageEncoding):
         common = dict(start_id=START, end_id=END, max_length=max_length,
                       block_ngram=d.block_ngram, banned_ids=(PAD, START, UNK))
         if d.beam_size == 1 and d.n_best == 1:
-            state, step = self.ground(features, *self.prepare(features, eager=eager), d)
+            state, step = self.ground(features, *self.prepare(features, eager), d)
             hyps = greedy_search(step, state, len(features), **common)
             return [[h] for h in hyps]
-        state, step = self.ground(features, *self.prepare(features, repeat=d.beam_size,
-                                                          eager=eager), d)
+        state, step = self.ground(features, *self.prepare(features, eager), d)
         return beam_search(step, state, len(features), beam_size=d.beam_size,
                            alpha=d.alpha, n_best=d.n_best, **common)
 
@@ -284,6 +295,7 @@ class Captioner(ImageEncoding):
         settings = self.decoding_for(decoding, **overrides)
         if isinstance(inputs, (str, os.PathLike)):
             inputs = [inputs]
+        batch_size = self.memory_budget().images(self.search_bytes(settings), batch_size)
         features = self.is_features(inputs)
         out: list[ImageCaptions] = []
         with bar(total=len(inputs), desc="captioning", unit="img", enabled=progress and None) as pbar:
@@ -326,6 +338,15 @@ class Captioner(ImageEncoding):
                 results[k].words = self.words(tokens)
                 results[k].attention = amap
 
+    def search_bytes(self, settings: DecodingConfig) -> int:
+        """Bytes one image adds to a search with ``settings`` (:func:`captioner.memory.search_bytes`)."""
+        from captioner.memory import KEY_UNITS, search_bytes
+
+        units = (self.config.decoder.config.get("attention_units") if self.config else None)
+        members = getattr(self, "members_count", len(getattr(self, "members", [self])))
+        return search_bytes(self.decoder.feature_shape, members, settings.beam_size,
+                            len(self.tokenizer.words), units or KEY_UNITS)
+
     def words(self, tokens: Sequence[int]) -> list[str]:
         """The words of a caption's tokens, then ``<end>`` (one per attention row)."""
         return [self.tokenizer.decode([t]) or "<unk>" for t in tokens] + ["<end>"]
@@ -350,10 +371,25 @@ class EnsembleCaptioner(Captioner):
     def initial_state(self, features: np.ndarray, eager: bool = False) -> list[dict]:
         return [m.initial_state(features, eager) for m in self.members]
 
-    def prepare(self, features: np.ndarray, repeat: int = 1,
-                eager: bool = False) -> tuple[Any, Callable]:
-        parts = [m.prepare(features, repeat, eager) for m in self.members]
-        return [p[0] for p in parts], mean_step([p[1] for p in parts])
+    def shared_parts(self, features: np.ndarray, eager: bool = False) -> tuple[dict, Any, Callable]:
+        """The members' parts as one: their per-image arrays side by side (``m{i}_keys``; the
+        features, alike in every member, once), their per-beam states as a list, and a grouped
+        step averaging their log-probs as :func:`captioner.ensemble.mean_step` does."""
+        shared, names, beams, steps = {}, [], [], []
+        for i, member in enumerate(self.members):
+            own, member_beams, grouped = member.shared_parts(features, eager)
+            names.append({k: k if k in ACROSS_MEMBERS else f"m{i}_{k}" for k in own})
+            for k, name in names[-1].items():
+                shared.setdefault(name, own[k])
+            beams.append(member_beams)
+            steps.append(grouped)
+
+        def step(tokens: np.ndarray, dyn: list, rows: dict):
+            outs = [fn(tokens, d, {k: rows[n] for k, n in mine.items()})
+                    for fn, d, mine in zip(steps, dyn, names, strict=True)]
+            return np.mean([o[0] for o in outs], axis=0), [o[1] for o in outs]
+
+        return shared, beams, step
 
     def step_function(self, eager: bool = False) -> Callable[[np.ndarray, Any], tuple]:
         return mean_step([m.step_function(eager) for m in self.members])

@@ -3,7 +3,9 @@
 
 The folder holds ``encoder.onnx`` (pixels in [0, 255] -> features; the preprocessing is inside),
 ``init.onnx`` (features -> every member's initial decoder state), ``step.onnx`` (one token of
-every member at once: log-probabilities, new state, the first member's attention weights),
+every member at once: log-probabilities, new state, the first member's attention weights; the
+inputs listed as ``per_image_inputs``, features and keys, have one row per image while the
+per-beam ones have k rows per image, image-major: :mod:`captioner.per_image`),
 ``tokenizer.json``, ``decoding.json`` (the run's stored decoding) and ``manifest.json``
 (what :mod:`captioner.onnx_runtime` needs: state names, shapes, image size, and the size and
 sha256 of every file, the run files it was made from, producer and opset versions). The members
@@ -36,7 +38,7 @@ from captioner.onnx_runtime import (
 )
 
 SHARED = ("features",)  # init-state entries every member computes alike: exported once
-STATIC = ("features", "keys")  # state no step changes (as captioner.inference.STATIC_STATE)
+STATIC = ("features", "keys")  # state no step changes (a decoder's ``per_image``)
 
 
 def _quiet_export(model, path: Path, signature: list) -> None:
@@ -89,7 +91,8 @@ def _wrappers(decoders: list) -> tuple[Any, Any, list[str], list[str], list[str]
             outs: dict[str, Any] = {}
             for i, dec in enumerate(self.members):
                 st = {k: named.get(f"m{i}_{k}", named.get(k)) for k in keys if k != "alpha"}
-                logits, new = dec.step(named["tokens"], {**st, "alpha": None})
+                shared = {k: st.pop(k) for k in dec.per_image}  # one row per image block
+                logits, new = dec.step_shared(named["tokens"], {**st, "alpha": None}, shared)
                 outs[f"log_probs_{i}"] = ops.log_softmax(ops.cast(logits, "float32"), axis=-1)
                 outs.update({f"m{i}_{k}": new[k] for k in dynamic})
                 if i == 0 and "alpha" in keys:
@@ -117,7 +120,9 @@ def _export_decoder(decoders: list, out: Path) -> dict[str, Any]:
     example = [np.full((1,), 2, "int32")] + [values[n] for n in step_in[1:]]
     step(example)  # built before export
     _quiet_export(step, out / STEP_FILE, [signature])
-    return {"init_outputs": init_out, "step_inputs": step_in, "step_outputs": step_out}
+    per_image = [n for n in step_in if n.split("_")[-1] in decoders[0].per_image]
+    return {"init_outputs": init_out, "step_inputs": step_in, "step_outputs": step_out,
+            "per_image_inputs": per_image}
 
 
 def store_float16(path: Path, min_size: int = 1024) -> int:

@@ -28,6 +28,7 @@ from captioner.files import sha256sum
 from captioner.grounding import Grounding
 from captioner.image_captions import grid_of
 from captioner.inference import Captioner
+from captioner.per_image import indexed_state, indexed_step, numpy_take
 from captioner.tokenizer import START, Tokenizer
 
 EXPORT_DIR = "onnx"  # a run folder's export: RUN/onnx/
@@ -37,7 +38,7 @@ ENCODER_FILE, INIT_FILE, STEP_FILE = "encoder.onnx", "init.onnx", "step.onnx"
 TOKENIZER_FILE, DECODING_FILE = "tokenizer.json", "decoding.json"
 RUNTIMES = ("keras", "onnx")
 SHARED_STATE = ("features",)  # one copy for every member
-STATIC_STATE = ("features", "keys")  # never changed by a step: repeated per beam, bound in
+STATIC_STATE = ("features", "keys")  # never changed by a step: kept once per image
 
 
 class ExportError(CaptionerError):
@@ -189,6 +190,7 @@ class OnnxCaptioner(Captioner):
         self.members_count = int(dec["members"])
         self._init_out, self._step_in = dec["init_outputs"], dec["step_inputs"]
         self._step_out = dec["step_outputs"]
+        self._blocks = "per_image_inputs" in dec  # else: one row of features per beam row
         # no memory arena for the encoder: an arena keeps the largest batch's activations
         # (measured: 469 MiB after batches of 16 with it, 173 MiB without, same speed)
         self._encoder_session = _session(folder / ENCODER_FILE, arena=False)
@@ -215,8 +217,8 @@ class OnnxCaptioner(Captioner):
         """The encoder session (loaded with the export)."""
         return self._encoder_session
 
-    def encode_images(self, images: np.ndarray) -> np.ndarray:
-        """Features for decoded RGB images (B, H, W, 3) in [0, 255]."""
+    def _encode_batch(self, images: np.ndarray) -> np.ndarray:
+        """Features for decoded RGB images (B, H, W, 3) in [0, 255], one session call."""
         pixels = np.ascontiguousarray(images, dtype=np.float32)
         return np.asarray(self._encoder_session.run(None, {"image": pixels})[0], dtype="float32")
 
@@ -230,43 +232,44 @@ class OnnxCaptioner(Captioner):
         outs = self._init_session.run(None, {"features": feats})
         return dict(zip(self._init_out, outs, strict=True))
 
-    def _stepper(self, features: np.ndarray, repeat: int = 1):
-        """(dynamic state per member, raw step): the static state (features, projected keys)
-        repeated ``repeat`` times per image and bound in; the raw step returns every output."""
+    def _stepper(self, features: np.ndarray):
+        """(per-image inputs, per-beam state per member, raw step): the per-image inputs
+        (features, projected keys) once per image; ``raw(tokens, beams, rows)`` feeds ``rows``
+        as the per-image inputs and returns every output of the step graph."""
         state = self._initial(features)
-        static = {n: v for n, v in state.items() if n.split("_")[-1] in STATIC_STATE}
-        if repeat > 1:
-            static = {n: np.repeat(v, repeat, axis=0) for n, v in static.items()}
-        dynamic = [
+        shared = {n: v for n, v in state.items() if n.split("_")[-1] in STATIC_STATE}
+        beams = [
             {
                 n: v
                 for n, v in state.items()
-                if n.startswith(f"m{i}_") and n not in static and not n.endswith("_alpha")
+                if n.startswith(f"m{i}_") and n not in shared and not n.endswith("_alpha")
             }
             for i in range(self.members_count)
         ]
 
-        def raw(tokens: np.ndarray, dyn: list[dict[str, np.ndarray]]):
-            feed = {"tokens": np.asarray(tokens, dtype=np.int32), **static}
+        def raw(tokens: np.ndarray, dyn: list[dict[str, np.ndarray]], rows: dict):
+            feed = {"tokens": np.asarray(tokens, dtype=np.int32), **rows}
             for part in dyn:
                 feed.update(part)
             out = dict(zip(self._step_out, self._step_session.run(None, feed), strict=True))
             return out, [{n: out[n] for n in part} for part in dyn]
 
-        return dynamic, raw
+        return shared, beams, raw
 
-    def prepare(self, features: np.ndarray, repeat: int = 1, eager: bool = False):
-        """(dynamic state, step) as :meth:`Captioner.prepare`; an ensemble's log-probs are
-        averaged as :func:`captioner.ensemble.mean_step` does."""
-        dynamic, raw = self._stepper(features, repeat)
+    def prepare(self, features: np.ndarray, eager: bool = False):
+        """(state, step) as :meth:`Captioner.prepare`; an ensemble's log-probs are averaged as
+        :func:`captioner.ensemble.mean_step` does. An export made before the step graph took
+        its per-image inputs once per image gets them gathered per row."""
+        shared, beams, raw = self._stepper(features)
         members = self.members_count
 
-        def step(tokens: np.ndarray, dyn: list[dict[str, np.ndarray]]):
-            out, new = raw(tokens, dyn)
+        def grouped(tokens: np.ndarray, dyn: list[dict[str, np.ndarray]], rows: dict):
+            out, new = raw(tokens, dyn, rows)
             log_probs = [out[f"log_probs_{i}"] for i in range(members)]
             return (log_probs[0] if members == 1 else np.mean(log_probs, axis=0)), new
 
-        return dynamic, step
+        step = indexed_step(grouped, shared, len(features), numpy_take, blocks=self._blocks)
+        return indexed_state(beams, len(features)), step
 
     # ------------------------------------------------------------------ attention
 
@@ -289,10 +292,10 @@ class OnnxCaptioner(Captioner):
         inputs[:, 0] = START
         for row, tokens in enumerate(captions):
             inputs[row, 1 : len(tokens) + 1] = tokens
-        dyn, raw = self._stepper(np.asarray(features, "float32"))
+        rows, dyn, raw = self._stepper(np.asarray(features, "float32"))
         alphas = []
         for t in range(inputs.shape[1]):
-            out, dyn = raw(inputs[:, t], dyn)
+            out, dyn = raw(inputs[:, t], dyn, rows)
             alphas.append(out["alpha"])
         stacked = np.stack(alphas, axis=1)  # (B, T, L)
         return [

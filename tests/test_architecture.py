@@ -23,7 +23,7 @@ LAYERS = [
     ("decoders",),
     ("checkpoints",),
     ("decoding", "compiled", "inference", "caption_lines", "sampling", "ensemble",
-     "image_captions", "onnx_runtime", "loader", "onnx_export"),
+     "image_captions", "onnx_runtime", "loader", "onnx_export", "per_image", "memory"),
     ("figures",),
     ("metrics", "evaluation", "meteor"),
     ("report",),

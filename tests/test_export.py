@@ -131,6 +131,30 @@ def test_both_runtimes_give_the_same_captions_and_attention(exported, keras_runt
         np.testing.assert_allclose(x.attention.sum(axis=(1, 2)), 1.0, atol=1e-5)
 
 
+def test_every_batch_size_and_an_older_export_give_the_same_captions(exported, keras_runtime):
+    """The step graph takes features and keys once per image; an export made before it did
+    (no ``per_image_inputs``) gets them gathered per row: the same captions either way."""
+    run, _, photos = exported
+    onnx = load_captioner(run)
+    manifest = json.loads((run / "onnx" / "manifest.json").read_text())
+    assert manifest["decoder"]["per_image_inputs"] == ["features", "m0_keys", "m1_keys"]
+    decoding = {"beam_size": 3, "n_best": 2, "alpha": 0.7}
+    ref = onnx.caption(photos, batch_size=5, **decoding)
+    runs = [onnx.caption(photos, batch_size=b, **decoding) for b in (1, 2)]
+    runs.append(keras_runtime.caption(photos, batch_size=2, **decoding))
+    onnx._blocks = False  # as an older export's manifest says
+    runs.append(onnx.caption(photos, batch_size=5, **decoding))
+    for found in runs:
+        assert [[c.tokens for c in r.captions] for r in found] == [
+            [c.tokens for c in r.captions] for r in ref
+        ]
+        np.testing.assert_allclose(
+            [[c.score for c in r.captions] for r in found],
+            [[c.score for c in r.captions] for r in ref],
+            atol=1e-4,
+        )
+
+
 def test_features_input_and_stored_decoding_on_onnx(exported, keras_runtime):
     run = exported[0]
     onnx = load_captioner(run, runtime="onnx")

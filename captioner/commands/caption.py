@@ -11,6 +11,7 @@ from captioner.commands.options import (  # noqa: F401  (decoding_overrides: use
     add_check,
     add_decoding_options,
     add_image_inputs,
+    add_memory_option,
     add_model_options,
     add_output_options,
     decoding_overrides,
@@ -47,7 +48,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_decoding_options(p)
     p.add_argument("--features", metavar="H5",
                    help="read image features from this cache instead of running the encoder")
-    p.add_argument("--batch-size", type=int, default=16, help="images per batch (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per batch (default "
+                   "%(default)s): larger batches are faster per image and take more memory, "
+                   "up to --max-memory (a batch over it is split, with the same captions)")
+    add_memory_option(p)
     p.add_argument("--attention-map", metavar="OUT.png",
                    help="attention models: save per-word attention heatmaps (several images: "
                    "OUT-<image>.png)")
@@ -135,6 +139,7 @@ def run_caption(args: argparse.Namespace) -> int:
     if args.out:
         return _to_file(args, models, paths, decoding_overrides(args), runtime)
     captioner = load_captioner(models, runtime=runtime)
+    captioner.max_memory = args.max_memory
     decoding = model_decoding(captioner, **decoding_overrides(args))
     if args.attention_map and captioner.decoder.kind != "attention":
         raise CaptionerError("--attention-map needs an attention model (this run's decoder is "
@@ -168,12 +173,13 @@ def _to_file(args: argparse.Namespace, models: list[Path], paths: list[Path], ov
         summary = caption_ray(models, paths, Path(args.out), batch_size=args.batch_size,
                               address=args.ray_address, actors=args.actors,
                               gpus_per_actor=args.gpus_per_actor, overrides=overrides,
-                              progress=not args.quiet)
+                              progress=not args.quiet, max_memory=args.max_memory)
     else:
         from captioner.caption_lines import caption_to_file
         from captioner.loader import load_captioner
 
         captioner = load_captioner(models, runtime=runtime)
+        captioner.max_memory = args.max_memory
         decoding = model_decoding(captioner, **overrides)
         summary = caption_to_file(captioner, paths, Path(args.out), args.batch_size, decoding,
                                   models, progress=False if args.quiet else None)

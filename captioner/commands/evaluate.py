@@ -28,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     from captioner.commands.options import (
         add_check,
         add_decoding_options,
+        add_memory_option,
         add_model_options,
         add_output_options,
         add_renamed,
@@ -84,8 +85,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--batch-size",
         type=int,
         default=DEFAULT_BATCH_SIZE,
-        help="images captioned together (default %(default)s)",
+        help="images captioned together (default %(default)s): larger batches are faster "
+        "and take more memory, up to --max-memory (a batch over it is split, same captions)",
     )
+    add_memory_option(p)
     p.add_argument(
         "--gallery",
         type=int,
@@ -160,6 +163,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         progress=False if args.quiet or args.json else None,
         strict=args.strict,
         ensemble=models[1:],
+        max_memory=args.max_memory,
     )
     paths = write_report(
         args.out, result, gallery=args.gallery, thumbnail_size=args.thumbnail_size

@@ -101,6 +101,25 @@ def check_models(args: argparse.Namespace) -> None:
 
 
 
+def add_memory_option(p: argparse.ArgumentParser) -> None:
+    """``--max-memory`` of ``caption``, ``evaluate`` and ``serve`` (:mod:`captioner.memory`)."""
+    p.add_argument("--max-memory", type=memory_size, default=None, metavar="SIZE",
+                   help="most memory a batch may take beside the loaded model, e.g. 1.5G or "
+                   "800M; a batch that would take more is encoded and searched in pieces "
+                   "(default: 128M, or half of the available memory when that is less; "
+                   "larger pieces buy little speed on a CPU)")
+
+
+def memory_size(text: str) -> int:
+    """argparse ``type`` of ``--max-memory``: bytes of a size such as 1.5G."""
+    from captioner.memory import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_decoding_options(p: argparse.ArgumentParser, beam_nargs: str | None = None) -> None:
     """The decoding options of ``caption``, ``evaluate`` and ``serve``: each left unset takes
     the model's stored decoding (``"decoding"`` in its config.json)."""

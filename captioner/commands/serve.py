@@ -39,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     from captioner.commands.options import (
         add_check,
         add_decoding_options,
+        add_memory_option,
         add_model_options,
         check_port,
     )
@@ -78,6 +79,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="access log on stderr, one line per request (default %(default)s)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="uvicorn log level (default %(default)s)")
+    add_memory_option(p)
     add_check(p, _need_serve_extra)
     add_check(p, lambda args: settings_from(args))  # every option, before the model loads
     add_check(p, check_port)  # a busy port: one line, before the model loads
@@ -161,6 +163,7 @@ def run_serve(args: argparse.Namespace) -> int:
     models = [Path(m) for m in args.model or [DEFAULT_RUN]]
     print(f"loading {' '.join(map(str, models))} ...", file=sys.stderr, flush=True)
     engine = Engine.from_run(models, runtime=resolve_runtime(args, models))
+    engine.captioner.max_memory = args.max_memory
     settings = replace(settings, decoding=model_decoding(engine.captioner,
                                                          **decoding_overrides(args)))
     print(f"warm-up: {engine.warm_up():.1f} s", file=sys.stderr, flush=True)

@@ -31,12 +31,13 @@ from captioner.progress import progress as progress_bar
 class CaptionActor:
     """Ray actor: the model's encoder and decoders, built once; pixels in, JSON records out."""
 
-    def __init__(self, models: list[str], decoding: dict[str, Any]):
+    def __init__(self, models: list[str], decoding: dict[str, Any], max_memory: int | None = None):
         limit_backend_threads(actor_threads())
         from captioner.decoding_config import DecodingConfig
         from captioner.loader import load_captioner
 
         self.captioner = load_captioner(models)
+        self.captioner.max_memory = max_memory  # None: the default budget (captioner.memory)
         self.decoding = DecodingConfig.from_dict(decoding)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -77,6 +78,7 @@ def caption_ray(
     gpus_per_actor: float = 0.0,
     progress: bool = True,
     overrides: dict[str, Any] | None = None,
+    max_memory: int | None = None,
 ) -> CaptionSummary:
     """Caption ``paths`` into the JSON-lines file ``out`` on Ray with every folder of
     ``models`` (an ensemble when several), skipping images it holds; ``overrides``: decoding
@@ -99,7 +101,7 @@ def caption_ray(
         ds = ds.map_batches(
             CaptionActor,
             fn_constructor_kwargs={"models": [str(m) for m in models],
-                                   "decoding": decoding.to_dict()},
+                                   "decoding": decoding.to_dict(), "max_memory": max_memory},
             batch_size=batch_size,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=actors),
