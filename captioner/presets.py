@@ -8,7 +8,7 @@ unset comes from it, so running the three with defaults gives one consistent pip
 - ``default``: the bundled model (``weights/default``, whose ``config.json`` names this
   preset): EfficientNet-Lite2 ``conv`` maps (9x9x1280), the attention decoder trained with a
   cosine schedule and label smoothing, selected on the whole dev split, beam search with
-  length normalisation 0.7 and no repeated word pair.
+  length normalisation 0.7, no repeated word pair and grounding in the ImageNet head.
 
 A preset's decoding is written into the run folders trained with it (``config.json``'s
 ``"decoding"``) and used for older folders that do not record theirs.
@@ -63,7 +63,9 @@ PRESETS: dict[str, Preset] = {
                   "learning_rate": 2e-3, "label_smoothing": 0.1, "patience": 0,
                   "max_length": 22, "val_bleu_images": 1000, "val_beam_size": 3,
                   "select_on": "bleu4+cider"},
-        decoding=DecodingConfig(alpha=0.7, block_ngram=2),  # chosen on dev (docs/RESULTS.md)
+        # chosen on dev (docs/RESULTS.md); grounding needs the run's ImageNet head, which
+        # training attaches to EfficientNet-Lite runs (captioner.grounding)
+        decoding=DecodingConfig(alpha=0.7, block_ngram=2, grounding=2.0, grounding_boost=3.0),
     ),
 }
 DEFAULT_PRESET = "default"

@@ -216,7 +216,8 @@ def test_decoding_is_stored_and_old_folders_decode_as_their_preset(tmp_path):
     from captioner.runs import DEFAULT_RUN
 
     bundled = RunConfig.load(DEFAULT_RUN)
-    assert bundled.decoding == DecodingConfig(beam_size=3, alpha=0.7, block_ngram=2)
+    assert bundled.decoding == DecodingConfig(beam_size=3, alpha=0.7, block_ngram=2,
+                                              grounding=2.0, grounding_boost=3.0)
     assert bundled.decoding == PRESETS["default"].decoding  # what the default preset says
     raw = json.loads((DEFAULT_RUN / "config.json").read_text())
     for preset, want in (("classic", DecodingConfig(beam_size=1)),
@@ -227,5 +228,6 @@ def test_decoding_is_stored_and_old_folders_decode_as_their_preset(tmp_path):
     saved = RunConfig.from_dict(raw | {"decoding": {"beam_size": 5, "alpha": 1.0}})
     saved.save(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["decoding"] == {
-        "beam_size": 5, "n_best": 1, "alpha": 1.0, "block_ngram": 0, "max_length": None}
+        "beam_size": 5, "n_best": 1, "alpha": 1.0, "block_ngram": 0, "max_length": None,
+        "grounding": 0.0, "grounding_boost": 0.0}
     assert RunConfig.load(tmp_path).decoding == DecodingConfig(beam_size=5, alpha=1.0)
