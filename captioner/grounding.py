@@ -22,6 +22,7 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from captioner.errors import CaptionerError
 HEAD_FILE = "imagenet_head.npz"
 FAMILIES_FILE = "object_families.json"
 FAMILIES_FORMAT = "captioner.object_families"
-BUNDLED_FAMILIES = Path(__file__).resolve().parent / "resources" / FAMILIES_FILE
+BUNDLED_FAMILIES = Path(str(resources.files("captioner") / "resources" / FAMILIES_FILE))
 NUM_CLASSES = 1000
 FLOOR = 1e-4  # the smallest mass: a word's largest penalty is strength * log(FLOOR)
 
