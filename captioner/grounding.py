@@ -180,16 +180,18 @@ def write_head(path: str | os.PathLike, kernel: np.ndarray, bias: np.ndarray) ->
     np.savez(path, kernel=np.asarray(kernel, np.float16), bias=np.asarray(bias, np.float32))
 
 
-def attach(run_dir: str | os.PathLike, weights: str | os.PathLike | None = None) -> bool:
+def attach(run_dir: str | os.PathLike, config: Any = None,
+           weights: str | os.PathLike | None = None) -> bool:
     """Give a run folder grounding: its encoder's ImageNet head (``weights``: the encoder's
     weights file, default its official one) and the bundled family map, written into the folder
     and listed in its ``config.json``. False (nothing written) when the encoder has no head
-    over the features the decoder reads (only EfficientNet-Lite ``conv``/``pool`` have one)."""
+    over the features the decoder reads (only EfficientNet-Lite ``conv``/``pool`` have one).
+    ``config``: the folder's RunConfig when the caller holds it (else read from the folder)."""
     from captioner.files import sha256sum
     from captioner.runs import RunConfig
 
     run = Path(run_dir)
-    config = RunConfig.load(run)
+    config = config if config is not None else RunConfig.load(run)
     enc = config.encoder
     if not (enc.name.startswith("efficientnet_lite") and enc.layer in ("conv", "pool")
             and (weights or enc.weights == "imagenet")):

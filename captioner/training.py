@@ -279,10 +279,11 @@ def _train(config: TrainConfig, resume: bool, verbose: int, devices: int) -> Pat
         weighted_metrics=[keras.metrics.SparseCategoricalCrossentropy(name=XENT, from_logits=True)],
     )
     if saved is None:
-        run_config(run, config, dec_config, train_reader.attrs, len(train_caps)).save(run)
+        created = run_config(run, config, dec_config, train_reader.attrs, len(train_caps))
+        created.save(run)
         from captioner.grounding import attach
 
-        attach(run)  # the encoder's ImageNet head, when it has one (captioner.grounding)
+        attach(run, created)  # the encoder's ImageNet head, when it has one (captioner.grounding)
     initial_epoch, monitor_state = 0, {}
     if resume and (run / CHECKPOINT).is_file():
         initial_epoch, monitor_state = load_checkpoint(run / CHECKPOINT, model)
