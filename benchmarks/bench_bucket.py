@@ -41,9 +41,9 @@ class RandomFeatures:
 
 
 def load(args: argparse.Namespace):
-    from captioner.captions import load_captions, load_split
-    from captioner.cleaning import clean_captions
-    from captioner.tokenizer import Tokenizer
+    from captioner.text.captions import load_captions, load_split
+    from captioner.text.cleaning import clean_captions
+    from captioner.text.tokenizer import Tokenizer
 
     captions = load_captions(TEXT / "Flickr8k.token.txt")
     train = [n for n in load_split(TEXT / "Flickr_8k.trainImages.txt") if n in captions]
@@ -57,7 +57,7 @@ def load(args: argparse.Namespace):
 def make_model(tokenizer, shape, seed: int):
     import keras
 
-    from captioner.decoders import MaskedSparseCrossEntropy, build_decoder
+    from captioner.model.decoders import MaskedSparseCrossEntropy, build_decoder
 
     keras.utils.set_random_seed(seed)
     model = build_decoder("attention", vocab_size=tokenizer.vocab_size,
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--feature-shape", default="9,9,1280")
     args = p.parse_args(argv)
 
-    from captioner.data import CaptionDataset, EpochStream
+    from captioner.train.batches import CaptionDataset, EpochStream
 
     shape = tuple(int(s) for s in args.feature_shape.split(","))
     captions, tokenizer = load(args)

@@ -1,7 +1,7 @@
 """Decoding speed: the classic per-prefix ``model.predict`` loop vs ``Captioner``'s compiled step.
 
 All variants decode with the SAME trained merge model (a quick one trained here with
-``captioner.training.train`` on ``--train-images`` images for ``--epochs`` epochs, or a run
+``captioner.train.training.train`` on ``--train-images`` images for ``--epochs`` epochs, or a run
 folder given with ``--model``), on the same pooled image features:
 
 (a) classic: for each image, start from ``[<start>]``, right-pad the prefix to
@@ -52,8 +52,8 @@ from bench_train import (  # noqa: E402  (sibling benchmark script, not a packag
     split_captions,
 )
 
-from captioner import inference as _inference  # noqa: E402
-from captioner.tokenizer import PAD, START, UNK  # noqa: E402
+from captioner.inference import captioner as _inference  # noqa: E402
+from captioner.text.tokenizer import PAD, START, UNK  # noqa: E402
 
 # the ids Captioner.search never emits (<pad>, <start>, <unk>); the classic loop bans the same
 BANNED = getattr(_inference, "BANNED_IDS", (PAD, START, UNK))
@@ -120,7 +120,7 @@ def write_flickr_captions(path: Path, captions: dict[str, list[str]]) -> Path:
 
 def quick_run(args, captions_file: Path, features: Path, out: Path) -> Path:
     """Train a merge model with the project's own training code (no validation)."""
-    from captioner.training import TrainConfig, train
+    from captioner.train.training import TrainConfig, train
 
     config = TrainConfig(captions=str(captions_file), train_features=str(features), out=str(out),
                          decoder="merge", epochs=args.epochs, embed_dim=args.embed,
@@ -134,8 +134,8 @@ def quick_run(args, captions_file: Path, features: Path, out: Path) -> Path:
 
 
 def decode_features(path: Path, names: list[str]) -> np.ndarray:
-    from captioner.cache import open_features
-    from captioner.data import read_features
+    from captioner.features.cache import open_features
+    from captioner.train.batches import read_features
 
     with open_features(path) as reader:
         return read_features(reader, names)
@@ -169,7 +169,7 @@ def images_and_features(args, captions: dict[str, list[str]], tmp: Path):
 
 def classic_caption(model, features: np.ndarray, tokenizer) -> tuple[int, ...]:
     """Greedy decoding of one image by re-running the whole padded prefix for every word."""
-    from captioner.tokenizer import END
+    from captioner.text.tokenizer import END
 
     width = tokenizer.max_length - 1
     seq = [START]
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import keras
 
-    from captioner.inference import Captioner
+    from captioner.inference.captioner import Captioner
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

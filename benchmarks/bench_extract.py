@@ -1,4 +1,4 @@
-"""Feature extraction: the classic one-image-at-a-time tutorial loop vs ``captioner.extraction.extract``.
+"""Feature extraction: the classic one-image-at-a-time tutorial loop vs ``captioner.features.extraction.extract``.
 
 Both run in one process, on the same N images, with the same encoder and weights:
 
@@ -111,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import keras
 
-    from captioner.cache import FeatureReader
-    from captioner.encoders import get_spec
-    from captioner.extraction import extract
+    from captioner.encoders.specs import get_spec
+    from captioner.features.cache import FeatureReader
+    from captioner.features.extraction import extract
 
     paths = sorted(args.images_dir.glob("*.jpg"))[: args.n]
     if len(paths) < args.n:

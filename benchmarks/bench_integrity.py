@@ -23,8 +23,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from captioner.cache import FeatureReader
-from captioner.cache_writer import FeatureWriter
+from captioner.features.cache import FeatureReader
+from captioner.features.cache_writer import FeatureWriter
 
 
 def _best(fn, repeat: int) -> float:

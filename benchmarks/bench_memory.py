@@ -129,7 +129,7 @@ def memory(args: argparse.Namespace) -> dict:
 def equality(args: argparse.Namespace) -> dict:
     """Captions and scores of the first ``--limit`` split photos at every batch size."""
     sys.path.insert(0, str(ROOT))
-    from captioner.loader import load_captioner
+    from captioner.inference.loader import load_captioner
 
     names = Path(args.split).read_text().split()[: args.limit]
     paths = [Path(args.images) / n for n in names]

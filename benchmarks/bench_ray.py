@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @contextmanager
 def _commit_times() -> Iterator[list[tuple[float, int]]]:
     """Within: every cache commit is timestamped (time, rows done) into the yielded list."""
-    from captioner.cache_writer import FeatureWriter
+    from captioner.features.cache_writer import FeatureWriter
 
     stamps: list[tuple[float, int]] = []
     original = FeatureWriter.commit
@@ -103,9 +103,9 @@ def _same(a: Path, b: Path) -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sys.path.insert(0, str(ROOT))
+    from captioner.encoders.images import list_images
     from captioner.engines.ray_extract import extract_ray_with_spec
-    from captioner.extraction import extract_with_spec
-    from captioner.images import list_images
+    from captioner.features.extraction import extract_with_spec
 
     paths = list_images(str(args.images_dir))[0][: args.n]
     for p in paths:  # both engines find the files in the OS cache

@@ -94,7 +94,7 @@ def _images(args: argparse.Namespace) -> list[str]:
 
 
 def throughput(args: argparse.Namespace) -> dict:
-    from captioner.loader import load_captioner
+    from captioner.inference.loader import load_captioner
 
     paths = _images(args)
     result = {}
@@ -113,7 +113,7 @@ def throughput(args: argparse.Namespace) -> dict:
 
 
 def _scores(refs: dict, hyps: dict) -> dict[str, float]:
-    from captioner.metrics import cider_d, corpus_bleu_scores
+    from captioner.evaluation.metrics import cider_d, corpus_bleu_scores
 
     scores = corpus_bleu_scores(refs, hyps)
     scores["cider_d"] = cider_d(refs, hyps)[0]
@@ -121,9 +121,9 @@ def _scores(refs: dict, hyps: dict) -> dict[str, float]:
 
 
 def equality(args: argparse.Namespace) -> dict:
-    from captioner.captions import load_captions
-    from captioner.cleaning import clean_captions
-    from captioner.loader import load_captioner
+    from captioner.inference.loader import load_captioner
+    from captioner.text.captions import load_captions
+    from captioner.text.cleaning import clean_captions
 
     paths = _images(args)
     texts = {}

@@ -6,7 +6,7 @@ and the caption length are those of a real run) and the same merge model size:
 
 (a) ours: ``MergeDecoder`` + ``MaskedSparseCrossEntropy`` trained with ``model.fit`` on an
     ``EpochStream`` over a ``CaptionDataset`` (batch ``--batch-size``, in-memory features,
-    Adam with clipnorm 5), exactly as ``captioner.training.train`` sets it up;
+    Adam with clipnorm 5), exactly as ``captioner.train.training.train`` sets it up;
 (b) classic: the tutorial's functional merge model (photo (D,) and a pre-padded prefix of
     length max_length-1; Embedding(mask_zero=True) + LSTM; categorical cross-entropy on
     ONE-HOT targets; Adam) fed by ``progressive.ProgressiveLoader`` (benchmarks/progressive.py): one photo per step,
@@ -171,8 +171,8 @@ def toy_captions(n_images: int, seed: int = 0) -> dict[str, list[str]]:
 def split_captions(args: argparse.Namespace, toy_images: int = 40) -> dict[str, list[str]]:
     """Cleaned captions of every image of the training split, in sorted name order (toy
     captions in --smoke mode when the caption file is missing)."""
-    from captioner.captions import load_captions, load_split
-    from captioner.cleaning import clean_captions
+    from captioner.text.captions import load_captions, load_split
+    from captioner.text.cleaning import clean_captions
 
     if not args.captions.is_file():
         if getattr(args, "smoke", False):
@@ -187,14 +187,14 @@ def split_captions(args: argparse.Namespace, toy_images: int = 40) -> dict[str, 
 
 
 def build_tokenizer(captions: dict[str, list[str]], min_count: int, max_length: int | None = None):
-    from captioner.tokenizer import Tokenizer
+    from captioner.text.tokenizer import Tokenizer
 
     texts = [c for caps in captions.values() for c in caps]
     return Tokenizer.build(texts, min_count=min_count, max_length=max_length)
 
 
 def feature_names(path: Path) -> set[str]:
-    from captioner.cache import open_features
+    from captioner.features.cache import open_features
 
     with open_features(path) as reader:
         return set(reader.done_names)
@@ -202,7 +202,7 @@ def feature_names(path: Path) -> set[str]:
 
 def write_synthetic(path: Path, names: list[str], dim: int, seed: int = 0) -> Path:
     """A complete feature cache of random non-negative (ReLU-like) pooled features."""
-    from captioner.cache_writer import FeatureWriter
+    from captioner.features.cache_writer import FeatureWriter
 
     rng = np.random.default_rng(seed)
     feats = np.maximum(rng.normal(0.0, 1.0, (len(names), dim)), 0).astype(np.float32)
@@ -222,7 +222,7 @@ def feature_file(args: argparse.Namespace, names: list[str], tmp: Path) -> Path:
     out = tmp / "features.h5"
     if args.synthetic_features:
         return write_synthetic(out, names, args.feature_dim)
-    from captioner.extraction import extract_with_spec
+    from captioner.features.extraction import extract_with_spec
 
     paths = [args.images_dir / n for n in names]
     missing = [p for p in paths if not p.is_file()]
@@ -265,7 +265,7 @@ class MemorySource:
 
 
 def load_memory_source(path: Path, names: list[str]) -> MemorySource:
-    from captioner.cache import open_features
+    from captioner.features.cache import open_features
 
     with open_features(path) as reader:
         rows = np.asarray(reader.read(names), dtype=np.float32)
@@ -321,8 +321,8 @@ def setup_side(args: argparse.Namespace):
     import keras
     from progressive import ProgressiveLoader
 
-    from captioner.data import CaptionDataset, EpochStream
-    from captioner.decoders import MaskedSparseCrossEntropy, build_decoder
+    from captioner.model.decoders import MaskedSparseCrossEntropy, build_decoder
+    from captioner.train.batches import CaptionDataset, EpochStream
 
     rss_start = peak_rss_mb()
     captions = split_captions(args)

@@ -39,8 +39,8 @@ def _captions(captioner, photos: list[Path], features: Path | None, decoding) ->
     if features is None:
         found = captioner.caption([str(p) for p in photos], decoding=decoding, batch_size=64)
     else:
-        from captioner.cache import open_features
-        from captioner.data import read_features
+        from captioner.features.cache import open_features
+        from captioner.train.batches import read_features
 
         reader = open_features(features)
         feats = read_features(reader, [p.name for p in photos])
@@ -88,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="also write the table (and .json)")
     args = p.parse_args(argv)
 
-    from captioner.grounding import BUNDLED_FAMILIES, ObjectFamilies
-    from captioner.loader import load_captioner
+    from captioner.inference.grounding import BUNDLED_FAMILIES, ObjectFamilies
+    from captioner.inference.loader import load_captioner
 
     captioner = load_captioner(args.model)
     families = ObjectFamilies.load(BUNDLED_FAMILIES)

@@ -1,6 +1,6 @@
 """BENCHMARK BASELINE ONLY: the classic tutorial's "progressive loading" generator.
 
-Measured against :class:`captioner.data.CaptionDataset` by ``bench_train.py``; not part of the
+Measured against :class:`captioner.train.batches.CaptionDataset` by ``bench_train.py``; not part of the
 package, since nothing trains with it.
 """
 
@@ -10,8 +10,8 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
-from captioner.data import FeatureSource, check_features, flat_feature_shape, read_features
-from captioner.tokenizer import Tokenizer
+from captioner.text.tokenizer import Tokenizer
+from captioner.train.batches import FeatureSource, check_features, flat_feature_shape, read_features
 
 
 class ProgressiveLoader:

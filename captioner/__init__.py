@@ -9,3 +9,21 @@ them, and nothing requires TensorFlow when ``KERAS_BACKEND`` is ``jax`` or ``tor
 
 __version__ = "0.1.0"
 
+# The public API, imported on first use
+# (``import captioner`` stays light): name -> "module" or "module:attribute".
+_PUBLIC = {
+    "Captioner": "captioner.inference.captioner:Captioner",
+    "load_captioner": "captioner.inference.loader:load_captioner",
+    "DecodingConfig": "captioner.formats.decoding_config:DecodingConfig",
+    "figures": "captioner.evaluation.figures",
+}
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    module, _, attribute = _PUBLIC[name].partition(":")
+    found = importlib.import_module(module)
+    return getattr(found, attribute) if attribute else found

@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"captioner {args.command}: error: {message}{fault}", file=sys.stderr)
         return getattr(exc, "exit_status", 2)
     except (OSError, RuntimeError, ValueError) as exc:  # a machine fault no write site named
-        from captioner.faults import fault_message
+        from captioner.storage.faults import fault_message
 
         if (message := fault_message(exc)) is None:
             raise

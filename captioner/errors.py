@@ -28,7 +28,7 @@ class RequestError(CaptionerError):
 class MachineFaultError(CaptionerError):
     """The machine refused a write: a full disk, a read-only file system, a permission, a
     path component that is a file, too many open files, a folder removed while running
-    (see :mod:`captioner.faults`)."""
+    (see :mod:`captioner.storage.faults`)."""
 
 
 class OptionError(CaptionerError):

@@ -1,6 +1,6 @@
 """Keras imported without TensorFlow's C++ start-up chatter (CUDA probes, "failed call to
 cuInit", oneDNN notes) on the terminal: the one place the CLI and the Python API share, called
-before the Keras load path (:meth:`captioner.inference.Captioner.from_run`) imports Keras.
+before the Keras load path (:meth:`captioner.inference.captioner.Captioner.from_run`) imports Keras.
 ``CAPTIONER_VERBOSE=1`` shows the chatter; Python errors still surface."""
 
 from __future__ import annotations

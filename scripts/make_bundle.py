@@ -21,10 +21,8 @@ import dataclasses
 import shutil
 from pathlib import Path
 
-from captioner.checkpoints import weights_as_float16
 from captioner.errors import CaptionerError
-from captioner.files import sha256sum
-from captioner.runs import (
+from captioner.formats.run_folder import (
     BEST_WEIGHTS,
     CURVES,
     HISTORY,
@@ -33,6 +31,8 @@ from captioner.runs import (
     FileRef,
     RunConfig,
 )
+from captioner.model.checkpoints import weights_as_float16
+from captioner.storage.files import sha256sum
 
 PACKAGED = {  # encoder -> (distribution, file inside it, sha256)
     "efficientnet_lite2": (

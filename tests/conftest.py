@@ -91,7 +91,7 @@ def no_meteor_jar(request, monkeypatch):
     """METEOR's jar takes 6-14 s to start: only tests marked ``meteor`` start it; elsewhere there
     is no Java, and evaluations report METEOR n/a (METEOR 1.5 is tested in test_meteor.py)."""
     if request.node.get_closest_marker("meteor") is None:
-        monkeypatch.setattr("captioner.meteor.find_java", lambda: None)
+        monkeypatch.setattr("captioner.evaluation.meteor.find_java", lambda: None)
 
 
 @pytest.fixture(scope="session")

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch_files import LegacyFile, Storage, Tensor
 
+from captioner.encoders.torch_weights import load_state_dict
 from captioner.errors import WeightsError
-from captioner.torch_weights import load_state_dict
 
 HUGE = st.sampled_from([10**9, 2**31, 2**62, 10**15])
 SMALL = st.integers(-3, 40)

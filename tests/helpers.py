@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from captioner.cache import FeatureReader
-from captioner.cache_writer import FeatureWriter
+from captioner.features.cache import FeatureReader
+from captioner.features.cache_writer import FeatureWriter
 
 WORDS = ["dog", "cat", "runs", "sits", "on", "grass", "the", "red", "ball", "blue", "sofa", "jumps"]
 
@@ -74,7 +74,7 @@ def train_toy(tmp: Path, spatial: bool = False, epochs: int = 12, seed: int = 0,
     Returns a namespace: tmp, caps, features (the train cache), val, run, refs, names."""
     from types import SimpleNamespace
 
-    from captioner.training import TrainConfig, train
+    from captioner.train.training import TrainConfig, train
 
     if dataset is None:
         dataset = toy_dataset(tmp, n_images=6 if spatial else 8, spatial=spatial)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from helpers import WORDS
 
-from captioner.files import sha256sum
-from captioner.tokenizer import Tokenizer
+from captioner.storage.files import sha256sum
+from captioner.text.tokenizer import Tokenizer
 
 
 def make_run(
@@ -18,8 +18,8 @@ def make_run(
     best.weights.h5 of an untrained ``kind`` decoder over ``feature_shape`` features."""
     import keras
 
-    from captioner.cleaning import DEFAULT_RULES
-    from captioner.decoders import build_decoder
+    from captioner.model.decoders import build_decoder
+    from captioner.text.cleaning import DEFAULT_RULES
 
     keras.utils.set_random_seed(seed)
     folder.mkdir(parents=True, exist_ok=True)

@@ -11,9 +11,9 @@ import numpy as np
 from helpers import WORDS
 from PIL import Image
 
-from captioner.inference import Captioner
+from captioner.inference.captioner import Captioner
 from captioner.serve.engine import Engine
-from captioner.tokenizer import Tokenizer
+from captioner.text.tokenizer import Tokenizer
 
 N_IMAGES = 6
 
@@ -39,7 +39,7 @@ def _write_run(run: Path, seed: int) -> None:
     """A run folder (config, tokenizer, weights) of a tiny random attention decoder."""
     import keras
 
-    from captioner.decoders import build_decoder
+    from captioner.model.decoders import build_decoder
 
     keras.utils.set_random_seed(seed)
     tokenizer = Tokenizer(WORDS, [1] * len(WORDS), max_length=8)

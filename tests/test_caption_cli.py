@@ -11,11 +11,11 @@ from conftest import needs_flickr, needs_mobilenet
 from helpers import toy_dataset
 from PIL import Image
 
-from captioner import figures
-from captioner.cache import open_features
 from captioner.cli import main
-from captioner.inference import Captioner
-from captioner.training import TrainConfig, train
+from captioner.evaluation import figures
+from captioner.features.cache import open_features
+from captioner.inference.captioner import Captioner
+from captioner.train.training import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +167,7 @@ def test_bundled_default_model_captions_the_example_photo(capsys):
 def test_default_model_captions_are_specific_to_each_photo(capsys):
     from conftest import FLICKR_IMAGES, FLICKR_TEXT
 
-    from captioner.captions import load_split
+    from captioner.text.captions import load_split
 
     names = load_split(FLICKR_TEXT / "Flickr_8k.testImages.txt")[:12]
     assert main(["caption", *[str(FLICKR_IMAGES / n) for n in names], "--beam-size", "1"]) == 0

@@ -8,19 +8,19 @@ from pathlib import Path
 import pytest
 from conftest import FLICKR_TEXT, needs_flickr
 
-from captioner.caption_file import CaptionFile, Problem, split_copy_suffix
-from captioner.captions import (
+from captioner.cli import main
+from captioner.commands.captions import percentile_length
+from captioner.errors import CaptionerError
+from captioner.text.caption_file import CaptionFile, Problem, split_copy_suffix
+from captioner.text.captions import (
     detect_format,
     filter_split,
     load_captions,
     load_split,
     read_captions,
 )
-from captioner.cleaning import CleaningRules, clean_caption, clean_captions
-from captioner.cli import main
-from captioner.commands.captions import percentile_length
-from captioner.errors import CaptionerError
-from captioner.tokenizer import Tokenizer
+from captioner.text.cleaning import CleaningRules, clean_caption, clean_captions
+from captioner.text.tokenizer import Tokenizer
 
 TOKEN_LINES = [
     "a.jpg#0\tA dog runs .",
@@ -69,7 +69,7 @@ def test_flickr_token_file_keeps_order_and_reports_bad_lines(tmp_path):
 
 def test_load_captions_returns_dict_and_logs_problems(tmp_path, caplog):
     path = write(tmp_path, "t.txt", "\n".join(TOKEN_LINES))
-    with caplog.at_level("WARNING", logger="captioner.captions"):
+    with caplog.at_level("WARNING", logger="captioner.text.captions"):
         captions = load_captions(path)
     assert captions == read_captions(path).captions
     assert "4 problem(s)" in caplog.text and ":4: no tab" in caplog.text
@@ -401,7 +401,7 @@ KARPATHY = [
 
 
 def test_karpathy_json_captions_names_and_splits(tmp_path):
-    from captioner.captions import split_names
+    from captioner.text.captions import split_names
 
     result = read_captions(write(tmp_path, "dataset_x.json", karpathy_doc(KARPATHY)))
     assert result.format == "karpathy" and result.problems == []
@@ -464,7 +464,7 @@ def test_karpathy_format_detection_and_errors(tmp_path):
 
 
 def test_several_files_merge_and_a_clash_keeps_the_first(tmp_path, caplog):
-    from captioner.captions import merge_files
+    from captioner.text.captions import merge_files
 
     a = write(tmp_path, "a.txt", "x.jpg#0\tA dog\ny.jpg#0\tA cat\n")
     b = write(tmp_path, "b.json", karpathy_doc([
@@ -484,7 +484,7 @@ def test_several_files_merge_and_a_clash_keeps_the_first(tmp_path, caplog):
 
 
 def test_caption_inputs_write_the_merged_file_and_named_splits(tmp_path):
-    from captioner.captions import caption_inputs
+    from captioner.text.captions import caption_inputs
 
     a = write(tmp_path, "a.csv", "image,caption\nx.jpg,A dog\n")
     k = write(tmp_path, "k.json", karpathy_doc(KARPATHY))
@@ -517,7 +517,7 @@ def test_flickr8k_as_karpathy_json_gives_the_same_captions_and_splits(tmp_path):
     """dataset_flickr8k.json written from the token and split files (one entry per id of the
     token file, the stray X.jpg.1 id included; the 92 images in no split get no "split") reads
     back to the same cleaned captions and splits."""
-    from captioner.captions import split_names
+    from captioner.text.captions import split_names
 
     lines = (FLICKR_TEXT / "Flickr8k.token.txt").read_text().splitlines()
     raw: dict[str, list[str]] = {}

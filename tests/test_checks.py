@@ -12,11 +12,11 @@ from helpers import toy_dataset, write_cache
 
 import captioner.commands.extract as extract_cmd
 import captioner.commands.train as train_cmd
-from captioner.captions import load_captions
 from captioner.cli import main
-from captioner.decoding_config import MAX_BEAM_SIZE
-from captioner.images import pixels_of
-from captioner.inference import CONFIG_FILE
+from captioner.encoders.images import pixels_of
+from captioner.formats.decoding_config import MAX_BEAM_SIZE
+from captioner.inference.captioner import CONFIG_FILE
+from captioner.text.captions import load_captions
 
 
 def _fails(capsys, argv, *needles) -> str:

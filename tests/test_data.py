@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from captioner.data import CaptionDataset, FeatureSource, flat_feature_shape
 from captioner.errors import CaptionerError
-from captioner.tokenizer import END, START, UNK, Tokenizer
+from captioner.text.tokenizer import END, START, UNK, Tokenizer
+from captioner.train.batches import CaptionDataset, FeatureSource, flat_feature_shape
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from progressive import ProgressiveLoader  # noqa: E402  (the benchmark baseline)
@@ -365,7 +365,7 @@ def test_source_returning_the_wrong_shape_is_reported():
 
 
 def test_epoch_stream_is_a_pure_function_of_the_index():
-    from captioner.data import EpochStream
+    from captioner.train.batches import EpochStream
 
     ds, _, _, _ = make(n_images=7, per_image=3, batch_size=4, seed=5)
     n = len(ds)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from keras import ops
 
-from captioner.decoders import (
+from captioner.model.decoders import (
     AttentionDecoder,
     InjectDecoder,
     MaskedSparseCrossEntropy,
@@ -137,7 +137,7 @@ def test_attention_decoder_runs_with_a_length_known_only_at_run_time():
     tf = pytest.importorskip("tensorflow")
     if keras.backend.backend() != "tensorflow":
         pytest.skip("tf.function relaxation is TensorFlow-specific")
-    from captioner.decoders import build_decoder
+    from captioner.model.decoders import build_decoder
 
     model = build_decoder("attention", vocab_size=30, max_length=9, feature_shape=(2, 2, 8),
                           embed_dim=6, units=5, attention_units=4)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from captioner.decoding import (
+from captioner.inference.decoding import (
     Hypothesis,
     beam_search,
     gather_state,
@@ -402,7 +402,7 @@ def test_bad_batch_size_state_rows_and_step_output_are_errors():
 
 
 def test_decoding_config_checks_each_field_and_replaces_single_ones():
-    from captioner.decoding_config import (
+    from captioner.formats.decoding_config import (
         DEFAULT_BEAM_SIZE,
         MAX_BEAM_SIZE,
         DecodingConfig,

@@ -26,8 +26,8 @@ import csv, json, sys
 from pathlib import Path
 import jax
 from helpers import toy_dataset
-from captioner.distributed import data_parallel, local_devices
-from captioner.training import TrainConfig, train
+from captioner.train.distributed import data_parallel, local_devices
+from captioner.train.training import TrainConfig, train
 
 tmp = Path(sys.argv[1])
 caps, train_h5, val_h5, _ = toy_dataset(tmp, n_images=8)  # 16 samples: two batches of 8
@@ -40,7 +40,7 @@ def losses(run):
 
 out = {"devices": len(local_devices())}
 with data_parallel(True) as n:
-    from captioner.decoders import build_decoder
+    from captioner.model.decoders import build_decoder
     model = build_decoder("merge", vocab_size=20, max_length=8, feature_shape=(16,),
                           embed_dim=8, units=8)
     out["variable_devices"] = len(model.trainable_variables[0].value.sharding.device_set)
@@ -99,9 +99,9 @@ def test_distribute_on_tensorflow_is_a_clear_error(tmp_path, capsys):
 def test_pad_to_repeats_the_last_sample_with_zero_weight(tmp_path):
     from helpers import toy_dataset
 
-    from captioner.cache import open_features
-    from captioner.data import CaptionDataset
-    from captioner.tokenizer import Tokenizer
+    from captioner.features.cache import open_features
+    from captioner.text.tokenizer import Tokenizer
+    from captioner.train.batches import CaptionDataset
 
     caps = {f"img{i:03d}.jpg": ["a dog runs", "the cat sits on the sofa"] for i in range(5)}
     caps["img000.jpg"].append("a red ball")  # 11 samples

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from conftest import SHARED
 
-from captioner.efficientnet import VARIANTS, block_plan, check_sha256, efficientnet_lite
-from captioner.encoders import get_spec
+from captioner.encoders.efficientnet import VARIANTS, block_plan, check_sha256, efficientnet_lite
+from captioner.encoders.specs import get_spec
+from captioner.encoders.torch_weights import MAGIC_NUMBER, load_state_dict
 from captioner.errors import WeightsError
-from captioner.torch_weights import MAGIC_NUMBER, load_state_dict
 
 IMAGENET = SHARED / "imagenet-sample"
 

@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from captioner.encoder_weights import (
+from captioner.encoders.specs import get_spec
+from captioner.encoders.weights_source import (
     KNOWN_SHA256,
     WeightsSource,
     run_encoder_weights,
 )
-from captioner.encoders import get_spec
 from captioner.errors import WeightsError
-from captioner.files import sha256sum
-from captioner.inference import DEFAULT_RUN, Captioner
-from captioner.runs import EncoderInfo, RunConfig
+from captioner.formats.run_folder import EncoderInfo, RunConfig
+from captioner.inference.captioner import DEFAULT_RUN, Captioner
+from captioner.storage.files import sha256sum
 
 ROOT = Path(__file__).resolve().parents[1]
 MOBILENET = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5"

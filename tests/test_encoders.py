@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from conftest import FLICKR_IMAGES, needs_flickr, needs_mobilenet
 
-from captioner import encoders as E
-from captioner import weight_files as W
+from captioner.encoders import specs as E
+from captioner.encoders import weight_files as W
+from captioner.encoders.preprocessing import Preprocess, preprocess_array
 from captioner.errors import WeightsError
-from captioner.layers import Preprocess, preprocess_array
 
 
 def _randomize(model, seed: int = 0) -> None:

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from helpers import train_toy
 
-from captioner.cache import open_features
 from captioner.errors import CaptionerError
-from captioner.inference import Captioner, EnsembleCaptioner
-from captioner.loader import load_captioner
-from captioner.runs import RunConfig
+from captioner.features.cache import open_features
+from captioner.formats.run_folder import RunConfig
+from captioner.inference.captioner import Captioner, EnsembleCaptioner
+from captioner.inference.loader import load_captioner
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +163,7 @@ def test_bundling_refuses_a_member_with_another_vocabulary(runs, tmp_path):
 def test_one_loader_and_one_caption_call(runs, tmp_path):
     """Several folders load through load_captioner with the first's stored decoding; caption()
     takes features and single-field overrides and returns ImageCaptions."""
-    from captioner.decoding_config import DecodingConfig
+    from captioner.formats.decoding_config import DecodingConfig
 
     (a, b), cache = runs
     stored = tmp_path / "a"

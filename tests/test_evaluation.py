@@ -13,14 +13,14 @@ from conftest import HAVE_PYCOCO, needs_mobilenet
 from helpers import TINY_TRAINING, WORDS, train_toy, write_cache
 from PIL import Image
 
-from captioner import meteor
-from captioner.cache import open_features
 from captioner.cli import main
 from captioner.errors import CaptionerError
-from captioner.evaluation import Decoding, evaluate
-from captioner.inference import Captioner
-from captioner.report import build_payload, write_report
-from captioner.training import TrainConfig, train
+from captioner.evaluation import meteor
+from captioner.evaluation.evaluate import Decoding, evaluate
+from captioner.evaluation.report import build_payload, write_report
+from captioner.features.cache import open_features
+from captioner.inference.captioner import Captioner
+from captioner.train.training import TrainConfig, train
 
 
 def _write_images(folder: Path, names, broken=()) -> Path:
@@ -220,7 +220,7 @@ def test_images_mode_runs_the_encoder_and_skips_unreadable_images(toy, tmp_path,
 @pytest.mark.training
 @needs_mobilenet
 def test_images_mode_with_the_real_encoder_matches_its_feature_cache(tmp_path):
-    from captioner.extraction import extract_with_spec
+    from captioner.features.extraction import extract_with_spec
 
     names = [f"img{i:03d}.jpg" for i in range(6)]
     folder = tmp_path / "images"
@@ -391,9 +391,9 @@ def test_cli_usage_errors(toy, tmp_path, capsys, extra, message):
 
 
 def test_cli_without_a_bundled_model(toy, tmp_path, capsys, monkeypatch):
-    import captioner.runs
+    import captioner.formats.run_folder
 
-    monkeypatch.setattr(captioner.runs, "DEFAULT_RUN", tmp_path / "nothing")
+    monkeypatch.setattr(captioner.formats.run_folder, "DEFAULT_RUN", tmp_path / "nothing")
     assert (
         main(
             [

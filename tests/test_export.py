@@ -16,9 +16,9 @@ from PIL import Image
 from runfolder import make_run
 
 from captioner.cli import main
-from captioner.files import sha256sum
-from captioner.inference import Captioner
-from captioner.loader import load_captioner
+from captioner.inference.captioner import Captioner
+from captioner.inference.loader import load_captioner
+from captioner.storage.files import sha256sum
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("tf2onnx")

@@ -1,4 +1,4 @@
-"""Faults of the machine (captioner.faults): a full disk, a read-only file system, a
+"""Faults of the machine (captioner.storage.faults): a full disk, a read-only file system, a
 permission, a path component that is a file, too many open files, a folder removed. Each is
 one line and exit 2 on every writing command, never a traceback or a crash, and the same
 command completes once the fault is gone (extraction bit-identical to a clean run).
@@ -23,15 +23,17 @@ import pytest
 from conftest import ROOT
 from test_features import TINY, make_images
 
-from captioner import caption_lines, encoders, faults
-from captioner.cache import FeatureReader
-from captioner.cache_writer import FeatureWriter
-from captioner.caption_lines import MADE_WITH
-from captioner.checkpoints import keras_weights_bytes, save_checkpoint
 from captioner.cli import main
+from captioner.encoders import specs as encoders
 from captioner.errors import MachineFaultError
-from captioner.files import write_json
-from captioner.temp_files import target_of, temp_path
+from captioner.features.cache import FeatureReader
+from captioner.features.cache_writer import FeatureWriter
+from captioner.inference import caption_lines
+from captioner.inference.caption_lines import MADE_WITH
+from captioner.model.checkpoints import keras_weights_bytes, save_checkpoint
+from captioner.storage import faults
+from captioner.storage.files import write_json
+from captioner.storage.temp_files import target_of, temp_path
 
 TESTS = Path(__file__).resolve().parent
 WORDS = ["dog", "cat", "runs", "sits", "grass", "ball"]
@@ -130,7 +132,7 @@ def test_cli_turns_any_untranslated_fault_into_one_line(monkeypatch, capsys):
 
 
 def test_space_is_checked_first(tmp_path, monkeypatch):
-    from captioner.cache_writer import check_cache_space
+    from captioner.features.cache_writer import check_cache_space
 
     usage = SimpleNamespace(total=1 << 30, used=0, free=100_000)
     monkeypatch.setattr(faults.shutil, "disk_usage", lambda path: usage)
@@ -196,7 +198,7 @@ def test_abandon_points_writes_at_nothing(tmp_path):
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EMFILE])
 def test_creating_a_cache_fails_with_one_line_and_leaves_no_temporary_file(tmp_path, monkeypatch,
                                                                           code):  # fmt: skip
-    from captioner import cache_writer
+    from captioner.features import cache_writer
 
     real = h5py.File
 
@@ -216,7 +218,7 @@ def test_creating_a_cache_fails_with_one_line_and_leaves_no_temporary_file(tmp_p
 def test_keras_weights_are_written_as_bytes_keras_reads(tmp_path):
     import keras
 
-    from captioner.decoders import build_decoder
+    from captioner.model.decoders import build_decoder
 
     config = {"vocab_size": 10, "max_length": 6, "feature_shape": [8], "embed_dim": 4,
               "units": 4, "dropout": 0.0}  # fmt: skip
@@ -232,7 +234,7 @@ def test_keras_weights_are_written_as_bytes_keras_reads(tmp_path):
 
 
 def test_a_checkpoint_on_a_full_disk_is_one_line_and_no_temporary_file(tmp_path, monkeypatch):
-    from captioner.decoders import build_decoder
+    from captioner.model.decoders import build_decoder
 
     model = build_decoder("merge", vocab_size=10, max_length=6, feature_shape=[8], embed_dim=4,
                           units=4, dropout=0.0)  # fmt: skip
@@ -422,9 +424,9 @@ from captioner.cli import _quiet_keras_import, main
 _quiet_keras_import()
 sys.path.insert(0, {tests!r})
 from test_features import register_tiny
-from captioner.caption_lines import LineWriter
-from captioner.cache_writer import FeatureWriter
-from captioner.monitor import RunMonitor
+from captioner.inference.caption_lines import LineWriter
+from captioner.features.cache_writer import FeatureWriter
+from captioner.train.monitor import RunMonitor
 from captioner import report
 
 register_tiny()

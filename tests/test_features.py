@@ -1,4 +1,4 @@
-"""captioner.cache, captioner.extraction and `captioner extract`: the crash-safe, resumable HDF5 feature cache."""
+"""captioner.features.cache, captioner.features.extraction and `captioner extract`: the crash-safe, resumable HDF5 feature cache."""
 
 from __future__ import annotations
 
@@ -16,8 +16,12 @@ import pytest
 from conftest import FLICKR_IMAGES, needs_flickr, needs_mobilenet
 from PIL import Image
 
-from captioner import encoders
-from captioner.cache import (
+from captioner.cli import main as cli_main
+from captioner.encoders import specs as encoders
+from captioner.encoders.images import load_image
+from captioner.encoders.specs import EncoderSpec, FeatureLayer
+from captioner.errors import CacheMismatchError, CaptionerError, ImageError
+from captioner.features.cache import (
     DONE,
     FAILED,
     PENDING,
@@ -25,12 +29,8 @@ from captioner.cache import (
     MissingFeaturesError,
     open_features,
 )
-from captioner.cache_writer import FeatureWriter
-from captioner.cli import main as cli_main
-from captioner.encoders import EncoderSpec, FeatureLayer
-from captioner.errors import CacheMismatchError, CaptionerError, ImageError
-from captioner.extraction import extract, extract_with_spec
-from captioner.images import load_image
+from captioner.features.cache_writer import FeatureWriter
+from captioner.features.extraction import extract, extract_with_spec
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -341,7 +341,7 @@ def test_every_bad_image_kind_recorded_while_good_ones_extract(tmp_path, tiny_mo
 
 
 def test_unexpected_decoder_error_is_a_failure_not_a_crash(tmp_path, tiny_model, monkeypatch):
-    from captioner import extraction
+    from captioner.features import extraction
 
     paths = make_images(tmp_path / "imgs", 4)
 
@@ -431,10 +431,10 @@ def test_cli_mismatch_is_a_clean_error(tmp_path, tiny_encoder, capsys):
 
 
 def test_cli_choices_match_the_library():
-    from captioner.cache import DTYPES
     from captioner.commands import extract as command
-    from captioner.extraction import MIXED_PRECISION
-    from captioner.images import RESAMPLE
+    from captioner.encoders.images import RESAMPLE
+    from captioner.features.cache import DTYPES
+    from captioner.features.extraction import MIXED_PRECISION
 
     assert command.DTYPES == DTYPES and command.MIXED_PRECISION == MIXED_PRECISION
     assert command.RESAMPLE == tuple(RESAMPLE)
@@ -446,7 +446,7 @@ KILLABLE = """
 import sys, time
 sys.path.insert(0, {tests!r})
 from test_features import register_tiny
-from captioner.cache_writer import FeatureWriter
+from captioner.features.cache_writer import FeatureWriter
 
 register_tiny()
 delay = float(sys.argv[1])

@@ -11,7 +11,7 @@ from PIL import Image
 
 pytest.importorskip("matplotlib")
 
-from captioner import figures  # noqa: E402
+from captioner.evaluation import figures  # noqa: E402
 
 JET_RED = np.array([128, 0, 0])  # jet's top end; its low end is dark blue (0, 0, 128)
 

@@ -18,9 +18,9 @@ import pytest
 from conftest import FLICKR_IMAGES, FLICKR_TEXT, ROOT, needs_flickr, needs_mobilenet
 from test_features import TINY, make_images
 
-from captioner import encoders
 from captioner.cli import main
-from captioner.fit import seeded_splits
+from captioner.encoders import specs as encoders
+from captioner.fit.pipeline import seeded_splits
 
 WORDS = ["dog", "cat", "bird", "runs", "sits", "jumps", "grass", "sofa", "snow"]
 TINY_ARGS = ["--preset", "classic", "--encoder", "tiny", "--layer", "pool", "--weights",
@@ -180,8 +180,8 @@ def assert_same_run(out: Path, clean: Path) -> None:
 def test_interrupted_in_extraction_and_in_training_resumes_to_the_same_folder(
     tmp_path, tiny_encoder, capsys
 ):
-    from captioner.cache_writer import FeatureWriter
-    from captioner.monitor import RunMonitor
+    from captioner.features.cache_writer import FeatureWriter
+    from captioner.train.monitor import RunMonitor
 
     captions, photos = photos_and_csv(tmp_path, 20)
     out, clean = tmp_path / "resumed", tmp_path / "clean"
@@ -227,7 +227,7 @@ def test_rerun_after_the_end_does_nothing_and_other_splits_are_refused(
 def karpathy_file(path: Path, n: int = 30) -> Path:
     """A Karpathy split file of the first ``n`` Flickr8k training photos (20 train, 5 val,
     5 test) with their five captions each."""
-    from captioner.captions import load_captions, load_split
+    from captioner.text.captions import load_captions, load_split
 
     names = load_split(FLICKR_TEXT / "Flickr_8k.trainImages.txt")[:n]
     captions = load_captions(FLICKR_TEXT / "Flickr8k.token.txt")
@@ -260,7 +260,7 @@ def test_fit_a_karpathy_file_end_to_end_then_caption(tmp_path, capsys):
     photo = FLICKR_IMAGES / (out / "splits" / "test.txt").read_text().split()[0]
     assert main(["caption", str(photo), "--model", str(out), "--json"]) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    from captioner.tokenizer import Tokenizer
+    from captioner.text.tokenizer import Tokenizer
 
     words = set(Tokenizer.load(out / "tokenizer.json").words)
     assert record["image"].endswith(photo.name) and record["caption"]
@@ -340,8 +340,8 @@ KILLABLE = """
 import sys, time
 sys.path.insert(0, {tests!r})
 from test_features import register_tiny
-from captioner.cache_writer import FeatureWriter
-from captioner.monitor import RunMonitor
+from captioner.features.cache_writer import FeatureWriter
+from captioner.train.monitor import RunMonitor
 
 register_tiny()
 delay = float(sys.argv[1])
@@ -386,7 +386,7 @@ def kill_when(proc: subprocess.Popen, ready) -> str:
 def test_sigkill_in_extraction_then_in_training_resumes_to_the_same_folder(
     tmp_path, tiny_encoder, capsys
 ):
-    from captioner.cache import FeatureReader
+    from captioner.features.cache import FeatureReader
 
     captions, photos = photos_and_csv(tmp_path, 20)
     out, clean = tmp_path / "killed", tmp_path / "clean"

@@ -9,10 +9,11 @@ import shutil
 import numpy as np
 import pytest
 
-from captioner.decoding import beam_search, greedy_search
-from captioner.decoding_config import DecodingConfig
 from captioner.errors import CaptionerError
-from captioner.grounding import (
+from captioner.formats.decoding_config import DecodingConfig
+from captioner.formats.run_folder import DEFAULT_RUN
+from captioner.inference.decoding import beam_search, greedy_search
+from captioner.inference.grounding import (
     BUNDLED_FAMILIES,
     FLOOR,
     Grounding,
@@ -22,8 +23,7 @@ from captioner.grounding import (
     read_head,
     write_head,
 )
-from captioner.runs import DEFAULT_RUN
-from captioner.tokenizer import Tokenizer
+from captioner.text.tokenizer import Tokenizer
 
 VOCAB = ["<pad>", "<unk>", "<start>", "<end>", "a", "dog", "cat", "runs", "grass"]
 DOG_CLASS, CAT_CLASS, OTHER_CLASS = 200, 281, 900
@@ -192,8 +192,8 @@ def test_a_dog_the_head_does_not_see_becomes_the_cat_it_sees(tmp_path, search):
 def _grounded_run(untrained_run, tmp_path):
     """A copy of the untrained run carrying a head over its 16 features and a family map that
     gates the first word of its own ungrounded caption."""
-    from captioner.files import sha256sum
-    from captioner.inference import Captioner
+    from captioner.inference.captioner import Captioner
+    from captioner.storage.files import sha256sum
 
     run = tmp_path / "run"
     shutil.copytree(untrained_run, run)
@@ -218,7 +218,7 @@ def _grounded_run(untrained_run, tmp_path):
 
 
 def test_a_run_folder_with_a_head_drops_the_word_its_head_does_not_support(untrained_run, tmp_path):
-    from captioner.loader import load_captioner
+    from captioner.inference.loader import load_captioner
 
     run, feats, word = _grounded_run(untrained_run, tmp_path)
     cap = load_captioner(run, runtime="keras")
@@ -231,7 +231,7 @@ def test_a_run_folder_with_a_head_drops_the_word_its_head_does_not_support(untra
 
 
 def test_a_damaged_head_in_a_run_folder_is_one_line(untrained_run, tmp_path):
-    from captioner.loader import load_captioner
+    from captioner.inference.loader import load_captioner
 
     run, _, _ = _grounded_run(untrained_run, tmp_path)
     with open(run / "imagenet_head.npz", "r+b") as fh:
@@ -243,7 +243,7 @@ def test_a_damaged_head_in_a_run_folder_is_one_line(untrained_run, tmp_path):
 
 
 def test_config_grounding_must_name_plain_files(untrained_run, tmp_path):
-    from captioner.runs import RunConfig
+    from captioner.formats.run_folder import RunConfig
 
     run, _, _ = _grounded_run(untrained_run, tmp_path)
     config = json.loads((run / "config.json").read_text())
@@ -276,9 +276,9 @@ def test_the_exported_model_grounds_its_captions_as_keras_does(tmp_path):
     from test_export import FEATURES, _tiny_encoder
 
     from captioner.cli import main
-    from captioner.files import sha256sum
-    from captioner.inference import Captioner
-    from captioner.loader import load_captioner
+    from captioner.inference.captioner import Captioner
+    from captioner.inference.loader import load_captioner
+    from captioner.storage.files import sha256sum
 
     run = make_run(tmp_path / "run", "attention", FEATURES, seed=3)
     feats = np.random.default_rng(1).normal(size=(4, *FEATURES)).astype(np.float32)
@@ -313,9 +313,9 @@ def test_the_exported_model_grounds_its_captions_as_keras_does(tmp_path):
 
 
 def test_attach_gives_a_lite_run_its_encoders_head_and_skips_other_encoders(untrained_run, tmp_path):
-    from captioner.efficientnet import imagenet_head
-    from captioner.grounding import FAMILIES_FILE, HEAD_FILE, attach
-    from captioner.runs import RunConfig
+    from captioner.encoders.efficientnet import imagenet_head
+    from captioner.formats.run_folder import RunConfig
+    from captioner.inference.grounding import FAMILIES_FILE, HEAD_FILE, attach
 
     other = tmp_path / "other"
     shutil.copytree(untrained_run, other)

@@ -1,4 +1,4 @@
-"""captioner.images: decoding every kind of image, and refusing bad files with a reason."""
+"""captioner.encoders.images: decoding every kind of image, and refusing bad files with a reason."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image, JpegImagePlugin
 
+from captioner.encoders.images import list_images, load_image, to_rgb
 from captioner.errors import CaptionerError, ImageError
-from captioner.images import list_images, load_image, to_rgb
 
 
 def reason_of(path: Path, **kwargs) -> str:

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from captioner.decoders import build_decoder
 from captioner.errors import CaptionerError
-from captioner.inference import Captioner
-from captioner.runs import RunConfig
-from captioner.tokenizer import END, PAD, START, UNK, Tokenizer
+from captioner.formats.run_folder import RunConfig
+from captioner.inference.captioner import Captioner
+from captioner.model.decoders import build_decoder
+from captioner.text.tokenizer import END, PAD, START, UNK, Tokenizer
 
 
 def _captioner(kind="merge", shape=(6,)):

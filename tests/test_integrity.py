@@ -16,12 +16,12 @@ import pytest
 from PIL import Image
 from test_features import IDENTITY, make_images, run_tiny, tiny_encoder, tiny_model  # noqa: F401
 
-from captioner.cache import DamagedFeaturesError, FeatureReader
-from captioner.cache_writer import FeatureWriter
 from captioner.cli import main
 from captioner.errors import CaptionerError
-from captioner.integrity import UNVERIFIED
-from captioner.temp_files import _HOST, remove_stale, temp_path
+from captioner.features.cache import DamagedFeaturesError, FeatureReader
+from captioner.features.cache_writer import FeatureWriter
+from captioner.features.checksums import UNVERIFIED
+from captioner.storage.temp_files import _HOST, remove_stale, temp_path
 
 DATASETS = ("features", "names", "status", "errors", "checksums")
 

@@ -1,5 +1,5 @@
-"""Search state kept once per image (:mod:`captioner.per_image`) and the memory budget
-(:mod:`captioner.memory`): the same captions for every batch size and budget, and what
+"""Search state kept once per image (:mod:`captioner.inference.per_image`) and the memory budget
+(:mod:`captioner.inference.memory`): the same captions for every batch size and budget, and what
 ``--max-memory`` accepts."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from conftest import FLICKR, ROOT, needs_flickr
 from runfolder import make_run
 
 from captioner.cli import main
-from captioner.decoding import beam_search, greedy_search
-from captioner.inference import Captioner
-from captioner.loader import load_captioner
-from captioner.memory import (
+from captioner.inference.captioner import Captioner
+from captioner.inference.decoding import beam_search, greedy_search
+from captioner.inference.loader import load_captioner
+from captioner.inference.memory import (
     DEFAULT_LIMIT,
     MemoryBudget,
     encoder_bytes,
@@ -21,7 +21,7 @@ from captioner.memory import (
     pieces,
     search_bytes,
 )
-from captioner.per_image import (
+from captioner.inference.per_image import (
     BEAMS,
     IMAGE_INDEX,
     block_size,

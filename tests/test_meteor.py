@@ -12,9 +12,9 @@ import sys
 import pytest
 from conftest import FLICKR_IMAGES, FLICKR_TEXT, needs_flickr
 
-from captioner import meteor as meteor_module
 from captioner.cli import main
-from captioner.meteor import NO_JAVA, NO_PYCOCO, MeteorJar, jar_text, meteor
+from captioner.evaluation import meteor as meteor_module
+from captioner.evaluation.meteor import NO_JAVA, NO_PYCOCO, MeteorJar, jar_text, meteor
 
 pytestmark = pytest.mark.meteor  # the jar may start here (conftest hides Java elsewhere)
 

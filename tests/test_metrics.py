@@ -1,4 +1,4 @@
-"""Tests of captioner.metrics: hand-worked BLEU/CIDEr-D/ROUGE-L cases, pycocoevalcap cross-checks
+"""Tests of captioner.evaluation.metrics: hand-worked BLEU/CIDEr-D/ROUGE-L cases, pycocoevalcap cross-checks
 (METEOR 1.5: tests/test_meteor.py)."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import warnings
 
 import pytest
 
-from captioner import metrics
-from captioner.metrics import (
+from captioner.evaluation import metrics
+from captioner.evaluation.metrics import (
     BLEU_KEYS,
     cider_d,
     corpus_bleu_scores,
@@ -276,7 +276,7 @@ def test_evaluate_all_layout() -> None:
 
 
 def test_repeated_content_pairs_are_flagged_and_function_word_pairs_are_not():
-    from captioner.metrics import repeats_content_pair
+    from captioner.evaluation.metrics import repeats_content_pair
 
     assert repeats_content_pair("a football player wearing a red helmet is wearing a red helmet")
     assert repeats_content_pair("a man in a black shirt and a black jacket")  # "a black"

@@ -124,7 +124,7 @@ def test_python_api_on_keras_is_as_quiet_as_the_cli():
     """A script captioning with the Keras runtime prints its caption and nothing on stderr
     (no oneDNN notes, no "failed call to cuInit"): captioner.quiet runs before Keras loads."""
     script = textwrap.dedent("""
-        from captioner.loader import load_captioner
+        from captioner.inference.loader import load_captioner
         model = load_captioner(runtime="keras")
         print(model.caption(["data/example.jpg"])[0].text)
     """)

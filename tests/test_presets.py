@@ -7,17 +7,17 @@ import dataclasses
 import pytest
 from conftest import ROOT
 
-from captioner import presets
 from captioner.cli import build_parser, main
 from captioner.commands.train import config_from_args
-from captioner.runs import RunConfig
-from captioner.training import TrainConfig
+from captioner.formats import presets
+from captioner.formats.run_folder import RunConfig
+from captioner.train.training import TrainConfig
 
 
 @pytest.mark.parametrize("name", list(presets.PRESETS))
 def test_every_preset_names_real_parts(name):
-    from captioner.decoders import DECODERS
-    from captioner.encoders import get_spec
+    from captioner.encoders.specs import get_spec
+    from captioner.model.decoders import DECODERS
 
     preset = presets.PRESETS[name]
     assert preset.layer in get_spec(preset.encoder).layers
@@ -60,7 +60,7 @@ def test_extract_and_evaluate_take_the_preset(monkeypatch, tmp_path):
         seen.update(kwargs)
         raise SystemExit(0)
 
-    monkeypatch.setattr("captioner.extraction.extract_with_spec", fake_extract)
+    monkeypatch.setattr("captioner.features.extraction.extract_with_spec", fake_extract)
     (tmp_path / "a.jpg").write_bytes(b"")
     for argv, expected in (
         (["--preset", "classic"], ("vgg16", "fc2")),

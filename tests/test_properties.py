@@ -18,14 +18,14 @@ from hypothesis import strategies as st
 from PIL import Image
 from runfolder import make_run
 
-from captioner.cache import FeatureReader
-from captioner.cache_writer import FeatureWriter
-from captioner.captions import read_captions
+from captioner.encoders.images import load_image
 from captioner.errors import CaptionerError, ImageError
-from captioner.extraction import encoded_batches
-from captioner.images import load_image
-from captioner.inference import Captioner
-from captioner.tokenizer import Tokenizer
+from captioner.features.cache import FeatureReader
+from captioner.features.cache_writer import FeatureWriter
+from captioner.features.extraction import encoded_batches
+from captioner.inference.captioner import Captioner
+from captioner.text.captions import read_captions
+from captioner.text.tokenizer import Tokenizer
 
 FAST = settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True

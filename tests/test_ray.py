@@ -25,12 +25,12 @@ pytest.importorskip("ray.data")
 from conftest import needs_mobilenet  # noqa: E402
 from test_features import IDENTITY, TINY, make_images  # noqa: E402
 
-from captioner import encoders  # noqa: E402
-from captioner.cache import FeatureReader  # noqa: E402
 from captioner.cli import main as cli_main  # noqa: E402
+from captioner.encoders import specs as encoders  # noqa: E402
 from captioner.engines import ray_extract  # noqa: E402
 from captioner.engines.ray_extract import extract_ray  # noqa: E402
-from captioner.extraction import extract  # noqa: E402
+from captioner.features.cache import FeatureReader  # noqa: E402
+from captioner.features.extraction import extract  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -116,7 +116,7 @@ import sys, time
 import ray.cloudpickle
 import test_features
 from test_features import register_tiny
-from captioner.cache_writer import FeatureWriter
+from captioner.features.cache_writer import FeatureWriter
 
 ray.cloudpickle.register_pickle_by_value(test_features)  # workers of a joined cluster lack tests/
 register_tiny()

@@ -16,30 +16,30 @@ from conftest import HAVE_PYCOCO, ROOT, needs_pycoco
 from markupsafe import escape
 from PIL import Image
 
-from captioner.decoding import Caption
-from captioner.evaluation import (
+from captioner.evaluation.evaluate import (
     AttentionMap,
     Decoding,
     EvaluationResult,
     Section,
     score_section,
 )
-from captioner.meteor import METEOR_NOTE, NO_JAVA, MeteorScore
-from captioner.metrics import (
+from captioner.evaluation.meteor import METEOR_NOTE, NO_JAVA, MeteorScore
+from captioner.evaluation.metrics import (
     BLEU_NOTE,
     PYCOCO_NOTE,
     cider_d,
     corpus_bleu_scores,
     rouge_l,
 )
-from captioner.report import (
+from captioner.evaluation.report import (
     format_table,
     md_escape,
     ranked_examples,
     render_markdown,
     write_report,
 )
-from captioner.runs import DecoderInfo, EncoderInfo, RunConfig
+from captioner.formats.run_folder import DecoderInfo, EncoderInfo, RunConfig
+from captioner.inference.decoding import Caption
 
 REFS = {
     "a.jpg": ["a dog runs on the grass", "the dog runs on grass"],

@@ -12,14 +12,14 @@ from helpers import toy_dataset
 from PIL import Image
 from runfolder import make_run
 
-from captioner import records
 from captioner.cli import main
-from captioner.decoding import NonFiniteError
+from captioner.encoders.images import list_images, load_image
 from captioner.errors import CaptionerError
-from captioner.evaluation import evaluate
-from captioner.images import list_images, load_image
-from captioner.inference import NON_FINITE_FEATURES, NON_FINITE_STEP, Captioner
-from captioner.report import build_payload
+from captioner.evaluation.evaluate import evaluate
+from captioner.evaluation.report import build_payload
+from captioner.formats import json_lines as records
+from captioner.inference.captioner import NON_FINITE_FEATURES, NON_FINITE_STEP, Captioner
+from captioner.inference.decoding import NonFiniteError
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ from runfolder import make_run
 
 from captioner.cli import main
 from captioner.errors import CaptionerError
-from captioner.inference import DEFAULT_RUN, Captioner
-from captioner.tokenizer import Tokenizer
+from captioner.inference.captioner import DEFAULT_RUN, Captioner
+from captioner.text.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT
 
 from captioner.errors import CaptionerError
-from captioner.runs import (
+from captioner.formats.run_folder import (
     RUN_VERSION,
     DecoderInfo,
     EncoderInfo,
@@ -117,7 +117,7 @@ def test_round_trip_and_provenance_without_absolute_paths(tmp_path):
 
 def test_old_run_folder_still_captions(tmp_path):
     """A copy of the bundled run with its original version-1 config loads and captions."""
-    from captioner.inference import Captioner
+    from captioner.inference.captioner import Captioner
 
     run = tmp_path / "old"
     shutil.copytree(BUNDLED, run)
@@ -135,8 +135,8 @@ def test_old_run_folder_still_captions(tmp_path):
 def test_checkpoint_keyed_by_path_fits_a_model_built_after_others(tmp_path):
     import keras
 
-    from captioner.checkpoints import load_checkpoint, save_checkpoint
-    from captioner.decoders import MaskedSparseCrossEntropy, build_decoder
+    from captioner.model.checkpoints import load_checkpoint, save_checkpoint
+    from captioner.model.decoders import MaskedSparseCrossEntropy, build_decoder
 
     cfg = dict(vocab_size=12, max_length=5, feature_shape=[2, 2, 4], embed_dim=4, units=4)
 
@@ -162,8 +162,8 @@ def test_checkpoint_keyed_by_path_fits_a_model_built_after_others(tmp_path):
 def test_positional_checkpoint_of_0_1_0_still_loads(tmp_path):
     import keras
 
-    from captioner.checkpoints import load_checkpoint
-    from captioner.decoders import MaskedSparseCrossEntropy, build_decoder
+    from captioner.model.checkpoints import load_checkpoint
+    from captioner.model.decoders import MaskedSparseCrossEntropy, build_decoder
 
     m = build_decoder("merge", vocab_size=12, max_length=5, feature_shape=[4], units=4)
     m.compile(optimizer=keras.optimizers.Adam(), loss=MaskedSparseCrossEntropy())
@@ -179,10 +179,10 @@ def test_positional_checkpoint_of_0_1_0_still_loads(tmp_path):
 
 
 def test_resize_method_travels_from_cache_to_run_to_captioning(tmp_path, monkeypatch):
-    from captioner import images
-    from captioner.decoders import build_decoder
-    from captioner.inference import Captioner
-    from captioner.tokenizer import Tokenizer
+    from captioner.encoders import images
+    from captioner.inference.captioner import Captioner
+    from captioner.model.decoders import build_decoder
+    from captioner.text.tokenizer import Tokenizer
 
     attrs = {
         "encoder": "tiny",
@@ -211,9 +211,9 @@ def test_resize_method_travels_from_cache_to_run_to_captioning(tmp_path, monkeyp
 
 
 def test_decoding_is_stored_and_old_folders_decode_as_their_preset(tmp_path):
-    from captioner.decoding_config import DecodingConfig
-    from captioner.presets import PRESETS
-    from captioner.runs import DEFAULT_RUN
+    from captioner.formats.decoding_config import DecodingConfig
+    from captioner.formats.presets import PRESETS
+    from captioner.formats.run_folder import DEFAULT_RUN
 
     bundled = RunConfig.load(DEFAULT_RUN)
     assert bundled.decoding == DecodingConfig(beam_size=3, alpha=0.7, block_ngram=2,

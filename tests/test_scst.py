@@ -9,12 +9,11 @@ import pytest
 from helpers import toy_dataset
 
 from captioner.errors import CaptionerError
-from captioner.inference import Captioner
-from captioner.metrics import CiderScorer, cider_d
-from captioner.sampling import sample_search
-from captioner.scst import ScstConfig, advantages, sequences, train_scst
-from captioner.tokenizer import END, START
-from captioner.training import TrainConfig, train
+from captioner.evaluation.metrics import CiderScorer, cider_d
+from captioner.inference.captioner import Captioner
+from captioner.text.tokenizer import END, START
+from captioner.train.scst import ScstConfig, advantages, sample_search, sequences, train_scst
+from captioner.train.training import TrainConfig, train
 
 
 def fixed_step(probs: np.ndarray):
@@ -135,7 +134,7 @@ def test_scst_from_a_folder_with_a_file_manifest_and_not_from_an_ensemble(ce_run
     import json
     import shutil
 
-    from captioner.files import sha256sum
+    from captioner.storage.files import sha256sum
 
     ce, tmp_path = ce_run
     bundle = tmp_path / "bundle"

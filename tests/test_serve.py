@@ -24,10 +24,10 @@ from PIL import Image  # noqa: E402
 from serve_fixtures import FakeEncoder, photo, tiny_engine  # noqa: E402
 
 from captioner.cli import build_parser, main  # noqa: E402
-from captioner.decoding_config import MAX_BEAM_SIZE, DecodingConfig  # noqa: E402
-from captioner.figures import attention_figure  # noqa: E402
-from captioner.images import load_image  # noqa: E402
-from captioner.inference import Captioner  # noqa: E402
+from captioner.encoders.images import load_image  # noqa: E402
+from captioner.evaluation.figures import attention_figure  # noqa: E402
+from captioner.formats.decoding_config import MAX_BEAM_SIZE, DecodingConfig  # noqa: E402
+from captioner.inference.captioner import Captioner  # noqa: E402
 from captioner.serve.app import Settings, create_app, render_page  # noqa: E402
 from captioner.serve.engine import Engine, Item, Options, bucket, read_test_scores  # noqa: E402
 from captioner.serve.heatmap import heatmap_image  # noqa: E402
@@ -493,7 +493,7 @@ def test_bundled_model_serves_what_caption_json_prints(tmp_path, capsys):
     `caption --beam-size 1`."""
     from conftest import FLICKR_IMAGES, FLICKR_TEXT, ROOT
 
-    from captioner.runs import DEFAULT_RUN
+    from captioner.formats.run_folder import DEFAULT_RUN
 
     paths = [ROOT / "data" / "example.jpg"]
     split = FLICKR_TEXT / "Flickr_8k.testImages.txt"

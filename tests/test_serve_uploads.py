@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioner.decoding_config import MAX_BEAM_SIZE, DecodingConfig
 from captioner.errors import RequestError
+from captioner.formats.decoding_config import MAX_BEAM_SIZE, DecodingConfig
 from captioner.serve.engine import Options
 from captioner.serve.uploads import (
     Limits,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from captioner.errors import CaptionerError
-from captioner.tokenizer import END, PAD, RESERVED, START, UNK, Tokenizer
+from captioner.text.tokenizer import END, PAD, RESERVED, START, UNK, Tokenizer
 
 TRAIN = [
     "a dog runs on the grass",

@@ -14,9 +14,9 @@ import pytest
 from torch_files import LegacyFile, Storage, Tensor, one_tensor
 
 from captioner.cli import main
-from captioner.efficientnet import VARIANTS, load_torch_weights
+from captioner.encoders.efficientnet import VARIANTS, load_torch_weights
+from captioner.encoders.torch_weights import load_state_dict
 from captioner.errors import WeightsError
-from captioner.torch_weights import load_state_dict
 
 TESTS = Path(__file__).parent
 

@@ -16,12 +16,12 @@ import pytest
 from conftest import FLICKR_IMAGES, FLICKR_TEXT, ROOT, needs_flickr, needs_mobilenet
 from helpers import toy_dataset
 
-from captioner.cache import open_features
 from captioner.cli import main
 from captioner.errors import CaptionerError
-from captioner.inference import Captioner
-from captioner.runs import RunConfig, read_history
-from captioner.training import TrainConfig, train
+from captioner.features.cache import open_features
+from captioner.formats.run_folder import RunConfig, read_history
+from captioner.inference.captioner import Captioner
+from captioner.train.training import TrainConfig, train
 
 TINY = dict(batch_size=8, embed_dim=16, units=32, dropout=0.0, min_count=1, learning_rate=0.02,
             val_bleu_images=4, patience=0)
@@ -76,7 +76,7 @@ def test_run_folder_contents_and_config(tmp_path, data):
 
 
 def test_reload_from_folder_gives_identical_predictions(tmp_path, data):
-    from captioner.decoders import build_decoder  # noqa: F401  (registers classes)
+    from captioner.model.decoders import build_decoder  # noqa: F401  (registers classes)
 
     run = train(_config(tmp_path, data, epochs=2), verbose=0)
     a, b = Captioner.from_run(run, "last"), Captioner.from_run(run, "last")
@@ -174,12 +174,12 @@ def test_sigkill_loses_at_most_the_epoch_in_flight(tmp_path, data):
 @needs_mobilenet
 def test_one_short_epoch_on_real_flickr8k_captions_lowers_the_loss(tmp_path):
     """~100 real photos (500 captions), genuine MobileNetV2 alpha=0.5 features, one epoch."""
-    from captioner.captions import load_captions, load_split
-    from captioner.cleaning import clean_captions
-    from captioner.data import CaptionDataset
-    from captioner.decoders import MaskedSparseCrossEntropy
-    from captioner.extraction import extract_with_spec
-    from captioner.tokenizer import Tokenizer
+    from captioner.features.extraction import extract_with_spec
+    from captioner.model.decoders import MaskedSparseCrossEntropy
+    from captioner.text.captions import load_captions, load_split
+    from captioner.text.cleaning import clean_captions
+    from captioner.text.tokenizer import Tokenizer
+    from captioner.train.batches import CaptionDataset
 
     names = load_split(FLICKR_TEXT / "Flickr_8k.trainImages.txt")[:100]
     paths = [FLICKR_IMAGES / n for n in names]
@@ -198,7 +198,7 @@ def test_one_short_epoch_on_real_flickr8k_captions_lowers_the_loss(tmp_path):
     (feats, tokens_in), tokens_out, weights = data[0]
     loss = MaskedSparseCrossEntropy()
     after = float(loss(tokens_out, captioner.decoder((feats, tokens_in)), sample_weight=weights))
-    from captioner.decoders import build_decoder
+    from captioner.model.decoders import build_decoder
 
     fresh = build_decoder("merge", **captioner.config.decoder.config)
     before = float(loss(tokens_out, fresh((feats, tokens_in)), sample_weight=weights))

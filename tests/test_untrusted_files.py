@@ -12,8 +12,8 @@ import pytest
 
 from captioner.cli import main
 from captioner.errors import CaptionerError
-from captioner.inference import Captioner
-from captioner.tokenizer import Tokenizer
+from captioner.inference.captioner import Captioner
+from captioner.text.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_a_tokenizer_file_cannot_ask_for_unbounded_arrays(tmp_path, edit, says):
 def test_a_feature_cache_cannot_read_other_files(tmp_path):
     from helpers import write_cache
 
-    from captioner.cache import FeatureReader
+    from captioner.features.cache import FeatureReader
 
     path = write_cache(tmp_path / "feats.h5", {"a.jpg": np.ones(4, np.float32)})
     FeatureReader(path).close()  # the cache as written loads

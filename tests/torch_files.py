@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from captioner.torch_weights import MAGIC_NUMBER, PROTOCOL_VERSION
+from captioner.encoders.torch_weights import MAGIC_NUMBER, PROTOCOL_VERSION
 
 STORAGE_NAMES = {np.dtype("<f4"): "FloatStorage", np.dtype("<f2"): "HalfStorage",
                  np.dtype("<i8"): "LongStorage"}

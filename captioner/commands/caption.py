@@ -68,7 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def resolve_runtime(args: argparse.Namespace, models: list[Path]) -> str:
     """The runtime this command runs on; Keras is imported (quietly) only when it is keras."""
-    from captioner.onnx_runtime import choose_runtime
+    from captioner.inference.onnx_runtime import choose_runtime
 
     chosen = choose_runtime(models, "best", args.runtime)
     if chosen == "keras":
@@ -79,7 +79,7 @@ def resolve_runtime(args: argparse.Namespace, models: list[Path]) -> str:
 
 
 def _emit(image: str, captions, error: str | None, as_json: bool, file: str | None = None) -> None:
-    from captioner import records
+    from captioner.formats import json_lines as records
 
     if as_json:
         if error:
@@ -100,7 +100,7 @@ def _emit(image: str, captions, error: str | None, as_json: bool, file: str | No
 
 def _check(args: argparse.Namespace) -> None:
     """The options of ``caption`` that go together, before the model is loaded."""
-    from captioner import checks
+    from captioner import option_checks as checks
     from captioner.errors import CaptionerError
 
     checks.at_least("--batch-size", args.batch_size, 1)
@@ -115,7 +115,7 @@ def _check(args: argparse.Namespace) -> None:
         if args.features or args.attention_map:
             raise CaptionerError("--out captions images; it does not go with --features or "
                                  "--attention-map")
-        from captioner.faults import check_writable
+        from captioner.storage.faults import check_writable
 
         checks.output_file("--out", args.out, "captions.jsonl")
         check_writable(Path(args.out).parent, args.out)  # a read-only or full folder
@@ -124,8 +124,8 @@ def _check(args: argparse.Namespace) -> None:
 def run_caption(args: argparse.Namespace) -> int:
     """Handler of ``captioner caption`` (its checks ran in ``cli.main``)."""
     from captioner.errors import CaptionerError
-    from captioner.loader import load_captioner
-    from captioner.runs import DEFAULT_RUN
+    from captioner.formats.run_folder import DEFAULT_RUN
+    from captioner.inference.loader import load_captioner
 
     paths = getattr(args, "image_paths", None)
     if paths is None and not args.features:
@@ -175,8 +175,8 @@ def _to_file(args: argparse.Namespace, models: list[Path], paths: list[Path], ov
                               gpus_per_actor=args.gpus_per_actor, overrides=overrides,
                               progress=not args.quiet, max_memory=args.max_memory)
     else:
-        from captioner.caption_lines import caption_to_file
-        from captioner.loader import load_captioner
+        from captioner.inference.caption_lines import caption_to_file
+        from captioner.inference.loader import load_captioner
 
         captioner = load_captioner(models, runtime=runtime)
         captioner.max_memory = args.max_memory
@@ -189,7 +189,7 @@ def _to_file(args: argparse.Namespace, models: list[Path], paths: list[Path], ov
 
 def _from_features(captioner, model_dir: Path, path: str, names: list[str], decoding):
     """(name, captions, error, file) per name: a missing or damaged row fails alone."""
-    from captioner.evaluation import open_matching_cache
+    from captioner.evaluation.evaluate import open_matching_cache
 
     with open_matching_cache(path, model_dir, captioner.config) as reader:
         good, feats, bad = reader.read_valid(list(dict.fromkeys(names)))
@@ -204,7 +204,7 @@ def _from_features(captioner, model_dir: Path, path: str, names: list[str], deco
 
 def _attention_maps(results, out: str) -> None:
     """One PNG per captioned image: the photo, then one heat overlay per word."""
-    from captioner.figures import save_attention_map
+    from captioner.evaluation.figures import save_attention_map
 
     for r in results:
         target = Path(out)

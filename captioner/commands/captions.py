@@ -122,9 +122,9 @@ def caption_stats(cleaned: Mapping[str, Sequence[str]], min_count: int = 1) -> d
 
 def run_stats(args: argparse.Namespace) -> int:
     """Handler of ``captioner captions stats``."""
-    from captioner.captions import filter_split, read_captions, split_names
-    from captioner.cleaning import clean_captions
     from captioner.errors import CaptionerError
+    from captioner.text.captions import filter_split, read_captions, split_names
+    from captioner.text.cleaning import clean_captions
 
     if args.min_count < 1:
         raise CaptionerError(f"--min-count must be at least 1, got {args.min_count}")

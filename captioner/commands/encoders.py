@@ -6,8 +6,8 @@ import argparse
 import json
 
 from captioner.commands.options import add_renamed
-from captioner.encoders import SPECS, get_spec
-from captioner.presets import DEFAULT_PRESET, PRESETS
+from captioner.encoders.specs import SPECS, get_spec
+from captioner.formats.presets import DEFAULT_PRESET, PRESETS
 
 # the encoder of the default preset, the bundled model's (not encoders.DEFAULT_ENCODER, the
 # Python API's historical default)
@@ -114,8 +114,8 @@ def summary(args: argparse.Namespace) -> int:
 
 def export(args: argparse.Namespace) -> int:
     """Write the architecture as JSON."""
+    from captioner.encoders.weight_files import export_json
     from captioner.errors import CaptionerError
-    from captioner.weight_files import export_json
 
     if not args.out:
         raise CaptionerError("give --out FILE, the JSON file to write")

@@ -33,9 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         add_output_options,
         add_renamed,
     )
-    from captioner.evaluation import ATTENTION_IMAGES, DEFAULT_BATCH_SIZE
-    from captioner.presets import PRESETS
-    from captioner.report import GALLERY_IMAGES, THUMBNAIL_SIZE
+    from captioner.evaluation.evaluate import ATTENTION_IMAGES, DEFAULT_BATCH_SIZE
+    from captioner.evaluation.report import GALLERY_IMAGES, THUMBNAIL_SIZE
+    from captioner.formats.presets import PRESETS
 
     p = sub.add_parser(
         "evaluate",
@@ -125,14 +125,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """Evaluate, write the report, print the summary table."""
-    from captioner.captions import caption_inputs
     from captioner.commands.options import decoding_overrides
     from captioner.errors import CaptionerError
-    from captioner.evaluation import evaluate
-    from captioner.meteor import missing_line
-    from captioner.presets import get_preset
-    from captioner.report import build_payload, format_table, write_report
-    from captioner.runs import CONFIG_FILE, DEFAULT_RUN
+    from captioner.evaluation.evaluate import evaluate
+    from captioner.evaluation.meteor import missing_line
+    from captioner.evaluation.report import build_payload, format_table, write_report
+    from captioner.formats.presets import get_preset
+    from captioner.formats.run_folder import CONFIG_FILE, DEFAULT_RUN
+    from captioner.text.captions import caption_inputs
 
     models = args.model or []
     model = models[0] if models else None
@@ -191,9 +191,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> None:
     """The options of ``evaluate`` not checked by their group, before any model loads."""
-    from captioner import checks
+    from captioner import option_checks as checks
     from captioner.errors import CaptionerError, OptionError
-    from captioner.faults import check_writable
+    from captioner.storage.faults import check_writable
 
     if not args.out:
         raise CaptionerError("give --out OUT_DIR, the folder for the report")
@@ -219,8 +219,8 @@ def _check(args: argparse.Namespace) -> None:
 
 def _print_json(result, report_path) -> None:
     """One line per image and decoding, one per failure, then the summary."""
-    from captioner import records
-    from captioner.report import build_payload
+    from captioner.evaluation.report import build_payload
+    from captioner.formats import json_lines as records
 
     payload = build_payload(result)
     for section, data in zip(result.sections, payload["sections"], strict=True):

@@ -44,14 +44,14 @@ def run_export(args: argparse.Namespace) -> int:
     import importlib.util
 
     from captioner.errors import CaptionerError
-    from captioner.runs import DEFAULT_RUN
+    from captioner.formats.run_folder import DEFAULT_RUN
 
     missing = [m for m in ("onnx", "tf2onnx") if importlib.util.find_spec(m) is None]
     if missing:
         raise CaptionerError(
             f'export needs {" and ".join(missing)}: pip install "captioner[export]"'
         )
-    from captioner.onnx_export import export_run
+    from captioner.inference.onnx_export import export_run
 
     run = Path(args.run) if args.run else DEFAULT_RUN
     out = Path(args.out) if args.out else run / "onnx"

@@ -6,8 +6,8 @@ import argparse
 import sys
 
 from captioner.commands.options import strict_help
-from captioner.encoders import SPECS
-from captioner.presets import add_preset_option, get_preset
+from captioner.encoders.specs import SPECS
+from captioner.formats.presets import add_preset_option, get_preset
 
 # Kept here (not imported from features/images) so `captioner --help` stays fast; extract()
 # validates the same values.
@@ -182,9 +182,9 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
 
 def run_extract(args: argparse.Namespace) -> int:
     """Handler of ``captioner extract``; returns the exit status."""
-    from captioner import checks
+    from captioner import option_checks as checks
+    from captioner.encoders.images import list_images
     from captioner.errors import CaptionerError
-    from captioner.images import list_images
 
     if args.verify:
         if args.source is not None or args.more_sources:
@@ -211,7 +211,7 @@ def run_extract(args: argparse.Namespace) -> int:
         engine = {"address": args.ray_address, "actors": args.actors,
                   "gpus_per_actor": args.gpus_per_actor}  # fmt: skip
     else:
-        from captioner.extraction import extract_with_spec as run
+        from captioner.features.extraction import extract_with_spec as run
 
         engine = {"workers": args.workers}
     summary = run(
@@ -243,7 +243,7 @@ def run_extract(args: argparse.Namespace) -> int:
 
 
 def _print_json(summary) -> None:
-    from captioner import records
+    from captioner.formats import json_lines as records
 
     for name, reason in summary.failed.items():
         print(records.dumps(records.error_record(name, reason)))
@@ -265,9 +265,9 @@ def _print_json(summary) -> None:
 
 def run_verify(path: str, as_json: bool) -> int:
     """``captioner extract --verify CACHE``: 0 when no row is damaged, else 1."""
-    from captioner import records
-    from captioner.cache import FeatureReader
-    from captioner.temp_files import remove_stale
+    from captioner.features.cache import FeatureReader
+    from captioner.formats import json_lines as records
+    from captioner.storage.temp_files import remove_stale
 
     remove_stale(path)
     with FeatureReader(path) as reader:

@@ -30,7 +30,7 @@ fit.json (what was planned), features/{train,dev,test}.h5 and report/report.html
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``captioner fit``."""
     from captioner.commands.options import strict_help
-    from captioner.presets import add_preset_option
+    from captioner.formats.presets import add_preset_option
 
     p = sub.add_parser(
         "fit",
@@ -119,8 +119,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_fit(args: argparse.Namespace) -> int:
     """Handler of ``captioner fit``."""
-    from captioner import checks
-    from captioner.fit import FitOptions, describe, dry_run, make_plan, report_findings, run_fit
+    from captioner import option_checks as checks
+    from captioner.fit.pipeline import (
+        FitOptions,
+        describe,
+        dry_run,
+        make_plan,
+        report_findings,
+        run_fit,
+    )
 
     checks.at_least("--epochs", args.epochs, 1)
     checks.at_least("--batch-size", args.batch_size, 1)

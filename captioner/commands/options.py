@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from captioner.decoding_config import FIELDS as DECODING_FIELDS  # standard library only
+from captioner.formats.decoding_config import FIELDS as DECODING_FIELDS  # standard library only
 
 STRICT_EXIT = 1  # --strict and an input failed: the same status in every command
 Check = Callable[[argparse.Namespace], None]
@@ -34,8 +34,10 @@ def add_check(p: argparse.ArgumentParser, check: Check) -> None:
 
 
 def run_checks(args: argparse.Namespace) -> None:
-    """Every check the parsed command registered; the first failure raises."""
-    for check in getattr(args, "checks", None) or ():
+    """Every check the parsed command registered; the first failure raises. The model folders
+    (which read files) are checked after every option on its own."""
+    checks = list(getattr(args, "checks", None) or ())
+    for check in sorted(checks, key=lambda c: c is check_models):
         check(args)
 
 
@@ -89,7 +91,7 @@ def add_model_options(p: argparse.ArgumentParser, what: str = "decode", *,
 def check_models(args: argparse.Namespace) -> None:
     """Each ``--model`` folder is a run folder whose config.json reads (its stored decoding
     included), or an ONNX export: a model error comes before any per-image one."""
-    from captioner.runs import CONFIG_FILE, RunConfig
+    from captioner.formats.run_folder import CONFIG_FILE, RunConfig
 
     for folder in args.model or ():
         if (Path(folder) / "manifest.json").is_file() and not (Path(folder) / CONFIG_FILE).exists():
@@ -102,7 +104,7 @@ def check_models(args: argparse.Namespace) -> None:
 
 
 def add_memory_option(p: argparse.ArgumentParser) -> None:
-    """``--max-memory`` of ``caption``, ``evaluate`` and ``serve`` (:mod:`captioner.memory`)."""
+    """``--max-memory`` of ``caption``, ``evaluate`` and ``serve`` (:mod:`captioner.inference.memory`)."""
     p.add_argument("--max-memory", type=memory_size, default=None, metavar="SIZE",
                    help="most memory a batch may take beside the loaded model, e.g. 1.5G or "
                    "800M; a batch that would take more is encoded and searched in pieces "
@@ -112,7 +114,7 @@ def add_memory_option(p: argparse.ArgumentParser) -> None:
 
 def memory_size(text: str) -> int:
     """argparse ``type`` of ``--max-memory``: bytes of a size such as 1.5G."""
-    from captioner.memory import parse_size
+    from captioner.inference.memory import parse_size
 
     try:
         return parse_size(text)
@@ -123,7 +125,7 @@ def memory_size(text: str) -> int:
 def add_decoding_options(p: argparse.ArgumentParser, beam_nargs: str | None = None) -> None:
     """The decoding options of ``caption``, ``evaluate`` and ``serve``: each left unset takes
     the model's stored decoding (``"decoding"`` in its config.json)."""
-    from captioner.decoding_config import MAX_BEAM_SIZE, MAX_LENGTH
+    from captioner.formats.decoding_config import MAX_BEAM_SIZE, MAX_LENGTH
 
     g = p.add_argument_group("decoding (default: the model's own, stored in its config.json)")
     g.add_argument("--beam-size", type=int, default=None, nargs=beam_nargs, metavar="K",
@@ -158,7 +160,7 @@ def check_decoding(args: argparse.Namespace) -> None:
 
 def decoding_overrides(args: argparse.Namespace) -> dict:
     """The decoding fields given on the command line (None: the model's)."""
-    from captioner.decoding_config import check_overrides
+    from captioner.formats.decoding_config import check_overrides
 
     overrides = {k: getattr(args, k) for k in DECODING_FIELDS if hasattr(args, k)}
     check_overrides(**{k: v for k, v in overrides.items() if not isinstance(v, list)})
@@ -194,8 +196,8 @@ def check_images(args: argparse.Namespace) -> None:
 def expand_images(args: list[str]) -> list[Path]:
     """Files, folders (their images) and globs, in the order given; a path that does not
     exist is kept as it is, to fail with a per-image error."""
+    from captioner.encoders.images import GLOB_CHARS, list_images
     from captioner.errors import CaptionerError
-    from captioner.images import GLOB_CHARS, list_images
 
     paths: list[Path] = []
     for arg in args:

@@ -18,8 +18,8 @@ The caption file and feature caches default to the ones the --init run was train
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``captioner scst``."""
     from captioner.commands.options import add_check, add_output_options
-    from captioner.scst_config import ScstConfig
-    from captioner.training import SELECT_ON
+    from captioner.train.scst_config import ScstConfig
+    from captioner.train.training import SELECT_ON
 
     d = ScstConfig("", "")  # the defaults' one owner
     p = sub.add_parser(
@@ -83,7 +83,7 @@ def add_scst_options(p: argparse.ArgumentParser, d, select_on: tuple[str, ...]) 
 
 def check_options(args: argparse.Namespace) -> None:
     """The options of an SCST run, each on its own, before anything loads."""
-    from captioner import checks
+    from captioner import option_checks as checks
     from captioner.errors import CaptionerError
 
     if not args.resume and not args.init:
@@ -99,7 +99,7 @@ def check_options(args: argparse.Namespace) -> None:
 
 def config_from(args: argparse.Namespace):
     """The ScstConfig of the command line: options given, else ScstConfig's defaults."""
-    from captioner.scst_config import ScstConfig
+    from captioner.train.scst_config import ScstConfig
 
     d = ScstConfig("", "")
     given = {"epochs": args.epochs, "learning_rate": args.learning_rate,
@@ -118,8 +118,8 @@ def config_from(args: argparse.Namespace):
 
 def run_scst(args: argparse.Namespace) -> int:
     """Handler of ``captioner scst`` (and of the deprecated ``train --scst``)."""
-    from captioner.captions import caption_inputs
-    from captioner.scst import train_scst
+    from captioner.text.captions import caption_inputs
+    from captioner.train.scst import train_scst
 
     if args.captions and isinstance(args.captions, list):  # several files: merged into one
         args.captions = caption_inputs(args.captions, args.out)[0]

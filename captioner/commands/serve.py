@@ -155,7 +155,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from captioner.commands.caption import resolve_runtime
     from captioner.commands.options import decoding_overrides, model_decoding
-    from captioner.inference import DEFAULT_RUN
+    from captioner.inference.captioner import DEFAULT_RUN
     from captioner.serve.app import create_app
     from captioner.serve.engine import Engine
 

@@ -32,9 +32,9 @@ SCST_ONLY = ("init", "samples", "batch_images", "sample_top_k", "sample_temperat
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``captioner train``."""
     from captioner.commands.options import add_check
-    from captioner.presets import add_preset_option
-    from captioner.scst_config import ScstConfig
-    from captioner.training import SCHEDULES, SELECT_ON, TrainConfig
+    from captioner.formats.presets import add_preset_option
+    from captioner.train.scst_config import ScstConfig
+    from captioner.train.training import SCHEDULES, SELECT_ON, TrainConfig
 
     d = TrainConfig("", "", "")
     p = sub.add_parser(
@@ -164,9 +164,9 @@ def check_given(args: argparse.Namespace, defaults: dict) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     """Handler of ``captioner train``."""
-    from captioner.captions import caption_inputs
     from captioner.errors import CaptionerError
-    from captioner.training import train
+    from captioner.text.captions import caption_inputs
+    from captioner.train.training import train
 
     if args.scst:
         from captioner.commands.options import notice
@@ -174,7 +174,7 @@ def run_train(args: argparse.Namespace) -> int:
         notice("train --scst", "captioner scst (same options; --val-images for "
                "--val-bleu-images)")
         return _run_scst(args)
-    from captioner.runs import CHECKPOINT, CONFIG_FILE
+    from captioner.formats.run_folder import CHECKPOINT, CONFIG_FILE
 
     if not args.resume and not (args.captions and args.train_features):
         raise CaptionerError("--captions and --train-features are required (unless --resume)")
@@ -193,8 +193,8 @@ def run_train(args: argparse.Namespace) -> int:
 def config_from_args(args: argparse.Namespace):
     """The TrainConfig of the command line: options given, else the preset's, else the
     TrainConfig defaults (with --resume, the run's own settings win later)."""
-    from captioner.presets import get_preset
-    from captioner.training import TrainConfig
+    from captioner.formats.presets import get_preset
+    from captioner.train.training import TrainConfig
 
     preset = get_preset(args.preset)
     fields = TrainConfig.__dataclass_fields__

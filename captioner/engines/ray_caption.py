@@ -1,9 +1,9 @@
 """``captioner caption --engine ray --out FILE.jsonl``: a large collection captioned on Ray.
 
 Images the output file lacks are decoded in Ray tasks; an actor pool holds the model (every
-``--model`` folder, loaded by :func:`captioner.loader.load_captioner` once per actor) and
+``--model`` folder, loaded by :func:`captioner.inference.loader.load_captioner` once per actor) and
 returns one JSON record per image; the driver appends them to the file
-(:mod:`captioner.caption_lines`), so a rerun completes it. The decoding is the first folder's
+(:mod:`captioner.inference.caption_lines`), so a rerun completes it. The decoding is the first folder's
 stored one with the command line's overrides, resolved once in the driver.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from captioner.caption_lines import CaptionSummary, LineWriter, caption_record, made_with, pending
+from captioner.encoders.images import DEFAULT_MAX_PIXELS
 from captioner.engines.ray_runtime import (
     DECODE_CPUS,
     actor_threads,
@@ -24,7 +24,13 @@ from captioner.engines.ray_runtime import (
     limit_backend_threads,
     ray_session,
 )
-from captioner.images import DEFAULT_MAX_PIXELS
+from captioner.inference.caption_lines import (
+    CaptionSummary,
+    LineWriter,
+    caption_record,
+    made_with,
+    pending,
+)
 from captioner.progress import progress as progress_bar
 
 
@@ -33,11 +39,11 @@ class CaptionActor:
 
     def __init__(self, models: list[str], decoding: dict[str, Any], max_memory: int | None = None):
         limit_backend_threads(actor_threads())
-        from captioner.decoding_config import DecodingConfig
-        from captioner.loader import load_captioner
+        from captioner.formats.decoding_config import DecodingConfig
+        from captioner.inference.loader import load_captioner
 
         self.captioner = load_captioner(models)
-        self.captioner.max_memory = max_memory  # None: the default budget (captioner.memory)
+        self.captioner.max_memory = max_memory  # None: the default budget (captioner.inference.memory)
         self.decoding = DecodingConfig.from_dict(decoding)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -58,8 +64,8 @@ class CaptionActor:
 def run_settings(run_dir: Path, overrides: dict[str, Any]):
     """(input size, resize method, decoding) of the first run folder, from its config alone
     (no model built; a bad decoding field raises :class:`DecodingError`)."""
-    from captioner.encoders import get_spec
-    from captioner.runs import RunConfig
+    from captioner.encoders.specs import get_spec
+    from captioner.formats.run_folder import RunConfig
 
     config = RunConfig.load(run_dir)
     size = config.encoder.input_size or get_spec(config.encoder.name).input_size

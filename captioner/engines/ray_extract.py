@@ -2,7 +2,7 @@
 
 Ray Data reads the rows the cache still lacks, decodes them in tasks (fractional CPUs), runs
 the encoder in an actor pool (one model per actor) and streams the features back; only the
-driver writes, through the same crash-safe :class:`~captioner.cache_writer.FeatureWriter` as the
+driver writes, through the same crash-safe :class:`~captioner.features.cache_writer.FeatureWriter` as the
 local engine, so the file, its statuses and error texts, and resuming after a crash are
 identical. Nothing to do: Ray is not started.
 """
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from captioner.cache_writer import FeatureWriter
+from captioner.encoders.images import DEFAULT_MAX_PIXELS
 from captioner.engines.ray_runtime import (
     DECODE_CPUS,
     actor_threads,
@@ -27,9 +27,14 @@ from captioner.engines.ray_runtime import (
     limit_backend_threads,
     ray_session,
 )
-from captioner.extract_plan import ExtractPlan, ExtractSummary, finish_extract, plan_extract
-from captioner.extraction import _feature_shape, encoder_setup
-from captioner.images import DEFAULT_MAX_PIXELS
+from captioner.features.cache_writer import FeatureWriter
+from captioner.features.extract_plan import (
+    ExtractPlan,
+    ExtractSummary,
+    finish_extract,
+    plan_extract,
+)
+from captioner.features.extraction import _feature_shape, encoder_setup
 from captioner.progress import progress as progress_bar
 
 
@@ -82,7 +87,7 @@ def extract_ray(
     actors: int = 1,
     gpus_per_actor: float = 0.0,
 ) -> ExtractSummary:
-    """:func:`captioner.extraction.extract` on Ray; ``model`` is a zero-argument builder that
+    """:func:`captioner.features.extraction.extract` on Ray; ``model`` is a zero-argument builder that
     Ray can send to the actors (e.g. a ``functools.partial`` of a module-level function)."""
     start = time.perf_counter()
     check_options(actors, gpus_per_actor, batch_size)
@@ -164,6 +169,6 @@ def extract_ray_with_spec(
     mixed_precision: str | None = None,
     **kwargs: Any,
 ) -> ExtractSummary:
-    """:func:`extract_ray` with a named encoder (as :func:`~captioner.extraction.extract_with_spec`)."""
+    """:func:`extract_ray` with a named encoder (as :func:`~captioner.features.extraction.extract_with_spec`)."""
     identity, build, input_size = encoder_setup(encoder, layer, weights, mixed_precision)
     return extract_ray(paths, out, model=build, identity=identity, input_size=input_size, **kwargs)

@@ -133,7 +133,7 @@ def limit_backend_threads(threads: int) -> None:
 
 def environment_json() -> str:
     """The library versions a new cache records, as JSON (computed where the model runs)."""
-    from captioner.extraction import _environment
+    from captioner.features.extraction import _environment
 
     return json.dumps(_environment())
 
@@ -145,8 +145,8 @@ def decode_batch(
     ("" when fine); a bad image gets zero pixels and its reason, exactly as the local loader."""
     from functools import partial
 
-    from captioner.extraction import _safe_load
-    from captioner.images import load_image
+    from captioner.encoders.images import load_image
+    from captioner.features.extraction import _safe_load
 
     load = partial(load_image, size=size, resample=resample, max_pixels=max_pixels)
     paths = [str(p) for p in batch["path"]]

@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from captioner.decoding_config import MAX_BEAM_SIZE, DecodingConfig
 from captioner.errors import RequestError
-from captioner.records import caption_error_record, caption_record
+from captioner.formats.decoding_config import MAX_BEAM_SIZE, DecodingConfig
+from captioner.formats.json_lines import caption_error_record, caption_record
 from captioner.serve.auth import ApiKeys
 from captioner.serve.batcher import Batcher, QueueFull
 from captioner.serve.engine import (

@@ -2,7 +2,7 @@
 
 :meth:`Engine.run` takes the images of several requests at once: all of them go through the
 encoder as one batch, then each group of images asking for the same decoding (and attention)
-is captioned as one batch by :meth:`captioner.inference.Captioner.caption`, the one call the
+is captioned as one batch by :meth:`captioner.inference.captioner.Captioner.caption`, the one call the
 CLI uses too, so the service answers what ``captioner caption`` prints. Nothing here knows
 about HTTP.
 """
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from captioner.decoding_config import DecodingConfig
+from captioner.formats.decoding_config import DecodingConfig
 
 ATTENTION = "attention"  # the per-image key added to the caption record when asked
 WEIGHT_DIGITS = 4
@@ -49,13 +49,13 @@ class Item:
 class Output:
     """Captions of one image, best first, and the attention of the best one when asked."""
 
-    captions: list[Any]  # captioner.decoding.Caption, best first; empty when ``error``
+    captions: list[Any]  # captioner.inference.decoding.Caption, best first; empty when ``error``
     attention: tuple[list[str], np.ndarray] | None = None  # words, weights (len(words), h*w)
     error: str | None = None  # non-finite features or decoder outputs: this image fails alone
 
 
 class Engine:
-    """A loaded :class:`~captioner.inference.Captioner` and what the service says about it."""
+    """A loaded :class:`~captioner.inference.captioner.Captioner` and what the service says about it."""
 
     def __init__(self, captioner, run_dir: str | os.PathLike | None = None):
         self.captioner = captioner
@@ -66,7 +66,7 @@ class Engine:
                  runtime: str | None = None) -> Engine:
         """Load the model (one run folder, or several decoded as one ensemble) and its encoder
         (``runtime``: keras, onnx, or None: onnx when the folder carries an export)."""
-        from captioner.loader import load_captioner
+        from captioner.inference.loader import load_captioner
 
         captioner = load_captioner(models, runtime=runtime)
         captioner.encoder()  # built now, not on the first request

@@ -1,7 +1,7 @@
 """The attention heat map of one captioned upload, as the page shows it.
 
 :func:`heatmap_image` is the one place that draws it: the CLI's ``--attention-map`` figure
-(:func:`captioner.figures.attention_figure`: the image, then one panel per word lit where the
+(:func:`captioner.evaluation.figures.attention_figure`: the image, then one panel per word lit where the
 decoder looked), as a JPEG; swap in another renderer here and the page follows.
 """
 
@@ -18,7 +18,7 @@ def heatmap_image(pixels: np.ndarray, words: Sequence[str], weights: np.ndarray,
     """``(payload, mime type)`` of the heat map of ``pixels`` (H, W, 3) uint8, as the encoder
     saw them, for ``words`` and their attention ``weights`` (len(words), h*w); the pixels are
     stretched back to the photo's own width/height ratio ``aspect`` first."""
-    from captioner.figures import attention_figure, image_bytes
+    from captioner.evaluation.figures import attention_figure, image_bytes
 
     figure = attention_figure(_at_aspect(pixels, aspect), list(words), np.asarray(weights), grid)
     return image_bytes(figure, "jpeg"), "image/jpeg"

@@ -3,7 +3,7 @@
 Every check answers a :class:`~captioner.errors.RequestError` (whole request) or a
 :class:`Failure` (one image, the others go on) whose text names the problem. Uploads are copied
 into the service's temporary folder in chunks, never more than the size limit, decoded with
-:func:`captioner.images.load_image` (pixel-count guard before decoding, truncated and
+:func:`captioner.encoders.images.load_image` (pixel-count guard before decoding, truncated and
 non-image files refused) and deleted at once.
 """
 
@@ -19,10 +19,10 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from captioner.decoding_config import FIELDS as DECODING_FIELDS
-from captioner.decoding_config import DecodingConfig, DecodingError
+from captioner.encoders.images import IMAGE_SUFFIXES
 from captioner.errors import ImageError, RequestError
-from captioner.images import IMAGE_SUFFIXES
+from captioner.formats.decoding_config import FIELDS as DECODING_FIELDS
+from captioner.formats.decoding_config import DecodingConfig, DecodingError
 from captioner.serve.engine import Options
 
 IMAGE_FIELD = "images"
@@ -70,7 +70,7 @@ def parse_options(fields: Mapping[str, Sequence[str]], has_attention: bool,
                   default: DecodingConfig) -> Options:
     """Options from the form's text fields (each at most once); unknown fields are refused.
     The decoding fields override single fields of ``default`` (the model's stored decoding),
-    with the limits of :class:`~captioner.decoding_config.DecodingConfig`, as the CLI's."""
+    with the limits of :class:`~captioner.formats.decoding_config.DecodingConfig`, as the CLI's."""
     unknown = sorted(set(fields) - set(OPTION_FIELDS))
     if unknown:
         raise RequestError(f"unknown field {unknown[0]!r}: the fields are {IMAGE_FIELD!r} (files) "
@@ -150,7 +150,7 @@ def decode_upload(upload: Any, index: int, folder: Path, size: tuple[int, int],
             mb = limits.max_bytes / 2**20
             return Decoded(name, failure=Failure(f"too large (over {mb:g} MB); send a smaller "
                                                  "file", 413))
-        from captioner.images import load_image, upright_size
+        from captioner.encoders.images import load_image, upright_size
 
         pixels = load_image(path, size, resample, max_pixels=limits.max_pixels)
         width, height = upright_size(path)
@@ -159,7 +159,7 @@ def decode_upload(upload: Any, index: int, folder: Path, size: tuple[int, int],
         reason = getattr(exc, "reason", None) or str(exc)
         return Decoded(name, failure=Failure(reason, 413 if reason.startswith("too large") else 422))
     except OSError as exc:  # the server's disk (full, read-only, ...), not the upload
-        from captioner.faults import NO_SPACE, fault_errno
+        from captioner.storage.faults import NO_SPACE, fault_errno
 
         if (code := fault_errno(exc, writing=True)) is None:
             raise

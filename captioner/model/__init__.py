@@ -1,0 +1,2 @@
+"""The trainable decoder: the decoder registry and Keras models (``decoders``) and their
+checkpoints (``checkpoints``)."""
