@@ -72,9 +72,9 @@ def resolve_runtime(args: argparse.Namespace, models: list[Path]) -> str:
 
     chosen = choose_runtime(models, "best", args.runtime)
     if chosen == "keras":
-        from captioner.cli import _quiet_keras_import
+        from captioner.quiet import quiet_keras_import
 
-        _quiet_keras_import()
+        quiet_keras_import()
     return chosen
 
 
