@@ -19,11 +19,20 @@ _PUBLIC = {
 }
 
 
-def __getattr__(name: str):
-    if name not in _PUBLIC:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
+def lazy_exports(package: str, table: dict[str, str]):
+    """A module ``__getattr__`` that imports ``table``'s names (``"module"`` or
+    ``"module:attribute"``) on first use, so importing ``package`` stays light."""
 
-    module, _, attribute = _PUBLIC[name].partition(":")
-    found = importlib.import_module(module)
-    return getattr(found, attribute) if attribute else found
+    def __getattr__(name: str):
+        if name not in table:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        import importlib
+
+        module, _, attribute = table[name].partition(":")
+        found = importlib.import_module(module)
+        return getattr(found, attribute) if attribute else found
+
+    return __getattr__
+
+
+__getattr__ = lazy_exports(__name__, _PUBLIC)

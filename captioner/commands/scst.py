@@ -39,18 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run_scst)
 
 
-def add_scst_options(p: argparse.ArgumentParser, d, select_on: tuple[str, ...]) -> None:
-    """The options of ``captioner scst`` (defaults shown from ``d``, a default ScstConfig)."""
-    g = p.add_argument_group("self-critical fine-tuning")
-    g.add_argument("--init", metavar="RUN_DIR",
-                   help="cross-entropy run to start from (required unless --resume)")
-    g.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last finished epoch")
-    g.add_argument("--captions", metavar="FILE", nargs="+",
-                   help="caption file(s) (default: the --init run's)")
-    g.add_argument("--train-features", metavar="H5", help="training cache (default: the --init run's)")
-    g.add_argument("--val-features", metavar="H5", help="dev cache (default: the --init run's)")
-    g.add_argument("--epochs", type=int, default=None, help=f"total epochs (default {d.epochs})")
+def add_sampling_options(g, d) -> None:
+    """How SCST samples and scores (shared with the deprecated ``train --scst``); defaults shown
+    from ``d``, a default ScstConfig."""
     g.add_argument("--samples", type=int, default=d.samples,
                    help="captions sampled per image; each one's baseline is the mean reward of "
                    "the others (default %(default)s)")
@@ -64,6 +55,21 @@ def add_scst_options(p: argparse.ArgumentParser, d, select_on: tuple[str, ...]) 
     g.add_argument("--evals-per-epoch", type=int, default=None,
                    help="score the dev images this many times per epoch; reward and scores go "
                    f"to curve.csv in the run folder (default {d.evals_per_epoch})")
+
+
+def add_scst_options(p: argparse.ArgumentParser, d, select_on: tuple[str, ...]) -> None:
+    """The options of ``captioner scst`` (defaults shown from ``d``, a default ScstConfig)."""
+    g = p.add_argument_group("self-critical fine-tuning")
+    g.add_argument("--init", metavar="RUN_DIR",
+                   help="cross-entropy run to start from (required unless --resume)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last finished epoch")
+    g.add_argument("--captions", metavar="FILE", nargs="+",
+                   help="caption file(s) (default: the --init run's)")
+    g.add_argument("--train-features", metavar="H5", help="training cache (default: the --init run's)")
+    g.add_argument("--val-features", metavar="H5", help="dev cache (default: the --init run's)")
+    g.add_argument("--epochs", type=int, default=None, help=f"total epochs (default {d.epochs})")
+    add_sampling_options(g, d)
     g.add_argument("--learning-rate", type=float, default=None,
                    help=f"Adam learning rate (default {d.learning_rate:g})")
     g.add_argument("--warmup-epochs", type=float, default=None,

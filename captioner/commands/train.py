@@ -32,6 +32,7 @@ SCST_ONLY = ("init", "samples", "batch_images", "sample_top_k", "sample_temperat
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``captioner train``."""
     from captioner.commands.options import add_check
+    from captioner.commands.scst import add_sampling_options
     from captioner.formats.presets import add_preset_option
     from captioner.train.scst_config import ScstConfig
     from captioner.train.training import SCHEDULES, SELECT_ON, TrainConfig
@@ -121,21 +122,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="(deprecated: `captioner scst`, same options) fine-tune the run given "
                    "by --init with self-critical sequence training")
     g.add_argument("--init", metavar="RUN_DIR", help="cross-entropy run to start from (with --scst)")
-    g.add_argument("--samples", type=int, default=5,
-                   help="captions sampled per image; each one's baseline is the mean reward of "
-                   "the others (default %(default)s)")
-    g.add_argument("--batch-images", type=int, default=16,
-                   help="images per SCST step (default %(default)s)")
-    _SCST = ScstConfig("", "")  # noqa: N806  (the defaults' one owner)
-    g.add_argument("--sample-top-k", type=int, default=None,
-                   help="sample each word from the model's K most likely words only (default "
-                   f"{_SCST.top_k}; 0: the whole vocabulary, whose label-smoothed tail adds "
-                   "random words to most captions)")
-    g.add_argument("--sample-temperature", type=float, default=None,
-                   help=f"sampling temperature (default {_SCST.temperature})")
-    g.add_argument("--evals-per-epoch", type=int, default=None,
-                   help="score the dev images this many times per epoch; reward and scores go "
-                   f"to curve.csv in the run folder (default {_SCST.evals_per_epoch})")
+    add_sampling_options(g, ScstConfig("", ""))
     defaults = {a.dest: a.default for a in p._actions}
     add_check(p, lambda args: check_given(args, defaults))
     p.set_defaults(handler=run_train)

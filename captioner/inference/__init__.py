@@ -3,6 +3,8 @@
 (``decoding``), ``caption --out`` files (``caption_lines``) and the ONNX runtime and export
 (``onnx_runtime``, ``onnx_export``)."""
 
+from captioner import lazy_exports
+
 # The README's ``from captioner.inference import Captioner`` keeps working, imported on first use
 # (``import captioner`` stays light): name -> "module" or "module:attribute".
 _PUBLIC = {
@@ -11,11 +13,4 @@ _PUBLIC = {
 }
 
 
-def __getattr__(name: str):
-    if name not in _PUBLIC:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    module, _, attribute = _PUBLIC[name].partition(":")
-    found = importlib.import_module(module)
-    return getattr(found, attribute) if attribute else found
+__getattr__ = lazy_exports(__name__, _PUBLIC)
