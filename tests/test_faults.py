@@ -427,7 +427,7 @@ from test_features import register_tiny
 from captioner.inference.caption_lines import LineWriter
 from captioner.features.cache_writer import FeatureWriter
 from captioner.train.monitor import RunMonitor
-from captioner import report
+from captioner.evaluation import report
 
 register_tiny()
 after, folder = int(sys.argv[1]), sys.argv[2]
