@@ -228,6 +228,10 @@ def test_scst_is_its_own_command_with_scst_config_defaults(capsys):
     assert "needs --init RUN_DIR" in _one_error_line(capsys, "scst")
     assert main(["scst", "--init", "i", "--out", "o", "--samples", "1"]) == 2
     assert "error: --samples must be at least 2" in _one_error_line(capsys, "scst")
+    assert main(["scst", "--init", "i", "--out", "o", "--init-epoch", "0"]) == 2
+    assert "error: --init-epoch must be at least 1" in _one_error_line(capsys, "scst")
+    assert main(["scst", "--resume", "--out", "o", "--init-epoch", "2"]) == 2
+    assert "--init-epoch chooses where a new run starts" in _one_error_line(capsys, "scst")
 
 
 def test_train_scst_refuses_what_it_would_ignore_and_says_it_is_deprecated(capsys):

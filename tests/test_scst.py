@@ -151,3 +151,37 @@ def test_scst_from_a_folder_with_a_file_manifest_and_not_from_an_ensemble(ce_run
     (bundle / "config.json").write_text(json.dumps(config))
     with pytest.raises(CaptionerError, match="ensemble of 2 decoders; --init takes one run"):
         train_scst(ScstConfig(init=str(bundle), out=str(tmp_path / "y")), verbose=False)
+
+
+def _weights(path) -> list[np.ndarray]:
+    import h5py
+
+    arrays: list[np.ndarray] = []
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda _, obj: arrays.append(obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return arrays
+
+
+def test_scst_starts_from_the_chosen_epoch_checkpoint(ce_run):
+    """--init-epoch N starts from checkpoints/epoch-NNN (not best.weights.h5); a learning rate
+    of ~0 leaves those weights as they were, so the run's weights are that checkpoint's."""
+    ce, tmp_path = ce_run
+    best = _weights(ce / "best.weights.h5")
+    other = [n for n in (2, 3) if not all(  # the kept epoch that is not the best one
+        np.array_equal(a, b) for a, b in zip(_weights(ce / f"checkpoints/epoch-{n:03d}.weights.h5"), best, strict=True))]
+    assert len(other) == 1
+    start = ce / "checkpoints" / f"epoch-{other[0]:03d}.weights.h5"
+    run = train_scst(ScstConfig(init=str(ce), out=str(tmp_path / "from2"), init_epoch=other[0], epochs=1,
+                                samples=2, batch_images=4, val_images=2, learning_rate=1e-12),
+                     verbose=False)
+    assert Captioner.from_run(run).config.training["scst"]["init_epoch"] == other[0]
+    for a, b in zip(_weights(start), _weights(run / "last.weights.h5"), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_scst_names_the_kept_epochs_when_the_chosen_one_is_missing(ce_run):
+    ce, tmp_path = ce_run
+    with pytest.raises(CaptionerError, match=r"epoch-001.weights.h5 does not exist; .* keeps the "
+                       r"epochs 2, 3 \(train with --keep-checkpoints N"):
+        train_scst(ScstConfig(init=str(ce), out=str(tmp_path / "from1"), init_epoch=1), verbose=False)
+    assert not (tmp_path / "from1").exists()

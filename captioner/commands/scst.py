@@ -62,6 +62,10 @@ def add_scst_options(p: argparse.ArgumentParser, d, select_on: tuple[str, ...]) 
     g = p.add_argument_group("self-critical fine-tuning")
     g.add_argument("--init", metavar="RUN_DIR",
                    help="cross-entropy run to start from (required unless --resume)")
+    g.add_argument("--init-epoch", type=int, default=None, metavar="N",
+                   help="start from the --init run's epoch N checkpoint (checkpoints/"
+                   "epoch-NNN.weights.h5) instead of its best weights: a model that has not yet "
+                   "memorised its training captions learns more from SCST's reward")
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last finished epoch")
     g.add_argument("--captions", metavar="FILE", nargs="+",
@@ -97,9 +101,12 @@ def check_options(args: argparse.Namespace) -> None:
                              "or --resume")
     checks.at_least("--samples", args.samples, 2, " (each sample's baseline is the others)")
     for option, minimum in (("epochs", 1), ("batch_images", 1), ("sample_top_k", 0),
-                            ("evals_per_epoch", 1), ("val_images", 0), ("val_beam_size", 1),
+                            ("evals_per_epoch", 1), ("val_images", 0), ("init_epoch", 1), ("val_beam_size", 1),
                             ("max_train_images", 1)):
-        checks.at_least(option, getattr(args, option), minimum)
+        checks.at_least(option, getattr(args, option, None), minimum)  # train --scst: no --init-epoch
+    if args.resume and getattr(args, "init_epoch", None) is not None:
+        raise CaptionerError("--init-epoch chooses where a new run starts; --resume continues "
+                             "from the run's own last epoch")
     checks.at_least("sample_temperature", args.sample_temperature, 1e-6)
 
 
@@ -114,7 +121,7 @@ def config_from(args: argparse.Namespace):
              "temperature": args.sample_temperature, "evals_per_epoch": args.evals_per_epoch,
              "warmup_epochs": getattr(args, "warmup_epochs", None)}
     return ScstConfig(
-        init=args.init or "", out=args.out, captions=args.captions,
+        init=args.init or "", out=args.out, init_epoch=getattr(args, "init_epoch", None), captions=args.captions,
         train_features=args.train_features, val_features=args.val_features,
         samples=args.samples, batch_images=args.batch_images, seed=args.seed,
         max_train_images=args.max_train_images,

@@ -41,7 +41,6 @@ def _prepare(config: ScstConfig, resume: bool):
     (its config with the SCST settings under ``training["scst"]``, its tokenizer, its weights
     as the starting point) unless resuming."""
     from captioner.formats.run_folder import (
-        BEST_WEIGHTS,
         CONFIG_FILE,
         LAST_WEIGHTS,
         SOURCE_KEYS,
@@ -67,11 +66,11 @@ def _prepare(config: ScstConfig, resume: bool):
                              "takes one run folder (e.g. one of the runs it was bundled from)")
     for key in SOURCE_KEYS:
         setattr(config, key, _located(base, key, init, getattr(config, key)))
+    start = _starting_weights(init, config.init_epoch)  # checked before the folder exists
     run.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(init / TOKENIZER_FILE, run / TOKENIZER_FILE)
     for name in base.grounding.values():  # the ImageNet head and family map travel along
         shutil.copyfile(init / name, run / name)
-    start = init / BEST_WEIGHTS if (init / BEST_WEIGHTS).is_file() else init / LAST_WEIGHTS
     shutil.copyfile(start, run / LAST_WEIGHTS)  # the starting point, until epoch 1 replaces it
     settings = {k: v for k, v in dataclasses.asdict(config).items()
                 if k not in (*SOURCE_KEYS, "out")}
@@ -83,6 +82,22 @@ def _prepare(config: ScstConfig, resume: bool):
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     saved.save(run)
     return run, saved, config
+
+
+def _starting_weights(init: Path, epoch: int | None) -> Path:
+    """The weights SCST starts from: ``init``'s epoch-``epoch`` checkpoint, else its best
+    (else last) weights."""
+    from captioner.formats.run_folder import BEST_WEIGHTS, CHECKPOINTS_DIR, LAST_WEIGHTS
+
+    if epoch is None:
+        return init / BEST_WEIGHTS if (init / BEST_WEIGHTS).is_file() else init / LAST_WEIGHTS
+    start = init / CHECKPOINTS_DIR / f"epoch-{epoch:03d}.weights.h5"
+    if not start.is_file():
+        kept = sorted(int(p.name[6:9]) for p in (init / CHECKPOINTS_DIR).glob("epoch-*.weights.h5"))
+        raise CaptionerError(f"{start} does not exist; {init} keeps the epochs "
+                             f"{', '.join(map(str, kept)) or 'none'} (train with "
+                             "--keep-checkpoints N to keep more)")
+    return start
 
 
 def _located(saved, key: str, run: Path, given: str | None) -> str | None:

@@ -12,6 +12,8 @@ class ScstConfig:
 
     init: str  # run folder of the cross-entropy model to start from
     out: str  # run folder to create (or resume)
+    init_epoch: int | None = None  # start from the init run's checkpoints/epoch-NNN weights
+    # (None: its best.weights.h5); an earlier, less memorised epoch is SCST's better start
     captions: str | None = None  # default: the caption file the init run was trained on
     train_features: str | None = None  # default: the init run's training cache
     val_features: str | None = None  # default: the init run's validation cache
