@@ -114,10 +114,12 @@ def test_scst_run_raises_the_reward_checkpoints_and_resumes(ce_run):
     train_scst(more, resume=True, verbose=False)
     with open(run / "history.csv") as fh:
         assert [int(r["epoch"]) for r in csv.DictReader(fh)] == [1, 2, 3, 4]
-    with open(run / "curve.csv") as fh:  # dev scores twice per epoch, across the resume
+    with open(run / "curve.csv") as fh:
         curve = list(csv.DictReader(fh))
-    assert [float(r["epoch"]) for r in curve] == [0.5, 1, 1.5, 2, 2.5, 3, 3.5, 4]
-    assert all(r["reward"] and r["val_bleu4"] and r["val_cider"] for r in curve)
+    # the start (dev only: no reward yet), then dev scores twice per epoch, across the resume
+    assert [float(r["epoch"]) for r in curve] == [0, 0.5, 1, 1.5, 2, 2.5, 3, 3.5, 4]
+    assert curve[0]["reward"] == "" and curve[0]["val_bleu4"] and curve[0]["val_cider"]
+    assert all(r["reward"] and r["val_bleu4"] and r["val_cider"] for r in curve[1:])
 
 
 def test_scst_refuses_one_sample_and_an_existing_folder(ce_run):

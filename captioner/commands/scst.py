@@ -10,9 +10,14 @@ EXAMPLE = """\
 examples:
   captioner scst --init runs/attention --out runs/attention-scst
   captioner scst --init runs/attention --out runs/attention-scst --epochs 5 --sample-top-k 5
+  captioner scst --init runs/attention --init-epoch 4 --out runs/attention-scst
   captioner scst --out runs/attention-scst --resume --epochs 8      # continue / extend
 
 The caption file and feature caches default to the ones the --init run was trained on.
+Start from an epoch that has not yet memorised its training captions (train with
+--keep-checkpoints 8 and pass --init-epoch): a run whose training-split CIDEr-D is far above its
+dev CIDEr-D gets its reward from captions it has learnt by heart, and SCST then lowers dev scores
+(docs/RESULTS.md, issue #23).
 """
 
 def register(sub: argparse._SubParsersAction) -> None:

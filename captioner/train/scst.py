@@ -228,6 +228,10 @@ def train_scst(config: ScstConfig, resume: bool = False, verbose: bool = True) -
     dev_decoding = saved.decoding.replace(beam_size=config.val_beam_size, n_best=1)
     rows = read_history(run / HISTORY)
     curve = read_history(run / CURVE_FILE)
+    if not curve and val is not None:  # the starting point: what the curve rises (or falls) from
+        bleu, cider = dev_scores(Captioner(model, tokenizer), val, dev_decoding)
+        curve = [{"epoch": 0.0, "reward": None, "val_bleu4": bleu, "val_cider": cider}]
+        write_history(run / CURVE_FILE, curve, CURVE_FIELDS)
     while epoch < config.epochs:
         started, rng = time.time(), np.random.default_rng((config.seed, epoch))
         order = rng.permutation(len(names))
