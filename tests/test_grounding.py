@@ -230,6 +230,20 @@ def test_a_run_folder_with_a_head_drops_the_word_its_head_does_not_support(untra
         assert all(word not in r.captions[0].text.split() for r in found)
 
 
+def test_an_ensemble_grounds_with_any_members_head(untrained_run, tmp_path):
+    """A member from before the head (no imagenet_head.npz) listed first does not switch
+    grounding off for the ensemble: the members share one encoder, so one head serves all."""
+    from captioner.inference.loader import load_captioner
+
+    run, feats, word = _grounded_run(untrained_run, tmp_path)
+    both = load_captioner([untrained_run, run], runtime="keras")
+    assert both.grounding is not None
+    plain = both.caption(feats, decoding=DecodingConfig(beam_size=1))
+    assert word in plain[0].captions[0].text.split()
+    found = both.caption(feats, decoding=DecodingConfig(beam_size=1, grounding=5.0))
+    assert all(word not in r.captions[0].text.split() for r in found)
+
+
 def test_a_damaged_head_in_a_run_folder_is_one_line(untrained_run, tmp_path):
     from captioner.inference.loader import load_captioner
 

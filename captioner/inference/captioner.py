@@ -506,7 +506,9 @@ class EnsembleCaptioner(Captioner):
         self.decoder, self.tokenizer, self.config = first.decoder, first.tokenizer, first.config
         self.decoding = first.decoding
         self.run_dir, self._searched = first.run_dir, True
-        self.grounding = first.grounding
+        # one encoder, so one ImageNet head: any member's (a folder trained before the head
+        # existed has none, and must not switch grounding off for the others)
+        self.grounding = next((m.grounding for m in members if m.grounding is not None), None)
         self._encoder, self._encoded = None, False
 
     def initial_state(self, features: np.ndarray, eager: bool = False) -> list[dict]:
