@@ -40,10 +40,9 @@ def _captions(captioner, photos: list[Path], features: Path | None, decoding) ->
         found = captioner.caption([str(p) for p in photos], decoding=decoding, batch_size=64)
     else:
         from captioner.features.cache import open_features
-        from captioner.train.batches import read_features
 
-        reader = open_features(features)
-        feats = read_features(reader, [p.name for p in photos])
+        with open_features(features) as reader:  # (N, H, W, C) as stored: both runtimes take it
+            feats = np.asarray(reader.read([p.name for p in photos]), dtype="float32")
         found = captioner.caption(feats, decoding=decoding, batch_size=128)
     return [r.captions[0].text if r.captions else "" for r in found]
 

@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 
 from captioner.errors import CaptionerError
+from captioner.formats.decoding_config import FIELDS, DecodingConfig
 from captioner.formats.run_folder import (
     BEST_WEIGHTS,
     CURVES,
@@ -65,6 +66,21 @@ def check_member(config: RunConfig, first: Path, run: Path) -> None:
         raise CaptionerError(f"{run}: its encoder features differ from {first}'s")
 
 
+def bundle_decoding(base: DecodingConfig, pairs: list[str]) -> DecodingConfig:
+    """``base`` with the FIELD=VALUE pairs applied (checked as any stored decoding is)."""
+    changes = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or name not in FIELDS:
+            raise CaptionerError(f"--decoding {pair!r}: expected FIELD=VALUE with FIELD one of "
+                                 f"{', '.join(FIELDS)}")
+        try:
+            changes[name] = None if value == "null" else float(value) if "." in value else int(value)
+        except ValueError:
+            raise CaptionerError(f"--decoding {pair!r}: {value!r} is not a number") from None
+    return DecodingConfig.from_dict({**base.to_dict(), **changes}, "--decoding")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,7 +89,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--float16", action="store_true", help="store the weights as float16")
     p.add_argument("--out", type=Path, default=Path("weights/default"))
     p.add_argument("--report", type=Path, default=None)
+    p.add_argument("--decoding", metavar="FIELD=VALUE", nargs="+", default=[],
+                   help="the bundle's stored decoding, chosen on dev (default: the first "
+                   "run's), e.g. --decoding alpha=1.2 grounding=2")
     args = p.parse_args(argv)
+    decoding = bundle_decoding(RunConfig.load(args.run).decoding, args.decoding)
 
     config = RunConfig.load(args.run)
     if args.out.exists():
@@ -101,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     files = {n: {"size": (args.out / n).stat().st_size, "sha256": sha256sum(args.out / n)}
              for n in (*CARRIED, *config.grounding.values(), *names)}
     bundled = dataclasses.replace(
-        config, encoder=encoder, preset="default", files=files, members=names,
+        config, encoder=encoder, preset="default", files=files, members=names, decoding=decoding,
         sources={k: provenance(v) for k, v in config.sources.items()})
     bundled.save(args.out)
     print(f"bundled {args.run} -> {args.out}")

@@ -180,3 +180,20 @@ def test_one_loader_and_one_caption_call(runs, tmp_path):
     assert [r.captions for r in found] == model.caption_features(feats, beam_size=2)
     assert model.caption(feats, beam_size=1) == model.caption(feats, DecodingConfig(1))
     assert model.caption(feats, n_best=2)[0].captions[1].score <= found[0].score
+
+
+def test_make_bundle_stores_the_decoding_chosen_on_dev(runs, tmp_path):
+    """--decoding FIELD=VALUE sets the bundle's stored decoding; a bad pair is one line."""
+    from captioner.errors import CaptionerError
+    from captioner.formats.run_folder import RunConfig
+
+    (a, b), _ = runs
+    _make_bundle().main([str(a), str(b), "--out", str(tmp_path / "tuned"),
+                         "--decoding", "alpha=1.2", "beam_size=4"])
+    decoding = RunConfig.load(tmp_path / "tuned").decoding
+    assert (decoding.alpha, decoding.beam_size) == (1.2, 4)
+    assert decoding.block_ngram == RunConfig.load(a).decoding.block_ngram  # the rest: the run's
+    for bad, says in ((["alpha"], "expected FIELD=VALUE"), (["beam=3"], "FIELD one of beam_size"),
+                      (["alpha=x"], "'x' is not a number"), (["alpha=-1"], "from 0 to 10")):
+        with pytest.raises(CaptionerError, match=says):
+            _make_bundle().main([str(a), "--out", str(tmp_path / "bad"), "--decoding", *bad])
