@@ -93,9 +93,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="the bundle's stored decoding, chosen on dev (default: the first "
                    "run's), e.g. --decoding alpha=1.2 grounding=2")
     args = p.parse_args(argv)
-    decoding = bundle_decoding(RunConfig.load(args.run).decoding, args.decoding)
 
     config = RunConfig.load(args.run)
+    decoding = bundle_decoding(config.decoding, args.decoding)  # checked before anything is written
     if args.out.exists():
         shutil.rmtree(args.out)
     args.out.mkdir(parents=True)

@@ -16,8 +16,8 @@ examples:
 The caption file and feature caches default to the ones the --init run was trained on.
 Start from an epoch that has not yet memorised its training captions (train with
 --keep-checkpoints 8 and pass --init-epoch): a run whose training-split CIDEr-D is far above its
-dev CIDEr-D gets its reward from captions it has learnt by heart, and SCST then lowers dev scores
-(docs/RESULTS.md, issue #23).
+dev CIDEr-D gets its reward from captions it has learnt by heart, and SCST then gains little on
+dev or falls apart (docs/RESULTS.md, issue #23).
 """
 
 def register(sub: argparse._SubParsersAction) -> None:
