@@ -72,6 +72,7 @@ def train_config(config) -> None:
         ("patience", 0),
         ("keep_checkpoints", 1),
         ("val_bleu_images", 0),
+        ("train_score_images", 0),
         ("max_train_images", 1),
         ("warmup_epochs", 0),
         ("attention_reg", 0),

@@ -70,11 +70,11 @@ def duration(seconds: float) -> str:
 
 
 def metric(name: str, value: float | None) -> str:
-    """A training metric as a person reads it: BLEU x100 with one decimal, the learning rate
+    """A training metric as a person reads it: BLEU and CIDEr x100 with one decimal, the learning rate
     in scientific notation, losses with three decimals."""
     if value is None:
         return "n/a"
-    if "bleu" in name.lower():
+    if "bleu" in name.lower() or "cider" in name.lower():
         return f"{100 * value:.1f}"
     if "learning_rate" in name or name == "lr":
         return f"{value:.1e}"
@@ -92,6 +92,10 @@ def epoch_line(epoch: int, epochs: int, logs: dict, seconds: float) -> str:
             parts.append(text)
     if logs.get("val_bleu4") is not None:
         parts.append(f"val BLEU-4 {metric('bleu', logs['val_bleu4'])}")
+    if logs.get("val_cider") is not None:
+        parts.append(f"val CIDEr-D {metric('cider', logs['val_cider'])}")
+    if logs.get("train_cider") is not None:  # far above val: reciting the training captions
+        parts.append(f"train CIDEr-D {metric('cider', logs['train_cider'])}")
     if logs.get("learning_rate") is not None:
         parts.append(f"lr {metric('learning_rate', logs['learning_rate'])}")
     parts.append(duration(seconds))

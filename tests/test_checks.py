@@ -75,6 +75,7 @@ def _train(data, out, *extra):
         ("--max-length", "2", "--max-length must be at least 3"),
         ("--dropout", "1.0", "--dropout must be at least 0.0 and below 1.0"),
         ("--learning-rate", "0", "--learning-rate must be above 0"),
+        ("--train-score-images", "-1", "--train-score-images must be at least 0, not -1"),
     ],
 )
 def test_train_numbers_out_of_range(tmp_path, data, capsys, option, value, needle):

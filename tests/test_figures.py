@@ -139,6 +139,16 @@ def test_training_curves_without_cross_entropy_use_separate_axes_and_say_why():
     assert _colour_pixels(pixels, figures.OTHER_COLOUR) > 50
 
 
+def test_training_curves_draw_the_training_cider_when_scored():
+    rows = [{**r, "val_cider": 0.4, "train_cider": 0.4 + 0.1 * r["epoch"]} for r in HISTORY]
+    fig = figures.training_curves(rows)
+    labels = [t.get_text() for t in fig.axes[2].get_legend().get_texts()]
+    assert labels[-2:] == ["CIDEr-D x100", "training CIDEr-D x100"]
+    assert fig.axes[2].get_lines()[-1].get_ydata()[-1] == pytest.approx(120.0)
+    assert "training CIDEr-D" in fig.axes[2].get_title()
+    assert "training" not in figures.training_curves(HISTORY).axes[2].get_title()
+
+
 def test_training_curves_with_cross_entropy_share_one_axis(tmp_path):
     rows = [{**r, "xent": 3.2 - 0.1 * r["epoch"], "val_xent": r["val_loss"]} for r in HISTORY]
     fig = figures.training_curves(rows)

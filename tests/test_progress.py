@@ -50,3 +50,13 @@ def test_cold_onnx_caption_imports_no_tqdm_or_asyncio():
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.splitlines()[-1] == "[]"
     assert "data/example.jpg: " in done.stdout
+
+
+def test_the_epoch_line_shows_dev_and_training_cider():
+    from captioner.progress import epoch_line
+
+    line = epoch_line(4, 8, {"loss": 2.5, "val_bleu4": 0.2012, "val_cider": 0.4713,
+                             "train_cider": 0.778, "learning_rate": 1e-3}, 65.0)
+    assert "val BLEU-4 20.1" in line and "val CIDEr-D 47.1" in line
+    assert "train CIDEr-D 77.8" in line and line.startswith("epoch 4/8:")
+    assert "train CIDEr-D" not in epoch_line(1, 8, {"loss": 2.5}, 1.0)

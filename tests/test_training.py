@@ -73,6 +73,17 @@ def test_run_folder_contents_and_config(tmp_path, data):
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
     assert all(0.0 <= float(r["val_bleu4"]) <= 1.0 for r in rows)
+    assert all(r["train_cider"] == "" for r in rows)  # not asked for
+
+
+def test_training_images_are_scored_each_epoch_when_asked(tmp_path):
+    data = _one_caption_per_image(tmp_path)
+    run = train(_config(tmp_path, data, epochs=40, batch_size=6, train_score_images=4), verbose=0)
+    rows = read_history(run / "history.csv")
+    assert len(rows) == 40 and all(r["train_bleu4"] is not None for r in rows)
+    # the tiny decoder learns its one caption per image by heart: training CIDEr-D climbs
+    assert rows[-1]["train_cider"] > rows[0]["train_cider"] + 1.0
+    assert RunConfig.load(run).training["train_score_images"] == 4
 
 
 def test_reload_from_folder_gives_identical_predictions(tmp_path, data):

@@ -100,6 +100,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="validation images captioned each epoch for BLEU-4 and CIDEr-D; the best "
                    "epoch on them is saved as best.weights.h5 (default: the preset's, 1000 = "
                    f"the whole Flickr8k dev split for 'default'; else {d.val_bleu_images})")
+    p.add_argument("--train-score-images", type=int, default=None,
+                   help="training images captioned and scored the same way each epoch "
+                   "(train_bleu4, train_cider in history.csv): training scores far above the dev "
+                   "ones mean the decoder recites its training captions, and SCST should start "
+                   "from an earlier epoch (default: the preset's, 500 for 'default'; else "
+                   f"{d.train_score_images}: off)")
     p.add_argument("--val-beam-size", type=int, default=None,
                    help="beam size of those dev captions (1 = greedy; default: the preset's, 3 "
                    "for 'default', 1 for 'classic')")

@@ -329,7 +329,8 @@ def _loss_panel(ax, epochs: list[int], rows: Sequence[Mapping[str, Any]]) -> str
 
 def training_curves(rows: Sequence[Mapping[str, Any]]):
     """A ``Figure`` of a run's history rows: loss (training and validation), learning rate and
-    validation BLEU-4 (x100) against the epoch; the best BLEU-4 epoch is marked."""
+    validation BLEU-4 and CIDEr-D (x100, and the training images' CIDEr-D when scored) against
+    the epoch; the best BLEU-4 epoch is marked."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
@@ -361,7 +362,10 @@ def training_curves(rows: Sequence[Mapping[str, Any]]):
         if _has(rows, "val_cider"):
             cider = [v * 100 for v in _column(rows, "val_cider")]
             bleu_ax.plot(epochs, cider, "^--", color=OTHER_COLOUR, label="CIDEr-D x100")
-        bleu_ax.legend(loc="lower right", fontsize=9)
+        if _has(rows, "train_cider"):  # far above the dev curve: reciting training captions
+            train = [v * 100 for v in _column(rows, "train_cider")]
+            bleu_ax.plot(epochs, train, "v:", color=TRAIN_COLOUR, label="training CIDEr-D x100")
+        bleu_ax.legend(loc="best", fontsize=9)
     else:
         bleu_ax.text(
             0.5,
@@ -372,7 +376,8 @@ def training_curves(rows: Sequence[Mapping[str, Any]]):
             transform=bleu_ax.transAxes,
             color="#888888",
         )
-    bleu_ax.set_title("validation scores x100")
+    bleu_ax.set_title("validation scores x100"
+                      + (" (and training CIDEr-D)" if _has(rows, "train_cider") else ""))
     for ax in (loss_ax, lr_ax, bleu_ax):
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -62,6 +62,7 @@ PRESETS: dict[str, Preset] = {
         training={"epochs": 8, "schedule": "cosine", "warmup_epochs": 0.5,
                   "learning_rate": 2e-3, "label_smoothing": 0.1, "patience": 0,
                   "max_length": 22, "val_bleu_images": 1000, "val_beam_size": 3,
+                  "train_score_images": 500,
                   "select_on": "bleu4+cider"},
         # chosen on dev (docs/RESULTS.md); grounding needs the run's ImageNet head, which
         # training attaches to EfficientNet-Lite runs (captioner.inference.grounding)

@@ -47,7 +47,7 @@ HISTORY = "history.csv"
 CURVES = "curves.png"
 LOGS_DIR = "logs"
 HISTORY_FIELDS = ("epoch", "loss", "val_loss", "xent", "val_xent", "val_bleu4", "val_cider",
-                  "learning_rate", "seconds")
+                  "train_bleu4", "train_cider", "learning_rate", "seconds")
 XENT = "xent"  # masked cross-entropy per real word, without regularisers: same on both splits
 SOURCE_KEYS = ("captions", "train_features", "val_features")  # inputs a run records
 DEFAULT_RESAMPLE = "bilinear"  # what every cache before the resize method was recorded used

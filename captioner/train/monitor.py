@@ -1,6 +1,7 @@
 """The training monitor: one Keras callback that keeps a run folder up to date each epoch.
 
-Per epoch it measures validation BLEU-4 on a fixed sample, saves best/last/per-epoch weights,
+Per epoch it measures validation BLEU-4 and CIDEr-D on a fixed sample (and the same scores on a
+fixed sample of training images, when asked: their gap shows memorising), saves best/last/per-epoch weights,
 appends to history.csv, applies the learning-rate plateau rule and early stopping, then writes
 the resumable checkpoint, so all of their state is saved together.
 """
@@ -29,7 +30,7 @@ from captioner.model.checkpoints import WeightsExporter, save_checkpoint
 
 
 def dev_scores(captioner, sample, decoding=None) -> tuple[float | None, float | None]:
-    """(BLEU-4, CIDEr-D) of ``captioner``'s captions of the dev ``sample`` (features,
+    """(BLEU-4, CIDEr-D) of ``captioner``'s captions of the ``sample`` (features,
     references) decoded with ``decoding`` (a DecodingConfig; None: the captioner's);
     (None, None) without a sample."""
     from captioner.evaluation.metrics import cider_d, corpus_bleu_scores
@@ -55,7 +56,8 @@ class RunMonitor(keras.callbacks.Callback):
     ``settings``: the run's TrainConfig (schedule, plateau and patience options,
     keep_checkpoints); ``val_sample``: (features, {name: references}) or None; ``state``: the
     monitor state of a resumed run; ``decoding``: how the dev captions are decoded (the run's
-    stored decoding at the dev beam size).
+    stored decoding at the dev beam size); ``train_sample``: like ``val_sample``, training
+    images scored the same way, or None.
     """
 
     def __init__(
@@ -67,9 +69,11 @@ class RunMonitor(keras.callbacks.Callback):
         state: dict,
         exporter: WeightsExporter,
         decoding=None,
+        train_sample=None,
     ):
         super().__init__()
         self.settings, self.run, self.val_sample = settings, run, val_sample
+        self.train_sample = train_sample
         self.tokenizer, self.exporter, self.decoding = tokenizer, exporter, decoding
         self.state = {
             "best_bleu": -1.0,
@@ -95,6 +99,10 @@ class RunMonitor(keras.callbacks.Callback):
         bleu, cider = dev_scores(self._get_captioner(), self.val_sample, self.decoding)
         if bleu is not None:
             logs["val_bleu4"], logs["val_cider"] = bleu, cider
+        train_bleu, train_cider = dev_scores(self._get_captioner(), self.train_sample,
+                                             self.decoding)
+        if train_bleu is not None:
+            logs["train_bleu4"], logs["train_cider"] = train_bleu, train_cider
         lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         row = {
             "epoch": epoch + 1,
@@ -104,6 +112,8 @@ class RunMonitor(keras.callbacks.Callback):
             "val_xent": logs.get(f"val_{XENT}"),
             "val_bleu4": bleu,
             "val_cider": cider,
+            "train_bleu4": train_bleu,
+            "train_cider": train_cider,
             "learning_rate": lr,
             "seconds": round(time.time() - self.started, 2),
         }

@@ -66,6 +66,7 @@ class TrainConfig:
     patience: int = 5
     keep_checkpoints: int = 2
     val_bleu_images: int = 200
+    train_score_images: int = 0  # training images scored each epoch too: the gap shows memorising
     val_beam_size: int = 1  # beam size of the per-epoch dev captions (1: greedy)
     select_on: str = "bleu4"  # dev score that picks best.weights.h5: bleu4, cider, bleu4+cider
     bucket: bool = True  # batch captions of similar length; no steps spent on padding
@@ -210,6 +211,18 @@ def _val_sample(config: TrainConfig):
     return reader, caps, (feats, {n: caps[n] for n in sample})
 
 
+def _train_sample(config: TrainConfig, reader, caps: dict):
+    """(features, references) of the first ``train_score_images`` training images, or None:
+    scored like the dev sample each epoch, so history.csv shows when the decoder starts to
+    recite its training captions (train scores far above dev ones)."""
+    if config.train_score_images <= 0:
+        return None
+    from captioner.train.batches import read_features
+
+    sample = sorted(caps)[: config.train_score_images]
+    return read_features(reader, sample), {n: caps[n] for n in sample}
+
+
 def train(config: TrainConfig, resume: bool = False, verbose: int = 1) -> Path:
     """Train (or resume) a run; returns the run folder. ``verbose``: 0 silent, else a bar inside
     every epoch (on a terminal) and one line per epoch. With ``mixed_precision`` the float16
@@ -293,7 +306,8 @@ def _train(config: TrainConfig, resume: bool, verbose: int, devices: int) -> Pat
     exporter = WeightsExporter(config.decoder, dec_config)
     stored = saved.decoding if saved is not None else preset_decoding(config.preset)
     dev = stored.replace(beam_size=config.val_beam_size, n_best=1)  # the run's, at the dev beam
-    callbacks = [RunMonitor(config, run, val_sample, tokenizer, monitor_state, exporter, dev)]
+    callbacks = [RunMonitor(config, run, val_sample, tokenizer, monitor_state, exporter, dev,
+                            train_sample=_train_sample(config, train_reader, train_caps))]
     callbacks += _tensorboard(run)
     if verbose:
         from captioner.progress import epoch_progress
