@@ -35,6 +35,7 @@ from captioner.formats.run_folder import (
 SCHEDULES = ("constant", "cosine", "plateau")
 SELECT_ON = ("bleu4", "cider", "bleu4+cider")  # dev scores that can pick best.weights.h5
 PATH_FIELDS = (*SOURCE_KEYS, "out")  # TrainConfig fields that name files, not settings
+MEASURE_ONLY = ("train_score_images",)  # settings that only measure: no weight depends on them
 
 
 @dataclass
