@@ -70,8 +70,8 @@ def duration(seconds: float) -> str:
 
 
 def metric(name: str, value: float | None) -> str:
-    """A training metric as a person reads it: BLEU and CIDEr x100 with one decimal, the learning rate
-    in scientific notation, losses with three decimals."""
+    """A training metric as a person reads it: BLEU and CIDEr x100 with one decimal, the
+    learning rate in scientific notation, losses with three decimals."""
     if value is None:
         return "n/a"
     if "bleu" in name.lower() or "cider" in name.lower():

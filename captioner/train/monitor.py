@@ -1,9 +1,9 @@
 """The training monitor: one Keras callback that keeps a run folder up to date each epoch.
 
-Per epoch it measures validation BLEU-4 and CIDEr-D on a fixed sample (and the same scores on a
-fixed sample of training images, when asked: their gap shows memorising), saves best/last/per-epoch weights,
-appends to history.csv, applies the learning-rate plateau rule and early stopping, then writes
-the resumable checkpoint, so all of their state is saved together.
+Per epoch it measures validation BLEU-4 and CIDEr-D on a fixed sample (and, when asked, the same
+scores on a fixed sample of training images: their gap shows memorising), saves best/last/
+per-epoch weights, appends to history.csv, applies the learning-rate plateau rule and early
+stopping, then writes the resumable checkpoint, so all of their state is saved together.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from captioner.formats.run_folder import (
 from captioner.model.checkpoints import WeightsExporter, save_checkpoint
 
 
-def dev_scores(captioner, sample, decoding=None) -> tuple[float | None, float | None]:
+def sample_scores(captioner, sample, decoding=None) -> tuple[float | None, float | None]:
     """(BLEU-4, CIDEr-D) of ``captioner``'s captions of the ``sample`` (features,
     references) decoded with ``decoding`` (a DecodingConfig; None: the captioner's);
     (None, None) without a sample."""
@@ -96,10 +96,10 @@ class RunMonitor(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs if logs is not None else {}
-        bleu, cider = dev_scores(self._get_captioner(), self.val_sample, self.decoding)
+        bleu, cider = sample_scores(self._get_captioner(), self.val_sample, self.decoding)
         if bleu is not None:
             logs["val_bleu4"], logs["val_cider"] = bleu, cider
-        train_bleu, train_cider = dev_scores(self._get_captioner(), self.train_sample,
+        train_bleu, train_cider = sample_scores(self._get_captioner(), self.train_sample,
                                              self.decoding)
         if train_bleu is not None:
             logs["train_bleu4"], logs["train_cider"] = train_bleu, train_cider

@@ -207,7 +207,7 @@ def train_scst(config: ScstConfig, resume: bool = False, verbose: bool = True) -
     from captioner.progress import progress
     from captioner.text.tokenizer import Tokenizer
     from captioner.train.batches import read_features
-    from captioner.train.monitor import dev_scores, selection_score
+    from captioner.train.monitor import sample_scores, selection_score
     from captioner.train.training import _load_split, _val_sample
 
     run, saved, config = _prepare(config, resume)
@@ -229,7 +229,7 @@ def train_scst(config: ScstConfig, resume: bool = False, verbose: bool = True) -
     rows = read_history(run / HISTORY)
     curve = read_history(run / CURVE_FILE)
     if not curve and val is not None:  # the starting point: what the curve rises (or falls) from
-        bleu, cider = dev_scores(Captioner(model, tokenizer), val, dev_decoding)
+        bleu, cider = sample_scores(Captioner(model, tokenizer), val, dev_decoding)
         curve = [{"epoch": 0.0, "reward": None, "val_bleu4": bleu, "val_cider": cider}]
         write_history(run / CURVE_FILE, curve, CURVE_FIELDS)
     while epoch < config.epochs:
@@ -249,9 +249,9 @@ def train_scst(config: ScstConfig, resume: bool = False, verbose: bool = True) -
                 bar.set_postfix(reward=f"{np.mean(rewards[-20:]):.3f}")
                 if n in marks and n != len(batches):
                     curve = _curve_point(curve, epoch + n / len(batches), rewards, marks[n],
-                                         dev_scores(Captioner(model, tokenizer), val, dev_decoding))
+                                         sample_scores(Captioner(model, tokenizer), val, dev_decoding))
                     write_history(run / CURVE_FILE, curve, CURVE_FIELDS)
-        bleu, cider = dev_scores(Captioner(model, tokenizer), val, dev_decoding)
+        bleu, cider = sample_scores(Captioner(model, tokenizer), val, dev_decoding)
         epoch += 1
         curve = _curve_point([r for r in curve if r["epoch"] <= epoch], float(epoch), rewards,
                              marks[len(batches)], (bleu, cider))

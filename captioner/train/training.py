@@ -203,24 +203,18 @@ def _val_sample(config: TrainConfig):
     if not config.val_features:
         return None, None, None
     reader, caps = _load_split(config.captions, config.val_features)
-    if config.val_bleu_images <= 0:  # validation loss only
-        return reader, caps, None
-    sample = sorted(caps)[: config.val_bleu_images]
-    from captioner.train.batches import read_features
-
-    feats = read_features(reader, sample)
-    return reader, caps, (feats, {n: caps[n] for n in sample})
+    return reader, caps, scored_sample(reader, caps, config.val_bleu_images)
 
 
-def _train_sample(config: TrainConfig, reader, caps: dict):
-    """(features, references) of the first ``train_score_images`` training images, or None:
-    scored like the dev sample each epoch, so history.csv shows when the decoder starts to
-    recite its training captions (train scores far above dev ones)."""
-    if config.train_score_images <= 0:
+def scored_sample(reader, caps: dict, count: int):
+    """(features, references) of the first ``count`` images of a split by name, captioned and
+    scored every epoch; None when ``count`` is 0. On the training split (``train_score_images``)
+    its scores far above the dev ones show the decoder reciting its training captions."""
+    if count <= 0:
         return None
     from captioner.train.batches import read_features
 
-    sample = sorted(caps)[: config.train_score_images]
+    sample = sorted(caps)[:count]
     return read_features(reader, sample), {n: caps[n] for n in sample}
 
 
@@ -308,7 +302,8 @@ def _train(config: TrainConfig, resume: bool, verbose: int, devices: int) -> Pat
     stored = saved.decoding if saved is not None else preset_decoding(config.preset)
     dev = stored.replace(beam_size=config.val_beam_size, n_best=1)  # the run's, at the dev beam
     callbacks = [RunMonitor(config, run, val_sample, tokenizer, monitor_state, exporter, dev,
-                            train_sample=_train_sample(config, train_reader, train_caps))]
+                            train_sample=scored_sample(train_reader, train_caps,
+                                                       config.train_score_images))]
     callbacks += _tensorboard(run)
     if verbose:
         from captioner.progress import epoch_progress
