@@ -96,13 +96,11 @@ class RunMonitor(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs if logs is not None else {}
-        bleu, cider = sample_scores(self._get_captioner(), self.val_sample, self.decoding)
-        if bleu is not None:
-            logs["val_bleu4"], logs["val_cider"] = bleu, cider
-        train_bleu, train_cider = sample_scores(self._get_captioner(), self.train_sample,
-                                             self.decoding)
-        if train_bleu is not None:
-            logs["train_bleu4"], logs["train_cider"] = train_bleu, train_cider
+        scores = {}
+        for split, sample in (("val", self.val_sample), ("train", self.train_sample)):
+            bleu, cider = sample_scores(self._get_captioner(), sample, self.decoding)
+            scores |= {f"{split}_bleu4": bleu, f"{split}_cider": cider}
+        logs.update({k: v for k, v in scores.items() if v is not None})
         lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         row = {
             "epoch": epoch + 1,
@@ -110,16 +108,14 @@ class RunMonitor(keras.callbacks.Callback):
             "val_loss": logs.get("val_loss"),
             "xent": logs.get(XENT),
             "val_xent": logs.get(f"val_{XENT}"),
-            "val_bleu4": bleu,
-            "val_cider": cider,
-            "train_bleu4": train_bleu,
-            "train_cider": train_cider,
+            **scores,
             "learning_rate": lr,
             "seconds": round(time.time() - self.started, 2),
         }
         self.rows = [r for r in self.rows if r["epoch"] < epoch + 1] + [row]
         select_on = getattr(self.settings, "select_on", "bleu4")
-        self._select_best(epoch, logs, selection_score(select_on, bleu, cider))
+        self._select_best(epoch, logs, selection_score(select_on, scores["val_bleu4"],
+                                                       scores["val_cider"]))
         self._plateau(logs)
         self._early_stop(logs)
         self._save(epoch)
