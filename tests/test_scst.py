@@ -9,8 +9,9 @@ import pytest
 from helpers import toy_dataset
 
 from captioner.errors import CaptionerError
-from captioner.evaluation.metrics import CiderScorer, cider_d
+from captioner.evaluation.metrics import cider_d
 from captioner.inference.captioner import Captioner
+from captioner.text.cider import CiderScorer
 from captioner.text.tokenizer import END, START
 from captioner.train.scst import ScstConfig, advantages, sample_search, sequences, train_scst
 from captioner.train.training import TrainConfig, train

@@ -13,17 +13,16 @@ import sys
 from collections import Counter
 from typing import Any
 
+from captioner.text.cider import NGram, TfIdf, cider_pair, ngrams
+
 References = dict[str, list[str]]
 Hypotheses = dict[str, str]
-NGram = tuple[str, ...]
 
 BLEU_KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4")
 # the scores every report shows; METEOR (1.5, coco-caption's jar) comes from captioner.evaluation.meteor
 METRIC_KEYS = (*BLEU_KEYS, "CIDEr-D", "ROUGE-L", "METEOR")
 # Cumulative uniform weights: BLEU-n is the geometric mean of p_1..p_n times the brevity penalty.
 BLEU_WEIGHTS = tuple(tuple([1.0 / n] * n) for n in range(1, 5))
-CIDER_N = 4
-CIDER_SIGMA = 6.0
 ROUGE_BETA = 1.2
 
 def check_ids(references: References, hypotheses: Hypotheses) -> list[str]:
@@ -107,43 +106,6 @@ def pycocoevalcap_bleu(references: References, hypotheses: Hypotheses) -> dict[s
     return {key: float(value) for key, value in zip(BLEU_KEYS, scores, strict=True)}
 
 
-def _ngrams(words: list[str], n_max: int = CIDER_N) -> Counter[NGram]:
-    """Counts of every 1..n_max-gram of ``words``."""
-    counts: Counter[NGram] = Counter()
-    for n in range(1, n_max + 1):
-        for start in range(len(words) - n + 1):
-            counts[tuple(words[start : start + n])] += 1
-    return counts
-
-
-class _TfIdf:
-    """TF-IDF vectors of one caption, one per n-gram order, with their Euclidean norms."""
-
-    __slots__ = ("length", "norms", "vectors")
-
-    def __init__(self, words: list[str], df: Counter[NGram], log_images: float) -> None:
-        # pycocoevalcap counts bigrams (words - 1): the same length differences where it matters
-        self.length = len(words)
-        self.vectors: list[dict[NGram, float]] = [{} for _ in range(CIDER_N)]
-        for gram, tf in _ngrams(words).items():
-            self.vectors[len(gram) - 1][gram] = tf * (log_images - math.log(max(1.0, df[gram])))
-        self.norms = [math.sqrt(sum(v * v for v in vec.values())) for vec in self.vectors]
-
-
-def _cider_pair(hyp: _TfIdf, ref: _TfIdf) -> float:
-    """Mean over n of the clipped cosine similarity, times the Gaussian length penalty."""
-    penalty = math.exp(-((hyp.length - ref.length) ** 2) / (2 * CIDER_SIGMA**2))
-    total = 0.0
-    for h_vec, r_vec, h_norm, r_norm in zip(
-        hyp.vectors, ref.vectors, hyp.norms, ref.norms, strict=True
-    ):
-        if h_norm == 0.0 or r_norm == 0.0:
-            continue
-        dot = sum(min(w, r_vec[g]) * r_vec[g] for g, w in h_vec.items() if g in r_vec)
-        total += dot / (h_norm * r_norm)
-    return penalty * total / CIDER_N
-
-
 def cider_d(references: References, hypotheses: Hypotheses) -> tuple[float, dict[str, float]]:
     """CIDEr-D (Vedantam et al. 2015): corpus score (mean over images) and per-image scores.
 
@@ -159,40 +121,14 @@ def cider_d(references: References, hypotheses: Hypotheses) -> tuple[float, dict
     ref_words = {i: [r.split() for r in references[i]] for i in ids}
     df: Counter[NGram] = Counter()
     for i in ids:
-        df.update({gram for words in ref_words[i] for gram in _ngrams(words)})
+        df.update({gram for words in ref_words[i] for gram in ngrams(words)})
     log_images = math.log(len(ids))
     per_image: dict[str, float] = {}
     for i in ids:
-        hyp = _TfIdf(hypotheses[i].split(), df, log_images)
-        refs = [_TfIdf(words, df, log_images) for words in ref_words[i]]
-        per_image[i] = 10.0 * sum(_cider_pair(hyp, ref) for ref in refs) / len(refs)
+        hyp = TfIdf(hypotheses[i].split(), df, log_images)
+        refs = [TfIdf(words, df, log_images) for words in ref_words[i]]
+        per_image[i] = 10.0 * sum(cider_pair(hyp, ref) for ref in refs) / len(refs)
     return float(np.mean(list(per_image.values()))), per_image
-
-
-class CiderScorer:
-    """CIDEr-D of new captions against fixed references, with document frequencies taken once
-    from all of ``references`` (e.g. the training split) — the reward of self-critical training.
-    """
-
-    def __init__(self, references: References) -> None:
-        self.references = references
-        self.df: Counter[NGram] = Counter()
-        for refs in references.values():
-            self.df.update({gram for r in refs for gram in _ngrams(r.split())})
-        self.log_images = math.log(max(len(references), 2))
-        self._refs: dict[str, list[_TfIdf]] = {}
-
-    def score(self, image: str, captions: list[str]) -> list[float]:
-        """CIDEr-D of each caption in ``captions`` against the references of ``image``."""
-        refs = self._refs.get(image)
-        if refs is None:
-            refs = [_TfIdf(r.split(), self.df, self.log_images) for r in self.references[image]]
-            self._refs[image] = refs
-        scores = []
-        for caption in captions:
-            hyp = _TfIdf(caption.split(), self.df, self.log_images)
-            scores.append(10.0 * sum(_cider_pair(hyp, ref) for ref in refs) / len(refs))
-        return scores
 
 
 def _lcs_length(a: list[str], b: list[str]) -> int:

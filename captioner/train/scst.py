@@ -192,7 +192,6 @@ class _Step:
 
 def train_scst(config: ScstConfig, resume: bool = False, verbose: bool = True) -> Path:
     """Fine-tune ``config.init`` with self-critical training into ``config.out``."""
-    from captioner.evaluation.metrics import CiderScorer
     from captioner.formats.run_folder import (
         BEST_WEIGHTS,
         CHECKPOINT,
@@ -205,6 +204,7 @@ def train_scst(config: ScstConfig, resume: bool = False, verbose: bool = True) -
     from captioner.inference.captioner import Captioner
     from captioner.model.checkpoints import WeightsExporter, load_checkpoint, save_checkpoint
     from captioner.progress import progress
+    from captioner.text.cider import CiderScorer
     from captioner.text.tokenizer import Tokenizer
     from captioner.train.batches import read_features
     from captioner.train.monitor import sample_scores, selection_score

@@ -1,0 +1,78 @@
+"""CIDEr's n-gram TF-IDF vectors and their similarity (Vedantam et al. 2015): the one
+implementation behind the CIDEr-D score of reports (:mod:`captioner.evaluation.metrics`), the
+self-critical reward and consensus reranking (:mod:`captioner.inference.consensus`). Standard
+library only; captions are already-cleaned strings split on whitespace."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+References = dict[str, list[str]]
+
+NGram = tuple[str, ...]
+CIDER_N = 4
+CIDER_SIGMA = 6.0
+
+
+def ngrams(words: list[str], n_max: int = CIDER_N) -> Counter[NGram]:
+    """Counts of every 1..n_max-gram of ``words``."""
+    counts: Counter[NGram] = Counter()
+    for n in range(1, n_max + 1):
+        for start in range(len(words) - n + 1):
+            counts[tuple(words[start : start + n])] += 1
+    return counts
+
+
+class TfIdf:
+    """TF-IDF vectors of one caption, one per n-gram order, with their Euclidean norms."""
+
+    __slots__ = ("length", "norms", "vectors")
+
+    def __init__(self, words: list[str], df: Counter[NGram], log_images: float) -> None:
+        # pycocoevalcap counts bigrams (words - 1): the same length differences where it matters
+        self.length = len(words)
+        self.vectors: list[dict[NGram, float]] = [{} for _ in range(CIDER_N)]
+        for gram, tf in ngrams(words).items():
+            self.vectors[len(gram) - 1][gram] = tf * (log_images - math.log(max(1.0, df[gram])))
+        self.norms = [math.sqrt(sum(v * v for v in vec.values())) for vec in self.vectors]
+
+
+def cider_pair(hyp: TfIdf, ref: TfIdf) -> float:
+    """Mean over n of the clipped cosine similarity, times the Gaussian length penalty."""
+    penalty = math.exp(-((hyp.length - ref.length) ** 2) / (2 * CIDER_SIGMA**2))
+    total = 0.0
+    for h_vec, r_vec, h_norm, r_norm in zip(
+        hyp.vectors, ref.vectors, hyp.norms, ref.norms, strict=True
+    ):
+        if h_norm == 0.0 or r_norm == 0.0:
+            continue
+        dot = sum(min(w, r_vec[g]) * r_vec[g] for g, w in h_vec.items() if g in r_vec)
+        total += dot / (h_norm * r_norm)
+    return penalty * total / CIDER_N
+
+
+class CiderScorer:
+    """CIDEr-D of new captions against fixed references, with document frequencies taken once
+    from all of ``references`` (e.g. the training split) — the reward of self-critical training.
+    """
+
+    def __init__(self, references: References) -> None:
+        self.references = references
+        self.df: Counter[NGram] = Counter()
+        for refs in references.values():
+            self.df.update({gram for r in refs for gram in ngrams(r.split())})
+        self.log_images = math.log(max(len(references), 2))
+        self._refs: dict[str, list[TfIdf]] = {}
+
+    def score(self, image: str, captions: list[str]) -> list[float]:
+        """CIDEr-D of each caption in ``captions`` against the references of ``image``."""
+        refs = self._refs.get(image)
+        if refs is None:
+            refs = [TfIdf(r.split(), self.df, self.log_images) for r in self.references[image]]
+            self._refs[image] = refs
+        scores = []
+        for caption in captions:
+            hyp = TfIdf(caption.split(), self.df, self.log_images)
+            scores.append(10.0 * sum(cider_pair(hyp, ref) for ref in refs) / len(refs))
+        return scores
