@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "serve",
     "fit",
     "export",
+    "neighbours",
 )
 
 DESCRIPTION = """\
@@ -45,6 +46,7 @@ Image captioning with Keras 3, stage by stage:
   serve                web service: JSON API and a page to caption photos (the serve extra)
   fit                  photos + captions -> trained, evaluated run folder in one command
   export               a run folder as ONNX: captions on ONNX Runtime, without TensorFlow
+  neighbours           give a run folder the training-image index of --consensus reranking
 
 Run `captioner COMMAND --help` for the options of each command. Options mean the same in
 every command: --model run folders, --checkpoint best|last, --weights encoder weights, --out

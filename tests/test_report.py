@@ -188,6 +188,8 @@ def test_json_holds_every_number_as_computed_by_the_metrics(tmp_path):
         "block_ngram": 0,
         "grounding": 0.0,
         "grounding_boost": 0.0,
+        "consensus": 0,
+        "consensus_weight": 1.0,
         "search": "greedy",
         "label": "greedy",
     }

@@ -230,5 +230,5 @@ def test_decoding_is_stored_and_old_folders_decode_as_their_preset(tmp_path):
     saved.save(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["decoding"] == {
         "beam_size": 5, "n_best": 1, "alpha": 1.0, "block_ngram": 0, "max_length": None,
-        "grounding": 0.0, "grounding_boost": 0.0}
+        "grounding": 0.0, "grounding_boost": 0.0, "consensus": 0, "consensus_weight": 1.0}
     assert RunConfig.load(tmp_path).decoding == DecodingConfig(beam_size=5, alpha=1.0)

@@ -148,6 +148,13 @@ def add_decoding_options(p: argparse.ArgumentParser, beam_nargs: str | None = No
     g.add_argument("--grounding-boost", type=float, default=None, metavar="B",
                    help="and + B * (2 * probability - 1) where the head is sure (> 0.5) of the "
                    "family (0 = off)")
+    g.add_argument("--consensus", type=int, default=None, metavar="K",
+                   help="rerank the beam's captions by how well they agree (CIDEr-D) with the "
+                   "training captions of the K most similar training images (0 = off; models "
+                   "without a neighbour index ignore it)")
+    g.add_argument("--consensus-weight", type=float, default=None, metavar="W",
+                   help="with --consensus: a caption's rank is its agreement + W * its search "
+                   "score")
     add_check(p, check_decoding)
 
 

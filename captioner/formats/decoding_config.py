@@ -22,6 +22,8 @@ MAX_ALPHA = 10.0  # score = log-prob / length**alpha; beyond this only the longe
 MAX_BLOCK_NGRAM = 20
 MAX_LENGTH = 500  # tokens generated at most (the model's own maximum is usually far below)
 MAX_GROUNDING = 10.0  # beyond this a word the encoder's head doubts is simply never chosen
+MAX_CONSENSUS = 200  # neighbours a caption is compared with (each costs ~5 CIDEr-D pairs)
+MAX_CONSENSUS_WEIGHT = 100.0  # beyond this the search score alone decides
 
 
 class DecodingError(OptionError):
@@ -44,6 +46,11 @@ class DecodingConfig:
     grounding: float = 0.0
     # and + grounding_boost * (2 * mass - 1) where the head is sure of the family (mass > 0.5)
     grounding_boost: float = 0.0
+    # consensus reranking: the beam's captions are ordered by their CIDEr-D agreement with the
+    # captions of the `consensus` most similar training images + consensus_weight * search
+    # score (0: off; captioner.inference.consensus; needs a model that carries the index)
+    consensus: int = 0
+    consensus_weight: float = 1.0
 
     def __post_init__(self) -> None:
         _int("beam_size", self.beam_size, 1, MAX_BEAM_SIZE, " (1 = greedy)")
@@ -54,9 +61,12 @@ class DecodingConfig:
             _int("max_length", self.max_length, 1, MAX_LENGTH)
         _number("grounding", self.grounding, 0.0, MAX_GROUNDING)
         _number("grounding_boost", self.grounding_boost, 0.0, MAX_GROUNDING)
+        _int("consensus", self.consensus, 0, MAX_CONSENSUS, " (0 = off)")
+        _number("consensus_weight", self.consensus_weight, 0.0, MAX_CONSENSUS_WEIGHT)
         object.__setattr__(self, "alpha", float(self.alpha))
         object.__setattr__(self, "grounding", float(self.grounding))
         object.__setattr__(self, "grounding_boost", float(self.grounding_boost))
+        object.__setattr__(self, "consensus_weight", float(self.consensus_weight))
 
     def replace(self, **overrides: Any) -> DecodingConfig:
         """A copy with the given fields changed; ``None`` values leave a field as it is."""
@@ -102,6 +112,8 @@ class DecodingConfig:
         if self.grounding or self.grounding_boost:
             text += f", grounding {self.grounding:g}"
             text += f" (boost {self.grounding_boost:g})" if self.grounding_boost else ""
+        if self.consensus and self.beam_size > 1:
+            text += f", consensus of {self.consensus} neighbours"
         return text
 
     def to_json(self) -> dict[str, Any]:
@@ -112,12 +124,15 @@ class DecodingConfig:
             "block_ngram": self.block_ngram,
             "grounding": self.grounding,
             "grounding_boost": self.grounding_boost,
+            "consensus": self.consensus,
+            "consensus_weight": self.consensus_weight,
             "search": "greedy" if self.beam_size == 1 else "beam",
             "label": self.label,
         }
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(DecodingConfig))
+DECIMAL_FIELDS = tuple(f.name for f in dataclasses.fields(DecodingConfig) if f.type == "float")
 
 
 def _required(name: str, value: Any) -> Any:

@@ -126,14 +126,20 @@ def check_config(config: Any, path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _check_grounding(path: Path, grounding: Any) -> None:
-    """``grounding``: {} or the plain file names of the ImageNet head and the family map."""
+    """``grounding``: {} or the plain file names of the ImageNet head and the family map, and
+    optionally of the neighbour index (captioner.inference.consensus)."""
     if not grounding:
         return
     grounding = _object(path, "grounding", grounding)
-    if unknown := sorted(set(grounding) - {"head", "families"}):
-        raise _schema(path, f"grounding.{unknown[0]}", "unknown key (known: head, families)")
-    for key in ("head", "families"):
-        name = grounding.get(key)
+    if unknown := sorted(set(grounding) - {"head", "families", "neighbours"}):
+        raise _schema(path, f"grounding.{unknown[0]}",
+                      "unknown key (known: head, families, neighbours)")
+    if ("head" in grounding) != ("families" in grounding):
+        raise _schema(path, "grounding", "names the ImageNet head and the family map together")
+    for key in ("head", "families", "neighbours"):
+        if key not in grounding:
+            continue
+        name = grounding[key]
         if not (isinstance(name, str) and name and "/" not in name and "\\" not in name
                 and not name.startswith(".")):
             raise _schema(path, f"grounding.{key}", f"{name!r} is not a file name of the folder")

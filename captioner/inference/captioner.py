@@ -29,6 +29,7 @@ from captioner.formats.run_folder import (
     TOKENIZER_FILE,
     RunConfig,
 )
+from captioner.inference.consensus import Neighbours, rerank
 from captioner.inference.decoding import (
     Caption,
     Hypothesis,
@@ -213,6 +214,7 @@ class Captioner(ImageEncoding):
         self._encoder = None
         self.run_dir: Path | None = None  # set by from_run: the encoder weights may live there
         self.grounding: Grounding | None = None  # the run's ImageNet head, when it has one
+        self.neighbours: Neighbours | None = None  # the run's neighbour index, when it has one
         self._encoded = False  # whether a batch went through the encoder yet
 
     @classmethod
@@ -248,8 +250,10 @@ class Captioner(ImageEncoding):
         loaded = [cls(load_checked_decoder(dec.kind, dec.config, m, config_path), tokenizer, config)
                   for m in members]
         grounding = Grounding.from_run(run_dir, config.grounding, tokenizer.words)
+        neighbours = Neighbours.from_run(run_dir, config.grounding)
         for captioner in loaded:  # the encoder weights may live there
             captioner.run_dir, captioner.grounding = run_dir, grounding
+            captioner.neighbours = neighbours
         if len(loaded) == 1:
             return loaded[0]
         return EnsembleCaptioner(loaded, [m.name for m in members])
@@ -323,8 +327,23 @@ class Captioner(ImageEncoding):
             hyps = greedy_search(step, state, len(features), **common)
             return [[h] for h in hyps]
         state, step = self.ground(features, *self.prepare(features, eager), d)
-        return beam_search(step, state, len(features), beam_size=d.beam_size,
-                           alpha=d.alpha, n_best=d.n_best, **common)
+        if not (d.consensus and self.neighbours is not None):
+            return beam_search(step, state, len(features), beam_size=d.beam_size,
+                               alpha=d.alpha, n_best=d.n_best, **common)
+        found = beam_search(step, state, len(features), beam_size=d.beam_size,
+                            alpha=d.alpha, n_best=d.beam_size, **common)  # every beam a candidate
+        return self.reranked(features, found, d)
+
+    def reranked(self, features: np.ndarray, found: list[list[Hypothesis]],
+                 decoding: DecodingConfig) -> list[list[Hypothesis]]:
+        """Each image's candidates ordered by consensus with its training neighbours
+        (:mod:`captioner.inference.consensus`), cut to ``decoding.n_best``."""
+        texts = [[self.tokenizer.decode(tuple(int(t) for t in h.tokens)) for h in hyps]
+                 for hyps in found]
+        orders = rerank(self.neighbours, features, texts, [[h.score for h in hyps] for hyps in found],
+                        decoding.consensus, decoding.consensus_weight)
+        return [[hyps[i] for i in order[: decoding.n_best]]
+                for hyps, order in zip(found, orders, strict=True)]
 
     def ground(self, features: np.ndarray, state: Any, step: Callable,
                decoding: DecodingConfig) -> tuple[Any, Callable]:
@@ -509,6 +528,7 @@ class EnsembleCaptioner(Captioner):
         # one encoder, so one ImageNet head: any member's (a folder trained before the head
         # existed has none, and must not switch grounding off for the others)
         self.grounding = next((m.grounding for m in members if m.grounding is not None), None)
+        self.neighbours = next((m.neighbours for m in members if m.neighbours is not None), None)
         self._encoder, self._encoded = None, False
 
     def initial_state(self, features: np.ndarray, eager: bool = False) -> list[dict]:

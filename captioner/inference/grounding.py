@@ -146,12 +146,14 @@ class Grounding:
     def from_run(cls, run_dir: str | os.PathLike, settings: Any,
                  vocabulary: Sequence[str]) -> Grounding | None:
         """The grounding a run folder carries (``settings``: its config's ``"grounding"``
-        object), or None when it carries none."""
+        object), or None when it carries none (e.g. only a neighbour index)."""
         if not settings:
             return None
         run = Path(run_dir)
         if not isinstance(settings, dict):
             raise GroundingError(f"{run / 'config.json'}: grounding: must be an object")
+        if "head" not in settings:
+            return None
         head = run / str(settings.get("head", HEAD_FILE))
         kernel, bias = read_head(head)
         families = ObjectFamilies.load(run / str(settings.get("families", FAMILIES_FILE)))

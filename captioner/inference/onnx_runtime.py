@@ -25,6 +25,7 @@ import numpy as np
 from captioner.errors import CaptionerError
 from captioner.formats.decoding_config import DecodingConfig
 from captioner.inference.captioner import Captioner, grid_of
+from captioner.inference.consensus import Neighbours
 from captioner.inference.grounding import Grounding
 from captioner.inference.per_image import indexed_state, indexed_step, numpy_take
 from captioner.storage.files import sha256sum
@@ -200,6 +201,7 @@ class OnnxCaptioner(Captioner):
         self.run_dir = folder.parent if config is not None else folder
         self.grounding = Grounding.from_run(folder, manifest.get("grounding"),
                                             self.tokenizer.words)
+        self.neighbours = Neighbours.from_run(folder, manifest.get("grounding"))
         self._searched, self._encoded, self._encoder = True, True, None
 
     # ------------------------------------------------------------------ images

@@ -21,8 +21,8 @@ import numpy as np
 
 from captioner.encoders.images import IMAGE_SUFFIXES
 from captioner.errors import ImageError, RequestError
+from captioner.formats.decoding_config import DECIMAL_FIELDS, DecodingConfig, DecodingError
 from captioner.formats.decoding_config import FIELDS as DECODING_FIELDS
-from captioner.formats.decoding_config import DecodingConfig, DecodingError
 from captioner.serve.engine import Options
 
 IMAGE_FIELD = "images"
@@ -93,12 +93,12 @@ def parse_options(fields: Mapping[str, Sequence[str]], has_attention: bool,
 
 
 def _number(value: Mapping[str, str], name: str) -> int | float | None:
-    """A form field as a whole number (``alpha``, ``grounding``, ``grounding_boost``: a decimal
-    number); None when not given."""
+    """A form field as a whole number (``alpha``, ``grounding``, ``consensus_weight``, ...: a
+    decimal number); None when not given."""
     text = value.get(name)
     if text is None or text == "":
         return None
-    if name in ("alpha", "grounding", "grounding_boost"):
+    if name in DECIMAL_FIELDS:
         if not re.fullmatch(r"[+]?(\d{1,6}(\.\d{0,6})?|\.\d{1,6})", text):
             raise RequestError(f"{name} must be a decimal number such as 0.7, not {text[:40]!r}")
         return float(text)

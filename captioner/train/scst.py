@@ -69,7 +69,7 @@ def _prepare(config: ScstConfig, resume: bool):
     start = _starting_weights(init, config.init_epoch)  # checked before the folder exists
     run.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(init / TOKENIZER_FILE, run / TOKENIZER_FILE)
-    for name in base.grounding.values():  # the ImageNet head and family map travel along
+    for name in base.grounding.values():  # the ImageNet head, family map and neighbour index
         shutil.copyfile(init / name, run / name)
     shutil.copyfile(start, run / LAST_WEIGHTS)  # the starting point, until epoch 1 replaces it
     settings = {k: v for k, v in dataclasses.asdict(config).items()

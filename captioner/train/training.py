@@ -94,10 +94,18 @@ class TrainConfig:
 def _load_split(captions_path: str, features_path: str, limit: int | None = None):
     """(reader, cleaned captions of the images that have features) for one split."""
     from captioner.features.cache import open_features
+
+    reader = open_features(features_path)
+    return reader, split_captions(reader, captions_path, features_path, limit)
+
+
+def split_captions(reader, captions_path: str, features_path: str,
+                   limit: int | None = None) -> dict[str, list[str]]:
+    """Cleaned captions of the images ``reader`` has features for (sorted names, at most
+    ``limit``); one error line when none of them has a caption."""
     from captioner.text.captions import load_captions
     from captioner.text.cleaning import clean_captions
 
-    reader = open_features(features_path)
     captions = load_captions(captions_path)
     names = [n for n in reader.done_names if n in captions]
     if not names:
@@ -106,7 +114,7 @@ def _load_split(captions_path: str, features_path: str, limit: int | None = None
             f"{captions_path}; are they from the same data set?"
         )
     names = sorted(names)[:limit] if limit else sorted(names)
-    return reader, clean_captions({n: captions[n] for n in names})
+    return clean_captions({n: captions[n] for n in names})
 
 
 # --------------------------------------------------------------------------- schedule
@@ -289,9 +297,10 @@ def _train(config: TrainConfig, resume: bool, verbose: int, devices: int) -> Pat
     if saved is None:
         created = run_config(run, config, dec_config, train_reader.attrs, len(train_caps))
         created.save(run)
-        from captioner.inference.grounding import attach
+        from captioner.inference import consensus, grounding
 
-        attach(run, created)  # the encoder's ImageNet head, when it has one (captioner.inference.grounding)
+        grounding.attach(run, created)  # the encoder's ImageNet head, when it has one
+        consensus.attach(run, train_reader, train_caps, created)  # for --consensus K
     initial_epoch, monitor_state = 0, {}
     if resume and (run / CHECKPOINT).is_file():
         initial_epoch, monitor_state = load_checkpoint(run / CHECKPOINT, model)
