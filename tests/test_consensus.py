@@ -147,8 +147,9 @@ def test_consensus_is_a_checked_decoding_setting():
 
 def _indexed_run(untrained_run, tmp_path, captions):
     """A copy of the untrained run whose index holds one image with ``captions``."""
-    from captioner.features.cache import open_features
     from helpers import write_cache
+
+    from captioner.features.cache import open_features
 
     run = tmp_path / "run"
     shutil.copytree(untrained_run, run)

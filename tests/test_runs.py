@@ -216,10 +216,13 @@ def test_decoding_is_stored_and_old_folders_decode_as_their_preset(tmp_path):
     from captioner.formats.run_folder import DEFAULT_RUN
 
     bundled = RunConfig.load(DEFAULT_RUN)
-    assert bundled.decoding == DecodingConfig(beam_size=3, alpha=1.2, block_ngram=2,
-                                              grounding=2.0, grounding_boost=3.0)
-    # the default preset's decoding but for α, chosen on dev for this ensemble (docs/RESULTS.md)
-    assert bundled.decoding == PRESETS["default"].decoding.replace(alpha=1.2)
+    assert bundled.decoding == DecodingConfig(beam_size=10, alpha=1.2, block_ngram=2,
+                                              grounding=2.0, grounding_boost=3.0, consensus=40)
+    # the default preset's decoding but for α, beam and consensus reranking, chosen on dev for
+    # this ensemble and its neighbour index (docs/RESULTS.md)
+    assert bundled.decoding == PRESETS["default"].decoding.replace(alpha=1.2, beam_size=10,
+                                                                   consensus=40)
+    assert bundled.grounding["neighbours"] == "neighbours.npz"
     raw = json.loads((DEFAULT_RUN / "config.json").read_text())
     for preset, want in (("classic", DecodingConfig(beam_size=1)),
                          ("default", PRESETS["default"].decoding), (None, DecodingConfig()),
