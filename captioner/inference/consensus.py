@@ -23,6 +23,7 @@ and the weight are decoding settings
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections import Counter
@@ -40,6 +41,8 @@ FORMAT = "captioner.neighbours"
 VERSION = 1
 DIMS = 192  # measured on Flickr8k dev: 192 int8 directions select as well as all 1,280 floats
 SHARPNESS = 20.0  # neighbour weight exp(SHARPNESS * cosine): the nearest count most
+REFERENCE_CACHE = 512  # training images whose caption vectors stay built (~8 MB; a service's
+# memory stays flat however many photos it captions)
 KEYS = ("format", "version", "projection", "codes", "scales", "captions", "caption_image",
         "ngrams", "ngram_counts")
 
@@ -66,7 +69,7 @@ class Neighbours:
         self.vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         self.captions = [[" ".join(c.split()) for c in caps] for caps in captions]
         self._df = df  # None: counted from the captions on first use
-        self._refs: dict[int, list[TfIdf]] = {}
+        self._references = functools.lru_cache(maxsize=REFERENCE_CACHE)(self._vectors)
 
     @classmethod
     def build(cls, pooled_features: np.ndarray, captions: Sequence[Sequence[str]],
@@ -144,7 +147,7 @@ class Neighbours:
         hyps = [TfIdf(c.split(), df, log_images) for c in captions]
         per = np.zeros((len(captions), len(rows)))  # (C, k): mean CIDEr-D per neighbour
         for j, row in enumerate(rows):
-            refs = self._references(int(row), df, log_images)
+            refs = self._references(int(row))
             if refs:
                 per[:, j] = [10.0 * sum(cider_pair(h, r) for r in refs) / len(refs) for h in hyps]
         return per @ weights
@@ -157,10 +160,10 @@ class Neighbours:
                 self._df.update({g for c in caps for g in ngrams(c.split())})
         return self._df, math.log(max(len(self.captions), 2))
 
-    def _references(self, row: int, df: Counter[NGram], log_images: float) -> list[TfIdf]:
-        if row not in self._refs:
-            self._refs[row] = [TfIdf(c.split(), df, log_images) for c in self.captions[row]]
-        return self._refs[row]
+    def _vectors(self, row: int) -> list[TfIdf]:
+        """The TF-IDF vectors of training image ``row``'s captions."""
+        df, log_images = self._frequencies()
+        return [TfIdf(c.split(), df, log_images) for c in self.captions[row]]
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, settings: Any) -> Neighbours | None:
