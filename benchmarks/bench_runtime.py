@@ -36,7 +36,8 @@ def cold_once(runtime: str, image: Path, model: str | None, root: Path = ROOT) -
     cmd = [sys.executable, "-m", "captioner.cli", "caption", str(image), "--runtime", runtime]
     cmd += ["--model", model] if model else []
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    # cwd=root: `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH
+    proc = subprocess.Popen(cmd, env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     out = proc.stdout.read().decode()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
