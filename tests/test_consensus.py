@@ -8,6 +8,8 @@ import shutil
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from captioner.errors import CaptionerError
 from captioner.formats.decoding_config import DecodingConfig
@@ -241,3 +243,23 @@ def test_cli_consensus_options_are_checked_before_the_model_loads(capsys):
     assert "--consensus must be from 0 to 200" in err and "\n" not in err
     assert main(["caption", str(ROOT / "data" / "example.jpg"), "--consensus-weight", "nan"]) == 2
     assert "--consensus-weight" in capsys.readouterr().err
+
+
+WORDS = ["a", "dog", "runs", "on", "the", "grass", "man", "red", "ball", "cat"]
+CAPTION = st.lists(st.sampled_from(WORDS), min_size=0, max_size=12).map(" ".join)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(CAPTION, min_size=1, max_size=6), st.lists(CAPTION, min_size=1, max_size=8))
+def test_cider_matrix_is_cider_pair_of_every_pair(hyps, refs):
+    from collections import Counter
+
+    from captioner.text.cider import TfIdf, cider_matrix, cider_pair, ngrams
+
+    df = Counter()
+    for caption in hyps + refs:
+        df.update(set(ngrams(caption.split())))
+    h = [TfIdf(c.split(), df, 3.0) for c in hyps]
+    r = [TfIdf(c.split(), df, 3.0) for c in refs]
+    expected = np.array([[cider_pair(a, b) for b in r] for a in h])
+    np.testing.assert_allclose(cider_matrix(h, r), expected, rtol=1e-9, atol=1e-12)

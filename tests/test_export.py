@@ -240,6 +240,26 @@ def test_missing_and_mismatched_exports_are_refused(exported, tmp_path, capsys):
     assert "manifest.json" in capsys.readouterr().err
 
 
+def test_an_export_older_than_a_file_the_run_gained_is_refused(exported, tmp_path, capsys,
+                                                               monkeypatch):
+    """A neighbour index given to the run after its export: the ONNX folder lacks it, so the
+    two runtimes would caption differently; the export must be made again."""
+    from helpers import write_cache
+
+    from captioner.features.cache import open_features
+    from captioner.inference.consensus import attach
+
+    run = _copy(exported[0], tmp_path)
+    cache = write_cache(tmp_path / "train.h5", {"a.jpg": np.ones(FEATURES[-1], "float32")})
+    with open_features(cache) as reader:
+        attach(run, reader, {"a.jpg": ["a dog"]})
+    assert main(["caption", str(exported[2][0]), "--model", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "gained neighbours.npz" in err[0] and "captioner export" in err[0]
+    monkeypatch.setattr(Captioner, "encoder", lambda self: exported[1])
+    assert main(["caption", str(exported[2][0]), "--model", str(run), "--runtime", "keras"]) == 0
+
+
 def test_export_refuses_a_folder_that_is_not_empty(exported, capsys):
     assert main(["export", str(exported[0])]) == 2  # onnx/ is there already
     assert "not an empty folder" in capsys.readouterr().err

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from captioner.errors import CaptionerError
-from captioner.text.cider import NGram, TfIdf, cider_pair, ngrams
+from captioner.text.cider import NGram, TfIdf, cider_matrix, ngrams
 
 NEIGHBOURS_FILE = "neighbours.npz"
 FORMAT = "captioner.neighbours"
@@ -145,11 +145,14 @@ class Neighbours:
         weights = np.exp(SHARPNESS * (sims - sims.max()))
         weights /= weights.sum()
         hyps = [TfIdf(c.split(), df, log_images) for c in captions]
+        groups = [self._references(int(row)) for row in rows]
+        pairs = cider_matrix(hyps, [r for refs in groups for r in refs])  # (C, all captions)
         per = np.zeros((len(captions), len(rows)))  # (C, k): mean CIDEr-D per neighbour
-        for j, row in enumerate(rows):
-            refs = self._references(int(row))
+        start = 0
+        for j, refs in enumerate(groups):
             if refs:
-                per[:, j] = [10.0 * sum(cider_pair(h, r) for r in refs) / len(refs) for h in hyps]
+                per[:, j] = 10.0 * pairs[:, start : start + len(refs)].mean(axis=1)
+            start += len(refs)
         return per @ weights
 
     def _frequencies(self) -> tuple[Counter[NGram], float]:

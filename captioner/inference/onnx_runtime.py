@@ -134,13 +134,19 @@ def check_export(folder: Path, manifest: dict[str, Any], run_files: dict | None 
                 "differs: damaged or replaced); re-export the model with "
                 "`captioner export`"
             )
-    for name, digest in (manifest.get("source", {}).get("files", {}) if run_files else {}).items():
+    source = manifest.get("source", {}).get("files", {}) if run_files else {}
+    for name, digest in source.items():
         if name in run_files and run_files[name].get("sha256") != digest:
             raise ExportError(
                 f"{folder / MANIFEST_FILE} was exported from another {name} than "
                 f"the run folder's; re-export with `captioner export "
                 f"{folder.parent} --out {folder}`"
             )
+    if source and (added := sorted(set(run_files) - set(source))):  # e.g. `captioner neighbours`
+        raise ExportError(
+            f"{folder / MANIFEST_FILE} was exported before the run folder gained {added[0]}; "
+            f"re-export with `rm -r {folder} && captioner export {folder.parent}`"
+        )
 
 
 def _session(path: Path, threads: int | None = None, arena: bool = True):

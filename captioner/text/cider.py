@@ -1,12 +1,14 @@
 """CIDEr's n-gram TF-IDF vectors and their similarity (Vedantam et al. 2015): the one
 implementation behind the CIDEr-D score of reports (:mod:`captioner.evaluation.metrics`), the
 self-critical reward and consensus reranking (:mod:`captioner.inference.consensus`). Standard
-library only; captions are already-cleaned strings split on whitespace."""
+library (numpy for :func:`cider_matrix`); captions are already-cleaned strings split on
+whitespace."""
 
 from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Sequence
 
 References = dict[str, list[str]]
 
@@ -50,6 +52,32 @@ def cider_pair(hyp: TfIdf, ref: TfIdf) -> float:
         dot = sum(min(w, r_vec[g]) * r_vec[g] for g, w in h_vec.items() if g in r_vec)
         total += dot / (h_norm * r_norm)
     return penalty * total / CIDER_N
+
+
+def cider_matrix(hyps: Sequence[TfIdf], refs: Sequence[TfIdf]):
+    """(len(hyps), len(refs)) numpy array of :func:`cider_pair` for every pair, computed over
+    the hypotheses' n-grams at once (the same numbers, to rounding)."""
+    import numpy as np
+
+    total = np.zeros((len(hyps), len(refs)))
+    for n in range(CIDER_N):
+        index = {g: i for i, g in enumerate({g for h in hyps for g in h.vectors[n]})}
+        if not index:
+            continue
+        h_mat = np.zeros((len(hyps), len(index)))  # (H, G): the hypotheses' weights
+        for row, hyp in enumerate(hyps):
+            for gram, weight in hyp.vectors[n].items():
+                h_mat[row, index[gram]] = weight
+        r_mat = np.zeros((len(refs), len(index)))  # (R, G): the references' weights there
+        for row, ref in enumerate(refs):
+            for gram, weight in ref.vectors[n].items():
+                if (col := index.get(gram)) is not None:
+                    r_mat[row, col] = weight
+        dots = (np.minimum(h_mat[:, None], r_mat[None]) * r_mat[None]).sum(axis=-1)  # (H, R)
+        norms = np.outer([h.norms[n] for h in hyps], [r.norms[n] for r in refs])
+        total += np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0)
+    gap = np.subtract.outer([h.length for h in hyps], [r.length for r in refs])
+    return np.exp(-(gap**2) / (2 * CIDER_SIGMA**2)) * total / CIDER_N
 
 
 class CiderScorer:
