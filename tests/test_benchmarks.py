@@ -84,3 +84,32 @@ def test_bench_bucket_smoke(capsys):
     assert result["padded"]["decoder_steps"] == 8 * 21
     steps = sum(min(-(-(max(r) - 1) // 4) * 4, 21) for r in runs)
     assert result["bucketed"]["decoder_steps"] == steps < 8 * 21
+
+
+def test_bench_consensus_smoke(capsys, tmp_path, untrained_run):
+    """The reranking cost benchmark on a tiny run given an index and a reranking decoding."""
+    import dataclasses
+    import shutil
+
+    import bench_consensus
+    import numpy as np
+    from helpers import write_cache
+
+    from captioner.features.cache import open_features
+    from captioner.formats.run_folder import RunConfig
+    from captioner.inference.consensus import attach
+
+    run = tmp_path / "run"
+    shutil.copytree(untrained_run, run)
+    rng = np.random.default_rng(0)
+    feats = {f"p{i}.jpg": rng.normal(size=16).astype("float32") for i in range(6)}
+    cache = write_cache(tmp_path / "feats.h5", feats)
+    with open_features(cache) as reader:
+        attach(run, reader, {name: ["a dog runs", "the red ball"] for name in feats})
+    config = RunConfig.load(run)
+    dataclasses.replace(config, decoding=config.decoding.replace(beam_size=4, consensus=3)).save(run)
+    result = bench_consensus.main(["--features", str(cache), "--model", str(run), "--runtime",
+                                   "keras", "--n", "4", "--batch-size", "2", "--repeats", "1"])
+    assert _result(capsys.readouterr().out) == result
+    assert result["n"] == 4 and "consensus of 3 neighbours" in result["decoding"]
+    assert {"stored", "same beam, no reranking", "beam 3, no reranking", "reranking_ms"} <= set(result)
