@@ -1,6 +1,8 @@
 """From a trained model to captions: the one loader (``loader.load_captioner``),
 ``Captioner`` and its one ``caption`` call (``captioner``), greedy and beam search
-(``decoding``), ``caption --out`` files (``caption_lines``) and the ONNX runtime and export
+(``decoding``), what decodes beside the decoder — object grounding in the encoder's ImageNet
+head (``grounding``) and consensus reranking with the training images' captions
+(``consensus``) —, ``caption --out`` files (``caption_lines``) and the ONNX runtime and export
 (``onnx_runtime``, ``onnx_export``)."""
 
 from captioner import lazy_exports

@@ -1,2 +1,3 @@
 """Captions as text: caption files of every format (``captions``, ``caption_file``,
-``coco``, ``karpathy``), cleaning rules (``cleaning``) and the tokenizer (``tokenizer``)."""
+``coco``, ``karpathy``), cleaning rules (``cleaning``), the tokenizer (``tokenizer``) and
+CIDEr's n-gram vectors (``cider``)."""
