@@ -140,8 +140,8 @@ def test_resume_without_epochs_finishes_the_runs_own_schedule(tmp_path, data, ca
     assert main(_cli_args(data, out, 1)) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["decoding"] == {"beam_size": 1, "n_best": 1, "alpha": 0.0, "block_ngram": 0,
-                                  "max_length": None, "grounding": 0.0,
-                                  "grounding_boost": 0.0}  # the classic preset's, written by train
+                                  "max_length": None, "grounding": 0.0, "grounding_boost": 0.0,
+                                  "consensus": 0, "consensus_weight": 1.0}  # the classic preset's
     config["training"]["epochs"] = 3  # as if a 3-epoch run was killed after its first epoch
     (out / "config.json").write_text(json.dumps(config))
     resume = ["train", "--out", str(out), "--resume", "--quiet"]
