@@ -97,7 +97,7 @@ def test_bench_consensus_smoke(capsys, tmp_path, untrained_run):
 
     from captioner.features.cache import open_features
     from captioner.formats.run_folder import RunConfig
-    from captioner.inference.consensus import attach
+    from captioner.train.neighbour_index import attach
 
     run = tmp_path / "run"
     shutil.copytree(untrained_run, run)

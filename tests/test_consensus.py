@@ -17,11 +17,11 @@ from captioner.inference.consensus import (
     NEIGHBOURS_FILE,
     NeighbourError,
     Neighbours,
-    attach,
     pooled,
     rerank,
 )
 from captioner.storage.files import sha256sum
+from captioner.train.neighbour_index import attach
 
 CAPTIONS = [["a dog runs on the grass", "a brown dog runs"],
             ["a cat sits on the sofa", "the cat sits"],

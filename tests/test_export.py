@@ -247,7 +247,7 @@ def test_an_export_older_than_a_file_the_run_gained_is_refused(exported, tmp_pat
     from helpers import write_cache
 
     from captioner.features.cache import open_features
-    from captioner.inference.consensus import attach
+    from captioner.train.neighbour_index import attach
 
     run = _copy(exported[0], tmp_path)
     cache = write_cache(tmp_path / "train.h5", {"a.jpg": np.ones(FEATURES[-1], "float32")})

@@ -44,7 +44,7 @@ def run_neighbours(args: argparse.Namespace) -> int:
     from captioner.errors import CaptionerError
     from captioner.evaluation.evaluate import open_matching_cache
     from captioner.formats.run_folder import CONFIG_FILE, RunConfig
-    from captioner.inference.consensus import attach
+    from captioner.train.neighbour_index import attach
     from captioner.train.training import split_captions
 
     run = Path(args.run)

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from captioner.errors import CaptionerError
+from captioner.inference.grounding import channel_means
 from captioner.text.cider import NGram, TfIdf, cider_matrix, ngrams
 
 NEIGHBOURS_FILE = "neighbours.npz"
@@ -53,8 +54,7 @@ class NeighbourError(CaptionerError):
 
 def pooled(features: np.ndarray) -> np.ndarray:
     """(B, C) unit-length channel means of feature maps (B, H, W, C) or (B, L, C) or (B, C)."""
-    x = np.asarray(features, np.float32)
-    x = x.reshape(len(x), -1, x.shape[-1]).mean(axis=1)  # (B, C)
+    x = channel_means(features)  # (B, C)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
@@ -230,36 +230,3 @@ def rerank(neighbours: Neighbours, features: np.ndarray, texts: Sequence[Sequenc
         orders.append([int(i) for i in np.argsort(-total, kind="stable")])
     return orders
 
-
-def pooled_rows(reader: Any, names: Sequence[str], chunk: int = 256) -> np.ndarray:
-    """(N, C) :func:`pooled` vectors of ``names`` read from a feature cache, in chunks."""
-    parts = []
-    for start in range(0, len(names), chunk):
-        part = list(names[start : start + chunk])
-        order = sorted(range(len(part)), key=part.__getitem__)  # caches read sorted names fastest
-        rows = np.asarray(reader.read([part[i] for i in order]), np.float32)
-        vectors = np.empty((len(part), rows.shape[-1]), np.float32)
-        vectors[order] = pooled(rows)
-        parts.append(vectors)
-    return np.concatenate(parts)
-
-
-def attach(run_dir: str | os.PathLike, reader: Any, captions: dict[str, list[str]],
-           config: Any = None, dims: int = DIMS) -> Path:
-    """Give a run folder a neighbour index of ``captions`` (image -> cleaned captions) over
-    their features in ``reader`` (the run's training cache), written into the folder and named
-    in its ``config.json`` (``config``: the folder's RunConfig when the caller holds it)."""
-    from captioner.formats.run_folder import RunConfig
-    from captioner.storage.files import sha256sum
-
-    run = Path(run_dir)
-    config = config if config is not None else RunConfig.load(run)
-    names = sorted(captions)
-    index = Neighbours.build(pooled_rows(reader, names), [captions[n] for n in names], dims)
-    index.save(run / NEIGHBOURS_FILE)
-    config.grounding = {**config.grounding, "neighbours": NEIGHBOURS_FILE}
-    if config.files:  # a folder whose files are listed lists this one too
-        config.files[NEIGHBOURS_FILE] = {"size": (run / NEIGHBOURS_FILE).stat().st_size,
-                                         "sha256": sha256sum(run / NEIGHBOURS_FILE)}
-    config.save(run)
-    return run / NEIGHBOURS_FILE

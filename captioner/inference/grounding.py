@@ -38,6 +38,13 @@ NUM_CLASSES = 1000
 FLOOR = 1e-4  # the smallest mass: a word's largest penalty is strength * log(FLOOR)
 
 
+def channel_means(features: np.ndarray) -> np.ndarray:
+    """(B, C) float32 channel means of feature maps (B, H, W, C) or (B, L, C), or (B, C) as given:
+    the global average pool both the ImageNet head and the neighbour index read."""
+    x = np.asarray(features, np.float32)
+    return x.reshape(len(x), -1, x.shape[-1]).mean(axis=1)
+
+
 class GroundingError(CaptionerError):
     """A grounding file (the head or the family map) is missing or malformed."""
 
@@ -124,8 +131,7 @@ class Grounding:
 
     def class_probs(self, features: np.ndarray) -> np.ndarray:
         """(B, 1000) ImageNet class probabilities of feature maps (B, H, W, C) or pooled (B, C)."""
-        x = np.asarray(features, np.float32)
-        pooled = x.reshape(len(x), -1, x.shape[-1]).mean(axis=1)  # (B, C) global average pool
+        pooled = channel_means(features)  # (B, C) global average pool
         if pooled.shape[1] != self.kernel.shape[0]:
             raise GroundingError(f"the ImageNet head takes {self.kernel.shape[0]} channels, "
                                  f"the features have {pooled.shape[1]}")

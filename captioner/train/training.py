@@ -297,10 +297,11 @@ def _train(config: TrainConfig, resume: bool, verbose: int, devices: int) -> Pat
     if saved is None:
         created = run_config(run, config, dec_config, train_reader.attrs, len(train_caps))
         created.save(run)
-        from captioner.inference import consensus, grounding
+        from captioner.inference import grounding
+        from captioner.train import neighbour_index
 
         grounding.attach(run, created)  # the encoder's ImageNet head, when it has one
-        consensus.attach(run, train_reader, train_caps, created)  # for --consensus K
+        neighbour_index.attach(run, train_reader, train_caps, created)  # for --consensus K
     initial_epoch, monitor_state = 0, {}
     if resume and (run / CHECKPOINT).is_file():
         initial_epoch, monitor_state = load_checkpoint(run / CHECKPOINT, model)
