@@ -13,7 +13,7 @@ import sys
 from collections import Counter
 from typing import Any
 
-from captioner.text.cider import NGram, TfIdf, cider_pair, ngrams
+from captioner.text.cider import TfIdf, cider_pair, document_frequencies
 
 References = dict[str, list[str]]
 Hypotheses = dict[str, str]
@@ -119,9 +119,7 @@ def cider_d(references: References, hypotheses: Hypotheses) -> tuple[float, dict
 
     ids = check_ids(references, hypotheses)
     ref_words = {i: [r.split() for r in references[i]] for i in ids}
-    df: Counter[NGram] = Counter()
-    for i in ids:
-        df.update({gram for words in ref_words[i] for gram in ngrams(words)})
+    df = document_frequencies(references[i] for i in ids)
     log_images = math.log(len(ids))
     per_image: dict[str, float] = {}
     for i in ids:

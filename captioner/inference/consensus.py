@@ -35,7 +35,7 @@ import numpy as np
 
 from captioner.errors import CaptionerError
 from captioner.inference.grounding import channel_means
-from captioner.text.cider import NGram, TfIdf, cider_matrix, ngrams
+from captioner.text.cider import NGram, TfIdf, cider_matrix, document_frequencies
 
 NEIGHBOURS_FILE = "neighbours.npz"
 FORMAT = "captioner.neighbours"
@@ -158,9 +158,7 @@ class Neighbours:
     def _frequencies(self) -> tuple[Counter[NGram], float]:
         """CIDEr's document frequencies over the index's images, and log(#images)."""
         if self._df is None:
-            self._df = Counter()
-            for caps in self.captions:
-                self._df.update({g for c in caps for g in ngrams(c.split())})
+            self._df = document_frequencies(self.captions)
         return self._df, math.log(max(len(self.captions), 2))
 
     def _vectors(self, row: int) -> list[TfIdf]:

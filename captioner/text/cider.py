@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 References = dict[str, list[str]]
 
@@ -24,6 +24,14 @@ def ngrams(words: list[str], n_max: int = CIDER_N) -> Counter[NGram]:
         for start in range(len(words) - n + 1):
             counts[tuple(words[start : start + n])] += 1
     return counts
+
+
+def document_frequencies(caption_sets: Iterable[Sequence[str]]) -> Counter[NGram]:
+    """In how many of the sets (an image's captions) each 1..4-gram occurs: CIDEr's df."""
+    df: Counter[NGram] = Counter()
+    for captions in caption_sets:
+        df.update({gram for caption in captions for gram in ngrams(caption.split())})
+    return df
 
 
 class TfIdf:
@@ -87,9 +95,7 @@ class CiderScorer:
 
     def __init__(self, references: References) -> None:
         self.references = references
-        self.df: Counter[NGram] = Counter()
-        for refs in references.values():
-            self.df.update({gram for r in refs for gram in ngrams(r.split())})
+        self.df = document_frequencies(references.values())
         self.log_images = math.log(max(len(references), 2))
         self._refs: dict[str, list[TfIdf]] = {}
 
