@@ -13,9 +13,11 @@ WORDS = ["dog", "cat", "runs", "sits", "on", "grass", "the", "red", "ball", "blu
 
 
 def write_cache(
-    path: Path, features: dict[str, np.ndarray], encoder: str = "tiny", layer: str = "pool"
+    path: Path, features: dict[str, np.ndarray], encoder: str = "tiny", layer: str = "pool",
+    mirrored: bool = False,
 ) -> Path:
-    """A complete (all rows done) feature cache holding ``features``."""
+    """A complete (all rows done) feature cache holding ``features`` (``mirrored``: marked as
+    features of mirrored photos, as `captioner extract --mirror` writes)."""
     names = list(features)
     shape = tuple(np.asarray(features[names[0]]).shape)
     attrs = {
@@ -27,6 +29,7 @@ def write_cache(
         "feature_shape": list(shape),
         "dtype": "float32",
         "format_version": 1,
+        **({"mirrored": True} if mirrored else {}),
     }
     FeatureWriter.create(path, names, shape, "float32", attrs)
     with FeatureWriter(path) as w:

@@ -443,3 +443,69 @@ def test_bucketed_epoch_starts_with_its_longest_then_its_shortest_batch():
     widths = [t_in.shape[1] for (_, t_in), _, _ in all_batches(ds)]
     full = widths[: len(widths) - (ds.num_samples % 8 > 0)]
     assert widths[0] == max(full) and widths[1] == min(full) and widths[0] > widths[1]
+
+
+# ----------------------------------------------------------------------------- mirroring
+
+
+def mirrored_dataset(n_images=40, **kwargs):
+    """Captions that say "left" (and one that says neither), with a mirrored source whose
+    rows are negated: a sample's first feature tells which view it read."""
+    captions = {f"{k:05d}.jpg": [f"img{k} dog on the left of a man", f"img{k} dog runs"]
+                for k in range(n_images)}
+    names = list(captions)
+    source = FakeSource(names, (6,))
+    mirror = FakeSource(names, (6,))
+    mirror.table = {k: -v - 1 for k, v in mirror.table.items()}  # every mirrored value < 0
+    tok = Tokenizer.build([*(c for caps in captions.values() for c in caps), "right"])
+    ds = CaptionDataset(source, captions, tok, batch_size=16, seed=3, mirrored=mirror, **kwargs)
+    return ds
+
+
+def mirrored_rows(ds, epoch: int) -> list[tuple[bool, int, str]]:
+    """(read the mirrored view, image index of the features, caption) of every sample."""
+    rows = []
+    for i in range(len(ds)):
+        (feats, t_in), _, _ = ds.epoch_batch(epoch, i)
+        for f, t in zip(feats, t_in, strict=True):
+            mirrored = bool(f[0] < 0)
+            image = int((-f[0] - 1 if mirrored else f[0]) // 1000)
+            rows.append((mirrored, image, ds.tokenizer.decode(t)))
+    return rows
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_mirrored_view_half_the_time_with_left_and_right_swapped(in_memory):
+    ds = mirrored_dataset(in_memory=in_memory)
+    rows = mirrored_rows(ds, 0)
+    assert len(rows) == ds.num_samples == 80
+    assert 0.3 < np.mean([m for m, _, _ in rows]) < 0.7
+    for mirrored, image, caption in rows:
+        side = "right" if mirrored else "left"
+        assert caption in (f"img{image} dog on the {side} of a man", f"img{image} dog runs")
+    assert sum(c.endswith("right of a man") for _, _, c in rows) > 10
+    # the same epoch gives the same views; another epoch other ones
+    assert mirrored_rows(ds, 0) == rows
+    assert [m for m, _, _ in mirrored_rows(ds, 1)] != [m for m, _, _ in rows]
+
+
+def test_without_a_mirror_nothing_is_swapped():
+    ds = mirrored_dataset()
+    plain = CaptionDataset(ds.features, {n: [f"img{k} dog on the left of a man"]
+                                         for k, n in enumerate(ds.names)},
+                           ds.tokenizer, batch_size=16, seed=3)
+    assert all(not m and c.endswith("left of a man") for m, _, c in mirrored_rows(plain, 0))
+
+
+def test_mirrored_source_must_fit_the_dataset():
+    captions = {n: ["a left dog"] for n in ["00000.jpg", "00001.jpg", "00002.jpg"]}
+    tok = Tokenizer.build(["a left dog"])
+    source = FakeSource(list(captions), (6,))
+    partial = FakeSource(["00000.jpg", "00002.jpg"], (6,))
+    with pytest.raises(CaptionerError, match="no cached features for 1 of 3 image.*00001.jpg"):
+        CaptionDataset(source, captions, tok, mirrored=partial)
+    with pytest.raises(CaptionerError, match=r"mirrored features have shape \(4,\).*\(6,\)"):
+        CaptionDataset(source, captions, tok, mirrored=FakeSource(list(captions), (4,)))
+    with pytest.raises(CaptionerError, match="validation"):
+        CaptionDataset(source, captions, tok, shuffle=False,
+                       mirrored=FakeSource(list(captions), (6,)))

@@ -368,6 +368,44 @@ def test_float16_storage(tmp_path, tiny_model):
     assert not np.array_equal(half.astype(np.float32), full)
 
 
+def test_mirror_encodes_flipped_photos_into_a_cache_marked_mirrored(tmp_path, tiny_model):
+    paths = make_images(tmp_path / "imgs", 4)
+    np.testing.assert_array_equal(load_image(paths[0], (32, 32), mirror=True),
+                                  load_image(paths[0], (32, 32))[:, ::-1])
+    run_tiny(paths, tmp_path / "m.h5", tiny_model, mirror=True)
+    flipped = np.stack([load_image(p, (32, 32))[:, ::-1] for p in paths])
+    with FeatureReader(tmp_path / "m.h5") as reader:
+        assert reader.attrs["mirrored"] is True
+        np.testing.assert_allclose(reader.read(reader.names),
+                                   np.asarray(tiny_model.predict_on_batch(flipped)), atol=1e-5)
+    # a mirrored cache never takes unmirrored photos, nor the other way round
+    with pytest.raises(CacheMismatchError, match="mirrored: file has True, expected False"):
+        run_tiny(make_images(tmp_path / "more", 5), tmp_path / "m.h5", tiny_model)
+    run_tiny(paths, tmp_path / "plain.h5", tiny_model)
+    with pytest.raises(CacheMismatchError, match="mirrored: file has False, expected True"):
+        run_tiny(paths, tmp_path / "plain.h5", tiny_model, mirror=True)
+
+
+def test_ray_decoding_mirrors_as_the_local_loader(tmp_path):
+    from captioner.engines.ray_runtime import decode_batch  # needs no Ray to run
+
+    paths = make_images(tmp_path / "imgs", 2)
+    out = decode_batch({"row": np.arange(2), "path": np.array([str(p) for p in paths])},
+                       (32, 32), "bilinear", 10**8, mirror=True)
+    np.testing.assert_array_equal(out["pixels"],
+                                  np.stack([load_image(p, (32, 32), mirror=True) for p in paths]))
+
+
+def test_caches_from_before_mirroring_resume_as_unmirrored(tmp_path, tiny_model):
+    paths = make_images(tmp_path / "imgs", 3)
+    run_tiny(paths[:2], tmp_path / "old.h5", tiny_model)
+    with h5py.File(tmp_path / "old.h5", "a") as f:
+        del f.attrs["mirrored"]  # as every cache written before --mirror
+    assert run_tiny(paths, tmp_path / "old.h5", tiny_model).done == 1
+    with pytest.raises(CacheMismatchError, match=r"mirrored: file has False, expected True"):
+        run_tiny(paths, tmp_path / "old.h5", tiny_model, mirror=True)
+
+
 def test_serial_decoding_gives_the_same_cache(tmp_path, tiny_model):
     paths = make_images(tmp_path / "imgs", 9)
     run_tiny(paths, tmp_path / "a.h5", tiny_model, workers=4)

@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import pytest
 from conftest import FLICKR_IMAGES, FLICKR_TEXT, ROOT, needs_flickr, needs_mobilenet
-from helpers import toy_dataset
+from helpers import toy_dataset, write_cache
 
 from captioner.cli import main
 from captioner.errors import CaptionerError
@@ -116,6 +116,41 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, data):
     rows = list(csv.DictReader(open(part / "history.csv")))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
     assert RunConfig.load(part).training["epochs"] == 4  # the run records its new length
+
+
+def _mirror_cache(path, train_h5, **kw):
+    with open_features(train_h5) as reader:
+        rows = reader.read(reader.names)
+        return write_cache(path, {n: r[::-1] for n, r in zip(reader.names, rows, strict=True)},
+                           **kw)
+
+
+def test_mirrored_features_augment_training_and_are_recorded(tmp_path, data):
+    mirror = _mirror_cache(tmp_path / "mirror.h5", data[1], mirrored=True)
+    run = train(_config(tmp_path, data, out="m", epochs=2, mirrored_features=str(mirror)), verbose=0)
+    plain = train(_config(tmp_path, data, out="p", epochs=2), verbose=0)
+    assert any(not np.array_equal(a, b) for a, b in zip(_last_weights(run), _last_weights(plain),
+                                                         strict=True))
+    saved = RunConfig.load(run)
+    assert saved.sources["mirrored_features"].name == "mirror.h5"
+    assert "mirrored_features" not in saved.training  # a file, not a setting
+    assert saved.sources.get("mirrored_features") and not RunConfig.load(plain).sources.get(
+        "mirrored_features")
+    train(TrainConfig(captions="", train_features="", out=str(run), epochs=3), resume=True,
+          verbose=0)  # finds the mirrored cache where the run recorded it
+    assert [r["epoch"] for r in read_history(run / "history.csv")] == [1, 2, 3]
+
+
+def test_mirrored_features_must_be_mirrored_and_of_the_same_encoder(tmp_path, data):
+    unmarked = _mirror_cache(tmp_path / "unmarked.h5", data[1])
+    with pytest.raises(CaptionerError, match="unmirrored photos; make the mirrored cache with "
+                       "`captioner extract --mirror`"):
+        train(_config(tmp_path, data, epochs=1, mirrored_features=str(unmarked)), verbose=0)
+    other = _mirror_cache(tmp_path / "other.h5", data[1], mirrored=True, encoder="vgg16")
+    with pytest.raises(CaptionerError, match="features of encoder 'vgg16', the training cache's "
+                       "are 'tiny'"):
+        train(_config(tmp_path, data, epochs=1, mirrored_features=str(other)), verbose=0)
+    assert not (tmp_path / "run").exists()  # refused before the run folder was made
 
 
 def test_existing_run_needs_resume(tmp_path, data):

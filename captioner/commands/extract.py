@@ -143,6 +143,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="resizing filter to the encoder's input size (default bilinear), e.g. --resample bicubic",
     )
     p.add_argument(
+        "--mirror",
+        action="store_true",
+        help="encode each photo flipped left-right (a separate cache, recorded as mirrored): "
+        "`captioner train --mirrored-features` trains on both views",
+    )
+    p.add_argument(
         "--strict",
         action="store_true",
         help=strict_help("fail if any image has no features (failed now or earlier)"),
@@ -225,6 +231,7 @@ def run_extract(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         dtype=args.dtype,
         resample=args.resample,
+        mirror=args.mirror,
         retry_failed=args.retry_failed,
         progress=not (args.json or args.quiet),
         **engine,

@@ -58,6 +58,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-features", metavar="H5", help="feature cache of the training images")
     p.add_argument("--val-features", metavar="H5",
                    help="feature cache of the validation images (val loss, BLEU-4, early stopping)")
+    p.add_argument("--mirrored-features", metavar="H5",
+                   help="feature cache of the training photos mirrored left-right (same names, "
+                   "same encoder): each caption is trained on the mirrored view half of the time, "
+                   "with 'left' and 'right' swapped. Make it with `captioner extract "
+                   "--mirror ...`")
     p.add_argument("--decoder", metavar="KIND", default=None,
                    help="merge (classic tutorial), inject (Show and Tell) or attention (Show, "
                    "Attend and Tell; needs --layer conv features). Default: the preset's "

@@ -73,12 +73,14 @@ def load_image(
     size: tuple[int, int] | None = None,
     resample: str = "bilinear",
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    mirror: bool = False,
 ) -> np.ndarray:
     """Decode ``path`` into an RGB ``uint8`` array of shape (H, W, 3).
 
     ``size`` is ``(height, width)`` (the order of Keras ``target_size``); None keeps the
     image's own size. ``resample`` is one of :data:`RESAMPLE`. Images with more than
-    ``max_pixels`` pixels are refused before decoding. Raises :class:`ImageError` with a
+    ``max_pixels`` pixels are refused before decoding. ``mirror`` flips the result left-right
+    (for mirrored training features). Raises :class:`ImageError` with a
     short ``reason`` for a missing, empty, truncated, oversized or unreadable file.
     """
     if resample not in RESAMPLE:
@@ -95,6 +97,8 @@ def load_image(
         rgb = to_rgb(_upright(im) if orientation not in (None, 1) else im, path)
         if size is not None and rgb.size != (size[1], size[0]):
             rgb = rgb.resize((size[1], size[0]), resample=RESAMPLE[resample])
+        if mirror:
+            rgb = rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return np.array(rgb, dtype=np.uint8)  # a copy, before the file is closed
 
 

@@ -86,30 +86,34 @@ def extract_ray(
     address: str | None = None,
     actors: int = 1,
     gpus_per_actor: float = 0.0,
+    mirror: bool = False,
 ) -> ExtractSummary:
     """:func:`captioner.features.extraction.extract` on Ray; ``model`` is a zero-argument builder that
     Ray can send to the actors (e.g. a ``functools.partial`` of a module-level function)."""
     start = time.perf_counter()
     check_options(actors, gpus_per_actor, batch_size)
     plan = plan_extract(
-        paths, out, identity=identity, input_size=input_size, names=names,
-        batch_size=batch_size, dtype=dtype, resample=resample, retry_failed=retry_failed,
+        paths, out, identity=identity, input_size=input_size, names=names, batch_size=batch_size,
+        dtype=dtype, resample=resample, retry_failed=retry_failed, mirror=mirror,
     )  # fmt: skip
     if plan.todo:
         with ray_session(address) as ray:
-            stream = _pipeline(ray, plan, model, batch_size, resample, max_pixels, actors,
-                               gpus_per_actor)  # fmt: skip
+            stream = _pipeline(ray, plan, model, batch_size, (resample, mirror), max_pixels,
+                               actors, gpus_per_actor)  # fmt: skip
             _drain(stream, plan, progress)
     return finish_extract(plan, start, strict)
 
 
-def _pipeline(ray, plan: ExtractPlan, build, batch_size, resample, max_pixels, actors, gpus):
-    """The lazy Ray Dataset: rows → decoded pixels (tasks) → features (actor pool)."""
+def _pipeline(ray, plan: ExtractPlan, build, batch_size, loading, max_pixels, actors, gpus):
+    """The lazy Ray Dataset: rows → decoded pixels (tasks) → features (actor pool);
+    ``loading``: (resample filter, mirror)."""
+    resample, mirror = loading
     items = [{"row": it.row, "path": str(it.path)} for it in plan.todo]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items) // batch_size))
     ds = ds.map_batches(
         decode_batch,
-        fn_kwargs={"size": plan.input_size, "resample": resample, "max_pixels": max_pixels},
+        fn_kwargs={"size": plan.input_size, "resample": resample, "max_pixels": max_pixels,
+                   "mirror": mirror},
         batch_size=batch_size,
         batch_format="numpy",
         num_cpus=DECODE_CPUS,

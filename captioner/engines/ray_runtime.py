@@ -139,7 +139,8 @@ def environment_json() -> str:
 
 
 def decode_batch(
-    batch: dict[str, np.ndarray], size: tuple[int, int], resample: str, max_pixels: int
+    batch: dict[str, np.ndarray], size: tuple[int, int], resample: str, max_pixels: int,
+    mirror: bool = False,
 ) -> dict[str, np.ndarray]:
     """Ray task: decode ``batch["path"]`` into pixels (N, H, W, 3) uint8 and error texts
     ("" when fine); a bad image gets zero pixels and its reason, exactly as the local loader."""
@@ -148,7 +149,8 @@ def decode_batch(
     from captioner.encoders.images import load_image
     from captioner.features.extraction import _safe_load
 
-    load = partial(load_image, size=size, resample=resample, max_pixels=max_pixels)
+    load = partial(load_image, size=size, resample=resample, max_pixels=max_pixels,
+                   mirror=mirror)
     paths = [str(p) for p in batch["path"]]
     pixels = np.zeros((len(paths), *size, 3), np.uint8)  # (N, H, W, 3)
     errors = []

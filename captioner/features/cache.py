@@ -58,6 +58,7 @@ STATUS_CHUNK = 4096
 TEXT_CHUNK = 512
 COPY_ROWS = 1024  # rows per block when copying a cache into a bigger one
 DTYPES = ("float32", "float16")
+ABSENT_MEANS = {"mirrored": False}  # attributes older caches lack, and what that meant
 NON_FINITE_OUTPUT = f"encoder output: {NOT_FINITE}"
 
 
@@ -112,10 +113,11 @@ def _fit_bytes(text: str, size: int) -> bytes:
 
 
 def differences(found: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
-    """One "key: file has X, expected Y" line per key of ``wanted`` that ``found`` differs on."""
+    """One "key: file has X, expected Y" line per key of ``wanted`` that ``found`` differs on
+    (a key of :data:`ABSENT_MEANS` missing from an older file has its value there)."""
     lines = []
     for key, value in wanted.items():
-        have = _plain(found[key]) if key in found else "(absent)"
+        have = _plain(found[key]) if key in found else ABSENT_MEANS.get(key, "(absent)")
         if have != _plain(value):
             lines.append(f"{key}: file has {have!r}, expected {_plain(value)!r}")
     return lines

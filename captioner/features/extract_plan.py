@@ -103,6 +103,7 @@ def plan_extract(
     paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, identity: dict[str, Any],
     input_size: tuple[int, int], names: Sequence[str] | None = None, batch_size: int = 32,
     dtype: str = "float32", resample: str = "bilinear", retry_failed: bool = False,
+    mirror: bool = False,
 ) -> ExtractPlan:  # fmt: skip
     """Validate the arguments, check and grow an existing cache, list the rows to fill."""
     out = Path(out)
@@ -125,6 +126,7 @@ def plan_extract(
         "resample": resample,
         "jpeg_draft": True,
         "dtype": dtype,
+        "mirrored": bool(mirror),  # photos flipped left-right (training augmentation)
     }
     compare = {**identity, **settings}
     state = prepare(out, names, compare)

@@ -156,6 +156,7 @@ def extract(
     strict: bool = False,
     retry_failed: bool = False,
     progress: bool = True,
+    mirror: bool = False,
 ) -> ExtractSummary:
     """Run ``model`` over the images at ``paths`` into the cache ``out``; resumable.
 
@@ -166,17 +167,19 @@ def extract(
     ``input_size`` is (height, width). ``names`` default to the file names of ``paths``.
     Images already done are skipped, failed ones are retried only with ``retry_failed``.
     Bad images are recorded as failed and never stop the run; ``strict`` raises
-    :class:`ImageError` at the end if any requested image has no features.
+    :class:`ImageError` at the end if any requested image has no features. ``mirror``
+    encodes the photos flipped left-right (recorded as the cache's ``mirrored`` attribute).
     """
     start = time.perf_counter()
     plan = plan_extract(
-        paths, out, identity=identity, input_size=input_size, names=names,
-        batch_size=batch_size, dtype=dtype, resample=resample, retry_failed=retry_failed,
+        paths, out, identity=identity, input_size=input_size, names=names, batch_size=batch_size,
+        dtype=dtype, resample=resample, retry_failed=retry_failed, mirror=mirror,
     )  # fmt: skip
     if plan.todo:
         model = model if hasattr(model, "predict_on_batch") else model()
         plan.ensure_file(_feature_shape(model), _environment())
-        load = partial(load_image, size=plan.input_size, resample=resample, max_pixels=max_pixels)
+        load = partial(load_image, size=plan.input_size, resample=resample,
+                       max_pixels=max_pixels, mirror=mirror)
         with FeatureWriter(plan.out) as writer:
             _run(plan.todo, writer, model, load, batch_size, workers, dtype, plan.summary, progress)
     return finish_extract(plan, start, strict)

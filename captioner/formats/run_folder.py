@@ -49,7 +49,7 @@ LOGS_DIR = "logs"
 HISTORY_FIELDS = ("epoch", "loss", "val_loss", "xent", "val_xent", "val_bleu4", "val_cider",
                   "train_bleu4", "train_cider", "learning_rate", "seconds")
 XENT = "xent"  # masked cross-entropy per real word, without regularisers: same on both splits
-SOURCE_KEYS = ("captions", "train_features", "val_features")  # inputs a run records
+SOURCE_KEYS = ("captions", "train_features", "val_features", "mirrored_features")  # inputs a run records
 DEFAULT_RESAMPLE = "bilinear"  # what every cache before the resize method was recorded used
 DEFAULT_RUN = Path(__file__).resolve().parents[2] / "weights" / "default"
 if not DEFAULT_RUN.is_dir():  # an installed wheel carries the bundled model as package data

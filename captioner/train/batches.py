@@ -21,6 +21,7 @@ from captioner.errors import CaptionerError
 from captioner.text.tokenizer import Tokenizer
 
 READ_CHUNK = 1024  # images per read() when loading everything into RAM
+MIRRORED_WORDS = (("left", "right"),)  # swapped in a caption read with the mirrored image
 BUCKET_WINDOW = 50  # batches per window whose samples are sorted by length when bucketing
 LENGTH_STEP = 4  # bucketed batches are trimmed to a multiple of this many steps
 
@@ -118,6 +119,11 @@ class CaptionDataset(keras.utils.PyDataset):
     (TensorFlow), or after peeking at one batch to build the model (JAX); neither counts. Call
     :meth:`set_epoch` to resume mid-training with the same orders. Do not pass
     ``steps_per_epoch`` to ``fit``: Keras then prefetches the next epoch before reshuffling.
+
+    Mirroring: with a ``mirrored`` source (the same images' features, extracted from their
+    left-right mirrored photos), each sample of a shuffled epoch reads the mirrored features
+    with probability one half, drawn from ``(seed, epoch)`` too, and its caption then says
+    "right" for "left" and back (:data:`MIRRORED_WORDS`).
     """
 
     def __init__(
@@ -131,13 +137,15 @@ class CaptionDataset(keras.utils.PyDataset):
         in_memory: bool = False,
         bucket: bool = False,
         pad_to: int = 1,
+        mirrored: FeatureSource | None = None,
         **kwargs,
     ) -> None:
         """``captions``: image name -> cleaned captions. ``bucket``: batch captions of similar
         length together and trim each batch to its longest caption (rounded up to
         ``LENGTH_STEP``), so no work is spent on padding. ``pad_to``: every batch's size is
         made a multiple of it (for data-parallel devices) by repeating its last sample with
-        weight 0. ``kwargs`` go to ``PyDataset`` (``workers``, ``use_multiprocessing``,
+        weight 0. ``mirrored``: features of the mirrored photos (see above; shuffled datasets
+        only). ``kwargs`` go to ``PyDataset`` (``workers``, ``use_multiprocessing``,
         ``max_queue_size``)."""
         super().__init__(**kwargs)
         if batch_size < 1:
@@ -158,7 +166,10 @@ class CaptionDataset(keras.utils.PyDataset):
         self.image_index = np.repeat(np.arange(len(self.names), dtype=np.int32), counts)
         self.tokens = tokenizer.encode_batch(texts)
         check_features(features, self.names)
-        self._table = self._load_all() if in_memory else None
+        self.mirrored = self._checked_mirror(mirrored)
+        self.mirror_tokens = mirror_words(self.tokens, tokenizer) if self.mirrored else None
+        self._table = self._load_all(features) if in_memory else None
+        self._mirror_table = self._load_all(self.mirrored) if in_memory and self.mirrored else None
         self.epoch = 0
         self._order: np.ndarray | None = None
         self._in_epoch = False
@@ -177,11 +188,30 @@ class CaptionDataset(keras.utils.PyDataset):
         if not 0 <= index < len(self):
             raise IndexError(f"batch {index} out of range (0..{len(self) - 1})")
         self._served.add(index)
-        return self._make_batch(self._order, index)
+        return self._make_batch(self._order, index, self._mirrors)
 
     def epoch_batch(self, epoch: int, index: int):
         """Batch ``index`` of epoch ``epoch``: a pure function of (seed, epoch, index)."""
-        return self._make_batch(self._order_for(epoch), index)
+        return self._make_batch(self._order_for(epoch), index, self._mirrors_for(epoch))
+
+    def _checked_mirror(self, mirrored: FeatureSource | None) -> FeatureSource | None:
+        if mirrored is None:
+            return None
+        if not self.shuffle:
+            raise CaptionerError("mirrored features augment training batches; a dataset read "
+                                 "in order (validation) takes none")
+        if flat_feature_shape(mirrored.feature_shape) != self.feature_shape:
+            raise CaptionerError(f"the mirrored features have shape {tuple(mirrored.feature_shape)}"
+                                 f", the training features {tuple(self.features.feature_shape)}; "
+                                 "extract both with the same encoder and layer")
+        check_features(mirrored, self.names)
+        return mirrored
+
+    def _mirrors_for(self, epoch: int) -> np.ndarray | None:
+        """(N,) bool: the samples that read the mirrored view in ``epoch`` (None: no mirror)."""
+        if self.mirrored is None:
+            return None
+        return np.random.default_rng((self.seed, epoch, 1)).random(self.num_samples) < 0.5
 
     def _order_for(self, epoch: int) -> np.ndarray | None:
         if not self.shuffle:
@@ -214,13 +244,15 @@ class CaptionDataset(keras.utils.PyDataset):
                 picks = [first, second] + [i for i in picks if i not in (first, second)]
         return np.concatenate([batches[i] for i in picks] + batches[full:]).astype(np.int32)
 
-    def _make_batch(self, order: np.ndarray | None, index: int):
+    def _make_batch(self, order: np.ndarray | None, index: int, mirrors: np.ndarray | None):
         start, stop = index * self.batch_size, min((index + 1) * self.batch_size, self.num_samples)
         rows = np.arange(start, stop) if order is None else order[start:stop]
         real = len(rows)
         if real % self.pad_to:  # repeat the last sample, with weight 0 below
             rows = np.concatenate([rows, np.repeat(rows[-1:], self.pad_to - real % self.pad_to)])
-        tokens = self.tokens[rows]
+        flip = mirrors[rows] if mirrors is not None else None  # (B,) bool
+        tokens = self.tokens[rows] if flip is None else np.where(
+            flip[:, None], self.mirror_tokens[rows], self.tokens[rows])
         if self.bucket:  # trim to the longest caption, rounded up to LENGTH_STEP steps + 1
             longest = int((tokens != 0).sum(axis=1).max())
             steps = -(-(longest - 1) // LENGTH_STEP) * LENGTH_STEP
@@ -229,12 +261,14 @@ class CaptionDataset(keras.utils.PyDataset):
         tokens_out = np.ascontiguousarray(tokens[:, 1:])
         weights = (tokens_out != 0).astype(np.float32)
         weights[real:] = 0.0
-        return (self._batch_features(self.image_index[rows]), tokens_in), tokens_out, weights
+        features = self._batch_features(self.image_index[rows], flip)
+        return (features, tokens_in), tokens_out, weights
 
     def set_epoch(self, epoch: int) -> None:
         """Use the sample order of ``epoch`` from now on (deterministic from seed and epoch)."""
         self.epoch = int(epoch)
         self._order = self._order_for(self.epoch)
+        self._mirrors = self._mirrors_for(self.epoch)
         self._served: set[int] = set()  # batches of this epoch handed out so far
 
     def on_epoch_begin(self) -> None:
@@ -246,19 +280,39 @@ class CaptionDataset(keras.utils.PyDataset):
             self._in_epoch = False
             self.set_epoch(self.epoch + 1)
 
-    def _batch_features(self, image_rows: np.ndarray) -> np.ndarray:
-        if self._table is not None:
-            return self._table[image_rows]
+    def _batch_features(self, image_rows: np.ndarray, flip: np.ndarray | None) -> np.ndarray:
+        """(B, *F) features of ``image_rows``, from the mirrored source where ``flip``."""
+        plain = self._view(self.features, self._table, image_rows)
+        if flip is None or not flip.any():
+            return plain
+        plain[flip] = self._view(self.mirrored, self._mirror_table, image_rows[flip])
+        return plain
+
+    def _view(self, source: FeatureSource, table: np.ndarray | None,
+              image_rows: np.ndarray) -> np.ndarray:
+        if table is not None:
+            return table[image_rows]
         unique, inverse = np.unique(image_rows, return_inverse=True)
-        rows = read_features(self.features, [self.names[i] for i in unique])
+        rows = read_features(source, [self.names[i] for i in unique])
         return rows[inverse.reshape(-1)]
 
-    def _load_all(self) -> np.ndarray:
+    def _load_all(self, source: FeatureSource) -> np.ndarray:
         table = np.empty((len(self.names), *self.feature_shape), dtype=np.float32)
         for start in range(0, len(self.names), READ_CHUNK):
             chunk = self.names[start : start + READ_CHUNK]
-            table[start : start + len(chunk)] = read_features(self.features, chunk)
+            table[start : start + len(chunk)] = read_features(source, chunk)
         return table
+
+
+def mirror_words(tokens: np.ndarray, tokenizer: Tokenizer) -> np.ndarray:
+    """``tokens`` (N, T) with the ids of each pair in :data:`MIRRORED_WORDS` exchanged (pairs
+    whose words are not both in the vocabulary stay as they are)."""
+    swap = np.arange(tokenizer.vocab_size, dtype=tokens.dtype)  # (V,) id -> id
+    for a, b in MIRRORED_WORDS:
+        if a in tokenizer.index and b in tokenizer.index:
+            i, j = tokenizer.index[a], tokenizer.index[b]
+            swap[i], swap[j] = j, i
+    return swap[tokens]
 
 
 class EpochStream(keras.utils.PyDataset):

@@ -34,6 +34,7 @@ SCST_HISTORY_FIELDS = ("epoch", "reward", "loss", "val_bleu4", "val_cider", "lea
                        "seconds")
 CURVE_FILE = "curve.csv"  # reward and dev scores at every fraction of an epoch
 CURVE_FIELDS = ("epoch", "reward", "val_bleu4", "val_cider")
+SCST_SOURCES = ("captions", "train_features", "val_features")  # SCST reads no mirrored view
 
 
 def _prepare(config: ScstConfig, resume: bool):
@@ -43,7 +44,6 @@ def _prepare(config: ScstConfig, resume: bool):
     from captioner.formats.run_folder import (
         CONFIG_FILE,
         LAST_WEIGHTS,
-        SOURCE_KEYS,
         TOKENIZER_FILE,
         FileRef,
         RunConfig,
@@ -53,7 +53,7 @@ def _prepare(config: ScstConfig, resume: bool):
     run, init = Path(config.out), Path(config.init)
     if resume:
         saved = RunConfig.load(run)
-        paths = {k: _located(saved, k, run, getattr(config, k)) for k in SOURCE_KEYS}
+        paths = {k: _located(saved, k, run, getattr(config, k)) for k in SCST_SOURCES}
         settings = {**saved.training["scst"], **paths, "out": str(run), "epochs": config.epochs}
         return run, saved, ScstConfig(**settings)
     if config.samples < 2:
@@ -64,7 +64,7 @@ def _prepare(config: ScstConfig, resume: bool):
     if base.members:
         raise CaptionerError(f"{init} is an ensemble of {len(base.members) + 1} decoders; --init "
                              "takes one run folder (e.g. one of the runs it was bundled from)")
-    for key in SOURCE_KEYS:
+    for key in SCST_SOURCES:
         setattr(config, key, _located(base, key, init, getattr(config, key)))
     start = _starting_weights(init, config.init_epoch)  # checked before the folder exists
     run.mkdir(parents=True, exist_ok=True)
@@ -73,12 +73,12 @@ def _prepare(config: ScstConfig, resume: bool):
         shutil.copyfile(init / name, run / name)
     shutil.copyfile(start, run / LAST_WEIGHTS)  # the starting point, until epoch 1 replaces it
     settings = {k: v for k, v in dataclasses.asdict(config).items()
-                if k not in (*SOURCE_KEYS, "out")}
+                if k not in (*SCST_SOURCES, "out")}
     settings["init"] = init.name
     saved = dataclasses.replace(
         base, training={**base.training, "scst": settings}, files={},  # not the init's files
         sources={k: FileRef.of(getattr(config, k), run) if getattr(config, k) else None
-                 for k in SOURCE_KEYS},
+                 for k in SCST_SOURCES},
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     saved.save(run)
     return run, saved, config

@@ -46,6 +46,7 @@ class TrainConfig:
     train_features: str
     out: str
     val_features: str | None = None
+    mirrored_features: str | None = None  # the training images' mirrored features: augmentation
     decoder: str = "merge"
     epochs: int = 20
     batch_size: int = 64
@@ -206,6 +207,28 @@ def _resumed(config: TrainConfig, saved: RunConfig, run: Path) -> TrainConfig:
     return merged
 
 
+def _mirrored(config: TrainConfig, train_reader, names: list[str]):
+    """The reader of ``config.mirrored_features`` (None without), checked against the
+    training cache's encoder and ``names`` (the training images): each misfit is one line."""
+    if not config.mirrored_features:
+        return None
+    from captioner.features.cache import open_features
+    from captioner.train.batches import check_features
+
+    reader = open_features(config.mirrored_features)
+    if not reader.attrs.get("mirrored"):
+        raise CaptionerError(f"{config.mirrored_features} holds features of unmirrored photos; "
+                             "make the mirrored cache with `captioner extract --mirror`")
+    for key in ("encoder", "layer", "preprocessing"):
+        mine, theirs = reader.attrs.get(key), train_reader.attrs.get(key)
+        if str(mine) != str(theirs):
+            raise CaptionerError(f"{config.mirrored_features}: features of {key} {mine!r}, the "
+                                 f"training cache's are {theirs!r}; extract the mirrored photos "
+                                 "with the same encoder")
+    check_features(reader, names)
+    return reader
+
+
 def _val_sample(config: TrainConfig):
     """(reader, captions, (features, references) of the fixed BLEU sample) of the dev split."""
     if not config.val_features:
@@ -266,6 +289,7 @@ def _train(config: TrainConfig, resume: bool, verbose: int, devices: int) -> Pat
                                            config.max_train_images)
     val_reader, val_caps, val_sample = _val_sample(config)
     checks.features_fit(config.decoder, train_reader, val_reader)
+    mirrored = _mirrored(config, train_reader, list(train_caps))
     _create_run(run, saved)  # only now, when every check passed
     if saved is not None and saved.training.get("epochs") != config.epochs:  # --epochs changed it
         dataclasses.replace(saved, training={**saved.training, "epochs": config.epochs}).save(run)
@@ -280,7 +304,7 @@ def _train(config: TrainConfig, resume: bool, verbose: int, devices: int) -> Pat
         tokenizer = Tokenizer.load(run / TOKENIZER_FILE)
     train_ds = CaptionDataset(train_reader, train_caps, tokenizer, batch_size=config.batch_size,
                               shuffle=True, seed=config.seed, in_memory=config.in_memory,
-                              pad_to=devices, bucket=config.bucket)
+                              pad_to=devices, bucket=config.bucket, mirrored=mirrored)
     val_ds = None
     if val_reader is not None:
         val_ds = CaptionDataset(val_reader, val_caps, tokenizer, batch_size=config.batch_size,
