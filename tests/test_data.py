@@ -489,6 +489,14 @@ def test_mirrored_view_half_the_time_with_left_and_right_swapped(in_memory):
     assert [m for m, _, _ in mirrored_rows(ds, 1)] != [m for m, _, _ in rows]
 
 
+def test_batches_of_one_view_only_read_that_view():
+    ds = mirrored_dataset(n_images=4, in_memory=False)
+    ds.batch_size = 1  # every batch is all-plain or all-mirrored
+    rows = mirrored_rows(ds, 0)
+    assert {m for m, _, _ in rows} == {True, False}
+    assert all(c.endswith("right of a man") for m, _, c in rows if m and "of a man" in c)
+
+
 def test_without_a_mirror_nothing_is_swapped():
     ds = mirrored_dataset()
     plain = CaptionDataset(ds.features, {n: [f"img{k} dog on the left of a man"]

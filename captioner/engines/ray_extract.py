@@ -98,16 +98,15 @@ def extract_ray(
     )  # fmt: skip
     if plan.todo:
         with ray_session(address) as ray:
-            stream = _pipeline(ray, plan, model, batch_size, (resample, mirror), max_pixels,
-                               actors, gpus_per_actor)  # fmt: skip
+            stream = _pipeline(ray, plan, model, batch_size, resample, max_pixels, actors,
+                               gpus_per_actor, mirror)  # fmt: skip
             _drain(stream, plan, progress)
     return finish_extract(plan, start, strict)
 
 
-def _pipeline(ray, plan: ExtractPlan, build, batch_size, loading, max_pixels, actors, gpus):
-    """The lazy Ray Dataset: rows → decoded pixels (tasks) → features (actor pool);
-    ``loading``: (resample filter, mirror)."""
-    resample, mirror = loading
+def _pipeline(ray, plan: ExtractPlan, build, batch_size, resample, max_pixels, actors, gpus,
+              mirror):
+    """The lazy Ray Dataset: rows → decoded pixels (tasks) → features (actor pool)."""
     items = [{"row": it.row, "path": str(it.path)} for it in plan.todo]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items) // batch_size))
     ds = ds.map_batches(

@@ -167,6 +167,7 @@ class CaptionDataset(keras.utils.PyDataset):
         self.tokens = tokenizer.encode_batch(texts)
         check_features(features, self.names)
         self.mirrored = self._checked_mirror(mirrored)
+        self._mirror_epoch: tuple[int, np.ndarray | None] = (-1, None)
         self.mirror_tokens = mirror_words(self.tokens, tokenizer) if self.mirrored else None
         self._table = self._load_all(features) if in_memory else None
         self._mirror_table = self._load_all(self.mirrored) if in_memory and self.mirrored else None
@@ -211,7 +212,10 @@ class CaptionDataset(keras.utils.PyDataset):
         """(N,) bool: the samples that read the mirrored view in ``epoch`` (None: no mirror)."""
         if self.mirrored is None:
             return None
-        return np.random.default_rng((self.seed, epoch, 1)).random(self.num_samples) < 0.5
+        if self._mirror_epoch[0] != epoch:  # drawn once per epoch, not once per batch
+            draw = np.random.default_rng((self.seed, epoch, 1)).random(self.num_samples) < 0.5
+            self._mirror_epoch = (epoch, draw)
+        return self._mirror_epoch[1]
 
     def _order_for(self, epoch: int) -> np.ndarray | None:
         if not self.shuffle:
@@ -282,16 +286,19 @@ class CaptionDataset(keras.utils.PyDataset):
 
     def _batch_features(self, image_rows: np.ndarray, flip: np.ndarray | None) -> np.ndarray:
         """(B, *F) features of ``image_rows``, from the mirrored source where ``flip``."""
-        plain = self._view(self.features, self._table, image_rows)
         if flip is None or not flip.any():
-            return plain
-        plain[flip] = self._view(self.mirrored, self._mirror_table, image_rows[flip])
-        return plain
+            return self._view(self.features, self._table, image_rows)
+        out = np.empty((len(image_rows), *self.feature_shape), dtype=np.float32)
+        out[~flip] = self._view(self.features, self._table, image_rows[~flip])
+        out[flip] = self._view(self.mirrored, self._mirror_table, image_rows[flip])
+        return out
 
     def _view(self, source: FeatureSource, table: np.ndarray | None,
               image_rows: np.ndarray) -> np.ndarray:
         if table is not None:
             return table[image_rows]
+        if not len(image_rows):  # every sample of the batch reads the other view
+            return np.empty((0, *self.feature_shape), dtype=np.float32)
         unique, inverse = np.unique(image_rows, return_inverse=True)
         rows = read_features(source, [self.names[i] for i in unique])
         return rows[inverse.reshape(-1)]
