@@ -336,6 +336,25 @@ def test_two_photos_train_without_dev_and_test(tmp_path, tiny_encoder, capsys):
     assert (out / "last.weights.h5").is_file()  # no dev to select on: caption uses the last
 
 
+def test_mirror_extracts_the_training_photos_mirrored_and_trains_on_both(tmp_path, tiny_encoder,
+                                                                          capsys):
+    captions, photos = photos_and_csv(tmp_path, 10)
+    out = tmp_path / "run"
+    assert main([*fit_args(captions, photos, out), "--mirror"]) == 0
+    printed = capsys.readouterr().out
+    assert "train, mirrored: features" in printed
+    assert f"[extract train_mirror] 6 photos -> {out / 'features' / 'train_mirror.h5'}" in printed
+    with h5py.File(out / "features" / "train_mirror.h5", "r", locking=False) as mirrored, \
+            h5py.File(out / "features" / "train.h5", "r", locking=False) as plain:
+        assert bool(mirrored.attrs["mirrored"]) and not bool(plain.attrs["mirrored"])
+        assert list(mirrored["names"][()]) == list(plain["names"][()])
+        assert not np.allclose(mirrored["features"][()], plain["features"][()])
+    config = json.loads((out / "config.json").read_text())
+    assert config["sources"]["mirrored_features"]["name"] == "train_mirror.h5"
+    assert json.loads((out / "fit.json").read_text())["mirror"] is True
+    assert (out / "report" / "report.html").is_file()
+
+
 KILLABLE = """
 import sys, time
 sys.path.insert(0, {tests!r})

@@ -92,6 +92,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=0.1,
         help="share of photos for test without Karpathy splits (default %(default)s)",
     )
+    p.add_argument(
+        "--mirror",
+        action="store_true",
+        help="also encode the training photos mirrored left-right and train on both views "
+        "(`captioner train --mirrored-features`): twice the training extraction, no slower "
+        "training",
+    )
     g = p.add_argument_group("overriding the preset (quick trials)")
     g.add_argument("--encoder", default=None, help="encoder (default: the preset's)")
     g.add_argument("--layer", default=None, help="feature layer (default: the preset's)")

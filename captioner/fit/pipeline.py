@@ -5,7 +5,8 @@ Stages, each the code of its stand-alone command and each resumable:
 1. checks (:mod:`captioner.fit.input_checks`) and the splits: a Karpathy file's own (``restval`` as
    train), else a seeded shuffle; written to ``OUT/splits/*.txt`` and ``OUT/fit.json``;
 2. ``extract`` (:func:`captioner.features.extraction.extract_with_spec`) into ``OUT/features/*.h5``:
-   the caches resume batch by batch;
+   the caches resume batch by batch (with ``mirror``, the training photos once more, mirrored,
+   into ``train_mirror.h5``);
 3. ``train`` (:func:`captioner.train.training.train`) into ``OUT`` itself with the preset's recipe,
    best weights selected on dev; a finished epoch is never redone (``--resume``);
 4. ``evaluate`` on test (:func:`captioner.evaluation.evaluate.evaluate`) into ``OUT/report``; redone
@@ -31,6 +32,7 @@ SPLITS_DIR = "splits"
 FEATURES_DIR = "features"
 REPORT_DIR = "report"
 STAGE_SPLITS = ("train", "dev", "test")
+MIRROR_CACHE = "train_mirror"  # the mirrored training photos' features, with ``mirror``
 KARPATHY_NAMES = {"train": "train", "dev": "val", "test": "test"}
 
 
@@ -51,6 +53,7 @@ class FitOptions:
     seed: int = 0
     dev_fraction: float = 0.1
     test_fraction: float = 0.1
+    mirror: bool = False  # train on the mirrored training photos too
     strict: bool = False
     quiet: bool = False
 
@@ -75,9 +78,15 @@ class FitPlan:
         return self.out / FEATURES_DIR / f"{split}.h5"
 
     def cache_bytes(self, split: str) -> int:
-        """Feature bytes of one split's cache."""
+        """Feature bytes of one split's cache (``MIRROR_CACHE``: the mirrored training one)."""
         itemsize = 2 if self.options.dtype == "float16" else 4
-        return len(self.splits[split]) * math.prod(self.feature_shape) * itemsize
+        photos = self.splits["train" if split == MIRROR_CACHE else split]
+        return len(photos) * math.prod(self.feature_shape) * itemsize
+
+    @property
+    def caches(self) -> tuple[str, ...]:
+        """The caches ``fit`` extracts: the splits, then the mirrored training photos."""
+        return (*STAGE_SPLITS, MIRROR_CACHE) if self.options.mirror else STAGE_SPLITS
 
 
 def make_plan(options: FitOptions) -> FitPlan:
@@ -179,7 +188,10 @@ def describe(plan: FitPlan) -> list[str]:
             f"  {split:<5} {len(plan.splits[split]):>7} photos   features "
             f"{_size(plan.cache_bytes(split)):>9} -> {plan.cache(split)}"
         )
-    total = sum(plan.cache_bytes(s) for s in STAGE_SPLITS)
+    if plan.options.mirror:
+        lines.append(f"  train, mirrored: features {_size(plan.cache_bytes(MIRROR_CACHE))} -> "
+                     f"{plan.cache(MIRROR_CACHE)}")
+    total = sum(plan.cache_bytes(s) for s in plan.caches)
     per = math.prod(plan.feature_shape) * (2 if plan.options.dtype == "float16" else 4)
     lines.append(
         f"encoder {plan.encoder} layer {plan.layer} {plan.feature_shape} "
@@ -204,7 +216,8 @@ def write_plan(plan: FitPlan) -> None:
     record = {"format": "captioner.fit", "captions": [str(c) for c in plan.options.captions],
               "images_dir": str(plan.options.images_dir), "splits_from": plan.origin,
               "seed": plan.options.seed, "sizes": {s: len(plan.splits[s]) for s in STAGE_SPLITS},
-              "encoder": plan.encoder, "layer": plan.layer}  # fmt: skip
+              "encoder": plan.encoder, "layer": plan.layer,
+              "mirror": plan.options.mirror}  # fmt: skip
     folder = plan.out / SPLITS_DIR
     for split in STAGE_SPLITS:
         path = folder / f"{split}.txt"
@@ -244,6 +257,7 @@ def dry_run(plan: FitPlan) -> list[str]:
     lines = describe(plan)
     rate = measure(plan)
     total = sum(len(v) for v in plan.splits.values())
+    total += len(plan.splits["train"]) if plan.options.mirror else 0
     if rate > 0:
         lines.append(
             f"extraction: measured {rate:.1f} photos/s on this machine -> about "
@@ -272,11 +286,12 @@ def run_fit(plan: FitPlan, say=print) -> Path:
     """Run every stage not finished yet; returns the run folder."""
     write_plan(plan)
     captions = _caption_file(plan)
-    for split in STAGE_SPLITS:
-        if not plan.splits[split]:
+    for split in plan.caches:
+        photos = plan.splits["train" if split == MIRROR_CACHE else split]
+        if not photos:
             say(f"[extract {split}] no photos: skipped")
             continue
-        say(f"[extract {split}] {len(plan.splits[split])} photos -> {plan.cache(split)}")
+        say(f"[extract {split}] {len(photos)} photos -> {plan.cache(split)}")
         summary = _extract(plan, split)
         say(f"[extract {split}] {summary.line()}")
     say(f"[train] {plan.out}")
@@ -299,13 +314,14 @@ def _caption_file(plan: FitPlan) -> str:
 def _extract(plan: FitPlan, split: str):
     from captioner.features.extraction import extract_with_spec
 
-    names = plan.splits[split]
+    mirror = split == MIRROR_CACHE
+    names = plan.splits["train" if mirror else split]
     paths = [Path(plan.options.images_dir) / n for n in names]
     plan.cache(split).parent.mkdir(parents=True, exist_ok=True)
     return extract_with_spec(
         paths, plan.cache(split), encoder=plan.encoder, layer=plan.layer,
         weights=plan.options.weights, names=names, batch_size=plan.options.batch_size,
-        dtype=plan.options.dtype, progress=not plan.options.quiet,
+        dtype=plan.options.dtype, progress=not plan.options.quiet, mirror=mirror,
     )  # fmt: skip
 
 
@@ -320,6 +336,7 @@ def _train(plan: FitPlan, captions: str) -> None:
     config = TrainConfig(
         captions=captions, train_features=str(plan.cache("train")),
         val_features=str(plan.cache("dev")) if has_dev else None, out=str(plan.out),
+        mirrored_features=str(plan.cache(MIRROR_CACHE)) if plan.options.mirror else None,
         preset=plan.options.preset, seed=plan.options.seed, **settings,
     )  # fmt: skip
     resume = (plan.out / CHECKPOINT).is_file()
