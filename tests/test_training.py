@@ -150,6 +150,13 @@ def test_mirrored_features_must_be_mirrored_and_of_the_same_encoder(tmp_path, da
     with pytest.raises(CaptionerError, match="features of encoder 'vgg16', the training cache's "
                        "are 'tiny'"):
         train(_config(tmp_path, data, epochs=1, mirrored_features=str(other)), verbose=0)
+    partial = tmp_path / "partial.h5"
+    with open_features(data[1]) as reader:
+        write_cache(partial, {n: r for n, r in zip(reader.names[:3], reader.read(reader.names[:3]),
+                                                   strict=True)}, mirrored=True)
+    with pytest.raises(CaptionerError, match=r"no cached features for 5 of 8 image.*run `captioner "
+                       r"extract --mirror` on the training photos into .*partial.h5"):
+        train(_config(tmp_path, data, epochs=1, mirrored_features=str(partial)), verbose=0)
     assert not (tmp_path / "run").exists()  # refused before the run folder was made
 
 

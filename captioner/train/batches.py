@@ -57,15 +57,18 @@ def flat_feature_shape(shape: Sequence[int]) -> tuple[int, ...]:
     )
 
 
-def check_features(features: FeatureSource, names: Sequence[str]) -> None:
-    """CaptionerError naming the first image the source has no features for (if it can tell)."""
+def check_features(features: FeatureSource, names: Sequence[str],
+                   fix: str = "run `captioner extract` on those images or drop them from the "
+                              "split") -> None:
+    """CaptionerError naming the first image the source has no features for (if it can tell),
+    and ``fix``, what to do about it."""
     if not hasattr(features, "__contains__"):
         return
     missing = [name for name in names if name not in features]
     if missing:
         raise CaptionerError(
             f"no cached features for {len(missing)} of {len(names)} image(s), e.g. "
-            f"{missing[0]!r}; run `captioner extract` on those images or drop them from the split"
+            f"{missing[0]!r}; {fix}"
         )
 
 

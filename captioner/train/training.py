@@ -225,7 +225,8 @@ def _mirrored(config: TrainConfig, train_reader, names: list[str]):
             raise CaptionerError(f"{config.mirrored_features}: features of {key} {mine!r}, the "
                                  f"training cache's are {theirs!r}; extract the mirrored photos "
                                  "with the same encoder")
-    check_features(reader, names)
+    check_features(reader, names, f"run `captioner extract --mirror` on the training photos "
+                                  f"into {config.mirrored_features}")
     return reader
 
 
