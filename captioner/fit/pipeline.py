@@ -77,11 +77,14 @@ class FitPlan:
     def cache(self, split: str) -> Path:
         return self.out / FEATURES_DIR / f"{split}.h5"
 
-    def cache_bytes(self, split: str) -> int:
-        """Feature bytes of one split's cache (``MIRROR_CACHE``: the mirrored training one)."""
+    def photos(self, cache: str) -> list[str]:
+        """The photos of a cache: its split's, the training ones for ``MIRROR_CACHE``."""
+        return self.splits["train" if cache == MIRROR_CACHE else cache]
+
+    def cache_bytes(self, cache: str) -> int:
+        """Feature bytes of one cache (a split's, or ``MIRROR_CACHE``)."""
         itemsize = 2 if self.options.dtype == "float16" else 4
-        photos = self.splits["train" if split == MIRROR_CACHE else split]
-        return len(photos) * math.prod(self.feature_shape) * itemsize
+        return len(self.photos(cache)) * math.prod(self.feature_shape) * itemsize
 
     @property
     def caches(self) -> tuple[str, ...]:
@@ -256,8 +259,7 @@ def dry_run(plan: FitPlan) -> list[str]:
     """The plan plus a time estimate of the extraction from a short measurement."""
     lines = describe(plan)
     rate = measure(plan)
-    total = sum(len(v) for v in plan.splits.values())
-    total += len(plan.splits["train"]) if plan.options.mirror else 0
+    total = sum(len(plan.photos(c)) for c in plan.caches)
     if rate > 0:
         lines.append(
             f"extraction: measured {rate:.1f} photos/s on this machine -> about "
@@ -287,7 +289,7 @@ def run_fit(plan: FitPlan, say=print) -> Path:
     write_plan(plan)
     captions = _caption_file(plan)
     for split in plan.caches:
-        photos = plan.splits["train" if split == MIRROR_CACHE else split]
+        photos = plan.photos(split)
         if not photos:
             say(f"[extract {split}] no photos: skipped")
             continue
@@ -314,14 +316,13 @@ def _caption_file(plan: FitPlan) -> str:
 def _extract(plan: FitPlan, split: str):
     from captioner.features.extraction import extract_with_spec
 
-    mirror = split == MIRROR_CACHE
-    names = plan.splits["train" if mirror else split]
+    names = plan.photos(split)
     paths = [Path(plan.options.images_dir) / n for n in names]
     plan.cache(split).parent.mkdir(parents=True, exist_ok=True)
     return extract_with_spec(
         paths, plan.cache(split), encoder=plan.encoder, layer=plan.layer,
         weights=plan.options.weights, names=names, batch_size=plan.options.batch_size,
-        dtype=plan.options.dtype, progress=not plan.options.quiet, mirror=mirror,
+        dtype=plan.options.dtype, progress=not plan.options.quiet, mirror=split == MIRROR_CACHE,
     )  # fmt: skip
 
 
