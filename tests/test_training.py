@@ -147,8 +147,8 @@ def test_mirrored_features_must_be_mirrored_and_of_the_same_encoder(tmp_path, da
                        "`captioner extract --mirror`"):
         train(_config(tmp_path, data, epochs=1, mirrored_features=str(unmarked)), verbose=0)
     other = _mirror_cache(tmp_path / "other.h5", data[1], mirrored=True, encoder="vgg16")
-    with pytest.raises(CaptionerError, match="features of encoder 'vgg16', the training cache's "
-                       "are 'tiny'"):
+    with pytest.raises(CaptionerError, match=r"other.h5: not the training cache's encoder \(encoder: "
+                       r"file has 'vgg16', expected 'tiny'\); extract the mirrored photos with it"):
         train(_config(tmp_path, data, epochs=1, mirrored_features=str(other)), verbose=0)
     partial = tmp_path / "partial.h5"
     with open_features(data[1]) as reader:

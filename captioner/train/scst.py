@@ -25,6 +25,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from captioner.errors import CaptionerError
+from captioner.formats.run_folder import SOURCE_KEYS
 from captioner.inference.decoding import Hypothesis, State, StepFn, greedy_search
 from captioner.train.scst_config import ScstConfig
 
@@ -34,7 +35,8 @@ SCST_HISTORY_FIELDS = ("epoch", "reward", "loss", "val_bleu4", "val_cider", "lea
                        "seconds")
 CURVE_FILE = "curve.csv"  # reward and dev scores at every fraction of an epoch
 CURVE_FIELDS = ("epoch", "reward", "val_bleu4", "val_cider")
-SCST_SOURCES = ("captions", "train_features", "val_features")  # SCST reads no mirrored view
+# the recorded inputs SCST reads: those its config names (no mirrored view, for one)
+SCST_SOURCES = tuple(k for k in SOURCE_KEYS if k in ScstConfig.__dataclass_fields__)
 
 
 def _prepare(config: ScstConfig, resume: bool):

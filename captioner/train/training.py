@@ -212,19 +212,17 @@ def _mirrored(config: TrainConfig, train_reader, names: list[str]):
     training cache's encoder and ``names`` (the training images): each misfit is one line."""
     if not config.mirrored_features:
         return None
-    from captioner.features.cache import open_features
+    from captioner.features.cache import differences, open_features
     from captioner.train.batches import check_features
 
     reader = open_features(config.mirrored_features)
     if not reader.attrs.get("mirrored"):
         raise CaptionerError(f"{config.mirrored_features} holds features of unmirrored photos; "
                              "make the mirrored cache with `captioner extract --mirror`")
-    for key in ("encoder", "layer", "preprocessing"):
-        mine, theirs = reader.attrs.get(key), train_reader.attrs.get(key)
-        if str(mine) != str(theirs):
-            raise CaptionerError(f"{config.mirrored_features}: features of {key} {mine!r}, the "
-                                 f"training cache's are {theirs!r}; extract the mirrored photos "
-                                 "with the same encoder")
+    encoder = {k: train_reader.attrs.get(k) for k in ("encoder", "layer", "preprocessing")}
+    if lines := differences(reader.attrs, encoder):
+        raise CaptionerError(f"{config.mirrored_features}: not the training cache's encoder "
+                             f"({'; '.join(lines)}); extract the mirrored photos with it")
     check_features(reader, names, f"run `captioner extract --mirror` on the training photos "
                                   f"into {config.mirrored_features}")
     return reader
